@@ -1,0 +1,423 @@
+//! Acknowledgements: ACK messages for accepted, errored and rejected messages.
+//!
+//! - **Mode.** Original mode answers AA/AE/AR. Enhanced mode (MSH-15 or MSH-16 valued)
+//!   answers the commit codes CA/CE/CR; [`wants_accept_ack`] tells whether MSH-15 asks
+//!   for one at all.
+//! - **Matching.** MSA-2 is always the original MSH-10, so a sender can match the answer
+//!   to its message; a frame with no readable header gets an empty MSA-2.
+//! - **Mirroring.** Sender and receiver are swapped (MSH-3/4 ↔ MSH-5/6); the delimiters,
+//!   processing id, version and character set (MSH-18) are the original's.
+//! - **ERR.** v2.5 and later: ERR-2 (location), ERR-3 (table 0357 code), ERR-4
+//!   (severity), ERR-8 (text). Before v2.5: ERR-1 (segment^sequence^field^code&text&table),
+//!   and the text in MSA-3. Texts say what is wrong, never quote the message.
+
+use crate::error::{ErrorCode, ParseError};
+use crate::header::HeaderSummary;
+use crate::separators::Separators;
+use crate::types::DateTime;
+
+/// The outcome to acknowledge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Accepted (AA / CA).
+    Accept,
+    /// Understood but with errors (AE / CE).
+    Error,
+    /// Refused (AR / CR).
+    Reject,
+}
+
+impl Outcome {
+    /// MSA-1 for this outcome in the given mode.
+    pub fn code(self, enhanced: bool) -> &'static str {
+        match (self, enhanced) {
+            (Outcome::Accept, false) => "AA",
+            (Outcome::Error, false) => "AE",
+            (Outcome::Reject, false) => "AR",
+            (Outcome::Accept, true) => "CA",
+            (Outcome::Error, true) => "CE",
+            (Outcome::Reject, true) => "CR",
+        }
+    }
+}
+
+/// ERR-4 severity (table 0516).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Severity {
+    Error,
+    Warning,
+    Information,
+}
+
+impl Severity {
+    fn code(self) -> &'static str {
+        match self {
+            Severity::Error => "E",
+            Severity::Warning => "W",
+            Severity::Information => "I",
+        }
+    }
+}
+
+/// Where in the original message an error lies (ERR-2, ERL data type).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ErrorLocation {
+    /// The segment id, e.g. `PID`.
+    pub segment_id: String,
+    /// Which occurrence of that segment (1-based).
+    pub sequence: u32,
+    pub field: Option<u32>,
+    pub repetition: Option<u32>,
+    pub component: Option<u32>,
+}
+
+/// One ERR segment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AckError {
+    pub code: ErrorCode,
+    pub severity: Severity,
+    pub location: Option<ErrorLocation>,
+    /// Diagnostic text: what is wrong, with no message content.
+    pub text: String,
+}
+
+impl AckError {
+    /// The ERR for a parse error, with the segment's occurrence counted in `bytes`.
+    pub fn from_parse_error(bytes: &[u8], error: &ParseError) -> AckError {
+        let location = error.location.segment_id.map(|id| ErrorLocation {
+            segment_id: String::from_utf8_lossy(&id).into_owned(),
+            sequence: occurrence(bytes, &id, error.location.offset),
+            field: error.location.field,
+            repetition: None,
+            component: None,
+        });
+        AckError {
+            code: error.kind.hl7_error_code(),
+            severity: Severity::Error,
+            location,
+            text: error.to_string(),
+        }
+    }
+}
+
+/// Counts the segments with id `id` that start before `offset` (the one at `offset` included).
+fn occurrence(bytes: &[u8], id: &[u8; 3], offset: usize) -> u32 {
+    let mut count = 0;
+    let mut line_start = 0;
+    for (i, &b) in bytes.iter().enumerate().take(offset.saturating_add(1)) {
+        if i == line_start && bytes.get(i..i + 3) == Some(&id[..]) {
+            count += 1;
+        }
+        if b == b'\r' || b == b'\n' {
+            line_start = i + 1;
+        }
+    }
+    count.max(1)
+}
+
+/// What the ACK's own MSH says about itself.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AckOptions {
+    /// MSH-10 of the ACK. Default: `A` + the original control id (or a timestamp).
+    pub control_id: Option<String>,
+    /// MSH-7 of the ACK. Default: now, UTC.
+    pub timestamp: Option<DateTime>,
+    /// Used as MSH-3/MSH-4 of the ACK when the original has no MSH-5/MSH-6.
+    pub application: Option<String>,
+    pub facility: Option<String>,
+}
+
+/// Whether, in enhanced mode, MSH-15 asks for an accept acknowledgement for this outcome
+/// (AL always, NE never, ER only on error, SU only on success). Original mode: always.
+pub fn wants_accept_ack(header: &HeaderSummary, outcome: Outcome) -> bool {
+    match header.accept_ack_type.as_str() {
+        "NE" => false,
+        "ER" => outcome != Outcome::Accept,
+        "SU" => outcome == Outcome::Accept,
+        _ => true,
+    }
+}
+
+/// Builds an ACK for `header`'s message. `None` builds the answer to a frame whose header
+/// could not be read: default delimiters, v2.5, empty MSA-2.
+pub fn build(
+    header: Option<&HeaderSummary>,
+    outcome: Outcome,
+    errors: &[AckError],
+    options: &AckOptions,
+) -> Vec<u8> {
+    let fallback = HeaderSummary {
+        version: "2.5".to_owned(),
+        ..HeaderSummary::default()
+    };
+    let h = header.unwrap_or(&fallback);
+    let s = h.separators;
+    let enhanced = h.is_enhanced_mode();
+    let timestamp = options
+        .timestamp
+        .unwrap_or_else(DateTime::now_utc)
+        .to_string();
+    let control_id = options.control_id.clone().unwrap_or_else(|| {
+        if h.control_id.is_empty() {
+            format!("A{timestamp}")
+        } else {
+            format!("A{}", h.control_id)
+        }
+    });
+    let or = |value: &str, default: &Option<String>| -> String {
+        if value.is_empty() {
+            default.clone().unwrap_or_default()
+        } else {
+            value.to_owned()
+        }
+    };
+    let version = h.version_number();
+    let modern_err = version >= (2, 5, 0) || version.0 == 0;
+    let message_type = match (h.trigger_event.is_empty(), version >= (2, 3, 1)) {
+        (true, _) => "ACK".to_owned(),
+        (false, true) => format!(
+            "ACK{c}{t}{c}ACK",
+            c = s.component as char,
+            t = h.trigger_event
+        ),
+        (false, false) => format!("ACK{c}{t}", c = s.component as char, t = h.trigger_event),
+    };
+    let msh_fields: Vec<String> = vec![
+        or(&h.receiving_application, &options.application),
+        or(&h.receiving_facility, &options.facility),
+        h.sending_application.clone(),
+        h.sending_facility.clone(),
+        timestamp,
+        String::new(),
+        message_type,
+        control_id,
+        if h.processing_id.is_empty() {
+            "P".to_owned()
+        } else {
+            h.processing_id.clone()
+        },
+        h.version.clone(),
+        String::new(),
+        String::new(),
+        String::new(),
+        String::new(),
+        h.country.clone(),
+        h.charset_label.clone(),
+    ];
+    let fs = s.field as char;
+    let mut out = String::with_capacity(256);
+    out.push_str("MSH");
+    out.push(fs);
+    out.push_str(&String::from_utf8_lossy(&s.encoding_characters()));
+    for f in trim_trailing(&msh_fields) {
+        out.push(fs);
+        out.push_str(f);
+    }
+    out.push('\r');
+
+    let first_text = errors.first().map(|e| e.text.as_str()).unwrap_or_default();
+    let mut msa = vec![outcome.code(enhanced).to_owned(), h.control_id.clone()];
+    if !modern_err && !first_text.is_empty() {
+        msa.push(sanitize(first_text, &s));
+    }
+    push_segment(&mut out, "MSA", &msa, fs);
+    for e in errors {
+        let err = if modern_err {
+            err_v25(e, &s)
+        } else {
+            err_v2x(e, &s)
+        };
+        push_segment(&mut out, "ERR", &err, fs);
+    }
+    out.into_bytes()
+}
+
+/// The NAK for a frame that failed to parse: AE or AR by the error's kind, with an ERR
+/// locating the problem. The header is salvaged when it is readable so that MSA-2 still
+/// names the message.
+pub fn for_parse_error(bytes: &[u8], error: &ParseError, options: &AckOptions) -> Vec<u8> {
+    let header = HeaderSummary::salvage(bytes);
+    let outcome = if error.kind.is_reject() || header.is_none() {
+        Outcome::Reject
+    } else {
+        Outcome::Error
+    };
+    build(
+        header.as_ref(),
+        outcome,
+        &[AckError::from_parse_error(bytes, error)],
+        options,
+    )
+}
+
+fn err_v25(e: &AckError, s: &Separators) -> Vec<String> {
+    let c = s.component as char;
+    let location = e.location.as_ref().map(|l| {
+        let parts = [
+            l.segment_id.clone(),
+            l.sequence.to_string(),
+            l.field.map(|v| v.to_string()).unwrap_or_default(),
+            l.repetition.map(|v| v.to_string()).unwrap_or_default(),
+            l.component.map(|v| v.to_string()).unwrap_or_default(),
+        ];
+        trim_trailing(&parts).join(&c.to_string())
+    });
+    let code = format!("{}{c}{}{c}HL70357", e.code.code(), e.code.text());
+    let fields = vec![
+        String::new(),
+        location.unwrap_or_default(),
+        code,
+        e.severity.code().to_owned(),
+        String::new(),
+        String::new(),
+        String::new(),
+        sanitize(&e.text, s),
+    ];
+    fields
+}
+
+fn err_v2x(e: &AckError, s: &Separators) -> Vec<String> {
+    let c = s.component as char;
+    let sc = s.subcomponent as char;
+    let l = e.location.as_ref();
+    let parts = [
+        l.map(|l| l.segment_id.clone()).unwrap_or_default(),
+        l.map(|l| l.sequence.to_string()).unwrap_or_default(),
+        l.and_then(|l| l.field)
+            .map(|v| v.to_string())
+            .unwrap_or_default(),
+        format!("{}{sc}{}{sc}HL70357", e.code.code(), e.code.text()),
+    ];
+    vec![parts.join(&c.to_string())]
+}
+
+/// Diagnostic text goes into a field: drop delimiters rather than escape them, so that a
+/// naive receiver that does not unescape still reads it.
+fn sanitize(text: &str, s: &Separators) -> String {
+    text.chars()
+        .map(|ch| {
+            let delimiter =
+                u8::try_from(u32::from(ch)).is_ok_and(|b| s.is_delimiter(b) || b == b'\n');
+            if delimiter || ch.is_control() {
+                ' '
+            } else {
+                ch
+            }
+        })
+        .collect()
+}
+
+fn trim_trailing(fields: &[String]) -> &[String] {
+    let end = fields
+        .iter()
+        .rposition(|f| !f.is_empty())
+        .map_or(0, |p| p + 1);
+    &fields[..end]
+}
+
+fn push_segment(out: &mut String, id: &str, fields: &[String], fs: char) {
+    out.push_str(id);
+    for f in trim_trailing(fields) {
+        out.push(fs);
+        out.push_str(f);
+    }
+    out.push('\r');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Message, Path};
+
+    fn fixed() -> AckOptions {
+        AckOptions {
+            control_id: Some("ACK1".into()),
+            timestamp: Some(DateTime::parse("20240101120000+0000").unwrap()),
+            ..AckOptions::default()
+        }
+    }
+
+    fn get(ack: &[u8], path: &str) -> String {
+        let m = Message::parse(ack).unwrap();
+        m.get(&path.parse::<Path>().unwrap())
+            .map(|v| v.text().into_owned())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn original_mode_accept() {
+        let msg = b"MSH|^~\\&|APP|FAC|RAPP|RFAC|20240101||ADT^A01^ADT_A01|C42|P|2.5.1||||||8859/15\rPID|1\r";
+        let m = Message::parse(msg).unwrap();
+        let ack = build(Some(&HeaderSummary::of(&m)), Outcome::Accept, &[], &fixed());
+        assert_eq!(
+            String::from_utf8(ack.clone()).unwrap(),
+            "MSH|^~\\&|RAPP|RFAC|APP|FAC|20240101120000+0000||ACK^A01^ACK|ACK1|P|2.5.1||||||8859/15\rMSA|AA|C42\r"
+        );
+        assert_eq!(get(&ack, "MSA-2"), "C42");
+    }
+
+    #[test]
+    fn enhanced_mode_and_custom_separators() {
+        let msg = b"MSH#@%\\*#APP#FAC#RAPP#RFAC#20240101##ORU@R01#C7#T#2.5#1##ER#NE\r";
+        let m = Message::parse(msg).unwrap();
+        let h = HeaderSummary::of(&m);
+        let ack = build(Some(&h), Outcome::Error, &[], &fixed());
+        let text = String::from_utf8(ack.clone()).unwrap();
+        assert!(text.starts_with("MSH#@%\\*#RAPP#RFAC#APP#FAC#"), "{text}");
+        assert_eq!(get(&ack, "MSA-1"), "CE");
+        assert_eq!(get(&ack, "MSH-9.1"), "ACK");
+        assert_eq!(get(&ack, "MSH-11"), "T");
+        assert!(wants_accept_ack(&h, Outcome::Error));
+        assert!(!wants_accept_ack(&h, Outcome::Accept));
+    }
+
+    #[test]
+    fn nak_for_a_parse_error_locates_it() {
+        let msg = b"MSH|^~\\&|APP|FAC|||20240101||ADT^A01|C9|P|2.5\rPID|1\rPID|2||X\x1cY\r";
+        let err = Message::parse(msg).unwrap_err();
+        let ack = for_parse_error(msg, &err, &fixed());
+        assert_eq!(get(&ack, "MSA-1"), "AE");
+        assert_eq!(get(&ack, "MSA-2"), "C9");
+        assert_eq!(get(&ack, "ERR-2"), "PID^2^3");
+        assert_eq!(get(&ack, "ERR-3.1"), "102");
+        assert_eq!(get(&ack, "ERR-3.3"), "HL70357");
+        assert_eq!(get(&ack, "ERR-4"), "E");
+        assert!(get(&ack, "ERR-8").contains("control character"));
+    }
+
+    #[test]
+    fn nak_for_garbage_has_empty_msa2() {
+        let garbage = b"\x00\x01binary";
+        let err = Message::parse(garbage).unwrap_err();
+        let ack = for_parse_error(garbage, &err, &fixed());
+        let m = Message::parse(&ack).unwrap();
+        assert_eq!(m.text("MSA-1").unwrap().as_deref(), Some("AR"));
+        assert_eq!(m.text("MSA-2").unwrap(), None);
+        assert_eq!(m.text("ERR-3.1").unwrap().as_deref(), Some("100"));
+    }
+
+    #[test]
+    fn old_versions_use_err1_and_msa3() {
+        let msg = b"MSH|^~\\&|APP|FAC|||20240101||ADT^A01|C1|P|2.3\rPID|1\r";
+        let m = Message::parse(msg).unwrap();
+        let e = AckError {
+            code: ErrorCode::RequiredFieldMissing,
+            severity: Severity::Error,
+            location: Some(ErrorLocation {
+                segment_id: "PID".into(),
+                sequence: 1,
+                field: Some(3),
+                repetition: None,
+                component: None,
+            }),
+            text: "PID-3 missing".into(),
+        };
+        let ack = build(Some(&HeaderSummary::of(&m)), Outcome::Error, &[e], &fixed());
+        assert_eq!(get(&ack, "MSH-9"), "ACK^A01");
+        assert_eq!(get(&ack, "MSA-3"), "PID-3 missing");
+        assert_eq!(
+            get(&ack, "ERR-1"),
+            "PID^1^3^101&Required field missing&HL70357"
+        );
+    }
+}

@@ -1,0 +1,241 @@
+//! Borrowed views of a field, a repetition, a component or a subcomponent.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use memchr::memchr;
+
+use crate::{Charset, Separators, escape};
+
+/// Which level of the field hierarchy a [`Value`] is, so that it knows which delimiter
+/// splits it into its children.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    /// A whole field: repetitions separated by the repetition separator.
+    Field,
+    /// One repetition: components.
+    Repetition,
+    /// One component: subcomponents.
+    Component,
+    /// A subcomponent: a leaf.
+    Subcomponent,
+    /// MSH-1 and MSH-2: taken literally, never split or unescaped.
+    Literal,
+}
+
+impl Level {
+    fn child(self) -> Level {
+        match self {
+            Level::Field => Level::Repetition,
+            Level::Repetition => Level::Component,
+            Level::Component | Level::Subcomponent => Level::Subcomponent,
+            Level::Literal => Level::Literal,
+        }
+    }
+}
+
+/// How the value's bytes are to be read: the message's separators and character set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Encoding {
+    pub separators: Separators,
+    pub charset: Charset,
+}
+
+/// A piece of a message, borrowed from the input bytes. Cheap to copy.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Value<'a> {
+    raw: &'a [u8],
+    level: Level,
+    encoding: Encoding,
+}
+
+impl fmt::Debug for Value<'_> {
+    // Values are patient data: Debug shows the shape, not the content.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Value")
+            .field("level", &self.level)
+            .field("len", &self.raw.len())
+            .finish()
+    }
+}
+
+impl<'a> Value<'a> {
+    pub(crate) fn new(raw: &'a [u8], level: Level, encoding: Encoding) -> Self {
+        Value {
+            raw,
+            level,
+            encoding,
+        }
+    }
+
+    /// The bytes as they are in the message: still escaped, in the message's character set.
+    pub fn raw(&self) -> &'a [u8] {
+        self.raw
+    }
+
+    pub fn level(&self) -> Level {
+        self.level
+    }
+
+    pub fn encoding(&self) -> Encoding {
+        self.encoding
+    }
+
+    /// Empty: nothing was sent (the receiver keeps what it had).
+    pub fn is_empty(&self) -> bool {
+        self.raw.is_empty()
+    }
+
+    /// The explicit null `""`: the sender says "delete what you have".
+    pub fn is_null(&self) -> bool {
+        self.raw == b"\"\""
+    }
+
+    /// Neither empty nor the explicit null.
+    pub fn is_valued(&self) -> bool {
+        !self.is_empty() && !self.is_null()
+    }
+
+    /// The decoded text: escape sequences decoded, then the character set decoded.
+    /// Borrows from the input when no escape or transcoding is needed. For a field or
+    /// repetition this is the text of the whole piece, delimiters included.
+    pub fn text(&self) -> Cow<'a, str> {
+        if self.level == Level::Literal {
+            return self.encoding.charset.decode(self.raw);
+        }
+        match escape::unescape(self.raw, &self.encoding.separators) {
+            Cow::Borrowed(bytes) => self.encoding.charset.decode(bytes),
+            Cow::Owned(bytes) => Cow::Owned(self.encoding.charset.decode_owned(bytes)),
+        }
+    }
+
+    /// The pieces one level down (repetitions of a field, components of a repetition,
+    /// subcomponents of a component). A leaf yields itself.
+    pub fn children(&self) -> Children<'a> {
+        let child = self.level.child();
+        let delimiter = match self.level {
+            Level::Field => Some(self.encoding.separators.repetition),
+            Level::Repetition => Some(self.encoding.separators.component),
+            Level::Component => Some(self.encoding.separators.subcomponent),
+            Level::Subcomponent | Level::Literal => None,
+        };
+        Children {
+            rest: Some(self.raw),
+            delimiter,
+            level: child,
+            encoding: self.encoding,
+        }
+    }
+
+    /// The `n`-th child (1-based), or `None` when there are fewer. An empty child is
+    /// returned as an empty value, not `None`, so that its position is kept.
+    pub fn child(&self, n: usize) -> Option<Value<'a>> {
+        if n == 0 {
+            return None;
+        }
+        self.children().nth(n - 1)
+    }
+
+    /// Repetitions of a field (a non-field value yields itself).
+    pub fn repetitions(&self) -> Children<'a> {
+        match self.level {
+            Level::Field => self.children(),
+            _ => self.single(),
+        }
+    }
+
+    /// Components: of the first repetition when this is a field.
+    pub fn components(&self) -> Children<'a> {
+        match self.level {
+            Level::Field => self.first_child().children(),
+            Level::Repetition => self.children(),
+            _ => self.single(),
+        }
+    }
+
+    /// The `n`-th component (1-based), of the first repetition when this is a field.
+    pub fn component(&self, n: usize) -> Option<Value<'a>> {
+        if n == 0 {
+            return None;
+        }
+        self.components().nth(n - 1)
+    }
+
+    fn first_child(&self) -> Value<'a> {
+        self.children().next().unwrap_or(*self)
+    }
+
+    fn single(&self) -> Children<'a> {
+        Children {
+            rest: Some(self.raw),
+            delimiter: None,
+            level: self.level,
+            encoding: self.encoding,
+        }
+    }
+}
+
+/// Iterator over the children of a [`Value`]. Allocates nothing.
+#[derive(Debug, Clone)]
+pub struct Children<'a> {
+    rest: Option<&'a [u8]>,
+    delimiter: Option<u8>,
+    level: Level,
+    encoding: Encoding,
+}
+
+impl<'a> Iterator for Children<'a> {
+    type Item = Value<'a>;
+
+    fn next(&mut self) -> Option<Value<'a>> {
+        let rest = self.rest?;
+        let piece = match self.delimiter.and_then(|d| memchr(d, rest)) {
+            Some(pos) => {
+                self.rest = Some(&rest[pos + 1..]);
+                &rest[..pos]
+            }
+            None => {
+                self.rest = None;
+                rest
+            }
+        };
+        Some(Value::new(piece, self.level, self.encoding))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn field(raw: &str) -> Value<'_> {
+        Value::new(
+            raw.as_bytes(),
+            Level::Field,
+            Encoding {
+                separators: Separators::default(),
+                charset: Charset::Ascii,
+            },
+        )
+    }
+
+    #[test]
+    fn splits_levels() {
+        let f = field("a^b&c~d");
+        let reps: Vec<_> = f.repetitions().map(|v| v.text()).collect();
+        assert_eq!(reps, ["a^b&c", "d"]);
+        assert_eq!(f.component(2).unwrap().text(), "b&c");
+        let sub = f.component(2).unwrap().child(2).unwrap();
+        assert_eq!(sub.text(), "c");
+        assert_eq!(sub.level(), Level::Subcomponent);
+        assert!(f.component(3).is_none());
+        assert!(f.component(0).is_none());
+    }
+
+    #[test]
+    fn null_and_empty() {
+        assert!(field("\"\"").is_null());
+        assert!(!field("\"\"").is_valued());
+        assert!(field("").is_empty());
+        assert!(field("x").is_valued());
+    }
+}
