@@ -1,1 +1,35 @@
-fn main() {}
+//! `passerelle`: the command-line tool of the passerelle HL7 v2 → FHIR engine.
+//!
+//! The binary is thin: each subcommand parses its arguments and calls the crates that do
+//! the work. Subcommands print results on stdout and problems on stderr, and exit non-zero
+//! when anything failed, so that they compose in scripts.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod parse_cmd;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "passerelle",
+    version,
+    about = "HL7 v2 / MLLP → FHIR R4 integration engine"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Parse HL7 v2 files (single messages, concatenated messages or batches) and show them.
+    Parse(parse_cmd::ParseArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Parse(args) => parse_cmd::run(&args),
+    }
+}

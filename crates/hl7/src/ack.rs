@@ -196,13 +196,18 @@ pub fn build(
         } else {
             h.processing_id.clone()
         },
-        h.version.clone(),
+        // A version must be sent; answer a message that had none in v2.5.
+        if h.version.is_empty() {
+            "2.5".to_owned()
+        } else {
+            h.version.clone()
+        },
         String::new(),
         String::new(),
         String::new(),
         String::new(),
         h.country.clone(),
-        h.charset_label.clone(),
+        mirrored_charset(&h.charset_label),
     ];
     let fs = s.field as char;
     let mut out = String::with_capacity(256);
@@ -248,6 +253,20 @@ pub fn for_parse_error(bytes: &[u8], error: &ParseError, options: &AckOptions) -
         &[AckError::from_parse_error(bytes, error)],
         options,
     )
+}
+
+/// MSH-18 of the ACK: the original's, when passerelle knows it. The ACK's own text is
+/// ASCII, which every supported character set encodes alike; a label passerelle does not
+/// know (say EBCDIC) would tell the sender to read the ASCII ACK wrongly, so it is dropped.
+fn mirrored_charset(label: &str) -> String {
+    let first = label
+        .split(|c: char| !c.is_ascii_alphanumeric() && !" /-_".contains(c))
+        .next()
+        .unwrap_or("");
+    match crate::charset::Charset::from_label(first.as_bytes()) {
+        crate::charset::Label::Unknown => String::new(),
+        _ => label.to_owned(),
+    }
 }
 
 fn err_v25(e: &AckError, s: &Separators) -> Vec<String> {

@@ -7,6 +7,7 @@
 use memchr::memchr2;
 
 use crate::error::{ErrorKind, ParseError};
+use crate::message::{Message, ParseOptions};
 use crate::separators::Separators;
 
 /// One message inside a batch file.
@@ -53,11 +54,14 @@ pub fn split(bytes: &[u8]) -> Result<Batch<'_>, ParseError> {
     while pos < bytes.len() {
         let end = memchr2(b'\r', b'\n', &bytes[pos..]).map_or(bytes.len(), |e| pos + e);
         let line = &bytes[pos..end];
-        if !line.is_empty() {
+        // Lines of blanks only are blank lines (Message::parse counts them).
+        if !line.trim_ascii().is_empty() {
             segment_index += 1;
             let id: &[u8] = line.get(..3).unwrap_or(line);
-            let err =
-                |kind| ParseError::at(kind, pos).in_segment(segment_index, id.try_into().ok());
+            let printable_id = <[u8; 3]>::try_from(id)
+                .ok()
+                .filter(|id| id.iter().all(u8::is_ascii_alphanumeric));
+            let err = |kind| ParseError::at(kind, pos).in_segment(segment_index, printable_id);
             match id {
                 b"FHS" => {
                     if segment_index != 1 {
@@ -166,6 +170,26 @@ impl State {
             self.spans.push((start, end, number));
         }
     }
+}
+
+/// Splits `bytes` (one message, concatenated messages or a batch file) and parses each
+/// message. The outer error is a batch-level problem; each inner result is one message's,
+/// with error offsets made relative to the whole input.
+pub fn parse_all<'a>(
+    bytes: &'a [u8],
+    options: &ParseOptions,
+) -> Result<Vec<Result<Message<'a>, ParseError>>, ParseError> {
+    let batch = split(bytes)?;
+    Ok(batch
+        .messages
+        .iter()
+        .map(|part| {
+            Message::parse_with(part.bytes, options).map_err(|mut e| {
+                e.location.offset += part.offset;
+                e
+            })
+        })
+        .collect())
 }
 
 /// Reads a trailer count (BTS-1 / FTS-1); `None` when not sent.

@@ -116,6 +116,8 @@ fn hex_digit(b: u8) -> Option<u8> {
 /// CR and LF escaped. Requires an escape character.
 pub fn escape_into(bytes: &[u8], s: &Separators, out: &mut Vec<u8>) {
     let esc = s.escape.unwrap_or(b'\\');
+    // `\.br\` would be cut in two if `.` is itself a delimiter: use the hex form then.
+    let line_break: &[u8] = if s.is_delimiter(b'.') { b"X0A" } else { b".br" };
     for &b in bytes {
         let code: Option<&[u8]> = match b {
             _ if b == s.field => Some(b"F"),
@@ -124,7 +126,7 @@ pub fn escape_into(bytes: &[u8], s: &Separators, out: &mut Vec<u8>) {
             _ if b == s.repetition => Some(b"R"),
             _ if b == esc => Some(b"E"),
             _ if Some(b) == s.truncation => Some(b"P"),
-            b'\n' => Some(b".br"),
+            b'\n' => Some(line_break),
             _ => None,
         };
         if let Some(code) = code {

@@ -370,10 +370,7 @@ impl<'a> Message<'a> {
     fn check_header_fields(&self) -> Result<(), ParseError> {
         let msh = self.segment(0).expect("parse guarantees an MSH segment");
         for n in [9, 10, 12] {
-            if msh
-                .field(n)
-                .is_none_or(|f| f.raw().trim_ascii().is_empty())
-            {
+            if msh.field(n).is_none_or(|f| f.raw().trim_ascii().is_empty()) {
                 return Err(
                     ParseError::at(ErrorKind::MissingHeaderField, msh.field_offset(n))
                         .in_segment(1, Some(*b"MSH"))
@@ -386,11 +383,11 @@ impl<'a> Message<'a> {
 
     fn resolve_charset(&mut self, options: &ParseOptions) -> Result<Charset, ParseError> {
         let msh = self.segment(0).expect("parse guarantees an MSH segment");
-        let label = msh
-            .field(18)
-            .and_then(|f| f.repetitions().next())
-            .map(|v| v.raw())
+        let first = msh.field(18).and_then(|f| f.repetitions().next());
+        let label = first
+            .map(|v| crate::escape::unescape(v.raw(), &self.encoding.separators))
             .unwrap_or_default();
+        let label = label.as_ref();
         let declared = if label.trim_ascii().is_empty() {
             None
         } else {

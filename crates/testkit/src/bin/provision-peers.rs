@@ -1,0 +1,7 @@
+//! Installs every third-party test peer up front (CI calls this from `.ci/run`), with
+//! the same code the tests use to install them on demand.
+
+fn main() {
+    let python = passerelle_testkit::python();
+    println!("python peers ready: {}", python.display());
+}
