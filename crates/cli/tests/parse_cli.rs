@@ -1,5 +1,7 @@
 //! `passerelle parse` as a user runs it: the real binary, on every fixture.
 
+#![allow(clippy::unwrap_used)] // tests: a panic is a failure with its message
+
 use std::collections::BTreeMap;
 use std::process::{Command, Output};
 

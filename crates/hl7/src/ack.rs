@@ -416,6 +416,16 @@ mod tests {
     }
 
     #[test]
+    fn nak_for_a_header_with_control_bytes_still_parses() {
+        // Found by fuzzing: a control byte inside MSH-11 was mirrored into the NAK.
+        let msg = b"MSH|^~\\&|A|B|||20240101||ADT^A01|C1|P\x032.5\rPID|1\r";
+        let err = Message::parse(msg).unwrap_err();
+        let nak = for_parse_error(msg, &err, &fixed());
+        let parsed = Message::parse(&nak).unwrap();
+        assert_eq!(parsed.text("MSA-2").unwrap().as_deref(), Some("C1"));
+    }
+
+    #[test]
     fn old_versions_use_err1_and_msa3() {
         let msg = b"MSH|^~\\&|APP|FAC|||20240101||ADT^A01|C1|P|2.3\rPID|1\r";
         let m = Message::parse(msg).unwrap();

@@ -49,7 +49,8 @@ pub fn split(bytes: &[u8]) -> Result<Batch<'_>, ParseError> {
     };
     let mut state = State::default();
     let mut segment_index = 0u32;
-    let mut pos = 0;
+    // A byte order mark is tolerated (and counted) by Message::parse: let it through.
+    let mut pos = crate::message::byte_order_mark_len(bytes);
     let mut field_sep = b'|';
     while pos < bytes.len() {
         let end = memchr2(b'\r', b'\n', &bytes[pos..]).map_or(bytes.len(), |e| pos + e);
@@ -115,7 +116,13 @@ pub fn split(bytes: &[u8]) -> Result<Batch<'_>, ParseError> {
                         state.saw_loose_message = true;
                     }
                     state.close_message(pos);
-                    state.current = Some((pos, batch.batch_count));
+                    // The first message keeps a leading byte order mark, for Message::parse.
+                    let start = if state.spans.is_empty() && segment_index == 1 {
+                        0
+                    } else {
+                        pos
+                    };
+                    state.current = Some((start, batch.batch_count));
                     state.batch_messages += 1;
                 }
                 _ => {

@@ -51,6 +51,7 @@ impl HeaderSummary {
     /// broken, so that a NAK can still name the control id. `None` when the header itself
     /// is unreadable (then a NAK goes out with an empty MSA-2).
     pub fn salvage(bytes: &[u8]) -> Option<HeaderSummary> {
+        let bytes = &bytes[crate::message::byte_order_mark_len(bytes)..];
         let start = bytes.iter().position(|b| !matches!(b, b'\r' | b'\n'))?;
         let bytes = &bytes[start..];
         if !bytes.starts_with(b"MSH") {
@@ -65,7 +66,16 @@ impl HeaderSummary {
         // fields[0] is "MSH"; fields[n] is MSH-(n+1) because MSH-1 is the separator.
         let fields: Vec<&[u8]> = line.split(|&b| b == separators.field).collect();
         let field = |n: usize| -> &[u8] { fields.get(n - 1).copied().unwrap_or_default() };
-        let text = |b: &[u8]| String::from_utf8_lossy(b).trim().to_owned();
+        // Control bytes (which make a message unparseable) are dropped, so that whatever
+        // is mirrored into an ACK or a log line is itself well-formed.
+        let text = |b: &[u8]| {
+            let clean: Vec<u8> = b
+                .iter()
+                .copied()
+                .filter(|&c| c >= 0x20 || c == b'\t')
+                .collect();
+            String::from_utf8_lossy(&clean).trim().to_owned()
+        };
         let component = |n: usize, c: usize| -> String {
             let first_rep = field(n)
                 .split(|&b| b == separators.repetition)

@@ -29,6 +29,12 @@ pub struct ParseOptions {
     /// Background: some senders omit the escape character and send `^~&`; the standard
     /// requires all four (five since v2.7).
     pub allow_short_encoding_characters: bool,
+    /// Skip a UTF-8 byte order mark (EF BB BF) before MSH.
+    ///
+    /// Background: HL7 v2 has no byte order mark, but files saved by Windows editors and
+    /// some .NET senders start with one; read as text it hides the `MSH` that every
+    /// message must start with.
+    pub allow_byte_order_mark: bool,
     /// Require MSH-9 (message type), MSH-10 (control id) and MSH-12 (version), without
     /// which a message can be neither routed nor acknowledged properly.
     pub require_header_fields: bool,
@@ -49,6 +55,7 @@ impl Default for ParseOptions {
             allow_lf_terminators: true,
             allow_blank_lines: true,
             allow_short_encoding_characters: true,
+            allow_byte_order_mark: true,
             require_header_fields: true,
             fallback_charset: Some(Charset::Latin1),
         }
@@ -62,6 +69,7 @@ impl ParseOptions {
             allow_lf_terminators: false,
             allow_blank_lines: false,
             allow_short_encoding_characters: false,
+            allow_byte_order_mark: false,
             require_header_fields: true,
             fallback_charset: None,
         }
@@ -81,6 +89,8 @@ pub struct Quirks {
     pub missing_final_terminator: bool,
     /// MSH-2 had fewer than four encoding characters.
     pub short_encoding_characters: bool,
+    /// A UTF-8 byte order mark preceded MSH.
+    pub byte_order_mark: bool,
     /// MSH-18 used a label outside table 0211 (`UTF-8` for `UNICODE UTF-8`…).
     pub nonstandard_charset_label: bool,
     /// MSH-18 was empty but the bytes were not ASCII; the character set was guessed.
@@ -104,6 +114,7 @@ impl Quirks {
         add(self.blank_lines > 0, "blank_lines");
         add(self.missing_final_terminator, "missing_final_terminator");
         add(self.short_encoding_characters, "short_encoding_characters");
+        add(self.byte_order_mark, "byte_order_mark");
         add(self.nonstandard_charset_label, "nonstandard_charset_label");
         add(self.undeclared_charset, "undeclared_charset");
         add(self.mislabelled_charset_at.is_some(), "mislabelled_charset");
@@ -185,14 +196,21 @@ impl<'a> Message<'a> {
             return Err(ParseError::at(ErrorKind::TooLarge, 0));
         }
         let mut quirks = Quirks::default();
-        let start = bytes
-            .iter()
-            .position(|b| !matches!(b, b'\r' | b'\n' | b' ' | b'\t'))
-            .ok_or(ParseError::at(ErrorKind::Empty, 0))?;
-        if start > 0 {
-            let lines = count_lines(&bytes[..start]);
-            if lines > 0 && !options.allow_blank_lines || bytes[..start].contains(&b' ') {
-                return Err(ParseError::at(ErrorKind::NotHl7, 0));
+        let bom = if options.allow_byte_order_mark {
+            byte_order_mark_len(bytes)
+        } else {
+            0
+        };
+        quirks.byte_order_mark = bom > 0;
+        let start = bom
+            + bytes[bom..]
+                .iter()
+                .position(|b| !matches!(b, b'\r' | b'\n' | b' ' | b'\t'))
+                .ok_or(ParseError::at(ErrorKind::Empty, 0))?;
+        if start > bom {
+            let lines = count_lines(&bytes[bom..start]);
+            if lines > 0 && !options.allow_blank_lines || bytes[bom..start].contains(&b' ') {
+                return Err(ParseError::at(ErrorKind::NotHl7, bom));
             }
             quirks.blank_lines += lines;
         }
@@ -582,6 +600,15 @@ impl<'m, 'a> Segment<'m, 'a> {
     }
 }
 
+/// The length of a UTF-8 byte order mark at the start of `bytes` (3), or 0.
+pub(crate) fn byte_order_mark_len(bytes: &[u8]) -> usize {
+    if bytes.starts_with(b"\xEF\xBB\xBF") {
+        3
+    } else {
+        0
+    }
+}
+
 /// MSH, FHS and BHS number their fields from the field separator itself.
 pub(crate) fn is_header_segment(id: &[u8]) -> bool {
     matches!(id, b"MSH" | b"FHS" | b"BHS")
@@ -780,6 +807,18 @@ PV1|1|I|WARD^101^1\r";
         let err = Message::parse(unknown).unwrap_err();
         assert_eq!(err.kind, ErrorKind::UnsupportedCharset);
         assert_eq!(err.location.field, Some(18));
+    }
+
+    #[test]
+    fn byte_order_mark_is_tolerated_and_counted() {
+        let mut with_bom = b"\xEF\xBB\xBF".to_vec();
+        with_bom.extend_from_slice(ADT);
+        let m = Message::parse(&with_bom).unwrap();
+        assert!(m.quirks().byte_order_mark);
+        assert_eq!(m.msh().offset(), 3);
+        assert_eq!(m.text("PID-5.1").unwrap().as_deref(), Some("DOE"));
+        let err = Message::parse_with(&with_bom, &ParseOptions::strict()).unwrap_err();
+        assert_eq!(err.kind, ErrorKind::NotHl7);
     }
 
     #[test]

@@ -2,6 +2,8 @@
 //! `fixtures/*/expected.toml`: the well-formed ones parse and give the expected decoded
 //! values; the malformed ones fail with the expected kind and location.
 
+#![allow(clippy::unwrap_used)] // tests: a panic is a failure with its message
+
 use std::collections::BTreeMap;
 use std::path::Path as FsPath;
 

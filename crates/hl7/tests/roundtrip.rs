@@ -1,6 +1,8 @@
 //! Property tests: escape→unescape is the identity, and parse(write(m)) == m for
 //! arbitrary messages, delimiters and character sets.
 
+#![allow(clippy::unwrap_used)] // tests: a panic is a failure with its message
+
 use passerelle_hl7::{Charset, Message, OwnedMessage, OwnedSegment, Separators, escape};
 use proptest::prelude::*;
 
