@@ -207,7 +207,7 @@ pub fn build(
         String::new(),
         String::new(),
         h.country.clone(),
-        mirrored_charset(&h.charset_label),
+        mirrored_charset(&h.charset_label, &s),
     ];
     let fs = s.field as char;
     let mut out = String::with_capacity(256);
@@ -258,11 +258,12 @@ pub fn for_parse_error(bytes: &[u8], error: &ParseError, options: &AckOptions) -
 /// MSH-18 of the ACK: the original's, when passerelle knows it. The ACK's own text is
 /// ASCII, which every supported character set encodes alike; a label passerelle does not
 /// know (say EBCDIC) would tell the sender to read the ASCII ACK wrongly, so it is dropped.
-fn mirrored_charset(label: &str) -> String {
+fn mirrored_charset(label: &str, separators: &Separators) -> String {
+    // Only the first repetition names the message's character set (the parser reads no other).
     let first = label
-        .split(|c: char| !c.is_ascii_alphanumeric() && !" /-_".contains(c))
+        .split(separators.repetition as char)
         .next()
-        .unwrap_or("");
+        .unwrap_or_default();
     match crate::charset::Charset::from_label(first.as_bytes()) {
         crate::charset::Label::Unknown => String::new(),
         _ => label.to_owned(),
@@ -423,6 +424,20 @@ mod tests {
         let nak = for_parse_error(msg, &err, &fixed());
         let parsed = Message::parse(&nak).unwrap();
         assert_eq!(parsed.text("MSA-2").unwrap().as_deref(), Some("C1"));
+    }
+
+    #[test]
+    fn nak_does_not_mirror_an_unknown_charset() {
+        // Found by fuzzing: a label that only starts like a known one was mirrored.
+        let msg = b"MSH|^~\\&|A|B|||20240101||ADT^A01|C1|P|2.5|||||FRA|8859/15\xA4FR\rPID|1\r";
+        let err = Message::parse(msg).unwrap_err();
+        let nak = for_parse_error(msg, &err, &fixed());
+        let parsed = Message::parse(&nak).unwrap();
+        assert_eq!(parsed.text("MSH-18").unwrap(), None);
+        let ok = b"MSH|^~\\&|A|B|||20240101||ADT^A01|C1|P|2.5|||||FRA|8859/15~ISO IR87\rPID|1\r";
+        let m = Message::parse(ok).unwrap();
+        let ack = build(Some(&HeaderSummary::of(&m)), Outcome::Accept, &[], &fixed());
+        assert_eq!(get(&ack, "MSH-18[2]"), "ISO IR87");
     }
 
     #[test]

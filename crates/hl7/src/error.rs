@@ -22,6 +22,9 @@ pub enum ErrorKind {
     ControlCharacter,
     /// A segment id that is not three upper-case letters or digits starting with a letter.
     InvalidSegmentId,
+    /// A second MSH, or a batch header or trailer (FHS, BHS, BTS, FTS), inside one message:
+    /// several messages were sent as one. Split them with [`batch::split`](crate::batch::split).
+    UnexpectedHeader,
     /// A segment terminated by LF while [`ParseOptions::allow_lf_terminators`](crate::ParseOptions) is off.
     LfTerminator,
     /// A blank line between segments while blank lines are not allowed.
@@ -50,6 +53,7 @@ impl ErrorKind {
             ErrorKind::BadSeparators => "bad_separators",
             ErrorKind::ControlCharacter => "control_character",
             ErrorKind::InvalidSegmentId => "invalid_segment_id",
+            ErrorKind::UnexpectedHeader => "unexpected_header",
             ErrorKind::LfTerminator => "lf_terminator",
             ErrorKind::BlankLine => "blank_line",
             ErrorKind::MissingHeaderField => "missing_header_field",
@@ -74,6 +78,9 @@ impl ErrorKind {
             ErrorKind::InvalidSegmentId => {
                 "a segment id is not 3 upper-case letters or digits starting with a letter"
             }
+            ErrorKind::UnexpectedHeader => {
+                "a message or batch header inside a message (several messages sent as one)"
+            }
             ErrorKind::LfTerminator => "a segment ends with LF instead of CR",
             ErrorKind::BlankLine => "a blank line between segments",
             ErrorKind::MissingHeaderField => "a required MSH field is empty",
@@ -93,6 +100,7 @@ impl ErrorKind {
             | ErrorKind::TruncatedHeader
             | ErrorKind::BadSeparators
             | ErrorKind::InvalidSegmentId
+            | ErrorKind::UnexpectedHeader
             | ErrorKind::LfTerminator
             | ErrorKind::BlankLine
             | ErrorKind::BatchCountMismatch

@@ -326,6 +326,12 @@ impl<'a> Message<'a> {
         if !valid {
             return Err(ParseError::at(ErrorKind::InvalidSegmentId, start).in_segment(index, None));
         }
+        if index > 1 && matches!(id, b"MSH" | b"FHS" | b"BHS" | b"BTS" | b"FTS") {
+            let id = [id[0], id[1], id[2]];
+            return Err(
+                ParseError::at(ErrorKind::UnexpectedHeader, start).in_segment(index, Some(id))
+            );
+        }
         self.segments.push(SegmentEntry {
             id: [id[0], id[1], id[2]],
             start: start as u32,
@@ -819,6 +825,16 @@ PV1|1|I|WARD^101^1\r";
         assert_eq!(m.text("PID-5.1").unwrap().as_deref(), Some("DOE"));
         let err = Message::parse_with(&with_bom, &ParseOptions::strict()).unwrap_err();
         assert_eq!(err.kind, ErrorKind::NotHl7);
+    }
+
+    #[test]
+    fn several_messages_in_one_are_refused() {
+        let mut two = ADT.to_vec();
+        two.extend_from_slice(ADT);
+        let err = Message::parse(&two).unwrap_err();
+        assert_eq!(err.kind, ErrorKind::UnexpectedHeader);
+        assert_eq!(err.location.segment_index, Some(5));
+        assert_eq!(err.location.offset, ADT.len());
     }
 
     #[test]
