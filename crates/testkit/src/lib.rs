@@ -10,6 +10,8 @@
 //!
 //! Nothing here is a mock: tests drive the real programs.
 
+pub mod fhir;
+
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::process::Command;

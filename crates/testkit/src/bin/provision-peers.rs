@@ -4,4 +4,8 @@
 fn main() {
     let python = passerelle_testkit::python();
     println!("python peers ready: {}", python.display());
+    println!(
+        "FHIR validators ready: {}",
+        passerelle_testkit::fhir::validator_dir().display()
+    );
 }
