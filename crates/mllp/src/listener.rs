@@ -697,7 +697,14 @@ async fn serve_connection<H: Handler, S: AsyncRead + AsyncWrite + Unpin>(
         tokio::select! {
             biased;
             _ = shared.kill.cancelled() => return Ok(Close::Done),
-            _ = shared.stop.cancelled(), if !in_frame => return Ok(Close::Done),
+            _ = shared.stop.cancelled(), if !in_frame => {
+                // Bytes already received are in flight: take them without waiting, and
+                // finish their frame before closing.
+                match timeout(Duration::ZERO, stream.read_buf(&mut buf)).await {
+                    Ok(Ok(n)) if n > 0 => last_activity = Instant::now(),
+                    _ => return Ok(Close::Done),
+                }
+            }
             read = stream.read_buf(&mut buf) => match read? {
                 0 => {
                     if codec.in_frame() {
