@@ -1,0 +1,505 @@
+//! Contract tests for any [`Store`]: the behaviour the engine relies on, written against
+//! the trait only, so that a second backend runs them unchanged. Each check panics with
+//! a message naming what broke.
+//!
+//! A backend's test suite calls [`run_all`] with a factory that opens a fresh, empty store
+//! using the given clock and with `dead_letter_releases_key` on and a 60 s visibility timeout.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failed contract check is a panic by design
+
+use std::sync::Arc;
+
+use crate::types::*;
+use crate::{ManualClock, Store, StoreError};
+
+const T0: Millis = 1_700_000_000_000;
+/// The visibility timeout the factory must configure.
+pub const VISIBILITY_MS: u64 = 60_000;
+
+fn frame(control_id: &str) -> Vec<u8> {
+    format!("MSH|^~\\&|APP|FAC|||20240101||ADT^A01|{control_id}|P|2.5\rPID|1\r").into_bytes()
+}
+
+fn meta(control_id: &str) -> JournalMeta {
+    JournalMeta {
+        listener: "test".into(),
+        peer: "127.0.0.1:1".into(),
+        msh: Some(MshSummary {
+            message_type: "ADT".into(),
+            trigger_event: "A01".into(),
+            control_id: control_id.into(),
+            ..MshSummary::default()
+        }),
+        rejected: None,
+    }
+}
+
+fn mapped(dests: &[(&str, &str)]) -> Outcome {
+    Outcome::Mapped {
+        route: "r1".into(),
+        bundle: "{}".into(),
+        deliveries: dests
+            .iter()
+            .map(|(d, k)| Enqueue {
+                destination: (*d).into(),
+                ordering_key: (*k).into(),
+            })
+            .collect(),
+    }
+}
+
+fn no_retry_limit() -> RetryPolicy {
+    RetryPolicy {
+        initial_backoff_ms: 1_000,
+        max_backoff_ms: 10_000,
+        multiplier: 2.0,
+        jitter: 0.0,
+        max_attempts: Some(3),
+        max_age_ms: None,
+    }
+}
+
+async fn journal_mapped<S: Store>(
+    store: &S,
+    control_id: &str,
+    dests: &[(&str, &str)],
+) -> MessageId {
+    let id = store
+        .journal(&frame(control_id), meta(control_id))
+        .await
+        .unwrap();
+    store.record_outcome(id, mapped(dests)).await.unwrap();
+    id
+}
+
+/// Runs every contract check, each on a fresh store.
+pub async fn run_all<S: Store>(mut make: impl FnMut(Arc<ManualClock>) -> S) {
+    journal_keeps_frames_and_orders_ids(make(clock())).await;
+    fifo_per_key_and_parallel_keys(make(clock())).await;
+    retry_waits_for_its_backoff(make_with(&mut make)).await;
+    exhausted_retries_go_dead_and_release_the_key(make(clock())).await;
+    dead_letter_replays_with_a_new_bundle(make(clock())).await;
+    expired_leases_return_and_stale_completions_are_refused(make_with(&mut make)).await;
+    counts_follow_states(make(clock())).await;
+    list_filters_and_pages(make(clock())).await;
+    unprocessed_and_outcomes(make(clock())).await;
+    purge_and_retention(make_with(&mut make)).await;
+}
+
+fn clock() -> Arc<ManualClock> {
+    Arc::new(ManualClock::new(T0))
+}
+
+fn make_with<S: Store>(make: &mut impl FnMut(Arc<ManualClock>) -> S) -> (S, Arc<ManualClock>) {
+    let c = clock();
+    (make(Arc::clone(&c)), c)
+}
+
+pub async fn journal_keeps_frames_and_orders_ids<S: Store>(store: S) {
+    let a = store.journal(&frame("A"), meta("A")).await.unwrap();
+    let b = store.journal(&frame("B"), meta("B")).await.unwrap();
+    assert!(b > a, "ids are monotonic");
+    assert_eq!(
+        store.raw(a).await.unwrap().unwrap(),
+        frame("A"),
+        "raw bytes kept"
+    );
+    let record = store.get(b).await.unwrap().unwrap();
+    assert_eq!(record.state, MessageState::Received);
+    assert_eq!(record.msh.unwrap().control_id, "B");
+    assert_eq!(record.size, frame("B").len() as u64);
+    let rejected = store
+        .journal(
+            b"garbage",
+            JournalMeta {
+                rejected: Some("byte 0: not HL7".into()),
+                ..JournalMeta::default()
+            },
+        )
+        .await
+        .unwrap();
+    let r = store.get(rejected).await.unwrap().unwrap();
+    assert_eq!(r.state, MessageState::Rejected);
+    assert_eq!(r.error.as_deref(), Some("byte 0: not HL7"));
+    assert!(store.get(rejected + 1_000_000).await.unwrap().is_none());
+}
+
+pub async fn fifo_per_key_and_parallel_keys<S: Store>(store: S) {
+    let a1 = journal_mapped(&store, "a1", &[("fhir", "A")]).await;
+    let a2 = journal_mapped(&store, "a2", &[("fhir", "A")]).await;
+    let b1 = journal_mapped(&store, "b1", &[("fhir", "B")]).await;
+    let leases = store.lease("fhir", 10).await.unwrap();
+    let ids: Vec<_> = leases.iter().map(|l| l.message_id).collect();
+    assert_eq!(
+        ids,
+        [a1, b1],
+        "one lease per key, oldest first; a2 waits behind a1"
+    );
+    assert!(
+        store.lease("fhir", 10).await.unwrap().is_empty(),
+        "nothing else is ready"
+    );
+    assert!(
+        store.lease("other", 10).await.unwrap().is_empty(),
+        "queues are per destination"
+    );
+    let policy = no_retry_limit();
+    let a1_lease = leases.iter().find(|l| l.message_id == a1).unwrap();
+    assert_eq!(
+        store
+            .complete(a1_lease, AttemptReport::delivered(), &policy)
+            .await
+            .unwrap(),
+        DeliveryState::Delivered
+    );
+    let next = store.lease("fhir", 10).await.unwrap();
+    assert_eq!(
+        next.iter().map(|l| l.message_id).collect::<Vec<_>>(),
+        [a2],
+        "a2 is released by a1's delivery"
+    );
+    assert_eq!(next[0].attempt, 1);
+}
+
+pub async fn retry_waits_for_its_backoff<S: Store>((store, clock): (S, Arc<ManualClock>)) {
+    let id = journal_mapped(&store, "r", &[("fhir", "K")]).await;
+    let behind = journal_mapped(&store, "r2", &[("fhir", "K")]).await;
+    let lease = store.lease("fhir", 1).await.unwrap().pop().unwrap();
+    let mut report = AttemptReport::transient("http_503");
+    report.status = Some(503);
+    let state = store
+        .complete(&lease, report, &no_retry_limit())
+        .await
+        .unwrap();
+    assert_eq!(state, DeliveryState::RetryWait);
+    assert_eq!(
+        store.next_due_ms("fhir").await.unwrap(),
+        Some(T0 + 1_000),
+        "first backoff is 1 s"
+    );
+    clock.advance(999);
+    assert!(
+        store.lease("fhir", 5).await.unwrap().is_empty(),
+        "not before its backoff, and its key stays held"
+    );
+    clock.advance(1);
+    let again = store.lease("fhir", 5).await.unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!((again[0].message_id, again[0].attempt), (id, 2));
+    assert_ne!(again[0].message_id, behind);
+    let d = &store.deliveries(id).await.unwrap()[0];
+    assert_eq!(d.history.len(), 1);
+    assert_eq!(d.history[0].status, Some(503));
+    assert_eq!(d.history[0].error_class, "http_503");
+    // Retry-After longer than the backoff wins.
+    let mut report = AttemptReport::transient("http_429");
+    report.retry_after_ms = Some(30_000);
+    store
+        .complete(&again[0], report, &no_retry_limit())
+        .await
+        .unwrap();
+    assert_eq!(
+        store.next_due_ms("fhir").await.unwrap(),
+        Some(T0 + 1_000 + 30_000)
+    );
+}
+
+pub async fn exhausted_retries_go_dead_and_release_the_key<S: Store>(store: S) {
+    let first = journal_mapped(&store, "x1", &[("fhir", "K")]).await;
+    let second = journal_mapped(&store, "x2", &[("fhir", "K")]).await;
+    let policy = RetryPolicy {
+        max_attempts: Some(1),
+        ..no_retry_limit()
+    };
+    let lease = store.lease("fhir", 5).await.unwrap().pop().unwrap();
+    assert_eq!(lease.message_id, first);
+    let state = store
+        .complete(&lease, AttemptReport::transient("timeout"), &policy)
+        .await
+        .unwrap();
+    assert_eq!(state, DeliveryState::Dead, "one attempt allowed");
+    let d = &store.deliveries(first).await.unwrap()[0];
+    assert!(
+        d.dead_reason
+            .as_deref()
+            .unwrap()
+            .contains("retries exhausted")
+    );
+    let next = store.lease("fhir", 5).await.unwrap();
+    assert_eq!(
+        next.iter().map(|l| l.message_id).collect::<Vec<_>>(),
+        [second],
+        "the dead one releases its key"
+    );
+}
+
+pub async fn dead_letter_replays_with_a_new_bundle<S: Store>(store: S) {
+    let id = journal_mapped(&store, "p", &[("fhir", "K")]).await;
+    let lease = store.lease("fhir", 1).await.unwrap().pop().unwrap();
+    let mut report = AttemptReport::permanent("http_422");
+    report.status = Some(422);
+    report.detail = "OperationOutcome: invalid code".into();
+    assert_eq!(
+        store
+            .complete(&lease, report, &no_retry_limit())
+            .await
+            .unwrap(),
+        DeliveryState::Dead
+    );
+    let dead = store
+        .list(&Query {
+            delivery_state: Some(DeliveryState::Dead),
+            ..Query::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        dead.items.iter().map(|r| r.id).collect::<Vec<_>>(),
+        [id],
+        "listed as dead"
+    );
+    assert_eq!(
+        store
+            .replay(id, Some("{\"fixed\":true}".into()))
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        store.get(id).await.unwrap().unwrap().bundle.as_deref(),
+        Some("{\"fixed\":true}")
+    );
+    let lease = store
+        .lease("fhir", 1)
+        .await
+        .unwrap()
+        .pop()
+        .expect("replayed delivery is ready");
+    assert_eq!((lease.message_id, lease.attempt), (id, 1));
+    assert_eq!(
+        store
+            .complete(&lease, AttemptReport::delivered(), &no_retry_limit())
+            .await
+            .unwrap(),
+        DeliveryState::Delivered
+    );
+    let d = &store.deliveries(id).await.unwrap()[0];
+    assert_eq!(
+        d.history.len(),
+        2,
+        "the attempt history survives the replay"
+    );
+    assert_eq!(
+        store.replay(id, None).await.unwrap(),
+        1,
+        "a delivered message can be sent again"
+    );
+}
+
+pub async fn expired_leases_return_and_stale_completions_are_refused<S: Store>(
+    (store, clock): (S, Arc<ManualClock>),
+) {
+    let id = journal_mapped(&store, "l", &[("fhir", "K")]).await;
+    let lease = store.lease("fhir", 1).await.unwrap().pop().unwrap();
+    clock.advance(VISIBILITY_MS - 1);
+    assert_eq!(store.requeue_expired().await.unwrap(), 0, "not yet expired");
+    clock.advance(1);
+    assert_eq!(store.requeue_expired().await.unwrap(), 1);
+    let again = store
+        .lease("fhir", 1)
+        .await
+        .unwrap()
+        .pop()
+        .expect("lease returned to ready");
+    assert_eq!(again.message_id, id);
+    let stale = store
+        .complete(&lease, AttemptReport::delivered(), &no_retry_limit())
+        .await;
+    assert!(
+        matches!(stale, Err(StoreError::LeaseLost { .. })),
+        "the expired lease is no longer valid"
+    );
+    assert_eq!(
+        store
+            .complete(&again, AttemptReport::delivered(), &no_retry_limit())
+            .await
+            .unwrap(),
+        DeliveryState::Delivered
+    );
+}
+
+pub async fn counts_follow_states<S: Store>(store: S) {
+    journal_mapped(&store, "c1", &[("fhir", "A"), ("files", "A")]).await;
+    journal_mapped(&store, "c2", &[("fhir", "B")]).await;
+    store.journal(&frame("c3"), meta("c3")).await.unwrap();
+    let lease = store.lease("fhir", 1).await.unwrap().pop().unwrap();
+    store
+        .complete(&lease, AttemptReport::delivered(), &no_retry_limit())
+        .await
+        .unwrap();
+    let counts = store.counts().await.unwrap();
+    let m = |s: &str| counts.messages.get(s).copied().unwrap_or(0);
+    let d = |dest: &str, s: &str| {
+        counts
+            .deliveries
+            .get(&(dest.to_owned(), s.to_owned()))
+            .copied()
+            .unwrap_or(0)
+    };
+    assert_eq!((m("mapped"), m("received")), (2, 1));
+    assert_eq!(
+        (
+            d("fhir", "delivered"),
+            d("fhir", "pending"),
+            d("files", "pending")
+        ),
+        (1, 1, 1)
+    );
+    assert_eq!(d("fhir", "in_flight"), 0);
+}
+
+pub async fn list_filters_and_pages<S: Store>(store: S) {
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let key = if i % 2 == 0 { "EVEN" } else { "ODD" };
+        ids.push(journal_mapped(&store, &format!("L{i}"), &[("fhir", key)]).await);
+    }
+    let page1 = store
+        .list(&Query {
+            limit: 2,
+            ..Query::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        page1.items.iter().map(|r| r.id).collect::<Vec<_>>(),
+        ids[..2]
+    );
+    let page2 = store
+        .list(&Query {
+            limit: 2,
+            after: page1.next,
+            ..Query::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        page2.items.iter().map(|r| r.id).collect::<Vec<_>>(),
+        ids[2..4]
+    );
+    let by_control = store
+        .list(&Query {
+            control_id: Some("L3".into()),
+            ..Query::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        by_control.items.iter().map(|r| r.id).collect::<Vec<_>>(),
+        [ids[3]]
+    );
+    let by_key = store
+        .list(&Query {
+            ordering_key: Some("ODD".into()),
+            ..Query::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        by_key.items.iter().map(|r| r.id).collect::<Vec<_>>(),
+        [ids[1], ids[3]]
+    );
+    let by_route = store
+        .list(&Query {
+            route: Some("nope".into()),
+            ..Query::default()
+        })
+        .await
+        .unwrap();
+    assert!(by_route.items.is_empty());
+    let by_dest = store
+        .list(&Query {
+            destination: Some("fhir".into()),
+            delivery_state: Some(DeliveryState::Pending),
+            ..Query::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(by_dest.items.len(), 5);
+}
+
+pub async fn unprocessed_and_outcomes<S: Store>(store: S) {
+    let a = store.journal(&frame("u1"), meta("u1")).await.unwrap();
+    let b = store.journal(&frame("u2"), meta("u2")).await.unwrap();
+    assert_eq!(store.unprocessed(10).await.unwrap(), [a, b]);
+    store.record_outcome(a, Outcome::Unrouted).await.unwrap();
+    store
+        .record_outcome(
+            b,
+            Outcome::MappingFailed {
+                route: "r1".into(),
+                error: "mappings/x.toml: no rule for ZXX".into(),
+            },
+        )
+        .await
+        .unwrap();
+    assert!(store.unprocessed(10).await.unwrap().is_empty());
+    assert_eq!(
+        store.get(a).await.unwrap().unwrap().state,
+        MessageState::Unrouted
+    );
+    // A failed mapping can be re-mapped.
+    store
+        .record_outcome(b, mapped(&[("fhir", "K")]))
+        .await
+        .unwrap();
+    let again = store.record_outcome(b, Outcome::Unrouted).await;
+    assert!(
+        matches!(again, Err(StoreError::WrongState { .. })),
+        "a mapped message is replayed, not re-routed"
+    );
+    let history: Vec<String> = store
+        .get(b)
+        .await
+        .unwrap()
+        .unwrap()
+        .history
+        .into_iter()
+        .map(|t| t.state)
+        .collect();
+    assert_eq!(history, ["received", "mapping_failed", "mapped"]);
+}
+
+pub async fn purge_and_retention<S: Store>((store, clock): (S, Arc<ManualClock>)) {
+    let old = journal_mapped(&store, "old", &[("fhir", "A")]).await;
+    let stuck = journal_mapped(&store, "stuck", &[("fhir", "B")]).await;
+    for lease in store.lease("fhir", 10).await.unwrap() {
+        if lease.message_id == old {
+            store
+                .complete(&lease, AttemptReport::delivered(), &no_retry_limit())
+                .await
+                .unwrap();
+        }
+    }
+    clock.advance(10_000);
+    let recent = journal_mapped(&store, "recent", &[("fhir", "C")]).await;
+    let pruned = store.prune_delivered(T0 + 5_000).await.unwrap();
+    assert_eq!(pruned, 1, "only the old, delivered message goes");
+    assert!(store.get(old).await.unwrap().is_none());
+    assert!(store.raw(old).await.unwrap().is_none(), "its raw bytes too");
+    assert!(store.get(stuck).await.unwrap().is_some());
+    assert!(store.get(recent).await.unwrap().is_some());
+    assert!(
+        matches!(store.purge(stuck).await, Err(StoreError::WrongState { .. })),
+        "an unfinished message is not purged"
+    );
+    let counts = store.counts().await.unwrap();
+    assert_eq!(counts.messages.get("mapped").copied(), Some(2));
+    assert_eq!(
+        counts
+            .deliveries
+            .get(&("fhir".into(), "delivered".into()))
+            .copied(),
+        Some(0)
+    );
+}

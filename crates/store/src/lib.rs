@@ -1,0 +1,189 @@
+//! # passerelle-store: the durable journal and the per-destination queues
+//!
+//! This crate keeps passerelle's promise: **a message it acknowledged is never lost, and
+//! never overtaken by a later message with the same ordering key.**
+//!
+//! ## Contract (the [`Store`] trait)
+//!
+//! - [`Store::journal`] returns only once the frame is durable. Concurrent callers share one
+//!   flush (group commit, see [`GroupCommitConfig`]); ids are monotonic in journal order.
+//!   The listener sends its ACK after `journal` returns, never before.
+//! - Every frame ends in a state an operator can list: `received` (to be routed, redone on
+//!   restart: see [`Store::unprocessed`]), `rejected`, `unrouted`, `mapping_failed`, or
+//!   `mapped` with one delivery per destination: `pending`, `in_flight`, `retry_wait`,
+//!   `delivered` or `dead`. Every transition is recorded with its time.
+//! - **Order per key.** Within a destination, deliveries with the same ordering key are
+//!   leased one at a time, oldest first; the next one becomes ready only when the previous
+//!   one is final (delivered or dead). Different keys go in parallel.
+//! - Leases expire ([`StoreConfig::visibility_timeout`]); on open, every in-flight lease
+//!   returns to ready. Delivery is therefore at least once; the mapping's deterministic ids
+//!   and conditional requests make a repeat harmless downstream.
+//! - Transient failures wait with exponential backoff and jitter ([`RetryPolicy`]) until
+//!   attempts or age run out; then, as for permanent failures, the delivery is dead, with
+//!   its whole attempt history, until replayed.
+//! - Counts per state are counters updated in the same transaction as the state change:
+//!   reading them scans nothing.
+//!
+//! ## The sled backend ([`SledStore`])
+//!
+//! Layout (one sled database, big-endian integer keys so that they sort):
+//!
+//! | tree         | key                                   | value                       |
+//! |--------------|---------------------------------------|-----------------------------|
+//! | `meta`       | `schema_version`                      | `1`                         |
+//! | `messages`   | id                                    | [`MessageRecord`] (JSON)    |
+//! | `raw`        | id                                    | the frame's bytes           |
+//! | `deliveries` | destination, 0, seq                   | [`Delivery`] (JSON)         |
+//! | `keys`       | destination, 0, key length, key, seq  | (empty): unfinished, by key |
+//! | `ready`      | destination, 0, due time, seq         | (empty): heads ready to go  |
+//! | `inflight`   | destination, 0, lease end, seq        | (empty): leases             |
+//! | `counts`     | counter name                          | u64                         |
+//! | `index`      | `c` control id / `k` key, 0, id       | (empty)                     |
+//! | `quarantine` | tree, 0, key                          | the damaged value           |
+//!
+//! Every value ends with a CRC-32. A value that fails its check is moved to `quarantine`,
+//! counted and reported; the rest of the store stays readable. Multi-key changes are sled
+//! transactions, so a crash leaves either the old or the new state.
+//!
+//! **Durability, honestly.** `journal` returns after `sled::Db::flush`. On Linux, sled
+//! 0.34 makes its log durable with `sync_file_range`, not `fsync`/`fdatasync`: the data
+//! pages are written out, which survives a crash of passerelle (`kill -9`, panic, OOM
+//! kill) and of the kernel, but a power loss can still lose recent writes on file systems
+//! and disks that need a metadata or cache flush (sled issues #1351, #1452). Where power
+//! loss matters, run on a battery-backed or write-through disk, or use the PostgreSQL
+//! store. The crash test in `tests/crash.rs` proves the first claim with `SIGKILL`; the
+//! second cannot be proven from a test.
+//!
+//! Memory is bounded by sled's page cache ([`StoreConfig::cache_capacity`]), not by queue
+//! length: nothing here keeps a queue in memory.
+
+mod codec;
+mod commit;
+pub mod contract;
+mod retry;
+mod sled_store;
+mod types;
+
+use std::future::Future;
+
+pub use commit::GroupCommitConfig;
+pub use sled_store::{Clock, ManualClock, SledStore, StoreConfig, SystemClock};
+pub use types::*;
+
+/// Why a store operation failed. Messages name ids, trees and states, never content.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    #[error("storage error: {0}")]
+    Storage(#[from] sled::Error),
+    #[error(
+        "the store at {path} has schema version {found}; this passerelle reads version {expected}"
+    )]
+    Schema {
+        path: String,
+        found: String,
+        expected: String,
+    },
+    #[error("record {key} in {tree} is corrupted; it was moved to quarantine")]
+    Corrupt { tree: &'static str, key: String },
+    #[error("message {0} not found")]
+    NotFound(MessageId),
+    #[error("message {id} is {state}; {action} needs {needed}")]
+    WrongState {
+        id: MessageId,
+        state: &'static str,
+        action: &'static str,
+        needed: &'static str,
+    },
+    #[error("the lease on {destination}#{seq} was lost (expired and given to another worker)")]
+    LeaseLost { destination: String, seq: u64 },
+    #[error("invalid destination name {0:?}")]
+    InvalidDestination(String),
+}
+
+/// The store the engine uses. The sled backend implements it; a PostgreSQL backend must
+/// pass the same contract tests ([`contract`]).
+pub trait Store: Send + Sync + 'static {
+    /// Stores a received frame and returns once it is durable.
+    fn journal(
+        &self,
+        frame: &[u8],
+        meta: JournalMeta,
+    ) -> impl Future<Output = Result<MessageId, StoreError>> + Send;
+
+    /// Records what routing and mapping made of a `received` (or `unrouted`,
+    /// `mapping_failed`) message, queueing its deliveries. Durable at the next flush; a
+    /// message still `received` after a crash is routed again ([`Store::unprocessed`]).
+    fn record_outcome(
+        &self,
+        id: MessageId,
+        outcome: Outcome,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Messages still `received`, oldest first: to route and map on start.
+    fn unprocessed(
+        &self,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<MessageId>, StoreError>> + Send;
+
+    /// Leases up to `max` ready deliveries of `destination`, at most one per ordering key.
+    fn lease(
+        &self,
+        destination: &str,
+        max: usize,
+    ) -> impl Future<Output = Result<Vec<Lease>, StoreError>> + Send;
+
+    /// Records an attempt and moves the delivery on: delivered, retry-wait or dead.
+    fn complete(
+        &self,
+        lease: &Lease,
+        report: AttemptReport,
+        policy: &RetryPolicy,
+    ) -> impl Future<Output = Result<DeliveryState, StoreError>> + Send;
+
+    /// Returns expired leases to ready. Returns how many.
+    fn requeue_expired(&self) -> impl Future<Output = Result<usize, StoreError>> + Send;
+
+    /// When the next delivery of `destination` is due (`None`: nothing is waiting).
+    fn next_due_ms(
+        &self,
+        destination: &str,
+    ) -> impl Future<Output = Result<Option<Millis>, StoreError>> + Send;
+
+    /// Queues again the final (dead or delivered) deliveries of a message, in their
+    /// original place in their key's order, with a new bundle when re-mapped. Returns how
+    /// many deliveries were re-queued.
+    fn replay(
+        &self,
+        id: MessageId,
+        bundle: Option<String>,
+    ) -> impl Future<Output = Result<usize, StoreError>> + Send;
+
+    /// Deletes a message whose deliveries are all final. Returns whether it existed.
+    fn purge(&self, id: MessageId) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Retention: deletes messages received before `before_ms` whose deliveries are all
+    /// delivered. Returns how many.
+    fn prune_delivered(
+        &self,
+        before_ms: Millis,
+    ) -> impl Future<Output = Result<usize, StoreError>> + Send;
+
+    fn get(
+        &self,
+        id: MessageId,
+    ) -> impl Future<Output = Result<Option<MessageRecord>, StoreError>> + Send;
+    fn raw(
+        &self,
+        id: MessageId,
+    ) -> impl Future<Output = Result<Option<Vec<u8>>, StoreError>> + Send;
+    fn deliveries(
+        &self,
+        id: MessageId,
+    ) -> impl Future<Output = Result<Vec<Delivery>, StoreError>> + Send;
+    fn list(&self, query: &Query) -> impl Future<Output = Result<Page, StoreError>> + Send;
+    fn counts(&self) -> impl Future<Output = Result<Counts, StoreError>> + Send;
+
+    /// Makes every write so far durable.
+    fn flush(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
+}

@@ -1,0 +1,1081 @@
+//! The embedded store, on sled 0.34.7. See the crate documentation for the layout and
+//! the durability guarantee.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
+use sled::{Transactional, Tree};
+
+use crate::codec::{be, decode, encode, open, read_be, seal};
+use crate::commit::{GroupCommit, GroupCommitConfig};
+use crate::types::*;
+use crate::{Store, StoreError};
+
+const SCHEMA_VERSION: &str = "1";
+
+/// Where time comes from: the system clock, or a manual one in tests.
+pub trait Clock: Send + Sync + fmt::Debug + 'static {
+    fn now_ms(&self) -> Millis;
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> Millis {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0)
+    }
+}
+
+/// A clock that moves only when told to.
+#[derive(Debug, Default)]
+pub struct ManualClock(AtomicU64);
+
+impl ManualClock {
+    pub fn new(start_ms: Millis) -> Self {
+        ManualClock(AtomicU64::new(start_ms))
+    }
+
+    pub fn advance(&self, ms: u64) {
+        self.0.fetch_add(ms, Ordering::SeqCst);
+    }
+
+    pub fn set(&self, ms: Millis) {
+        self.0.store(ms, Ordering::SeqCst);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now_ms(&self) -> Millis {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// Settings of the sled store.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    pub path: PathBuf,
+    /// sled's page cache, which bounds memory (sled's default of 1 GiB is too much for a
+    /// small VM; RSS can reach a few times this figure).
+    pub cache_capacity: u64,
+    /// Background flush interval for what is not journaled (outcomes, attempts).
+    pub flush_every: Duration,
+    pub group_commit: GroupCommitConfig,
+    /// How long a lease lasts before the delivery is given to another worker.
+    pub visibility_timeout: Duration,
+    /// Whether a dead delivery lets the next message with its ordering key go on (true), or
+    /// holds the key until an operator replays or purges it (false).
+    pub dead_letter_releases_key: bool,
+    pub clock: Arc<dyn Clock>,
+}
+
+impl StoreConfig {
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        StoreConfig {
+            path: path.into(),
+            cache_capacity: 64 * 1024 * 1024,
+            flush_every: Duration::from_millis(500),
+            group_commit: GroupCommitConfig::default(),
+            visibility_timeout: Duration::from_secs(120),
+            dead_letter_releases_key: true,
+            clock: Arc::new(SystemClock),
+        }
+    }
+}
+
+/// The sled-backed [`Store`].
+pub struct SledStore {
+    db: sled::Db,
+    path: PathBuf,
+    messages: Tree,
+    raw: Tree,
+    deliveries: Tree,
+    keys: Tree,
+    ready: Tree,
+    inflight: Tree,
+    counts: Tree,
+    index: Tree,
+    quarantine: Tree,
+    /// Serialises queue changes: each reads (scans) then writes in a transaction.
+    queue_lock: Mutex<()>,
+    commit: GroupCommit,
+    config: StoreConfig,
+    jitter_state: AtomicU64,
+}
+
+impl fmt::Debug for SledStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SledStore")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+type TxResult<T> = Result<T, ConflictableTransactionError<StoreError>>;
+
+fn dest_prefix(destination: &str) -> Vec<u8> {
+    let mut k = destination.as_bytes().to_vec();
+    k.push(0);
+    k
+}
+
+fn delivery_key(destination: &str, seq: u64) -> Vec<u8> {
+    let mut k = dest_prefix(destination);
+    k.extend_from_slice(&be(seq));
+    k
+}
+
+fn key_prefix(destination: &str, ordering_key: &str) -> Vec<u8> {
+    let mut k = dest_prefix(destination);
+    k.extend_from_slice(&(ordering_key.len() as u32).to_be_bytes());
+    k.extend_from_slice(ordering_key.as_bytes());
+    k
+}
+
+fn key_entry(destination: &str, ordering_key: &str, seq: u64) -> Vec<u8> {
+    let mut k = key_prefix(destination, ordering_key);
+    k.extend_from_slice(&be(seq));
+    k
+}
+
+fn timed_key(destination: &str, at_ms: u64, seq: u64) -> Vec<u8> {
+    let mut k = dest_prefix(destination);
+    k.extend_from_slice(&be(at_ms));
+    k.extend_from_slice(&be(seq));
+    k
+}
+
+fn index_key(kind: u8, value: &str, id: MessageId) -> Vec<u8> {
+    let mut k = vec![kind];
+    k.extend_from_slice(value.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&be(id));
+    k
+}
+
+fn message_counter(state: MessageState) -> Vec<u8> {
+    format!("m/{}", state.name()).into_bytes()
+}
+
+fn delivery_counter(destination: &str, state: DeliveryState) -> Vec<u8> {
+    format!("d/{destination}/{}", state.name()).into_bytes()
+}
+
+fn bump(counts: &TransactionalTree, key: &[u8], delta: i64) -> TxResult<()> {
+    let current = counts.get(key)?.and_then(|v| read_be(&v)).unwrap_or(0);
+    let next = current.saturating_add_signed(delta);
+    counts.insert(key, &be(next))?;
+    Ok(())
+}
+
+fn tx_error(e: TransactionError<StoreError>) -> StoreError {
+    match e {
+        TransactionError::Abort(e) => e,
+        TransactionError::Storage(e) => StoreError::Storage(e),
+    }
+}
+
+impl SledStore {
+    /// Opens (or creates) the store. In-flight leases left by a previous run return to ready.
+    pub fn open(config: StoreConfig) -> Result<SledStore, StoreError> {
+        let db = sled::Config::new()
+            .path(&config.path)
+            .cache_capacity(config.cache_capacity)
+            .flush_every_ms(Some(config.flush_every.as_millis().max(1) as u64))
+            .open()?;
+        let meta = db.open_tree("meta")?;
+        match meta.get("schema_version")? {
+            None => {
+                meta.insert("schema_version", SCHEMA_VERSION)?;
+            }
+            Some(v) if v.as_ref() == SCHEMA_VERSION.as_bytes() => {}
+            Some(v) => {
+                return Err(StoreError::Schema {
+                    path: config.path.display().to_string(),
+                    found: String::from_utf8_lossy(&v).into_owned(),
+                    expected: SCHEMA_VERSION.to_owned(),
+                });
+            }
+        }
+        let commit = GroupCommit::start(db.clone(), config.group_commit);
+        let seed = config.clock.now_ms() | 1;
+        let store = SledStore {
+            messages: db.open_tree("messages")?,
+            raw: db.open_tree("raw")?,
+            deliveries: db.open_tree("deliveries")?,
+            keys: db.open_tree("keys")?,
+            ready: db.open_tree("ready")?,
+            inflight: db.open_tree("inflight")?,
+            counts: db.open_tree("counts")?,
+            index: db.open_tree("index")?,
+            quarantine: db.open_tree("quarantine")?,
+            path: config.path.clone(),
+            db,
+            queue_lock: Mutex::new(()),
+            commit,
+            config,
+            jitter_state: AtomicU64::new(seed),
+        };
+        let returned = store.release_all_leases()?;
+        if returned > 0 {
+            tracing::info!(
+                leases = returned,
+                "in-flight deliveries from the previous run returned to ready"
+            );
+        }
+        Ok(store)
+    }
+
+    /// The store's folder.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Flushes done by group commit so far.
+    pub fn flush_count(&self) -> u64 {
+        self.commit.flush_count()
+    }
+
+    /// Bytes on disk.
+    pub fn size_on_disk(&self) -> Result<u64, StoreError> {
+        Ok(self.db.size_on_disk()?)
+    }
+
+    fn now(&self) -> Millis {
+        self.config.clock.now_ms()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, ()> {
+        self.queue_lock.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A number in [0, 1) for jitter (xorshift; no need for quality).
+    fn unit_random(&self) -> f64 {
+        let mut x = self.jitter_state.load(Ordering::Relaxed);
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.jitter_state.store(x, Ordering::Relaxed);
+        (x >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Moves a damaged value out of the way and reports it.
+    fn quarantine_value(&self, tree: &'static str, key: &[u8], value: &[u8]) -> StoreError {
+        let mut qkey = tree.as_bytes().to_vec();
+        qkey.push(0);
+        qkey.extend_from_slice(key);
+        let moved = (|| -> Result<(), sled::Error> {
+            self.quarantine.insert(qkey, value)?;
+            match tree {
+                "messages" => self.messages.remove(key)?,
+                "raw" => self.raw.remove(key)?,
+                "deliveries" => self.deliveries.remove(key)?,
+                _ => None,
+            };
+            self.counts.update_and_fetch("quarantined", |v| {
+                Some(be(v.and_then(read_be).unwrap_or(0) + 1).to_vec())
+            })?;
+            Ok(())
+        })();
+        let key_text = read_be(key)
+            .map(|n| n.to_string())
+            .unwrap_or_else(|| format!("{key:02x?}"));
+        match moved {
+            Ok(()) => tracing::error!(tree, key = %key_text, "corrupted record quarantined"),
+            Err(e) => {
+                tracing::error!(tree, key = %key_text, error = %e, "corrupted record; quarantine failed")
+            }
+        }
+        StoreError::Corrupt {
+            tree,
+            key: key_text,
+        }
+    }
+
+    fn read_message(&self, id: MessageId) -> Result<Option<MessageRecord>, StoreError> {
+        let key = be(id);
+        match self.messages.get(key)? {
+            None => Ok(None),
+            Some(v) => decode(&v)
+                .map(Some)
+                .ok_or_else(|| self.quarantine_value("messages", &key, &v)),
+        }
+    }
+
+    fn read_delivery(&self, destination: &str, seq: u64) -> Result<Option<Delivery>, StoreError> {
+        let key = delivery_key(destination, seq);
+        match self.deliveries.get(&key)? {
+            None => Ok(None),
+            Some(v) => decode(&v)
+                .map(Some)
+                .ok_or_else(|| self.quarantine_value("deliveries", &key, &v)),
+        }
+    }
+
+    /// The first unfinished delivery of a key, if any.
+    fn head_of(&self, destination: &str, ordering_key: &str) -> Result<Option<u64>, StoreError> {
+        let prefix = key_prefix(destination, ordering_key);
+        Ok(match self.keys.scan_prefix(&prefix).next() {
+            Some(entry) => read_be(&entry?.0[prefix.len()..]),
+            None => None,
+        })
+    }
+
+    /// The delivery that becomes the head of `key` once `seq` leaves it.
+    fn successor(
+        &self,
+        destination: &str,
+        ordering_key: &str,
+        seq: u64,
+    ) -> Result<Option<u64>, StoreError> {
+        let prefix = key_prefix(destination, ordering_key);
+        for entry in self.keys.scan_prefix(&prefix) {
+            let (k, _) = entry?;
+            if let Some(next) = read_be(&k[prefix.len()..])
+                && next != seq
+            {
+                return Ok(Some(next));
+            }
+        }
+        Ok(None)
+    }
+
+    fn release_all_leases(&self) -> Result<usize, StoreError> {
+        self.requeue_leases(u64::MAX)
+    }
+
+    /// Returns the leases that end at or before `until` to ready.
+    fn requeue_leases(&self, until: Millis) -> Result<usize, StoreError> {
+        let _guard = self.lock();
+        let now = self.now();
+        let mut expired = Vec::new();
+        for entry in self.inflight.iter() {
+            let (k, _) = entry?;
+            let Some(zero) = k.iter().position(|&b| b == 0) else {
+                continue;
+            };
+            let destination = String::from_utf8_lossy(&k[..zero]).into_owned();
+            let (Some(lease_end), Some(seq)) = (read_be(&k[zero + 1..]), read_be(&k[zero + 9..]))
+            else {
+                continue;
+            };
+            if lease_end <= until {
+                expired.push((k.to_vec(), destination, seq));
+            }
+        }
+        let mut count = 0;
+        for (inflight_key, destination, seq) in expired {
+            let Some(mut d) = self.read_delivery(&destination, seq)? else {
+                self.inflight.remove(&inflight_key)?;
+                continue;
+            };
+            d.state = DeliveryState::Pending;
+            d.next_attempt_ms = now;
+            let dkey = delivery_key(&destination, seq);
+            let value = encode(&d);
+            (&self.deliveries, &self.ready, &self.inflight, &self.counts)
+                .transaction(|(dt, rt, ft, ct)| {
+                    ft.remove(inflight_key.as_slice())?;
+                    dt.insert(dkey.as_slice(), value.as_slice())?;
+                    rt.insert(timed_key(&destination, now, seq), &[][..])?;
+                    bump(
+                        ct,
+                        &delivery_counter(&destination, DeliveryState::InFlight),
+                        -1,
+                    )?;
+                    bump(
+                        ct,
+                        &delivery_counter(&destination, DeliveryState::Pending),
+                        1,
+                    )?;
+                    Ok(())
+                })
+                .map_err(tx_error)?;
+            count += 1;
+        }
+        Ok(count)
+    }
+
+    /// Test support: overwrite a stored value with raw bytes (to simulate damage).
+    #[doc(hidden)]
+    pub fn debug_overwrite_message(&self, id: MessageId, bytes: &[u8]) -> Result<(), StoreError> {
+        self.messages.insert(be(id), bytes)?;
+        Ok(())
+    }
+
+    fn validate_destination(destination: &str) -> Result<(), StoreError> {
+        if destination.is_empty() || destination.contains('\0') || destination.contains('/') {
+            return Err(StoreError::InvalidDestination(destination.to_owned()));
+        }
+        Ok(())
+    }
+
+    fn matches(&self, record: &MessageRecord, q: &Query) -> Result<bool, StoreError> {
+        if q.state.is_some_and(|s| s != record.state)
+            || q.route
+                .as_ref()
+                .is_some_and(|r| record.route.as_ref() != Some(r))
+            || q.since_ms.is_some_and(|t| record.received_at_ms < t)
+            || q.until_ms.is_some_and(|t| record.received_at_ms >= t)
+            || q.control_id
+                .as_ref()
+                .is_some_and(|c| record.msh.as_ref().map(|m| &m.control_id) != Some(c))
+        {
+            return Ok(false);
+        }
+        if q.destination.is_none() && q.delivery_state.is_none() && q.ordering_key.is_none() {
+            return Ok(true);
+        }
+        for r in &record.deliveries {
+            if q.destination.as_ref().is_some_and(|d| *d != r.destination) {
+                continue;
+            }
+            let Some(d) = self.read_delivery(&r.destination, r.seq)? else {
+                continue;
+            };
+            if q.delivery_state.is_some_and(|s| s != d.state)
+                || q.ordering_key
+                    .as_ref()
+                    .is_some_and(|k| *k != d.ordering_key)
+            {
+                continue;
+            }
+            return Ok(true);
+        }
+        Ok(false)
+    }
+}
+
+impl Store for SledStore {
+    async fn journal(&self, frame: &[u8], meta: JournalMeta) -> Result<MessageId, StoreError> {
+        let id = self.db.generate_id()?;
+        let now = self.now();
+        let (state, detail) = match &meta.rejected {
+            Some(error) => (MessageState::Rejected, error.clone()),
+            None => (MessageState::Received, String::new()),
+        };
+        let record = MessageRecord {
+            id,
+            received_at_ms: now,
+            listener: meta.listener,
+            peer: meta.peer,
+            size: frame.len() as u64,
+            msh: meta.msh,
+            route: None,
+            state,
+            error: meta.rejected,
+            bundle: None,
+            deliveries: Vec::new(),
+            history: vec![Transition {
+                at_ms: now,
+                state: state.name().to_owned(),
+                detail,
+            }],
+        };
+        let key = be(id);
+        let value = encode(&record);
+        let raw = seal(frame.to_vec());
+        let control = record
+            .msh
+            .as_ref()
+            .map(|m| index_key(b'c', &m.control_id, id));
+        (&self.messages, &self.raw, &self.counts, &self.index)
+            .transaction(|(mt, rt, ct, it)| {
+                mt.insert(&key, value.as_slice())?;
+                rt.insert(&key, raw.as_slice())?;
+                if let Some(c) = &control {
+                    it.insert(c.as_slice(), &[][..])?;
+                }
+                bump(ct, &message_counter(state), 1)?;
+                Ok(())
+            })
+            .map_err(tx_error)?;
+        self.commit.wait_durable().await?;
+        Ok(id)
+    }
+
+    async fn record_outcome(&self, id: MessageId, outcome: Outcome) -> Result<(), StoreError> {
+        let _guard = self.lock();
+        let mut record = self.read_message(id)?.ok_or(StoreError::NotFound(id))?;
+        let before = record.state;
+        if !matches!(
+            before,
+            MessageState::Received | MessageState::Unrouted | MessageState::MappingFailed
+        ) {
+            return Err(StoreError::WrongState {
+                id,
+                state: before.name(),
+                action: "recording a routing outcome",
+                needed: "received, unrouted or mapping_failed",
+            });
+        }
+        let now = self.now();
+        let mut new_deliveries = Vec::new();
+        let (state, detail) = match outcome {
+            Outcome::Unrouted => (MessageState::Unrouted, "no route matched".to_owned()),
+            Outcome::MappingFailed { route, error } => {
+                record.route = Some(route.clone());
+                record.error = Some(error.clone());
+                (MessageState::MappingFailed, error)
+            }
+            Outcome::Mapped {
+                route,
+                bundle,
+                deliveries,
+            } => {
+                for (i, e) in deliveries.iter().enumerate() {
+                    Self::validate_destination(&e.destination)?;
+                    if deliveries[..i]
+                        .iter()
+                        .any(|o| o.destination == e.destination)
+                    {
+                        return Err(StoreError::InvalidDestination(format!(
+                            "{} (twice)",
+                            e.destination
+                        )));
+                    }
+                }
+                record.route = Some(route.clone());
+                record.bundle = Some(bundle);
+                record.error = None;
+                for e in deliveries {
+                    let seq = self.db.generate_id()?;
+                    // Ready now if nothing of its key is unfinished before it.
+                    let is_head = self.head_of(&e.destination, &e.ordering_key)?.is_none();
+                    new_deliveries.push((e, seq, is_head));
+                }
+                let names: Vec<&str> = new_deliveries
+                    .iter()
+                    .map(|(e, _, _)| e.destination.as_str())
+                    .collect();
+                (
+                    MessageState::Mapped,
+                    format!("route {route}: queued for {}", names.join(", ")),
+                )
+            }
+        };
+        record.state = state;
+        record
+            .deliveries
+            .extend(new_deliveries.iter().map(|(e, seq, _)| DeliveryRef {
+                destination: e.destination.clone(),
+                seq: *seq,
+            }));
+        record.history.push(Transition {
+            at_ms: now,
+            state: state.name().to_owned(),
+            detail,
+        });
+        let value = encode(&record);
+        let key = be(id);
+        (
+            &self.messages,
+            &self.deliveries,
+            &self.keys,
+            &self.ready,
+            &self.counts,
+            &self.index,
+        )
+            .transaction(|(mt, dt, kt, rt, ct, it)| {
+                mt.insert(&key, value.as_slice())?;
+                bump(ct, &message_counter(before), -1)?;
+                bump(ct, &message_counter(state), 1)?;
+                for (e, seq, is_head) in &new_deliveries {
+                    let d = Delivery {
+                        destination: e.destination.clone(),
+                        seq: *seq,
+                        message_id: id,
+                        ordering_key: e.ordering_key.clone(),
+                        state: DeliveryState::Pending,
+                        attempts: 0,
+                        enqueued_at_ms: now,
+                        next_attempt_ms: now,
+                        lease_until_ms: 0,
+                        dead_reason: None,
+                        history: Vec::new(),
+                    };
+                    dt.insert(delivery_key(&e.destination, *seq), encode(&d))?;
+                    kt.insert(key_entry(&e.destination, &e.ordering_key, *seq), &[][..])?;
+                    if *is_head {
+                        rt.insert(timed_key(&e.destination, now, *seq), &[][..])?;
+                    }
+                    it.insert(index_key(b'k', &e.ordering_key, id), &[][..])?;
+                    bump(
+                        ct,
+                        &delivery_counter(&e.destination, DeliveryState::Pending),
+                        1,
+                    )?;
+                }
+                Ok(())
+            })
+            .map_err(tx_error)?;
+        Ok(())
+    }
+
+    async fn unprocessed(&self, limit: usize) -> Result<Vec<MessageId>, StoreError> {
+        let mut out = Vec::new();
+        for entry in self.messages.iter() {
+            let (k, v) = entry?;
+            match decode::<MessageRecord>(&v) {
+                Some(r) if r.state == MessageState::Received => out.push(r.id),
+                Some(_) => {}
+                None => {
+                    self.quarantine_value("messages", &k, &v);
+                }
+            }
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    async fn lease(&self, destination: &str, max: usize) -> Result<Vec<Lease>, StoreError> {
+        Self::validate_destination(destination)?;
+        let _guard = self.lock();
+        let now = self.now();
+        let prefix = dest_prefix(destination);
+        let mut due = Vec::new();
+        for entry in self.ready.scan_prefix(&prefix) {
+            let (k, _) = entry?;
+            let (Some(at), Some(seq)) =
+                (read_be(&k[prefix.len()..]), read_be(&k[prefix.len() + 8..]))
+            else {
+                continue;
+            };
+            if at > now || due.len() >= max {
+                break;
+            }
+            due.push((k.to_vec(), seq));
+        }
+        let lease_until = now + self.config.visibility_timeout.as_millis() as u64;
+        let mut leases = Vec::with_capacity(due.len());
+        for (ready_key, seq) in due {
+            let Some(mut d) = self.read_delivery(destination, seq)? else {
+                self.ready.remove(&ready_key)?;
+                continue;
+            };
+            let before = d.state;
+            d.state = DeliveryState::InFlight;
+            d.lease_until_ms = lease_until;
+            let value = encode(&d);
+            let dkey = delivery_key(destination, seq);
+            (&self.deliveries, &self.ready, &self.inflight, &self.counts)
+                .transaction(|(dt, rt, ft, ct)| {
+                    rt.remove(ready_key.as_slice())?;
+                    dt.insert(dkey.as_slice(), value.as_slice())?;
+                    ft.insert(timed_key(destination, lease_until, seq), &[][..])?;
+                    bump(ct, &delivery_counter(destination, before), -1)?;
+                    bump(
+                        ct,
+                        &delivery_counter(destination, DeliveryState::InFlight),
+                        1,
+                    )?;
+                    Ok(())
+                })
+                .map_err(tx_error)?;
+            leases.push(Lease {
+                destination: destination.to_owned(),
+                seq,
+                message_id: d.message_id,
+                ordering_key: d.ordering_key,
+                attempt: d.attempts + 1,
+                lease_until_ms: lease_until,
+            });
+        }
+        Ok(leases)
+    }
+
+    async fn complete(
+        &self,
+        lease: &Lease,
+        report: AttemptReport,
+        policy: &RetryPolicy,
+    ) -> Result<DeliveryState, StoreError> {
+        let _guard = self.lock();
+        let now = self.now();
+        let destination = lease.destination.as_str();
+        let lost = || StoreError::LeaseLost {
+            destination: destination.to_owned(),
+            seq: lease.seq,
+        };
+        let mut d = self
+            .read_delivery(destination, lease.seq)?
+            .ok_or_else(lost)?;
+        if d.state != DeliveryState::InFlight || d.lease_until_ms != lease.lease_until_ms {
+            return Err(lost());
+        }
+        d.attempts += 1;
+        d.history.push(Attempt {
+            at_ms: now,
+            outcome: report.outcome,
+            status: report.status,
+            error_class: report.error_class.clone(),
+            detail: report.detail.chars().take(512).collect(),
+        });
+        let next_state = match report.outcome {
+            AttemptOutcome::Delivered => DeliveryState::Delivered,
+            AttemptOutcome::Permanent => {
+                d.dead_reason = Some(format!("permanent failure: {}", report.error_class));
+                DeliveryState::Dead
+            }
+            AttemptOutcome::Transient => {
+                let backoff = policy.backoff_ms(d.attempts, self.unit_random());
+                let wait = backoff.max(report.retry_after_ms.unwrap_or(0));
+                let next = now + wait;
+                if policy.allows(d.attempts, d.enqueued_at_ms, next) {
+                    d.next_attempt_ms = next;
+                    DeliveryState::RetryWait
+                } else {
+                    d.dead_reason = Some(format!(
+                        "retries exhausted after {} attempts: {}",
+                        d.attempts, report.error_class
+                    ));
+                    DeliveryState::Dead
+                }
+            }
+        };
+        d.state = next_state;
+        d.lease_until_ms = 0;
+        let releases_key = next_state == DeliveryState::Delivered
+            || next_state == DeliveryState::Dead && self.config.dead_letter_releases_key;
+        let successor = if releases_key {
+            self.successor(destination, &d.ordering_key, lease.seq)?
+        } else {
+            None
+        };
+        let value = encode(&d);
+        let dkey = delivery_key(destination, lease.seq);
+        let inflight_key = timed_key(destination, lease.lease_until_ms, lease.seq);
+        let own_key = key_entry(destination, &d.ordering_key, lease.seq);
+        let next_attempt = d.next_attempt_ms;
+        (
+            &self.deliveries,
+            &self.keys,
+            &self.ready,
+            &self.inflight,
+            &self.counts,
+        )
+            .transaction(|(dt, kt, rt, ft, ct)| {
+                ft.remove(inflight_key.as_slice())?;
+                dt.insert(dkey.as_slice(), value.as_slice())?;
+                bump(
+                    ct,
+                    &delivery_counter(destination, DeliveryState::InFlight),
+                    -1,
+                )?;
+                bump(ct, &delivery_counter(destination, next_state), 1)?;
+                match next_state {
+                    DeliveryState::RetryWait => {
+                        rt.insert(timed_key(destination, next_attempt, lease.seq), &[][..])?;
+                    }
+                    _ if releases_key => {
+                        kt.remove(own_key.as_slice())?;
+                        if let Some(next) = successor {
+                            rt.insert(timed_key(destination, now, next), &[][..])?;
+                        }
+                    }
+                    // A dead delivery that holds its key stays first in `keys`, not ready.
+                    _ => {}
+                }
+                Ok(())
+            })
+            .map_err(tx_error)?;
+        Ok(next_state)
+    }
+
+    async fn requeue_expired(&self) -> Result<usize, StoreError> {
+        self.requeue_leases(self.now())
+    }
+
+    async fn next_due_ms(&self, destination: &str) -> Result<Option<Millis>, StoreError> {
+        let prefix = dest_prefix(destination);
+        Ok(match self.ready.scan_prefix(&prefix).next() {
+            Some(entry) => read_be(&entry?.0[prefix.len()..]),
+            None => None,
+        })
+    }
+
+    async fn replay(&self, id: MessageId, bundle: Option<String>) -> Result<usize, StoreError> {
+        let _guard = self.lock();
+        let now = self.now();
+        let mut record = self.read_message(id)?.ok_or(StoreError::NotFound(id))?;
+        if record.state != MessageState::Mapped {
+            return Err(StoreError::WrongState {
+                id,
+                state: record.state.name(),
+                action: "replay",
+                needed: "mapped (re-route other states with record_outcome)",
+            });
+        }
+        let mut count = 0;
+        for r in record.deliveries.clone() {
+            let Some(mut d) = self.read_delivery(&r.destination, r.seq)? else {
+                continue;
+            };
+            if !d.state.is_final() {
+                continue;
+            }
+            let before = d.state;
+            let held_key = before == DeliveryState::Dead && !self.config.dead_letter_releases_key;
+            // Back in its original place in the key's order. It is ready only if its key has
+            // nothing unfinished (or it is itself the dead delivery holding the key);
+            // otherwise it is promoted when the active head of its key finishes.
+            let is_head = match self.head_of(&r.destination, &d.ordering_key)? {
+                None => true,
+                Some(head) => head == r.seq,
+            };
+            d.state = DeliveryState::Pending;
+            d.attempts = 0;
+            d.enqueued_at_ms = now;
+            d.next_attempt_ms = now;
+            d.dead_reason = None;
+            let value = encode(&d);
+            let dest = r.destination.clone();
+            let okey = d.ordering_key.clone();
+            let seq = r.seq;
+            (&self.deliveries, &self.keys, &self.ready, &self.counts)
+                .transaction(|(dt, kt, rt, ct)| {
+                    dt.insert(delivery_key(&dest, seq), value.as_slice())?;
+                    if !held_key {
+                        kt.insert(key_entry(&dest, &okey, seq), &[][..])?;
+                    }
+                    if is_head {
+                        rt.insert(timed_key(&dest, now, seq), &[][..])?;
+                    }
+                    bump(ct, &delivery_counter(&dest, before), -1)?;
+                    bump(ct, &delivery_counter(&dest, DeliveryState::Pending), 1)?;
+                    Ok(())
+                })
+                .map_err(tx_error)?;
+            count += 1;
+        }
+        if let Some(bundle) = bundle {
+            record.bundle = Some(bundle);
+        }
+        record.history.push(Transition {
+            at_ms: now,
+            state: "replayed".to_owned(),
+            detail: format!("{count} deliveries queued again"),
+        });
+        self.messages.insert(be(id), encode(&record))?;
+        Ok(count)
+    }
+
+    async fn purge(&self, id: MessageId) -> Result<bool, StoreError> {
+        let _guard = self.lock();
+        let Some(record) = self.read_message(id)? else {
+            return Ok(false);
+        };
+        let mut deliveries = Vec::new();
+        let mut promote = Vec::new();
+        for r in &record.deliveries {
+            if let Some(d) = self.read_delivery(&r.destination, r.seq)? {
+                if !d.state.is_final() {
+                    return Err(StoreError::WrongState {
+                        id,
+                        state: d.state.name(),
+                        action: "purge",
+                        needed: "every delivery delivered or dead",
+                    });
+                }
+                // A dead delivery that holds its key lets the next one go when purged.
+                if d.state == DeliveryState::Dead
+                    && !self.config.dead_letter_releases_key
+                    && let Some(next) = self.successor(&d.destination, &d.ordering_key, d.seq)?
+                {
+                    promote.push(timed_key(&d.destination, self.now(), next));
+                }
+                deliveries.push(d);
+            }
+        }
+        let key = be(id);
+        (
+            &self.messages,
+            &self.raw,
+            &self.deliveries,
+            &self.keys,
+            &self.ready,
+            &self.counts,
+            &self.index,
+        )
+            .transaction(|(mt, rt, dt, kt, readyt, ct, it)| {
+                mt.remove(&key)?;
+                rt.remove(&key)?;
+                for k in &promote {
+                    readyt.insert(k.as_slice(), &[][..])?;
+                }
+                bump(ct, &message_counter(record.state), -1)?;
+                if let Some(m) = &record.msh {
+                    it.remove(index_key(b'c', &m.control_id, id))?;
+                }
+                for d in &deliveries {
+                    dt.remove(delivery_key(&d.destination, d.seq))?;
+                    // A dead delivery holding its key frees it.
+                    kt.remove(key_entry(&d.destination, &d.ordering_key, d.seq))?;
+                    it.remove(index_key(b'k', &d.ordering_key, id))?;
+                    bump(ct, &delivery_counter(&d.destination, d.state), -1)?;
+                }
+                Ok(())
+            })
+            .map_err(tx_error)?;
+        Ok(true)
+    }
+
+    async fn prune_delivered(&self, before_ms: Millis) -> Result<usize, StoreError> {
+        let mut candidates = Vec::new();
+        for entry in self.messages.iter() {
+            let (k, v) = entry?;
+            let Some(record) = decode::<MessageRecord>(&v) else {
+                self.quarantine_value("messages", &k, &v);
+                continue;
+            };
+            // Ids grow with time: stop at the first message that is too recent.
+            if record.received_at_ms >= before_ms {
+                break;
+            }
+            if record.state != MessageState::Mapped {
+                continue;
+            }
+            let mut all_delivered = true;
+            for r in &record.deliveries {
+                if self
+                    .read_delivery(&r.destination, r.seq)?
+                    .is_none_or(|d| d.state != DeliveryState::Delivered)
+                {
+                    all_delivered = false;
+                    break;
+                }
+            }
+            if all_delivered {
+                candidates.push(record.id);
+            }
+        }
+        let mut pruned = 0;
+        for id in candidates {
+            if self.purge(id).await? {
+                pruned += 1;
+            }
+        }
+        Ok(pruned)
+    }
+
+    async fn get(&self, id: MessageId) -> Result<Option<MessageRecord>, StoreError> {
+        self.read_message(id)
+    }
+
+    async fn raw(&self, id: MessageId) -> Result<Option<Vec<u8>>, StoreError> {
+        let key = be(id);
+        match self.raw.get(key)? {
+            None => Ok(None),
+            Some(v) => match open(&v) {
+                Some(payload) => Ok(Some(payload.to_vec())),
+                None => Err(self.quarantine_value("raw", &key, &v)),
+            },
+        }
+    }
+
+    async fn deliveries(&self, id: MessageId) -> Result<Vec<Delivery>, StoreError> {
+        let record = self.read_message(id)?.ok_or(StoreError::NotFound(id))?;
+        let mut out = Vec::new();
+        for r in &record.deliveries {
+            if let Some(d) = self.read_delivery(&r.destination, r.seq)? {
+                out.push(d);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn list(&self, query: &Query) -> Result<Page, StoreError> {
+        let limit = if query.limit == 0 { 100 } else { query.limit };
+        let start = query.after.map_or(0, |a| a.saturating_add(1));
+        // Index look-ups narrow the scan when a control id or ordering key is given.
+        let candidates: Box<dyn Iterator<Item = Result<MessageId, StoreError>>> =
+            match (&query.control_id, &query.ordering_key) {
+                (Some(c), _) => Box::new(self.index_ids(b'c', c, start)),
+                (None, Some(k)) => Box::new(self.index_ids(b'k', k, start)),
+                (None, None) => Box::new(self.messages.range(be(start)..).map(|e| {
+                    e.map_err(StoreError::from)
+                        .and_then(|(k, _)| read_be(&k).ok_or(StoreError::NotFound(0)))
+                })),
+            };
+        let mut items = Vec::new();
+        let mut next = None;
+        for id in candidates {
+            let id = id?;
+            let record = match self.read_message(id) {
+                Ok(Some(r)) => r,
+                Ok(None) | Err(StoreError::Corrupt { .. }) => continue,
+                Err(e) => return Err(e),
+            };
+            if !self.matches(&record, query)? {
+                continue;
+            }
+            if items.len() == limit {
+                next = items.last().map(|r: &MessageRecord| r.id);
+                break;
+            }
+            items.push(record);
+        }
+        Ok(Page { items, next })
+    }
+
+    async fn counts(&self) -> Result<Counts, StoreError> {
+        let mut counts = Counts::default();
+        for entry in self.counts.iter() {
+            let (k, v) = entry?;
+            let n = read_be(&v).unwrap_or(0);
+            let name = String::from_utf8_lossy(&k).into_owned();
+            if let Some(state) = name.strip_prefix("m/") {
+                counts.messages.insert(state.to_owned(), n);
+            } else if let Some(rest) = name.strip_prefix("d/") {
+                if let Some((dest, state)) = rest.rsplit_once('/') {
+                    counts
+                        .deliveries
+                        .insert((dest.to_owned(), state.to_owned()), n);
+                }
+            } else if name == "quarantined" {
+                counts.quarantined = n;
+            }
+        }
+        Ok(counts)
+    }
+
+    async fn flush(&self) -> Result<(), StoreError> {
+        self.commit.wait_durable().await?;
+        Ok(())
+    }
+}
+
+impl SledStore {
+    fn index_ids(
+        &self,
+        kind: u8,
+        value: &str,
+        start: MessageId,
+    ) -> impl Iterator<Item = Result<MessageId, StoreError>> + '_ {
+        let mut prefix = vec![kind];
+        prefix.extend_from_slice(value.as_bytes());
+        prefix.push(0);
+        let len = prefix.len();
+        let mut ids: Vec<Result<MessageId, StoreError>> = self
+            .index
+            .scan_prefix(&prefix)
+            .map(move |e| {
+                e.map_err(StoreError::from)
+                    .map(|(k, _)| read_be(&k[len..]).unwrap_or(0))
+            })
+            .filter(move |r| r.as_ref().map_or(true, |&id| id >= start))
+            .collect();
+        // A message queued for several destinations with one key is indexed once per delivery.
+        ids.dedup_by(|a, b| matches!((a, b), (Ok(x), Ok(y)) if x == y));
+        ids.into_iter()
+    }
+}
