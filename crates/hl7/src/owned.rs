@@ -106,6 +106,11 @@ impl OwnedMessage {
             charset: message.charset(),
             segments,
         };
+        // MSH-1/MSH-2 always state `separators`, as the writer writes them (a short MSH-2
+        // such as `^~\` reads with the default subcomponent separator, written out).
+        for i in 0..m.segments.len() {
+            m.sync_delimiter_fields(i);
+        }
         m.normalize();
         m
     }
@@ -346,6 +351,19 @@ mod tests {
         let mut expected = m.clone();
         expected.normalize();
         assert_eq!(OwnedMessage::from_message(&parsed), expected);
+    }
+
+    #[test]
+    fn short_encoding_characters_round_trip() {
+        // Found by fuzzing: MSH-2 `^~\` (no subcomponent separator) came back as `^~\&`.
+        let bytes = b"MSH|^~\\|A&B|F|||20240101||ADT^A01|1|P|2.5\r";
+        let m = Message::parse(bytes).unwrap();
+        let owned = OwnedMessage::from_message(&m);
+        let written = owned.write().unwrap();
+        let again = OwnedMessage::from_message(&Message::parse(&written).unwrap());
+        assert_eq!(again, owned);
+        assert_eq!(again.segments[0].fields[1], vec![vec![vec!["^~\\&".to_owned()]]]);
+        assert_eq!(again.segments[0].fields[2], vec![vec![vec!["A".to_owned(), "B".to_owned()]]]);
     }
 
     #[test]
