@@ -1,0 +1,313 @@
+//! Model-based test of the queue: random sequences of enqueue, lease, complete (delivered,
+//! transient, permanent), clock moves, lease expiry and restarts, run against the sled
+//! store and against a simple in-memory model of the contract. After every step the
+//! leases handed out, the outcome of each completion and every state counter must match.
+
+#![allow(clippy::unwrap_used)] // tests: a panic is a failure with its message
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use passerelle_store::*;
+use proptest::prelude::*;
+use proptest_state_machine::{ReferenceStateMachine, StateMachineTest, prop_state_machine};
+
+const KEYS: [&str; 3] = ["A", "B", "C"];
+const DEST: &str = "fhir";
+const VISIBILITY: u64 = 5_000;
+const START: u64 = 1_000_000;
+
+fn policy() -> RetryPolicy {
+    RetryPolicy {
+        initial_backoff_ms: 1_000,
+        max_backoff_ms: 4_000,
+        multiplier: 2.0,
+        jitter: 0.0,
+        max_attempts: Some(3),
+        max_age_ms: None,
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Report {
+    Delivered,
+    Transient,
+    Permanent,
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Enqueue(usize),
+    Lease(usize),
+    Complete(usize, Report),
+    Advance(u64),
+    Reap,
+    Restart,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Item {
+    key: usize,
+    state: DeliveryState,
+    attempts: u32,
+    due: u64,
+    lease_until: u64,
+}
+
+/// The model: items in enqueue order, the leases the worker holds, and what the last step
+/// should have answered.
+#[derive(Debug, Clone, Default)]
+struct Model {
+    now: u64,
+    items: Vec<Item>,
+    /// (item index, lease_until) held by the worker.
+    held: Vec<(usize, u64)>,
+    last_leased: Vec<usize>,
+    last_complete: Option<Result<DeliveryState, ()>>,
+}
+
+impl Model {
+    fn is_head(&self, i: usize) -> bool {
+        let key = self.items[i].key;
+        !self.items[..i].iter().any(|it| it.key == key && !it.state.is_final())
+    }
+
+    /// Makes the next unfinished item of `key` after `i` due now (it becomes the head).
+    fn promote_after(&mut self, i: usize) {
+        let key = self.items[i].key;
+        let now = self.now;
+        if let Some(next) = self.items.iter_mut().skip(i + 1).find(|it| it.key == key && !it.state.is_final()) {
+            next.due = now;
+        }
+    }
+
+    fn counts(&self) -> BTreeMap<&'static str, u64> {
+        let mut c = BTreeMap::new();
+        for it in &self.items {
+            *c.entry(it.state.name()).or_insert(0) += 1;
+        }
+        c
+    }
+}
+
+struct QueueModel;
+
+impl ReferenceStateMachine for QueueModel {
+    type State = Model;
+    type Transition = Op;
+
+    fn init_state() -> BoxedStrategy<Model> {
+        Just(Model { now: START, ..Model::default() }).boxed()
+    }
+
+    fn transitions(state: &Model) -> BoxedStrategy<Op> {
+        let report = prop_oneof![3 => Just(Report::Delivered), 2 => Just(Report::Transient), 1 => Just(Report::Permanent)];
+        let complete = (0..8usize, report).prop_map(|(slot, r)| Op::Complete(slot, r));
+        if state.held.is_empty() {
+            prop_oneof![
+                4 => (0..KEYS.len()).prop_map(Op::Enqueue),
+                3 => (1..4usize).prop_map(Op::Lease),
+                2 => prop_oneof![Just(500u64), Just(1_000), Just(2_000), Just(6_000)].prop_map(Op::Advance),
+                1 => Just(Op::Reap),
+                1 => Just(Op::Restart),
+            ]
+            .boxed()
+        } else {
+            prop_oneof![
+                4 => (0..KEYS.len()).prop_map(Op::Enqueue),
+                3 => (1..4usize).prop_map(Op::Lease),
+                5 => complete,
+                2 => prop_oneof![Just(500u64), Just(1_000), Just(2_000), Just(6_000)].prop_map(Op::Advance),
+                1 => Just(Op::Reap),
+                1 => Just(Op::Restart),
+            ]
+            .boxed()
+        }
+    }
+
+    fn preconditions(state: &Model, op: &Op) -> bool {
+        !matches!(op, Op::Complete(..)) || !state.held.is_empty()
+    }
+
+    fn apply(mut m: Model, op: &Op) -> Model {
+        m.last_leased.clear();
+        m.last_complete = None;
+        match *op {
+            Op::Enqueue(key) => {
+                let due = m.now;
+                m.items.push(Item { key, state: DeliveryState::Pending, attempts: 0, due, lease_until: 0 });
+            }
+            Op::Lease(max) => {
+                let mut ready: Vec<usize> = (0..m.items.len())
+                    .filter(|&i| {
+                        let it = m.items[i];
+                        matches!(it.state, DeliveryState::Pending | DeliveryState::RetryWait) && it.due <= m.now && m.is_head(i)
+                    })
+                    .collect();
+                ready.sort_by_key(|&i| (m.items[i].due, i));
+                ready.truncate(max);
+                let until = m.now + VISIBILITY;
+                for &i in &ready {
+                    m.items[i].state = DeliveryState::InFlight;
+                    m.items[i].lease_until = until;
+                    m.held.push((i, until));
+                }
+                m.last_leased = ready;
+            }
+            Op::Complete(slot, report) => {
+                let (i, until) = m.held.remove(slot % m.held.len());
+                let it = m.items[i];
+                if it.state != DeliveryState::InFlight || it.lease_until != until {
+                    m.last_complete = Some(Err(()));
+                    return m;
+                }
+                let attempts = it.attempts + 1;
+                let p = policy();
+                let next = match report {
+                    Report::Delivered => DeliveryState::Delivered,
+                    Report::Permanent => DeliveryState::Dead,
+                    Report::Transient if p.allows(attempts, 0, 0) => DeliveryState::RetryWait,
+                    Report::Transient => DeliveryState::Dead,
+                };
+                let item = &mut m.items[i];
+                item.attempts = attempts;
+                item.state = next;
+                item.lease_until = 0;
+                if next == DeliveryState::RetryWait {
+                    item.due = m.now + p.backoff_ms(attempts, 0.5);
+                } else {
+                    m.promote_after(i);
+                }
+                m.last_complete = Some(Ok(next));
+            }
+            Op::Advance(ms) => m.now += ms,
+            Op::Reap | Op::Restart => {
+                let limit = if matches!(op, Op::Restart) { u64::MAX } else { m.now };
+                let now = m.now;
+                for it in &mut m.items {
+                    if it.state == DeliveryState::InFlight && it.lease_until <= limit {
+                        it.state = DeliveryState::Pending;
+                        it.due = now;
+                    }
+                }
+            }
+        }
+        m
+    }
+}
+
+struct Sut {
+    runtime: tokio::runtime::Runtime,
+    dir: tempfile::TempDir,
+    clock: Arc<ManualClock>,
+    store: Option<SledStore>,
+    /// Message id of each enqueued item, by index.
+    ids: Vec<MessageId>,
+    /// Leases held, parallel to the model's `held`.
+    held: Vec<Lease>,
+}
+
+impl Sut {
+    fn open(dir: &std::path::Path, clock: &Arc<ManualClock>) -> SledStore {
+        let mut config = StoreConfig::new(dir);
+        config.clock = clock.clone();
+        config.visibility_timeout = Duration::from_millis(VISIBILITY);
+        config.cache_capacity = 4 * 1024 * 1024;
+        SledStore::open(config).unwrap()
+    }
+
+    fn store(&self) -> &SledStore {
+        self.store.as_ref().unwrap()
+    }
+}
+
+impl StateMachineTest for Sut {
+    type SystemUnderTest = Sut;
+    type Reference = QueueModel;
+
+    fn init_test(_: &Model) -> Sut {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(ManualClock::new(START));
+        let store = Self::open(dir.path(), &clock);
+        Sut {
+            runtime: tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap(),
+            dir,
+            clock,
+            store: Some(store),
+            ids: Vec::new(),
+            held: Vec::new(),
+        }
+    }
+
+    fn apply(mut sut: Sut, model: &Model, op: Op) -> Sut {
+        match op {
+            Op::Enqueue(key) => {
+                let id = sut.runtime.block_on(async {
+                    let store = sut.store();
+                    let id = store.journal(b"MSH|^~\\&|model", JournalMeta::default()).await.unwrap();
+                    let deliveries = vec![Enqueue { destination: DEST.into(), ordering_key: KEYS[key].into() }];
+                    store.record_outcome(id, Outcome::Mapped { route: "r".into(), bundle: "{}".into(), deliveries }).await.unwrap();
+                    id
+                });
+                sut.ids.push(id);
+            }
+            Op::Lease(max) => {
+                let leases = sut.runtime.block_on(sut.store().lease(DEST, max)).unwrap();
+                let got: Vec<MessageId> = leases.iter().map(|l| l.message_id).collect();
+                let want: Vec<MessageId> = model.last_leased.iter().map(|&i| sut.ids[i]).collect();
+                assert_eq!(got, want, "leases at t={}", model.now);
+                for (lease, &i) in leases.iter().zip(&model.last_leased) {
+                    assert_eq!(lease.attempt, model.items[i].attempts + 1, "attempt number");
+                    assert_eq!(lease.ordering_key, KEYS[model.items[i].key]);
+                }
+                sut.held.extend(leases);
+            }
+            Op::Complete(slot, report) => {
+                let lease = sut.held.remove(slot % sut.held.len());
+                let report = match report {
+                    Report::Delivered => AttemptReport::delivered(),
+                    Report::Transient => AttemptReport::transient("http_503"),
+                    Report::Permanent => AttemptReport::permanent("http_400"),
+                };
+                let result = sut.runtime.block_on(sut.store().complete(&lease, report, &policy()));
+                match (result, model.last_complete) {
+                    (Ok(state), Some(Ok(want))) => assert_eq!(state, want),
+                    (Err(StoreError::LeaseLost { .. }), Some(Err(()))) => {}
+                    (got, want) => panic!("complete: store said {got:?}, model {want:?}"),
+                }
+            }
+            Op::Advance(ms) => sut.clock.advance(ms),
+            Op::Reap => {
+                sut.runtime.block_on(sut.store().requeue_expired()).unwrap();
+            }
+            Op::Restart => {
+                sut.runtime.block_on(sut.store().flush()).unwrap();
+                sut.store = None;
+                sut.store = Some(Self::open(sut.dir.path(), &sut.clock));
+            }
+        }
+        sut
+    }
+
+    fn check_invariants(sut: &Sut, model: &Model) {
+        let counts = sut.runtime.block_on(sut.store().counts()).unwrap();
+        for state in DeliveryState::ALL {
+            let got = counts.deliveries.get(&(DEST.to_owned(), state.name().to_owned())).copied().unwrap_or(0);
+            let want = model.counts().get(state.name()).copied().unwrap_or(0);
+            assert_eq!(got, want, "count of {} deliveries", state.name());
+        }
+        let due = sut.runtime.block_on(sut.store().next_due_ms(DEST)).unwrap();
+        let model_due = (0..model.items.len())
+            .filter(|&i| matches!(model.items[i].state, DeliveryState::Pending | DeliveryState::RetryWait) && model.is_head(i))
+            .map(|i| model.items[i].due)
+            .min();
+        assert_eq!(due, model_due, "next due time");
+    }
+}
+
+prop_state_machine! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+    #[test]
+    fn queue_matches_its_model(sequential 1..40 => Sut);
+}
