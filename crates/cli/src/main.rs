@@ -9,6 +9,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod parse_cmd;
+mod send_cmd;
+mod serve_cmd;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -25,11 +27,17 @@ struct Cli {
 enum Command {
     /// Parse HL7 v2 files (single messages, concatenated messages or batches) and show them.
     Parse(parse_cmd::ParseArgs),
+    /// Send HL7 v2 files to an MLLP receiver and check every ACK.
+    Send(send_cmd::SendArgs),
+    /// Run the MLLP listener (TCP or TLS) and answer each message.
+    Serve(serve_cmd::ServeArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Parse(args) => parse_cmd::run(&args),
+        Command::Send(args) => send_cmd::run(&args),
+        Command::Serve(args) => serve_cmd::run(&args),
     }
 }

@@ -75,6 +75,13 @@ pub enum ClientError {
     /// The message has no MSH-10, so its ACK could not be matched.
     #[error("the message has no control id (MSH-10); its ACK could not be matched")]
     NoControlId,
+    /// The message holds a byte that MLLP uses for framing (0x0B or 0x1C), so the receiver
+    /// would cut it; it must be escaped or cleaned first.
+    #[error("the message contains an MLLP framing byte (0x0B or 0x1C) at offset {offset}")]
+    FramingByte {
+        /// Where.
+        offset: usize,
+    },
     /// Every connection attempt failed.
     #[error("cannot connect to {address} after {attempts} attempts: {source}")]
     Connect {
@@ -145,6 +152,7 @@ impl ClientError {
     pub fn label(&self) -> &'static str {
         match self {
             ClientError::NoControlId => "no-control-id",
+            ClientError::FramingByte { .. } => "framing-byte",
             ClientError::Connect { .. } => "connect",
             ClientError::Handshake { .. } | ClientError::Tls(_) => "tls",
             ClientError::Io(_) => "io",
@@ -398,6 +406,11 @@ impl Client {
             .map(|h| h.control_id)
             .filter(|c| !c.is_empty())
             .ok_or(ClientError::NoControlId)?;
+        if let Some(offset) =
+            memchr::memchr2(crate::codec::START_BLOCK, crate::codec::END_BLOCK, message)
+        {
+            return Err(ClientError::FramingByte { offset });
+        }
         let deadline = Instant::now() + self.config.ack_timeout;
         let mut resent = false;
         loop {

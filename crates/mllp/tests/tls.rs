@@ -177,7 +177,7 @@ async fn tls_client_to_a_plain_port_fails_cleanly() {
     let pki = Pki::new("tls-to-plain");
     let mut cfg = ClientConfig::new(format!("localhost:{}", server.local_addr().port()));
     cfg.connect_attempts = 1;
-    cfg.connect_timeout = std::time::Duration::from_secs(5);
+    cfg.connect_timeout = std::time::Duration::from_secs(1);
     cfg.tls = Some(ClientTlsConfig {
         ca: Some(pki.ca()),
         ..ClientTlsConfig::default()
