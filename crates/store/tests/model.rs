@@ -70,14 +70,21 @@ struct Model {
 impl Model {
     fn is_head(&self, i: usize) -> bool {
         let key = self.items[i].key;
-        !self.items[..i].iter().any(|it| it.key == key && !it.state.is_final())
+        !self.items[..i]
+            .iter()
+            .any(|it| it.key == key && !it.state.is_final())
     }
 
     /// Makes the next unfinished item of `key` after `i` due now (it becomes the head).
     fn promote_after(&mut self, i: usize) {
         let key = self.items[i].key;
         let now = self.now;
-        if let Some(next) = self.items.iter_mut().skip(i + 1).find(|it| it.key == key && !it.state.is_final()) {
+        if let Some(next) = self
+            .items
+            .iter_mut()
+            .skip(i + 1)
+            .find(|it| it.key == key && !it.state.is_final())
+        {
             next.due = now;
         }
     }
@@ -98,7 +105,11 @@ impl ReferenceStateMachine for QueueModel {
     type Transition = Op;
 
     fn init_state() -> BoxedStrategy<Model> {
-        Just(Model { now: START, ..Model::default() }).boxed()
+        Just(Model {
+            now: START,
+            ..Model::default()
+        })
+        .boxed()
     }
 
     fn transitions(state: &Model) -> BoxedStrategy<Op> {
@@ -136,13 +147,21 @@ impl ReferenceStateMachine for QueueModel {
         match *op {
             Op::Enqueue(key) => {
                 let due = m.now;
-                m.items.push(Item { key, state: DeliveryState::Pending, attempts: 0, due, lease_until: 0 });
+                m.items.push(Item {
+                    key,
+                    state: DeliveryState::Pending,
+                    attempts: 0,
+                    due,
+                    lease_until: 0,
+                });
             }
             Op::Lease(max) => {
                 let mut ready: Vec<usize> = (0..m.items.len())
                     .filter(|&i| {
                         let it = m.items[i];
-                        matches!(it.state, DeliveryState::Pending | DeliveryState::RetryWait) && it.due <= m.now && m.is_head(i)
+                        matches!(it.state, DeliveryState::Pending | DeliveryState::RetryWait)
+                            && it.due <= m.now
+                            && m.is_head(i)
                     })
                     .collect();
                 ready.sort_by_key(|&i| (m.items[i].due, i));
@@ -183,7 +202,11 @@ impl ReferenceStateMachine for QueueModel {
             }
             Op::Advance(ms) => m.now += ms,
             Op::Reap | Op::Restart => {
-                let limit = if matches!(op, Op::Restart) { u64::MAX } else { m.now };
+                let limit = if matches!(op, Op::Restart) {
+                    u64::MAX
+                } else {
+                    m.now
+                };
                 let now = m.now;
                 for it in &mut m.items {
                     if it.state == DeliveryState::InFlight && it.lease_until <= limit {
@@ -231,7 +254,10 @@ impl StateMachineTest for Sut {
         let clock = Arc::new(ManualClock::new(START));
         let store = Self::open(dir.path(), &clock);
         Sut {
-            runtime: tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap(),
+            runtime: tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap(),
             dir,
             clock,
             store: Some(store),
@@ -245,9 +271,25 @@ impl StateMachineTest for Sut {
             Op::Enqueue(key) => {
                 let id = sut.runtime.block_on(async {
                     let store = sut.store();
-                    let id = store.journal(b"MSH|^~\\&|model", JournalMeta::default()).await.unwrap();
-                    let deliveries = vec![Enqueue { destination: DEST.into(), ordering_key: KEYS[key].into() }];
-                    store.record_outcome(id, Outcome::Mapped { route: "r".into(), bundle: "{}".into(), deliveries }).await.unwrap();
+                    let id = store
+                        .journal(b"MSH|^~\\&|model", JournalMeta::default())
+                        .await
+                        .unwrap();
+                    let deliveries = vec![Enqueue {
+                        destination: DEST.into(),
+                        ordering_key: KEYS[key].into(),
+                    }];
+                    store
+                        .record_outcome(
+                            id,
+                            Outcome::Mapped {
+                                route: "r".into(),
+                                bundle: "{}".into(),
+                                deliveries,
+                            },
+                        )
+                        .await
+                        .unwrap();
                     id
                 });
                 sut.ids.push(id);
@@ -270,7 +312,9 @@ impl StateMachineTest for Sut {
                     Report::Transient => AttemptReport::transient("http_503"),
                     Report::Permanent => AttemptReport::permanent("http_400"),
                 };
-                let result = sut.runtime.block_on(sut.store().complete(&lease, report, &policy()));
+                let result = sut
+                    .runtime
+                    .block_on(sut.store().complete(&lease, report, &policy()));
                 match (result, model.last_complete) {
                     (Ok(state), Some(Ok(want))) => assert_eq!(state, want),
                     (Err(StoreError::LeaseLost { .. }), Some(Err(()))) => {}
@@ -293,13 +337,22 @@ impl StateMachineTest for Sut {
     fn check_invariants(sut: &Sut, model: &Model) {
         let counts = sut.runtime.block_on(sut.store().counts()).unwrap();
         for state in DeliveryState::ALL {
-            let got = counts.deliveries.get(&(DEST.to_owned(), state.name().to_owned())).copied().unwrap_or(0);
+            let got = counts
+                .deliveries
+                .get(&(DEST.to_owned(), state.name().to_owned()))
+                .copied()
+                .unwrap_or(0);
             let want = model.counts().get(state.name()).copied().unwrap_or(0);
             assert_eq!(got, want, "count of {} deliveries", state.name());
         }
         let due = sut.runtime.block_on(sut.store().next_due_ms(DEST)).unwrap();
         let model_due = (0..model.items.len())
-            .filter(|&i| matches!(model.items[i].state, DeliveryState::Pending | DeliveryState::RetryWait) && model.is_head(i))
+            .filter(|&i| {
+                matches!(
+                    model.items[i].state,
+                    DeliveryState::Pending | DeliveryState::RetryWait
+                ) && model.is_head(i)
+            })
             .map(|i| model.items[i].due)
             .min();
         assert_eq!(due, model_due, "next due time");
