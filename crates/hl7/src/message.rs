@@ -394,7 +394,13 @@ impl<'a> Message<'a> {
     fn check_header_fields(&self) -> Result<(), ParseError> {
         let msh = self.segment(0).expect("parse guarantees an MSH segment");
         for n in [9, 10, 12] {
-            if msh.field(n).is_none_or(|f| f.raw().trim_ascii().is_empty()) {
+            // The first component must carry something: `^A01` has no message type, and a
+            // field of delimiters only (`^`) is empty.
+            if msh
+                .field(n)
+                .and_then(|f| f.component(1))
+                .is_none_or(|c| c.raw().trim_ascii().is_empty())
+            {
                 return Err(
                     ParseError::at(ErrorKind::MissingHeaderField, msh.field_offset(n))
                         .in_segment(1, Some(*b"MSH"))
@@ -785,6 +791,18 @@ PV1|1|I|WARD^101^1\r";
         let err = Message::parse(bad).unwrap_err();
         assert_eq!(err.kind, ErrorKind::MissingHeaderField);
         assert_eq!(err.location.field, Some(10));
+        // Found by fuzzing: delimiters only, or an empty first component, is no value.
+        let cases: [(&[u8], u32); 2] = [
+            (b"MSH|^~\\&|A|B|C|D|20240101||^A01|1|P|2.5\r", 9),
+            (b"MSH|^~\\&|A|B|C|D|20240101||ADT^A01|1|P|^\r", 12),
+        ];
+        for (bad, field) in cases {
+            let err = Message::parse(bad).unwrap_err();
+            assert_eq!(
+                (err.kind, err.location.field),
+                (ErrorKind::MissingHeaderField, Some(field))
+            );
+        }
     }
 
     #[test]
