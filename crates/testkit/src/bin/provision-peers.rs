@@ -8,4 +8,8 @@ fn main() {
         "FHIR validators ready: {}",
         passerelle_testkit::fhir::validator_dir().display()
     );
+    println!(
+        "MLLP node peers ready: {}",
+        passerelle_testkit::mllp::node_dir().display()
+    );
 }
