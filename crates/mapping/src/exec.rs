@@ -1,0 +1,762 @@
+//! The executor: applies a compiled message map to one parsed message and assembles the
+//! transaction Bundle. It reads the message through borrowed [`Value`]s and allocates
+//! only the output.
+
+use std::collections::HashMap;
+
+use passerelle_hl7::types::{DateTime, Number};
+use passerelle_hl7::{Level, Message, Segment, Selector, Value};
+
+use crate::error::{MapError, MapErrorKind};
+use crate::expr::{Cmp, Cond, Index, Source, SrcPath, Target};
+use crate::json::Node;
+use crate::model::*;
+use crate::sha256;
+use crate::structure::Tree;
+use crate::{Bundle, MapOptions};
+
+/// Where a rule reads: a segment, and inside a datatype map the value being mapped.
+#[derive(Clone, Copy)]
+struct Here<'m, 'a> {
+    seg: Segment<'m, 'a>,
+    value: Option<Value<'a>>,
+}
+
+struct Res {
+    resource_type: String,
+    id: String,
+    body: Node,
+    conditional: bool,
+    /// Group instance of the segment the resource comes from.
+    instance: usize,
+    label: Option<String>,
+}
+
+struct Exec<'p, 'm, 'a> {
+    pack: &'p Pack,
+    msg: &'m Message<'a>,
+    tree: Tree,
+    offset: Option<i16>,
+    resources: Vec<Res>,
+    by_id: HashMap<(String, String), usize>,
+}
+
+pub(crate) fn map(
+    pack: &Pack,
+    msg: &Message<'_>,
+    options: &MapOptions,
+) -> Result<Bundle, MapError> {
+    let msh = msg.msh();
+    let field = |n: usize| {
+        msh.field(9)
+            .and_then(|f| f.component(n))
+            .map(|v| v.text().trim().to_owned())
+            .unwrap_or_default()
+    };
+    let event = format!("{}^{}", field(1), field(2));
+    let Some(&index) = pack.by_event.get(&event) else {
+        return Err(MapError {
+            kind: MapErrorKind::NoMessageMap { event },
+            segment: Some("MSH (segment 1)".into()),
+            path: Some("MSH-9".into()),
+            rule: None,
+        });
+    };
+    let mm = &pack.messages[index];
+    let tree = Tree::build(&pack.structures[mm.structure], msg);
+    let mut exec = Exec {
+        pack,
+        msg,
+        tree,
+        offset: options.site_offset.or(pack.settings.site_offset),
+        resources: Vec::new(),
+        by_id: HashMap::new(),
+    };
+    exec.run(mm)
+}
+
+fn seg_name(seg: Segment<'_, '_>) -> String {
+    format!("{} (segment {})", seg.id(), seg.index() + 1)
+}
+
+/// The first leaf under a value: the first component's first subcomponent.
+fn leaf(mut v: Value<'_>) -> Value<'_> {
+    while matches!(
+        v.level(),
+        Level::Field | Level::Repetition | Level::Component
+    ) {
+        match v.child(1) {
+            Some(c) if c.level() != v.level() => v = c,
+            _ => break,
+        }
+    }
+    v
+}
+
+/// Whether a value holds something besides separators, and is not the explicit null.
+fn has_content(v: &Value<'_>) -> bool {
+    if v.is_null() || v.is_empty() {
+        return false;
+    }
+    let s = v.encoding().separators;
+    v.raw()
+        .iter()
+        .any(|&b| b != s.component && b != s.subcomponent && b != s.repetition && b != b' ')
+}
+
+fn leaf_text(v: Value<'_>) -> String {
+    let l = leaf(v);
+    if l.is_null() {
+        return String::new();
+    }
+    l.text().trim().to_owned()
+}
+
+fn reference(id: &str) -> Node {
+    Node::Obj(vec![(
+        "reference".into(),
+        Node::Str(format!("urn:uuid:{id}")),
+    )])
+}
+
+impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
+    fn run(&mut self, mm: &MessageMap) -> Result<Bundle, MapError> {
+        let msg = self.msg;
+        // (resource, row) pairs whose references are resolved once everything exists.
+        let mut pending: Vec<(usize, &Row)> = Vec::new();
+        for row in &mm.rows {
+            let map = &self.pack.segments[row.map];
+            for seg in msg.segments() {
+                if seg.id() != row.segment {
+                    continue;
+                }
+                let inst = self.tree.of_segment[seg.index()];
+                if self.tree.instances[inst].group != row.group {
+                    continue;
+                }
+                let here = Here { seg, value: None };
+                if let Some(c) = &row.when
+                    && !self.cond(c, here)
+                {
+                    continue;
+                }
+                let mut body = match &map.spec {
+                    Some(spec) => Node::Obj(vec![(
+                        "resourceType".into(),
+                        Node::Str(spec.resource_type.clone()),
+                    )]),
+                    None => Node::obj(),
+                };
+                self.apply(&map.rules, here, &mut body)?;
+                if let (Some(label), Some(spec)) = (&row.label, &map.spec) {
+                    let idx = self.create(spec, body, here, inst, Some(label.clone()))?;
+                    pending.push((idx, row));
+                } else if let Some(into) = &row.into
+                    && let Some(target) = self.nearest(into, inst)
+                {
+                    body.remove("resourceType");
+                    self.resources[target].body.merge(body);
+                }
+            }
+        }
+        for (idx, row) in pending {
+            let inst = self.resources[idx].instance;
+            for r in &row.refs {
+                let targets = self.resolve(&r.label, &r.within, inst, idx);
+                let take = if r.to.appends() { targets.len() } else { 1 };
+                for t in targets.into_iter().take(take) {
+                    let mut node = reference(&self.resources[t].id);
+                    if let Some(at) = &r.at {
+                        node = Node::Obj(vec![(at.clone(), node)]);
+                    }
+                    for (k, v) in &r.with {
+                        node.insert(k, v.clone());
+                    }
+                    set(&mut self.resources[idx].body, &r.to, node);
+                }
+            }
+        }
+        Ok(self.assemble())
+    }
+
+    fn assemble(&mut self) -> Bundle {
+        let mut entries = Vec::with_capacity(self.resources.len());
+        for res in self.resources.drain(..) {
+            let mut body = res.body;
+            body.prune();
+            let condition = if res.conditional {
+                body.get("identifier").and_then(|ids| {
+                    ids.items().iter().find_map(|i| {
+                        let system = i.get("system")?.as_str()?;
+                        let value = i.get("value")?.as_str()?;
+                        Some(format!("{}|{}", url_encode(system), url_encode(value)))
+                    })
+                })
+            } else {
+                None
+            };
+            let url = match condition {
+                Some(c) => {
+                    body.remove("id");
+                    format!("{}?identifier={c}", res.resource_type)
+                }
+                None => format!("{}/{}", res.resource_type, res.id),
+            };
+            entries.push(Node::Obj(vec![
+                ("fullUrl".into(), Node::Str(format!("urn:uuid:{}", res.id))),
+                ("resource".into(), body),
+                (
+                    "request".into(),
+                    Node::Obj(vec![
+                        ("method".into(), Node::Str("PUT".into())),
+                        ("url".into(), Node::Str(url)),
+                    ]),
+                ),
+            ]));
+        }
+        Bundle {
+            node: Node::Obj(vec![
+                ("resourceType".into(), Node::Str("Bundle".into())),
+                ("type".into(), Node::Str("transaction".into())),
+                ("entry".into(), Node::Arr(entries)),
+            ]),
+        }
+    }
+
+    /// Adds a resource, or merges it into the one with the same type and id.
+    fn create(
+        &mut self,
+        spec: &ResourceSpec,
+        mut body: Node,
+        here: Here<'m, 'a>,
+        instance: usize,
+        label: Option<String>,
+    ) -> Result<usize, MapError> {
+        let mut key = spec.resource_type.clone();
+        let mut any = false;
+        for src in &spec.id {
+            key.push('\u{1f}');
+            if let Some(v) = self.read_first(src, here).0.into_iter().next() {
+                any = true;
+                key.push_str(&v.text());
+            }
+        }
+        if !any {
+            // No key sent: the content itself identifies the resource.
+            key.push('\u{1e}');
+            key.push_str(&body.to_json(false));
+        }
+        let mut id = sha256::uuid(key.as_bytes());
+        let rt = spec.resource_type.clone();
+        if let Some(&existing) = self.by_id.get(&(rt.clone(), id.clone())) {
+            if spec.merge {
+                body.remove("resourceType");
+                self.resources[existing].body.merge(body);
+                if self.resources[existing].label.is_none() {
+                    self.resources[existing].label = label;
+                }
+                return Ok(existing);
+            }
+            let mut n = 2;
+            while self.by_id.contains_key(&(rt.clone(), id.clone())) {
+                id = sha256::uuid(format!("{key}#{n}").as_bytes());
+                n += 1;
+            }
+        }
+        if let Node::Obj(o) = &mut body {
+            o.insert(1.min(o.len()), ("id".into(), Node::Str(id.clone())));
+        }
+        self.by_id
+            .insert((rt.clone(), id.clone()), self.resources.len());
+        self.resources.push(Res {
+            resource_type: rt,
+            id,
+            body,
+            conditional: spec.conditional,
+            instance,
+            label,
+        });
+        Ok(self.resources.len() - 1)
+    }
+
+    /// The first resource labelled `label` in `inst` or the nearest enclosing instance.
+    fn nearest(&self, label: &str, inst: usize) -> Option<usize> {
+        let mut cur = Some(inst);
+        while let Some(i) = cur {
+            if let Some(r) = self
+                .resources
+                .iter()
+                .position(|r| r.instance == i && r.label.as_deref() == Some(label))
+            {
+                return Some(r);
+            }
+            cur = self.tree.instances[i].parent;
+        }
+        None
+    }
+
+    fn resolve(&self, label: &str, within: &Within, inst: usize, me: usize) -> Vec<usize> {
+        let labelled = |r: &Res| r.label.as_deref() == Some(label);
+        match within {
+            Within::Nearest => {
+                let mut cur = Some(inst);
+                while let Some(i) = cur {
+                    let found: Vec<usize> = (0..self.resources.len())
+                        .filter(|&r| {
+                            r != me
+                                && self.resources[r].instance == i
+                                && labelled(&self.resources[r])
+                        })
+                        .collect();
+                    if !found.is_empty() {
+                        return found;
+                    }
+                    cur = self.tree.instances[i].parent;
+                }
+                Vec::new()
+            }
+            Within::Group(g) => {
+                let mut cur = Some(inst);
+                while let Some(i) = cur {
+                    if self.tree.instances[i].group == Some(*g) {
+                        return (0..self.resources.len())
+                            .filter(|&r| {
+                                r != me
+                                    && labelled(&self.resources[r])
+                                    && self.tree.is_within(self.resources[r].instance, i)
+                            })
+                            .collect();
+                    }
+                    cur = self.tree.instances[i].parent;
+                }
+                Vec::new()
+            }
+            Within::All => (0..self.resources.len())
+                .filter(|&r| r != me && labelled(&self.resources[r]))
+                .collect(),
+        }
+    }
+
+    fn error(
+        &self,
+        kind: MapErrorKind,
+        here: Here<'_, '_>,
+        path: Option<String>,
+        rule: &Rule,
+    ) -> MapError {
+        MapError {
+            kind,
+            segment: Some(seg_name(here.seg)),
+            path,
+            rule: Some(rule.loc.clone()),
+        }
+    }
+
+    fn apply(
+        &mut self,
+        rules: &[Rule],
+        here: Here<'m, 'a>,
+        out: &mut Node,
+    ) -> Result<(), MapError> {
+        for rule in rules {
+            if let Some(c) = &rule.when
+                && !self.cond(c, here)
+            {
+                continue;
+            }
+            let Some(src) = &rule.from else {
+                if let Some(v) = &rule.value {
+                    set(out, &rule.to, v.clone());
+                }
+                continue;
+            };
+            if let Some(sep) = &rule.join {
+                // Every path is read and every value's text joined.
+                let text: Vec<String> = src
+                    .0
+                    .iter()
+                    .flat_map(|p| self.read(p, here))
+                    .filter(has_content)
+                    .map(leaf_text)
+                    .filter(|t| !t.is_empty())
+                    .collect();
+                if !text.is_empty() {
+                    set(out, &rule.to, Node::Str(text.join(sep)));
+                }
+                continue;
+            }
+            let (values, path) = self.read_first(src, here);
+            if values.is_empty() {
+                continue;
+            }
+            if rule.value.is_some() {
+                // `from` + `value`: the constant, when the path is valued.
+                if let Some(v) = &rule.value {
+                    set(out, &rule.to, v.clone());
+                }
+                continue;
+            }
+            let all = rule.to.appends();
+            for v in values {
+                let node = self.convert(rule, v, here, &path)?;
+                if let Some(node) = node.filter(|n| !n.is_empty()) {
+                    set(out, &rule.to, node);
+                    if !all {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn convert(
+        &mut self,
+        rule: &Rule,
+        v: Value<'a>,
+        here: Here<'m, 'a>,
+        path: &SrcPath,
+    ) -> Result<Option<Node>, MapError> {
+        match &rule.convert {
+            Convert::Primitive(f) => self
+                .primitive(*f, v)
+                .map_err(|kind| self.error(kind, here, Some(path_name(path, here)), rule)),
+            Convert::Vocab(n) => {
+                let vocab = &self.pack.vocabularies[*n];
+                let code = leaf_text(v);
+                if code.is_empty() {
+                    return Ok(None);
+                }
+                match vocab.map.get(&code) {
+                    Some(c) => Ok(Some(Node::Str(c.clone()))),
+                    None => match vocab.unknown {
+                        Unknown::Default => Ok(vocab.default.clone().map(Node::Str)),
+                        Unknown::Omit => Ok(None),
+                        Unknown::Pass => Ok(Some(Node::Str(code))),
+                        Unknown::Error => Err(self.error(
+                            MapErrorKind::UnknownCode {
+                                vocabulary: vocab.name.clone(),
+                            },
+                            here,
+                            Some(path_name(path, here)),
+                            rule,
+                        )),
+                    },
+                }
+            }
+            Convert::Datatype(n) => {
+                let pack = self.pack;
+                let dt = &pack.datatypes[*n];
+                let inner = Here {
+                    seg: here.seg,
+                    value: Some(v),
+                };
+                let mut node = match &dt.resource {
+                    Some(spec) => Node::Obj(vec![(
+                        "resourceType".into(),
+                        Node::Str(spec.resource_type.clone()),
+                    )]),
+                    None => Node::obj(),
+                };
+                self.apply(&dt.rules, inner, &mut node)?;
+                node.prune();
+                match &dt.resource {
+                    Some(spec) if node.get("resourceType").is_some() => {
+                        if let Node::Obj(o) = &node
+                            && o.len() == 1
+                        {
+                            return Ok(None);
+                        }
+                        let inst = self.tree.of_segment[here.seg.index()];
+                        let idx = self.create(spec, node, inner, inst, None)?;
+                        Ok(Some(reference(&self.resources[idx].id)))
+                    }
+                    _ => Ok(Some(node)),
+                }
+            }
+        }
+    }
+
+    fn primitive(&self, f: Func, v: Value<'a>) -> Result<Option<Node>, MapErrorKind> {
+        let conversion = |what: &str| MapErrorKind::Conversion { what: what.into() };
+        if f == Func::Raw {
+            let t = v.text().trim().to_owned();
+            return Ok((!t.is_empty()).then_some(Node::Str(t)));
+        }
+        let text = leaf_text(v);
+        if text.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(match f {
+            Func::Text | Func::Raw => Node::Str(text),
+            Func::Date => Node::Str(
+                DateTime::parse(&text)
+                    .map_err(|_| conversion("date (DTM)"))?
+                    .to_fhir_date(),
+            ),
+            Func::DateTime | Func::Instant => {
+                let dt = DateTime::parse(&text).map_err(|_| conversion("date/time (DTM)"))?;
+                if f == Func::Instant && !dt.has_time() {
+                    return Ok(None);
+                }
+                if dt.has_time() && dt.offset_minutes.is_none() {
+                    match self.pack.settings.naive_timestamps {
+                        NaiveTimestamps::Reject => return Err(MapErrorKind::NoOffset),
+                        NaiveTimestamps::DateOnly if f == Func::DateTime => {
+                            return Ok(Some(Node::Str(dt.to_fhir_date())));
+                        }
+                        _ => {}
+                    }
+                }
+                Node::Str(
+                    dt.to_fhir_datetime(self.offset)
+                        .map_err(|_| MapErrorKind::NoOffset)?,
+                )
+            }
+            Func::Decimal => Node::Num(
+                Number::parse(&text)
+                    .map_err(|_| conversion("number (NM)"))?
+                    .as_str()
+                    .to_owned(),
+            ),
+            Func::Integer => Node::Num(
+                text.parse::<i64>()
+                    .map_err(|_| conversion("integer"))?
+                    .to_string(),
+            ),
+            Func::PositiveInt => match text.parse::<u64>() {
+                Ok(n) if n > 0 => Node::Num(n.to_string()),
+                _ => return Err(conversion("positive integer")),
+            },
+            Func::Boolean => match text.as_str() {
+                "Y" | "y" | "true" | "1" => Node::Bool(true),
+                "N" | "n" | "false" | "0" => Node::Bool(false),
+                _ => return Err(conversion("boolean (Y/N)")),
+            },
+            Func::SystemUri => Node::Str(system_uri(&text, &self.pack.settings.local_system_base)),
+            Func::Base64 => {
+                let b: String = text.chars().filter(|c| !c.is_whitespace()).collect();
+                if !b
+                    .bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || c == b'+' || c == b'/' || c == b'=')
+                {
+                    return Err(conversion("base64 text"));
+                }
+                Node::Str(b)
+            }
+            Func::RangeLow | Func::RangeHigh => {
+                let (low, high) = range(&text);
+                let bound = if f == Func::RangeLow { low } else { high };
+                match bound.and_then(|b| Number::parse(b).ok()) {
+                    Some(n) => Node::Num(n.as_str().to_owned()),
+                    None => return Ok(None),
+                }
+            }
+        }))
+    }
+
+    /// The values of the first alternative that has content, and that alternative.
+    fn read_first(&self, src: &Source, here: Here<'m, 'a>) -> (Vec<Value<'a>>, SrcPath) {
+        for p in &src.0 {
+            let values: Vec<Value<'a>> =
+                self.read(p, here).into_iter().filter(has_content).collect();
+            if !values.is_empty() {
+                return (values, p.clone());
+            }
+        }
+        (Vec::new(), src.0[0].clone())
+    }
+
+    fn read(&self, p: &SrcPath, here: Here<'m, 'a>) -> Vec<Value<'a>> {
+        match p {
+            SrcPath::Relative(parts) => {
+                let Some(mut v) = here.value else {
+                    return Vec::new();
+                };
+                for &n in parts {
+                    match v.child(n) {
+                        Some(c) => v = c,
+                        None => return Vec::new(),
+                    }
+                }
+                vec![v]
+            }
+            SrcPath::Segment(path) => {
+                if path.segment_id() == here.seg.id() {
+                    return path.values_in(here.seg).collect();
+                }
+                if path.occurrence() != Selector::Nth(1) {
+                    return self.msg.iter(path).collect();
+                }
+                match self.find_segment(path.segment_id(), here.seg) {
+                    Some(seg) => path.values_in(seg).collect(),
+                    None => Vec::new(),
+                }
+            }
+        }
+    }
+
+    /// The nearest segment with this id: in the same group instance, then the enclosing ones.
+    fn find_segment(&self, id: &str, from: Segment<'m, 'a>) -> Option<Segment<'m, 'a>> {
+        let mut cur = Some(self.tree.of_segment[from.index()]);
+        while let Some(i) = cur {
+            let inst = &self.tree.instances[i];
+            for &s in &inst.segments {
+                if let Some(seg) = self.msg.segment(s)
+                    && seg.id() == id
+                {
+                    return Some(seg);
+                }
+            }
+            cur = inst.parent;
+        }
+        None
+    }
+
+    fn cond(&self, c: &Cond, here: Here<'m, 'a>) -> bool {
+        let first = |p: &SrcPath| {
+            self.read(p, here)
+                .into_iter()
+                .find(has_content)
+                .map(leaf_text)
+        };
+        match c {
+            Cond::Valued(p) => self.read(p, here).iter().any(has_content),
+            Cond::Equals(p, s) => first(p).is_some_and(|t| t == *s),
+            Cond::In(p, items) => first(p).is_some_and(|t| items.contains(&t)),
+            Cond::Count(p, op, n) => {
+                let count = self.read(p, here).iter().filter(|v| has_content(v)).count();
+                match op {
+                    Cmp::Eq => count == *n,
+                    Cmp::Ne => count != *n,
+                    Cmp::Lt => count < *n,
+                    Cmp::Le => count <= *n,
+                    Cmp::Gt => count > *n,
+                    Cmp::Ge => count >= *n,
+                }
+            }
+            Cond::And(a, b) => self.cond(a, here) && self.cond(b, here),
+            Cond::Or(a, b) => self.cond(a, here) || self.cond(b, here),
+            Cond::Not(a) => !self.cond(a, here),
+        }
+    }
+}
+
+fn path_name(p: &SrcPath, here: Here<'_, '_>) -> String {
+    match p {
+        SrcPath::Segment(path) => path.to_string(),
+        SrcPath::Relative(parts) => {
+            let rel: Vec<String> = parts.iter().map(|n| n.to_string()).collect();
+            format!("{} (component {})", here.seg.id(), rel.join("."))
+        }
+    }
+}
+
+/// Writes `node` at `target`: plain members are set once (the first rule to write wins,
+/// objects merge), `[]` appends, `[n]` addresses an element.
+pub(crate) fn set(out: &mut Node, target: &Target, node: Node) {
+    let steps = &target.0;
+    let mut cur = out;
+    for (i, step) in steps.iter().enumerate() {
+        let last = i + 1 == steps.len();
+        match step.index {
+            Index::None => {
+                if last {
+                    match cur.get_mut(&step.key) {
+                        Some(existing) => existing.merge(node),
+                        None => cur.insert(&step.key, node),
+                    }
+                    return;
+                }
+                cur = cur.entry(&step.key, Node::obj);
+            }
+            Index::Append => {
+                let arr = cur.entry(&step.key, || Node::Arr(Vec::new()));
+                let Node::Arr(a) = arr else { return };
+                if last {
+                    a.push(node);
+                    return;
+                }
+                a.push(Node::obj());
+                let n = a.len() - 1;
+                cur = &mut a[n];
+            }
+            Index::At(n) => {
+                let arr = cur.entry(&step.key, || Node::Arr(Vec::new()));
+                let Node::Arr(a) = arr else { return };
+                while a.len() <= n {
+                    a.push(Node::obj());
+                }
+                if last {
+                    if a[n].is_empty() {
+                        a[n] = node;
+                    } else {
+                        a[n].merge(node);
+                    }
+                    return;
+                }
+                cur = &mut a[n];
+            }
+        }
+    }
+}
+
+fn system_uri(text: &str, base: &str) -> String {
+    let is_oid = text.contains('.')
+        && text.starts_with(|c: char| c.is_ascii_digit())
+        && text.chars().all(|c| c.is_ascii_digit() || c == '.');
+    if is_oid {
+        format!("urn:oid:{text}")
+    } else if text.contains(':') && !text.contains(' ') {
+        text.to_owned()
+    } else {
+        format!("{base}{}", url_encode(text))
+    }
+}
+
+fn url_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~:/".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Splits a reference range: `3.5-5.1`, `<5`, `<=5`, `>10`, `>=10`, `-1-1`.
+fn range(text: &str) -> (Option<&str>, Option<&str>) {
+    let t = text.trim();
+    if let Some(r) = t.strip_prefix("<=").or_else(|| t.strip_prefix('<')) {
+        return (None, Some(r.trim()));
+    }
+    if let Some(r) = t.strip_prefix(">=").or_else(|| t.strip_prefix('>')) {
+        return (Some(r.trim()), None);
+    }
+    match t.char_indices().skip(1).find(|&(_, c)| c == '-') {
+        Some((p, _)) => (Some(t[..p].trim()), Some(t[p + 1..].trim())),
+        None => (None, None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_and_systems() {
+        assert_eq!(range("3.5-5.1"), (Some("3.5"), Some("5.1")));
+        assert_eq!(range("<5"), (None, Some("5")));
+        assert_eq!(range(">=10"), (Some("10"), None));
+        assert_eq!(range("-1-1"), (Some("-1"), Some("1")));
+        assert_eq!(range("negative"), (None, None));
+        assert_eq!(
+            system_uri("2.16.840.1.113883.4.1", "x:"),
+            "urn:oid:2.16.840.1.113883.4.1"
+        );
+        assert_eq!(system_uri("http://loinc.org", "x:"), "http://loinc.org");
+        assert_eq!(system_uri("RB GH", "urn:s:"), "urn:s:RB%20GH");
+    }
+}

@@ -1,0 +1,283 @@
+//! The output tree: an ordered JSON value, so that the same rules applied to the same
+//! message always serialize to the same bytes (keys keep the order in which the rules
+//! wrote them), and decimals keep the digits the sender sent.
+
+use serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
+
+/// A JSON value whose objects keep insertion order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Node {
+    Str(String),
+    /// A number as canonical decimal text (`-1.50`): FHIR decimals keep their precision.
+    Num(String),
+    Bool(bool),
+    Obj(Vec<(String, Node)>),
+    Arr(Vec<Node>),
+}
+
+impl Node {
+    pub(crate) fn obj() -> Node {
+        Node::Obj(Vec::new())
+    }
+
+    /// Empty strings, objects and arrays (after pruning their children) carry nothing.
+    pub(crate) fn is_empty(&self) -> bool {
+        match self {
+            Node::Str(s) => s.is_empty(),
+            Node::Num(_) | Node::Bool(_) => false,
+            Node::Obj(o) => o.is_empty(),
+            Node::Arr(a) => a.is_empty(),
+        }
+    }
+
+    /// The member `key` of an object.
+    pub fn get(&self, key: &str) -> Option<&Node> {
+        match self {
+            Node::Obj(o) => o.iter().find(|(k, _)| k == key).map(|(_, v)| v),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn get_mut(&mut self, key: &str) -> Option<&mut Node> {
+        match self {
+            Node::Obj(o) => o.iter_mut().find(|(k, _)| k == key).map(|(_, v)| v),
+            _ => None,
+        }
+    }
+
+    /// The text of a string node.
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Node::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The elements of an array node (empty for anything else).
+    pub fn items(&self) -> &[Node] {
+        match self {
+            Node::Arr(a) => a,
+            _ => &[],
+        }
+    }
+
+    /// Sets `key` on an object when absent (the first rule to write a value wins); returns
+    /// the value now at `key`.
+    pub(crate) fn entry(&mut self, key: &str, default: impl FnOnce() -> Node) -> &mut Node {
+        let Node::Obj(o) = self else {
+            // Only objects are ever walked into; the compiler makes sure of that.
+            *self = Node::obj();
+            return self.entry(key, default);
+        };
+        let pos = match o.iter().position(|(k, _)| k == key) {
+            Some(p) => p,
+            None => {
+                o.push((key.to_owned(), default()));
+                o.len() - 1
+            }
+        };
+        &mut o[pos].1
+    }
+
+    /// Inserts or replaces `key`.
+    pub(crate) fn insert(&mut self, key: &str, value: Node) {
+        if let Node::Obj(o) = self {
+            match o.iter_mut().find(|(k, _)| k == key) {
+                Some((_, v)) => *v = value,
+                None => o.push((key.to_owned(), value)),
+            }
+        }
+    }
+
+    pub(crate) fn remove(&mut self, key: &str) -> Option<Node> {
+        if let Node::Obj(o) = self {
+            let pos = o.iter().position(|(k, _)| k == key)?;
+            return Some(o.remove(pos).1);
+        }
+        None
+    }
+
+    /// Removes empty strings, objects and arrays, depth first.
+    pub(crate) fn prune(&mut self) {
+        match self {
+            Node::Obj(o) => {
+                for (_, v) in o.iter_mut() {
+                    v.prune();
+                }
+                o.retain(|(_, v)| !v.is_empty());
+            }
+            Node::Arr(a) => {
+                for v in a.iter_mut() {
+                    v.prune();
+                }
+                a.retain(|v| !v.is_empty());
+            }
+            _ => {}
+        }
+    }
+
+    /// Merges another fragment of the same resource into this one: members this one lacks
+    /// are added, objects are merged member by member, array elements not already present
+    /// are appended; scalars already set are kept.
+    pub(crate) fn merge(&mut self, other: Node) {
+        match (self, other) {
+            (Node::Obj(mine), Node::Obj(theirs)) => {
+                for (k, v) in theirs {
+                    match mine.iter_mut().find(|(mk, _)| *mk == k) {
+                        Some((_, existing)) => existing.merge(v),
+                        None => mine.push((k, v)),
+                    }
+                }
+            }
+            (Node::Arr(mine), Node::Arr(theirs)) => {
+                for v in theirs {
+                    if !mine.contains(&v) {
+                        mine.push(v);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Compact or indented JSON.
+    pub fn to_json(&self, pretty: bool) -> String {
+        let mut out = String::with_capacity(4096);
+        self.write(&mut out, pretty, 0);
+        out
+    }
+
+    fn write(&self, out: &mut String, pretty: bool, depth: usize) {
+        let newline = |out: &mut String, depth: usize| {
+            if pretty {
+                out.push('\n');
+                for _ in 0..depth {
+                    out.push_str("  ");
+                }
+            }
+        };
+        match self {
+            Node::Str(s) => write_str(out, s),
+            Node::Num(n) => out.push_str(n),
+            Node::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+            Node::Obj(o) => {
+                out.push('{');
+                for (i, (k, v)) in o.iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    newline(out, depth + 1);
+                    write_str(out, k);
+                    out.push(':');
+                    if pretty {
+                        out.push(' ');
+                    }
+                    v.write(out, pretty, depth + 1);
+                }
+                if !o.is_empty() {
+                    newline(out, depth);
+                }
+                out.push('}');
+            }
+            Node::Arr(a) => {
+                out.push('[');
+                for (i, v) in a.iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    newline(out, depth + 1);
+                    v.write(out, pretty, depth + 1);
+                }
+                if !a.is_empty() {
+                    newline(out, depth);
+                }
+                out.push(']');
+            }
+        }
+    }
+}
+
+fn write_str(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+impl Serialize for Node {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Node::Str(s) => serializer.serialize_str(s),
+            Node::Num(n) => match serde_json::value::RawValue::from_string(n.clone()) {
+                Ok(raw) => raw.serialize(serializer),
+                Err(_) => serializer.serialize_str(n),
+            },
+            Node::Bool(b) => serializer.serialize_bool(*b),
+            Node::Obj(o) => {
+                let mut map = serializer.serialize_map(Some(o.len()))?;
+                for (k, v) in o {
+                    map.serialize_entry(k, v)?;
+                }
+                map.end()
+            }
+            Node::Arr(a) => {
+                let mut seq = serializer.serialize_seq(Some(a.len()))?;
+                for v in a {
+                    seq.serialize_element(v)?;
+                }
+                seq.end()
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_like_serde_json() {
+        let mut n = Node::obj();
+        n.insert("b", Node::Str("x\"\n\u{1}".into()));
+        n.insert("a", Node::Num("1.50".into()));
+        n.insert("c", Node::Arr(vec![Node::Bool(true), Node::obj()]));
+        let mine = n.to_json(false);
+        assert_eq!(mine, r#"{"b":"x\"\n\u0001","a":1.50,"c":[true,{}]}"#);
+        assert_eq!(
+            serde_json::to_string(&n).ok().as_deref(),
+            Some(mine.as_str())
+        );
+        n.prune();
+        assert_eq!(
+            n.to_json(false),
+            r#"{"b":"x\"\n\u0001","a":1.50,"c":[true]}"#
+        );
+    }
+
+    #[test]
+    fn merges_fragments() {
+        let mut a = Node::Obj(vec![
+            ("x".into(), Node::Str("1".into())),
+            ("l".into(), Node::Arr(vec![Node::Str("p".into())])),
+        ]);
+        let b = Node::Obj(vec![
+            ("x".into(), Node::Str("2".into())),
+            ("y".into(), Node::Str("3".into())),
+            (
+                "l".into(),
+                Node::Arr(vec![Node::Str("p".into()), Node::Str("q".into())]),
+            ),
+        ]);
+        a.merge(b);
+        assert_eq!(a.to_json(false), r#"{"x":"1","l":["p","q"],"y":"3"}"#);
+    }
+}
