@@ -612,6 +612,54 @@ mod tests {
             prop_assert_eq!(got, want);
         }
 
+        /// On any input (framing bytes made frequent), with any options, the frames and
+        /// the error-ness are the same whether the stream comes at once or in pieces.
+        #[test]
+        fn reads_do_not_change_framing(
+            data in proptest::collection::vec(prop_oneof![Just(START_BLOCK), Just(END_BLOCK), Just(CARRIAGE_RETURN), Just(COMMIT_ACK), Just(0u8), any::<u8>()], 0..200),
+            control in any::<u8>(),
+            piece in 1usize..17,
+        ) {
+            let options = CodecOptions {
+                max_frame_size: 1 + usize::from(control & 0x3f) * 8,
+                max_discard: 1 + usize::from(control >> 6) * 64,
+                allow_missing_cr: control & 1 == 0,
+                restart_on_start_block: control & 2 == 0,
+                commit_blocks: control & 4 == 0,
+            };
+            let run = |chunks: Vec<&[u8]>| {
+                let mut c = MllpCodec::new(options.clone());
+                let mut buf = BytesMut::new();
+                let mut frames = Vec::new();
+                for chunk in chunks {
+                    buf.extend_from_slice(chunk);
+                    loop {
+                        match c.decode(&mut buf) {
+                            Ok(Some(f)) => frames.push(f),
+                            Ok(None) => break,
+                            Err(_) => return (frames, true),
+                        }
+                    }
+                }
+                loop {
+                    match c.decode_eof(&mut buf) {
+                        Ok(Some(f)) => frames.push(f),
+                        Ok(None) => return (frames, false),
+                        Err(_) => return (frames, true),
+                    }
+                }
+            };
+            let whole = run(vec![&data[..]]);
+            let pieces = run(data.chunks(piece).collect());
+            prop_assert_eq!(&whole, &pieces);
+            for f in &whole.0 {
+                if let Frame::Message(p) = f {
+                    prop_assert!(p.len() <= options.max_frame_size);
+                    prop_assert!(!p.contains(&END_BLOCK));
+                }
+            }
+        }
+
         /// Arbitrary bytes never panic the decoder.
         #[test]
         fn arbitrary_input_never_panics(input in proptest::collection::vec(any::<u8>(), 0..300), cut in 0usize..300) {
