@@ -243,6 +243,20 @@ async fn connection_caps() {
     assert!(fourth.read_ack().await.is_some());
     drop((b, fourth));
     server.shutdown().await;
+
+    // The global cap.
+    let mut c = config();
+    c.max_connections = 1;
+    let server = start_parser(c).await;
+    let mut only = Raw::connect(server.local_addr()).await;
+    only.send(&message("ONLY")).await;
+    assert!(only.read_ack().await.is_some());
+    let mut second = Raw::connect(server.local_addr()).await;
+    assert!(second.closed().await);
+    only.send(&message("STILL")).await;
+    assert_eq!(only.read_ack().await.unwrap().control_id, "STILL");
+    drop(only);
+    assert_eq!(server.shutdown().await.refused_limit, 1);
 }
 
 /// Blocks each frame until the test releases it, and reports that it started.

@@ -245,3 +245,25 @@ async fn certificates_reload_without_restart() {
     new.close().await;
     s.server.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_client_that_never_completes_the_handshake_is_dropped() {
+    let pki = Pki::new("handshake-timeout");
+    let (cert, key) = pki.issue("server", "passerelle", &["localhost"], false);
+    let tls = ServerTls::load(ServerTlsConfig {
+        cert,
+        key,
+        client_ca: None,
+        allowed_peers: Vec::new(),
+    })
+    .unwrap();
+    let mut c = config();
+    c.handshake_timeout = std::time::Duration::from_millis(300);
+    let server = start(c, Some(tls), ParseAckHandler::default()).await;
+    let mut silent = Raw::connect(server.local_addr()).await;
+    let t = std::time::Instant::now();
+    assert!(silent.closed().await);
+    assert!(t.elapsed() >= std::time::Duration::from_millis(250));
+    let stats = server.shutdown().await;
+    assert_eq!(stats.tls_failed, 1);
+}
