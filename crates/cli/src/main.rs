@@ -8,6 +8,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod check_cmd;
+mod map_cmd;
 mod parse_cmd;
 mod send_cmd;
 mod serve_cmd;
@@ -31,6 +33,10 @@ enum Command {
     Send(send_cmd::SendArgs),
     /// Run the MLLP listener (TCP or TLS) and answer each message.
     Serve(serve_cmd::ServeArgs),
+    /// Map HL7 v2 files to FHIR R4 transaction bundles with a mapping pack.
+    Map(map_cmd::MapArgs),
+    /// Load every mapping pack and report each problem (file:line:column and field).
+    Check(check_cmd::CheckArgs),
 }
 
 fn main() -> ExitCode {
@@ -39,5 +45,7 @@ fn main() -> ExitCode {
         Command::Parse(args) => parse_cmd::run(&args),
         Command::Send(args) => send_cmd::run(&args),
         Command::Serve(args) => serve_cmd::run(&args),
+        Command::Map(args) => map_cmd::run(&args),
+        Command::Check(args) => check_cmd::run(&args),
     }
 }

@@ -1,0 +1,117 @@
+//! `passerelle map FILE... [--pack DIR] [--pretty] [--site-offset ±HH:MM]`.
+
+use std::io::{self, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Args;
+use passerelle_hl7::{ParseOptions, batch};
+use passerelle_mapping::{MapOptions, Pack};
+
+#[derive(Debug, Args)]
+pub(crate) struct MapArgs {
+    /// Files holding one message, several concatenated messages, or a batch (FHS/BHS).
+    #[arg(required = true)]
+    files: Vec<PathBuf>,
+    /// The mapping pack folder.
+    #[arg(long, default_value = "mappings/v2-to-fhir")]
+    pack: PathBuf,
+    /// Indent the JSON (otherwise one bundle per line).
+    #[arg(long)]
+    pretty: bool,
+    /// The site's UTC offset for times sent without one, e.g. `+01:00` (overrides the pack's).
+    #[arg(long, value_parser = parse_offset, allow_hyphen_values = true)]
+    site_offset: Option<i16>,
+}
+
+fn parse_offset(s: &str) -> Result<i16, String> {
+    let b = s.as_bytes();
+    let bad = || format!("{s:?} is not ±HH:MM");
+    if b.len() != 6 || b[3] != b':' || !matches!(b[0], b'+' | b'-') {
+        return Err(bad());
+    }
+    let h: i16 = s[1..3].parse().map_err(|_| bad())?;
+    let m: i16 = s[4..6].parse().map_err(|_| bad())?;
+    if h > 14 || m > 59 {
+        return Err(bad());
+    }
+    Ok(if b[0] == b'-' {
+        -(h * 60 + m)
+    } else {
+        h * 60 + m
+    })
+}
+
+pub(crate) fn run(args: &MapArgs) -> ExitCode {
+    let pack = match Pack::load(&args.pack) {
+        Ok(p) => p,
+        Err(errors) => {
+            eprintln!("{errors}");
+            eprintln!(
+                "passerelle map: the pack {} does not load ({} problems)",
+                args.pack.display(),
+                errors.0.len()
+            );
+            return ExitCode::from(2);
+        }
+    };
+    let options = MapOptions {
+        site_offset: args.site_offset,
+    };
+    let stdout = io::stdout();
+    let mut out = stdout.lock();
+    let mut failures = 0usize;
+    for file in &args.files {
+        let name = file.display().to_string();
+        let bytes = match std::fs::read(file) {
+            Ok(b) => b,
+            Err(e) => {
+                eprintln!("{name}: cannot read: {e}");
+                failures += 1;
+                continue;
+            }
+        };
+        let messages = match batch::parse_all(&bytes, &ParseOptions::default()) {
+            Ok(m) => m,
+            Err(e) => {
+                eprintln!("{name}: {e}");
+                failures += 1;
+                continue;
+            }
+        };
+        let several = messages.len() > 1;
+        for (i, parsed) in messages.iter().enumerate() {
+            let label = if several {
+                format!("{name}#{}", i + 1)
+            } else {
+                name.clone()
+            };
+            let bundle = match parsed {
+                Ok(message) => pack.map(message, &options),
+                Err(e) => {
+                    eprintln!("{label}: {e}");
+                    failures += 1;
+                    continue;
+                }
+            };
+            match bundle {
+                Ok(bundle) => {
+                    if let Err(e) = writeln!(out, "{}", bundle.to_json(args.pretty)) {
+                        eprintln!("passerelle map: cannot write output: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                }
+                Err(e) => {
+                    eprintln!("{label}: {e}");
+                    failures += 1;
+                }
+            }
+        }
+    }
+    if failures > 0 {
+        eprintln!("passerelle map: {failures} message(s) or file(s) could not be mapped");
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
