@@ -93,9 +93,9 @@ pub(crate) struct Step {
 pub(crate) struct Target(pub(crate) Vec<Step>);
 
 impl Target {
-    /// Whether the last step appends (each value read goes to a new element).
+    /// Whether a step appends: then each value read goes to a new element.
     pub(crate) fn appends(&self) -> bool {
-        self.0.last().is_some_and(|s| s.index == Index::Append)
+        self.0.iter().any(|s| s.index == Index::Append)
     }
 }
 
