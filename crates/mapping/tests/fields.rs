@@ -426,7 +426,23 @@ fn merge_links_both_records() {
 fn charsets_and_escapes_are_decoded() {
     let b = common::map_fixture("fr_pam_a28_utf8.hl7");
     let p = of_type(&b, "Patient")[0];
-    assert!(p.to_json(false).chars().any(|c| !c.is_ascii()));
+    assert_eq!(text(p, "name.0.family"), "GONÇALVES");
+    assert_eq!(text(p, "name.0.given.1"), "João Miguel");
+    assert!(
+        at(p, "identifier")
+            .unwrap()
+            .items()
+            .iter()
+            .any(|i| text(i, "system") == "urn:oid:1.2.250.1.213.1.4.8")
+    );
     let latin = common::map_fixture("latin1_oru_r01.hl7");
-    assert!(latin.to_json(false).contains('é') || latin.to_json(false).contains('Ü'));
+    let p = of_type(&latin, "Patient")[0];
+    assert_eq!(text(p, "name.0.family"), "MÜLLER NÚÑEZ");
+    assert_eq!(text(p, "name.0.given.0"), "Søren");
+    let obs = of_type(&latin, "Observation");
+    assert!(
+        obs.iter()
+            .any(|o| at(o, "valueString").and_then(Node::as_str)
+                == Some("Remarque : café pris avant le prélèvement"))
+    );
 }
