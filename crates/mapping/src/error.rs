@@ -27,6 +27,8 @@ pub enum LoadErrorKind {
     UnknownVocabulary,
     /// A `map` naming no segment map, or one for another segment.
     UnknownSegmentMap,
+    /// An `[[extend]]` naming no message map.
+    UnknownMessageMap,
     /// A `structure` naming no structure.
     UnknownStructure,
     /// A group (in `for`, `within` or `parent`) the structure does not declare, or a

@@ -30,6 +30,16 @@ struct RawFile {
     datatype: Vec<Spanned<RawDatatype>>,
     #[serde(default)]
     vocabulary: Vec<Spanned<RawVocab>>,
+    #[serde(default)]
+    extend: Vec<Spanned<RawExtend>>,
+}
+
+/// Rows added to a message map declared elsewhere (a site's Z-segments, local resources).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawExtend {
+    message: S,
+    resources: Vec<Spanned<RawRow>>,
 }
 
 type S = Spanned<String>;
@@ -490,6 +500,7 @@ fn compile(loader: &mut Loader, sources: &[FileText]) -> Result<Pack, LoadErrors
                 &structures[structure],
                 &segments,
                 &segment_names,
+                Vec::new(),
             );
             messages.push(MessageMap {
                 name: m.name.get_ref().clone(),
@@ -497,6 +508,39 @@ fn compile(loader: &mut Loader, sources: &[FileText]) -> Result<Pack, LoadErrors
                 structure,
                 rows,
             });
+        }
+    }
+
+    for p in &parsed {
+        let f = p.file;
+        for x in &p.raw.extend {
+            let x = x.get_ref();
+            let context = format!("extension of message map {:?}", x.message.get_ref());
+            let Some(index) = messages
+                .iter()
+                .position(|m: &MessageMap| &m.name == x.message.get_ref())
+            else {
+                loader.error(
+                    K::UnknownMessageMap,
+                    f.loc(x.message.span().start),
+                    format!("{context}, message"),
+                    format!("no message map named {:?}", x.message.get_ref()),
+                );
+                continue;
+            };
+            let existing = std::mem::take(&mut messages[index].rows);
+            let structure = &structures[messages[index].structure];
+            let rows = compile_rows(
+                loader,
+                f,
+                &context,
+                &x.resources,
+                structure,
+                &segments,
+                &segment_names,
+                existing,
+            );
+            messages[index].rows = rows;
         }
     }
 
@@ -892,8 +936,9 @@ fn compile_rows(
     structure: &Structure,
     segments: &[SegmentMap],
     segment_names: &HashMap<String, usize>,
+    existing: Vec<Row>,
 ) -> Vec<Row> {
-    let mut out: Vec<Row> = Vec::new();
+    let mut out: Vec<Row> = existing;
     let group_named = |name: &str| structure.groups.iter().position(|g| g.name == name);
     for (i, r) in rows.iter().enumerate() {
         let loc = f.loc(r.span().start);
