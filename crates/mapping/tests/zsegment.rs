@@ -70,6 +70,6 @@ fn a_z_segment_is_one_more_file() {
     let e = &errors.0[0];
     assert_eq!(e.kind, passerelle_mapping::LoadErrorKind::UnknownMessageMap);
     assert!(e.loc.file.ends_with("zpi.toml"));
-    assert_eq!((e.loc.line, e.loc.column), (11, 11));
+    assert_eq!((e.loc.line, e.loc.column), (10, 11));
     fs::remove_dir_all(&dir).unwrap();
 }
