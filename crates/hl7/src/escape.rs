@@ -113,9 +113,14 @@ fn hex_digit(b: u8) -> Option<u8> {
 }
 
 /// Appends `text`'s bytes (already in the target character set) with every delimiter,
-/// CR and LF escaped. Requires an escape character.
+/// CR and LF escaped. When the message declares no escape character nothing can be
+/// escaped: the bytes are copied as they are, and the caller must refuse text holding a
+/// delimiter or a control byte ([`OwnedMessage::write`](crate::OwnedMessage::write) does).
 pub fn escape_into(bytes: &[u8], s: &Separators, out: &mut Vec<u8>) {
-    let esc = s.escape.unwrap_or(b'\\');
+    let Some(esc) = s.escape else {
+        out.extend_from_slice(bytes);
+        return;
+    };
     // `\.br\` would be cut in two if `.` is itself a delimiter: use the hex form then.
     let line_break: &[u8] = if s.is_delimiter(b'.') { b"X0A" } else { b".br" };
     for &b in bytes {

@@ -362,8 +362,34 @@ mod tests {
         let written = owned.write().unwrap();
         let again = OwnedMessage::from_message(&Message::parse(&written).unwrap());
         assert_eq!(again, owned);
-        assert_eq!(again.segments[0].fields[1], vec![vec![vec!["^~\\&".to_owned()]]]);
-        assert_eq!(again.segments[0].fields[2], vec![vec![vec!["A".to_owned(), "B".to_owned()]]]);
+        assert_eq!(
+            again.segments[0].fields[1],
+            vec![vec![vec!["^~\\&".to_owned()]]]
+        );
+        assert_eq!(
+            again.segments[0].fields[2],
+            vec![vec![vec!["A".to_owned(), "B".to_owned()]]]
+        );
+    }
+
+    #[test]
+    fn no_escape_character_means_backslashes_are_text() {
+        // Found by fuzzing: with MSH-2 `^~&` a backslash is plain text and must stay so.
+        let bytes = b"MSH|^~&|APP|F|||20240101||ADT^A01|1|P|2.5\rNTE|1||a\\X41\\b\r";
+        let m = Message::parse(bytes).unwrap();
+        assert_eq!(m.text("NTE-3").unwrap().as_deref(), Some("a\\X41\\b"));
+        let owned = OwnedMessage::from_message(&m);
+        let written = owned.write().unwrap();
+        assert_eq!(
+            OwnedMessage::from_message(&Message::parse(&written).unwrap()),
+            owned
+        );
+        let mut with_delimiter = owned.clone();
+        with_delimiter.set(&p("NTE-3"), "a|b").unwrap();
+        assert!(matches!(
+            with_delimiter.write(),
+            Err(EncodeError::NoEscapeCharacter { .. })
+        ));
     }
 
     #[test]
