@@ -26,7 +26,7 @@ impl Default for GroupCommitConfig {
     fn default() -> Self {
         GroupCommitConfig {
             max_batch: 256,
-            linger: Duration::from_micros(200),
+            linger: Duration::ZERO,
         }
     }
 }
@@ -124,6 +124,7 @@ fn committer(
     config: GroupCommitConfig,
 ) {
     let mut done = 0u64;
+    let mut last_batch = 0u64;
     loop {
         // Wait for a ticket beyond what is durable.
         {
@@ -137,14 +138,17 @@ fn committer(
         if shared.issued.load(Ordering::SeqCst) == done && shared.stop.load(Ordering::SeqCst) {
             return;
         }
-        // Linger so that concurrent writers share this flush.
-        let deadline = Instant::now() + config.linger;
-        while shared.issued.load(Ordering::SeqCst) - done < config.max_batch
-            && Instant::now() < deadline
-        {
-            std::thread::yield_now();
+        // Linger so that concurrent writers share this flush, when they are concurrent.
+        if last_batch > 1 {
+            let deadline = Instant::now() + config.linger;
+            while shared.issued.load(Ordering::SeqCst) - done < config.max_batch
+                && Instant::now() < deadline
+            {
+                std::thread::yield_now();
+            }
         }
         let target = shared.issued.load(Ordering::SeqCst);
+        last_batch = target - done;
         match db.flush() {
             Ok(_) => {
                 done = target;

@@ -62,6 +62,7 @@ mod commit;
 pub mod contract;
 mod retry;
 mod sled_store;
+mod space;
 mod types;
 
 use std::future::Future;

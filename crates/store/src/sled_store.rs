@@ -7,11 +7,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
-use sled::{Transactional, Tree};
+use sled::Tree;
 
 use crate::codec::{be, decode, encode, open, read_be, seal};
 use crate::commit::{GroupCommit, GroupCommitConfig};
+use crate::space::{Space, Writes};
 use crate::types::*;
 use crate::{Store, StoreError};
 
@@ -94,16 +94,18 @@ impl StoreConfig {
 pub struct SledStore {
     db: sled::Db,
     path: PathBuf,
-    messages: Tree,
-    raw: Tree,
-    deliveries: Tree,
-    keys: Tree,
-    ready: Tree,
-    inflight: Tree,
-    counts: Tree,
-    index: Tree,
+    /// Every record, under one-byte prefixes (see [`Space`]): changes are atomic batches.
+    data: Tree,
+    messages: Space,
+    raw: Space,
+    deliveries: Space,
+    keys: Space,
+    ready: Space,
+    inflight: Space,
+    counts: Space,
+    index: Space,
     quarantine: Tree,
-    /// Serialises queue changes: each reads (scans) then writes in a transaction.
+    /// Serialises changes: each reads (scans, counters) then writes one atomic batch.
     queue_lock: Mutex<()>,
     commit: GroupCommit,
     config: StoreConfig,
@@ -117,8 +119,6 @@ impl fmt::Debug for SledStore {
             .finish()
     }
 }
-
-type TxResult<T> = Result<T, ConflictableTransactionError<StoreError>>;
 
 fn dest_prefix(destination: &str) -> Vec<u8> {
     let mut k = destination.as_bytes().to_vec();
@@ -168,20 +168,6 @@ fn delivery_counter(destination: &str, state: DeliveryState) -> Vec<u8> {
     format!("d/{destination}/{}", state.name()).into_bytes()
 }
 
-fn bump(counts: &TransactionalTree, key: &[u8], delta: i64) -> TxResult<()> {
-    let current = counts.get(key)?.and_then(|v| read_be(&v)).unwrap_or(0);
-    let next = current.saturating_add_signed(delta);
-    counts.insert(key, &be(next))?;
-    Ok(())
-}
-
-fn tx_error(e: TransactionError<StoreError>) -> StoreError {
-    match e {
-        TransactionError::Abort(e) => e,
-        TransactionError::Storage(e) => StoreError::Storage(e),
-    }
-}
-
 impl SledStore {
     /// Opens (or creates) the store. In-flight leases left by a previous run return to ready.
     pub fn open(config: StoreConfig) -> Result<SledStore, StoreError> {
@@ -205,16 +191,18 @@ impl SledStore {
             }
         }
         let commit = GroupCommit::start(db.clone(), config.group_commit);
+        let data = db.open_tree("data")?;
         let seed = config.clock.now_ms() | 1;
         let store = SledStore {
-            messages: db.open_tree("messages")?,
-            raw: db.open_tree("raw")?,
-            deliveries: db.open_tree("deliveries")?,
-            keys: db.open_tree("keys")?,
-            ready: db.open_tree("ready")?,
-            inflight: db.open_tree("inflight")?,
-            counts: db.open_tree("counts")?,
-            index: db.open_tree("index")?,
+            messages: Space::new(&data, b'm'),
+            raw: Space::new(&data, b'r'),
+            deliveries: Space::new(&data, b'd'),
+            keys: Space::new(&data, b'k'),
+            ready: Space::new(&data, b'q'),
+            inflight: Space::new(&data, b'f'),
+            counts: Space::new(&data, b'c'),
+            index: Space::new(&data, b'i'),
+            data,
             quarantine: db.open_tree("quarantine")?,
             path: config.path.clone(),
             db,
@@ -277,11 +265,9 @@ impl SledStore {
                 "messages" => self.messages.remove(key)?,
                 "raw" => self.raw.remove(key)?,
                 "deliveries" => self.deliveries.remove(key)?,
-                _ => None,
-            };
-            self.counts.update_and_fetch("quarantined", |v| {
-                Some(be(v.and_then(read_be).unwrap_or(0) + 1).to_vec())
-            })?;
+                _ => {}
+            }
+            self.counts.add("quarantined", 1)?;
             Ok(())
         })();
         let key_text = read_be(key)
@@ -380,24 +366,23 @@ impl SledStore {
             d.next_attempt_ms = now;
             let dkey = delivery_key(&destination, seq);
             let value = encode(&d);
-            (&self.deliveries, &self.ready, &self.inflight, &self.counts)
-                .transaction(|(dt, rt, ft, ct)| {
-                    ft.remove(inflight_key.as_slice())?;
-                    dt.insert(dkey.as_slice(), value.as_slice())?;
-                    rt.insert(timed_key(&destination, now, seq), &[][..])?;
-                    bump(
-                        ct,
-                        &delivery_counter(&destination, DeliveryState::InFlight),
-                        -1,
-                    )?;
-                    bump(
-                        ct,
-                        &delivery_counter(&destination, DeliveryState::Pending),
-                        1,
-                    )?;
-                    Ok(())
-                })
-                .map_err(tx_error)?;
+            let mut w = Writes::default();
+
+            w.remove(&self.inflight, inflight_key.as_slice());
+            w.insert(&self.deliveries, dkey.as_slice(), value.as_slice());
+            w.insert(&self.ready, timed_key(&destination, now, seq), &[][..]);
+            w.bump(
+                &self.counts,
+                &delivery_counter(&destination, DeliveryState::InFlight),
+                -1,
+            );
+            w.bump(
+                &self.counts,
+                &delivery_counter(&destination, DeliveryState::Pending),
+                1,
+            );
+
+            w.commit(&self.data)?;
             count += 1;
         }
         Ok(count)
@@ -486,17 +471,20 @@ impl Store for SledStore {
             .msh
             .as_ref()
             .map(|m| index_key(b'c', &m.control_id, id));
-        (&self.messages, &self.raw, &self.counts, &self.index)
-            .transaction(|(mt, rt, ct, it)| {
-                mt.insert(&key, value.as_slice())?;
-                rt.insert(&key, raw.as_slice())?;
-                if let Some(c) = &control {
-                    it.insert(c.as_slice(), &[][..])?;
-                }
-                bump(ct, &message_counter(state), 1)?;
-                Ok(())
-            })
-            .map_err(tx_error)?;
+        let mut w = Writes::default();
+
+        w.insert(&self.messages, key, value.as_slice());
+        w.insert(&self.raw, key, raw.as_slice());
+        if let Some(c) = &control {
+            w.insert(&self.index, c.as_slice(), &[][..]);
+        }
+        w.bump(&self.counts, &message_counter(state), 1);
+        {
+            // The counter update reads then writes: under the lock, which is held only
+            // for this in-memory batch, never across the flush.
+            let _guard = self.lock();
+            w.commit(&self.data)?;
+        }
         self.commit.wait_durable().await?;
         Ok(id)
     }
@@ -575,47 +563,47 @@ impl Store for SledStore {
         });
         let value = encode(&record);
         let key = be(id);
-        (
-            &self.messages,
-            &self.deliveries,
-            &self.keys,
-            &self.ready,
-            &self.counts,
-            &self.index,
-        )
-            .transaction(|(mt, dt, kt, rt, ct, it)| {
-                mt.insert(&key, value.as_slice())?;
-                bump(ct, &message_counter(before), -1)?;
-                bump(ct, &message_counter(state), 1)?;
-                for (e, seq, is_head) in &new_deliveries {
-                    let d = Delivery {
-                        destination: e.destination.clone(),
-                        seq: *seq,
-                        message_id: id,
-                        ordering_key: e.ordering_key.clone(),
-                        state: DeliveryState::Pending,
-                        attempts: 0,
-                        enqueued_at_ms: now,
-                        next_attempt_ms: now,
-                        lease_until_ms: 0,
-                        dead_reason: None,
-                        history: Vec::new(),
-                    };
-                    dt.insert(delivery_key(&e.destination, *seq), encode(&d))?;
-                    kt.insert(key_entry(&e.destination, &e.ordering_key, *seq), &[][..])?;
-                    if *is_head {
-                        rt.insert(timed_key(&e.destination, now, *seq), &[][..])?;
-                    }
-                    it.insert(index_key(b'k', &e.ordering_key, id), &[][..])?;
-                    bump(
-                        ct,
-                        &delivery_counter(&e.destination, DeliveryState::Pending),
-                        1,
-                    )?;
-                }
-                Ok(())
-            })
-            .map_err(tx_error)?;
+        let mut w = Writes::default();
+
+        w.insert(&self.messages, key, value.as_slice());
+        w.bump(&self.counts, &message_counter(before), -1);
+        w.bump(&self.counts, &message_counter(state), 1);
+        for (e, seq, is_head) in &new_deliveries {
+            let d = Delivery {
+                destination: e.destination.clone(),
+                seq: *seq,
+                message_id: id,
+                ordering_key: e.ordering_key.clone(),
+                state: DeliveryState::Pending,
+                attempts: 0,
+                enqueued_at_ms: now,
+                next_attempt_ms: now,
+                lease_until_ms: 0,
+                dead_reason: None,
+                history: Vec::new(),
+            };
+            w.insert(
+                &self.deliveries,
+                delivery_key(&e.destination, *seq),
+                encode(&d),
+            );
+            w.insert(
+                &self.keys,
+                key_entry(&e.destination, &e.ordering_key, *seq),
+                &[][..],
+            );
+            if *is_head {
+                w.insert(&self.ready, timed_key(&e.destination, now, *seq), &[][..]);
+            }
+            w.insert(&self.index, index_key(b'k', &e.ordering_key, id), &[][..]);
+            w.bump(
+                &self.counts,
+                &delivery_counter(&e.destination, DeliveryState::Pending),
+                1,
+            );
+        }
+
+        w.commit(&self.data)?;
         Ok(())
     }
 
@@ -667,20 +655,23 @@ impl Store for SledStore {
             d.lease_until_ms = lease_until;
             let value = encode(&d);
             let dkey = delivery_key(destination, seq);
-            (&self.deliveries, &self.ready, &self.inflight, &self.counts)
-                .transaction(|(dt, rt, ft, ct)| {
-                    rt.remove(ready_key.as_slice())?;
-                    dt.insert(dkey.as_slice(), value.as_slice())?;
-                    ft.insert(timed_key(destination, lease_until, seq), &[][..])?;
-                    bump(ct, &delivery_counter(destination, before), -1)?;
-                    bump(
-                        ct,
-                        &delivery_counter(destination, DeliveryState::InFlight),
-                        1,
-                    )?;
-                    Ok(())
-                })
-                .map_err(tx_error)?;
+            let mut w = Writes::default();
+
+            w.remove(&self.ready, ready_key.as_slice());
+            w.insert(&self.deliveries, dkey.as_slice(), value.as_slice());
+            w.insert(
+                &self.inflight,
+                timed_key(destination, lease_until, seq),
+                &[][..],
+            );
+            w.bump(&self.counts, &delivery_counter(destination, before), -1);
+            w.bump(
+                &self.counts,
+                &delivery_counter(destination, DeliveryState::InFlight),
+                1,
+            );
+
+            w.commit(&self.data)?;
             leases.push(Lease {
                 destination: destination.to_owned(),
                 seq,
@@ -756,38 +747,35 @@ impl Store for SledStore {
         let inflight_key = timed_key(destination, lease.lease_until_ms, lease.seq);
         let own_key = key_entry(destination, &d.ordering_key, lease.seq);
         let next_attempt = d.next_attempt_ms;
-        (
-            &self.deliveries,
-            &self.keys,
-            &self.ready,
-            &self.inflight,
+        let mut w = Writes::default();
+
+        w.remove(&self.inflight, inflight_key.as_slice());
+        w.insert(&self.deliveries, dkey.as_slice(), value.as_slice());
+        w.bump(
             &self.counts,
-        )
-            .transaction(|(dt, kt, rt, ft, ct)| {
-                ft.remove(inflight_key.as_slice())?;
-                dt.insert(dkey.as_slice(), value.as_slice())?;
-                bump(
-                    ct,
-                    &delivery_counter(destination, DeliveryState::InFlight),
-                    -1,
-                )?;
-                bump(ct, &delivery_counter(destination, next_state), 1)?;
-                match next_state {
-                    DeliveryState::RetryWait => {
-                        rt.insert(timed_key(destination, next_attempt, lease.seq), &[][..])?;
-                    }
-                    _ if releases_key => {
-                        kt.remove(own_key.as_slice())?;
-                        if let Some(next) = successor {
-                            rt.insert(timed_key(destination, now, next), &[][..])?;
-                        }
-                    }
-                    // A dead delivery that holds its key stays first in `keys`, not ready.
-                    _ => {}
+            &delivery_counter(destination, DeliveryState::InFlight),
+            -1,
+        );
+        w.bump(&self.counts, &delivery_counter(destination, next_state), 1);
+        match next_state {
+            DeliveryState::RetryWait => {
+                w.insert(
+                    &self.ready,
+                    timed_key(destination, next_attempt, lease.seq),
+                    &[][..],
+                );
+            }
+            _ if releases_key => {
+                w.remove(&self.keys, own_key.as_slice());
+                if let Some(next) = successor {
+                    w.insert(&self.ready, timed_key(destination, now, next), &[][..]);
                 }
-                Ok(())
-            })
-            .map_err(tx_error)?;
+            }
+            // A dead delivery that holds its key stays first in `keys`, not ready.
+            _ => {}
+        }
+
+        w.commit(&self.data)?;
         Ok(next_state)
     }
 
@@ -841,20 +829,23 @@ impl Store for SledStore {
             let dest = r.destination.clone();
             let okey = d.ordering_key.clone();
             let seq = r.seq;
-            (&self.deliveries, &self.keys, &self.ready, &self.counts)
-                .transaction(|(dt, kt, rt, ct)| {
-                    dt.insert(delivery_key(&dest, seq), value.as_slice())?;
-                    if !held_key {
-                        kt.insert(key_entry(&dest, &okey, seq), &[][..])?;
-                    }
-                    if is_head {
-                        rt.insert(timed_key(&dest, now, seq), &[][..])?;
-                    }
-                    bump(ct, &delivery_counter(&dest, before), -1)?;
-                    bump(ct, &delivery_counter(&dest, DeliveryState::Pending), 1)?;
-                    Ok(())
-                })
-                .map_err(tx_error)?;
+            let mut w = Writes::default();
+
+            w.insert(&self.deliveries, delivery_key(&dest, seq), value.as_slice());
+            if !held_key {
+                w.insert(&self.keys, key_entry(&dest, &okey, seq), &[][..]);
+            }
+            if is_head {
+                w.insert(&self.ready, timed_key(&dest, now, seq), &[][..]);
+            }
+            w.bump(&self.counts, &delivery_counter(&dest, before), -1);
+            w.bump(
+                &self.counts,
+                &delivery_counter(&dest, DeliveryState::Pending),
+                1,
+            );
+
+            w.commit(&self.data)?;
             count += 1;
         }
         if let Some(bundle) = bundle {
@@ -897,35 +888,29 @@ impl Store for SledStore {
             }
         }
         let key = be(id);
-        (
-            &self.messages,
-            &self.raw,
-            &self.deliveries,
-            &self.keys,
-            &self.ready,
-            &self.counts,
-            &self.index,
-        )
-            .transaction(|(mt, rt, dt, kt, readyt, ct, it)| {
-                mt.remove(&key)?;
-                rt.remove(&key)?;
-                for k in &promote {
-                    readyt.insert(k.as_slice(), &[][..])?;
-                }
-                bump(ct, &message_counter(record.state), -1)?;
-                if let Some(m) = &record.msh {
-                    it.remove(index_key(b'c', &m.control_id, id))?;
-                }
-                for d in &deliveries {
-                    dt.remove(delivery_key(&d.destination, d.seq))?;
-                    // A dead delivery holding its key frees it.
-                    kt.remove(key_entry(&d.destination, &d.ordering_key, d.seq))?;
-                    it.remove(index_key(b'k', &d.ordering_key, id))?;
-                    bump(ct, &delivery_counter(&d.destination, d.state), -1)?;
-                }
-                Ok(())
-            })
-            .map_err(tx_error)?;
+        let mut w = Writes::default();
+
+        w.remove(&self.messages, key);
+        w.remove(&self.raw, key);
+        for k in &promote {
+            w.insert(&self.ready, k.as_slice(), &[][..]);
+        }
+        w.bump(&self.counts, &message_counter(record.state), -1);
+        if let Some(m) = &record.msh {
+            w.remove(&self.index, index_key(b'c', &m.control_id, id));
+        }
+        for d in &deliveries {
+            w.remove(&self.deliveries, delivery_key(&d.destination, d.seq));
+            // A dead delivery holding its key frees it.
+            w.remove(
+                &self.keys,
+                key_entry(&d.destination, &d.ordering_key, d.seq),
+            );
+            w.remove(&self.index, index_key(b'k', &d.ordering_key, id));
+            w.bump(&self.counts, &delivery_counter(&d.destination, d.state), -1);
+        }
+
+        w.commit(&self.data)?;
         Ok(true)
     }
 
@@ -1001,7 +986,7 @@ impl Store for SledStore {
             match (&query.control_id, &query.ordering_key) {
                 (Some(c), _) => Box::new(self.index_ids(b'c', c, start)),
                 (None, Some(k)) => Box::new(self.index_ids(b'k', k, start)),
-                (None, None) => Box::new(self.messages.range(be(start)..).map(|e| {
+                (None, None) => Box::new(self.messages.range_from(be(start)).map(|e| {
                     e.map_err(StoreError::from)
                         .and_then(|(k, _)| read_be(&k).ok_or(StoreError::NotFound(0)))
                 })),
