@@ -26,24 +26,26 @@
 //!
 //! ## The sled backend ([`SledStore`])
 //!
-//! Layout (one sled database, big-endian integer keys so that they sort):
+//! Layout: one sled tree, `data`, holds every record under a one-byte key prefix (a key
+//! space); integers in keys are big-endian so that they sort. `meta` holds the schema
+//! version and `quarantine` the damaged values.
 //!
-//! | tree         | key                                   | value                       |
-//! |--------------|---------------------------------------|-----------------------------|
-//! | `meta`       | `schema_version`                      | `1`                         |
-//! | `messages`   | id                                    | [`MessageRecord`] (JSON)    |
-//! | `raw`        | id                                    | the frame's bytes           |
-//! | `deliveries` | destination, 0, seq                   | [`Delivery`] (JSON)         |
-//! | `keys`       | destination, 0, key length, key, seq  | (empty): unfinished, by key |
-//! | `ready`      | destination, 0, due time, seq         | (empty): heads ready to go  |
-//! | `inflight`   | destination, 0, lease end, seq        | (empty): leases             |
-//! | `counts`     | counter name                          | u64                         |
-//! | `index`      | `c` control id / `k` key, 0, id       | (empty)                     |
-//! | `quarantine` | tree, 0, key                          | the damaged value           |
+//! | space | key (after the prefix)                | value                        |
+//! |-------|---------------------------------------|------------------------------|
+//! | `m`   | id                                    | [`MessageRecord`] (JSON)     |
+//! | `r`   | id                                    | the frame's bytes            |
+//! | `d`   | destination, 0, seq                   | [`Delivery`] (JSON)          |
+//! | `k`   | destination, 0, key length, key, seq  | (empty): unfinished, by key  |
+//! | `q`   | destination, 0, due time, seq         | (empty): heads ready to go   |
+//! | `f`   | destination, 0, lease end, seq        | (empty): leases              |
+//! | `c`   | counter name                          | u64                          |
+//! | `i`   | `c` control id / `k` key, 0, id       | (empty): look-up indexes     |
 //!
 //! Every value ends with a CRC-32. A value that fails its check is moved to `quarantine`,
-//! counted and reported; the rest of the store stays readable. Multi-key changes are sled
-//! transactions, so a crash leaves either the old or the new state.
+//! counted and reported; the rest of the store stays readable. A change that touches
+//! several records (counters included) is one `apply_batch`, which sled applies
+//! atomically, so a crash leaves either the old or the new state. Writers hold a lock
+//! while they read and write (a few in-memory B-tree operations), never across a flush.
 //!
 //! **Durability, honestly.** `journal` returns after `sled::Db::flush`. On Linux, sled
 //! 0.34 makes its log durable with `sync_file_range`, not `fsync`/`fdatasync`: the data
