@@ -190,3 +190,27 @@ pub trait Store: Send + Sync + 'static {
     /// Makes every write so far durable.
     fn flush(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
 }
+
+/// Runs retention in the background: every `every`, deletes the messages delivered
+/// everywhere and received more than `keep` ago. Errors are logged and retried at the
+/// next tick; the task ends when the returned handle is aborted or the runtime stops.
+pub fn spawn_retention<S: Store>(
+    store: std::sync::Arc<S>,
+    clock: std::sync::Arc<dyn Clock>,
+    keep: std::time::Duration,
+    every: std::time::Duration,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let cutoff = clock.now_ms().saturating_sub(keep.as_millis() as u64);
+            match store.prune_delivered(cutoff).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(pruned = n, "retention: delivered messages deleted"),
+                Err(e) => tracing::warn!(error = %e, "retention failed; retrying at the next tick"),
+            }
+        }
+    })
+}
