@@ -127,7 +127,7 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
         for row in &mm.rows {
             let map = &self.pack.segments[row.map];
             for seg in msg.segments() {
-                if seg.id() != row.segment {
+                if seg.id_bytes().as_slice() != row.segment.as_bytes() {
                     continue;
                 }
                 let inst = self.tree.of_segment[seg.index()];
@@ -170,7 +170,7 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
                         node = Node::Obj(vec![(at.clone(), node)]);
                     }
                     for (k, v) in &r.with {
-                        node.insert(k, v.clone());
+                        node.insert(k.clone(), v.clone());
                     }
                     set(&mut self.resources[idx].body, &r.to, node);
                 }
@@ -236,7 +236,7 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
         let mut any = false;
         for src in &spec.id {
             key.push('\u{1f}');
-            if let Some(v) = self.read_first(src, here).0.into_iter().next() {
+            if let Some((v, _)) = self.first(src, here) {
                 any = true;
                 key.push_str(&v.text());
             }
@@ -372,38 +372,55 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
             };
             if let Some(sep) = &rule.join {
                 // Every path is read and every value's text joined.
-                let text: Vec<String> = src
-                    .0
-                    .iter()
-                    .flat_map(|p| self.read(p, here))
-                    .filter(has_content)
-                    .map(leaf_text)
-                    .filter(|t| !t.is_empty())
-                    .collect();
+                let mut text = String::new();
+                for p in &src.0 {
+                    self.each(p, here, &mut |v| {
+                        if has_content(&v) {
+                            let t = leaf_text(v);
+                            if !t.is_empty() {
+                                if !text.is_empty() {
+                                    text.push_str(sep);
+                                }
+                                text.push_str(&t);
+                            }
+                        }
+                        true
+                    });
+                }
                 if !text.is_empty() {
-                    set(out, &rule.to, Node::Str(text.join(sep)));
+                    set(out, &rule.to, Node::Str(text));
                 }
                 continue;
             }
-            let (values, path) = self.read_first(src, here);
+            if !rule.to.appends() {
+                let Some((v, i)) = self.first(src, here) else {
+                    continue;
+                };
+                let node = match &rule.value {
+                    // `from` + `value`: the constant, when the path is valued.
+                    Some(constant) => Some(constant.clone()),
+                    None => self.convert(rule, v, here, &src.0[i])?,
+                };
+                if let Some(node) = node.filter(|n| !n.is_empty()) {
+                    set(out, &rule.to, node);
+                }
+                continue;
+            }
+            let mut values = Vec::new();
+            let i = self.all(src, here, &mut values);
             if values.is_empty() {
                 continue;
             }
-            if rule.value.is_some() {
-                // `from` + `value`: the constant, when the path is valued.
-                if let Some(v) = &rule.value {
-                    set(out, &rule.to, v.clone());
-                }
+            if let Some(constant) = &rule.value {
+                set(out, &rule.to, constant.clone());
                 continue;
             }
-            let all = rule.to.appends();
             for v in values {
-                let node = self.convert(rule, v, here, &path)?;
-                if let Some(node) = node.filter(|n| !n.is_empty()) {
+                if let Some(node) = self
+                    .convert(rule, v, here, &src.0[i])?
+                    .filter(|n| !n.is_empty())
+                {
                     set(out, &rule.to, node);
-                    if !all {
-                        break;
-                    }
                 }
             }
         }
@@ -555,55 +572,89 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
         }))
     }
 
-    /// The values of the first alternative that has content, and that alternative.
-    fn read_first(&self, src: &Source, here: Here<'m, 'a>) -> (Vec<Value<'a>>, SrcPath) {
-        for p in &src.0 {
-            let values: Vec<Value<'a>> =
-                self.read(p, here).into_iter().filter(has_content).collect();
-            if !values.is_empty() {
-                return (values, p.clone());
+    /// The first value with content, from the first alternative that has one, and the
+    /// index of that alternative.
+    fn first(&self, src: &Source, here: Here<'m, 'a>) -> Option<(Value<'a>, usize)> {
+        for (i, p) in src.0.iter().enumerate() {
+            let mut found = None;
+            self.each(p, here, &mut |v| {
+                if has_content(&v) {
+                    found = Some(v);
+                    false
+                } else {
+                    true
+                }
+            });
+            if let Some(v) = found {
+                return Some((v, i));
             }
         }
-        (Vec::new(), src.0[0].clone())
+        None
     }
 
-    fn read(&self, p: &SrcPath, here: Here<'m, 'a>) -> Vec<Value<'a>> {
+    /// Every value with content of the first alternative that has one.
+    fn all(&self, src: &Source, here: Here<'m, 'a>, out: &mut Vec<Value<'a>>) -> usize {
+        for (i, p) in src.0.iter().enumerate() {
+            self.each(p, here, &mut |v| {
+                if has_content(&v) {
+                    out.push(v);
+                }
+                true
+            });
+            if !out.is_empty() {
+                return i;
+            }
+        }
+        0
+    }
+
+    /// Calls `f` with each value the path selects, until it returns false.
+    fn each(&self, p: &SrcPath, here: Here<'m, 'a>, f: &mut dyn FnMut(Value<'a>) -> bool) {
         match p {
             SrcPath::Relative(parts) => {
                 let Some(mut v) = here.value else {
-                    return Vec::new();
+                    return;
                 };
                 for &n in parts {
                     match v.child(n) {
                         Some(c) => v = c,
-                        None => return Vec::new(),
+                        None => return,
                     }
                 }
-                vec![v]
+                f(v);
             }
-            SrcPath::Segment(path) => {
-                if path.segment_id() == here.seg.id() {
-                    return path.values_in(here.seg).collect();
-                }
-                if path.occurrence() != Selector::Nth(1) {
-                    return self.msg.iter(path).collect();
-                }
-                match self.find_segment(path.segment_id(), here.seg) {
-                    Some(seg) => path.values_in(seg).collect(),
-                    None => Vec::new(),
+            SrcPath::Segment(path, id) => {
+                let seg = if here.seg.id_bytes() == id {
+                    Some(here.seg)
+                } else if path.occurrence() != Selector::Nth(1) {
+                    for v in self.msg.iter(path) {
+                        if !f(v) {
+                            return;
+                        }
+                    }
+                    return;
+                } else {
+                    self.find_segment(id, here.seg)
+                };
+                if let Some(seg) = seg {
+                    for v in path.values_in(seg) {
+                        if !f(v) {
+                            return;
+                        }
+                    }
                 }
             }
         }
     }
 
     /// The nearest segment with this id: in the same group instance, then the enclosing ones.
-    fn find_segment(&self, id: &str, from: Segment<'m, 'a>) -> Option<Segment<'m, 'a>> {
+    fn find_segment(&self, id: &[u8; 3], from: Segment<'m, 'a>) -> Option<Segment<'m, 'a>> {
         let mut cur = Some(self.tree.of_segment[from.index()]);
         while let Some(i) = cur {
             let inst = &self.tree.instances[i];
             for &s in &inst.segments {
                 if let Some(seg) = self.msg.segment(s)
-                    && seg.id() == id
+                    && seg.id_bytes() == id
                 {
                     return Some(seg);
                 }
@@ -614,18 +665,35 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
     }
 
     fn cond(&self, c: &Cond, here: Here<'m, 'a>) -> bool {
-        let first = |p: &SrcPath| {
-            self.read(p, here)
-                .into_iter()
-                .find(has_content)
-                .map(leaf_text)
+        let first_is = |p: &SrcPath, test: &dyn Fn(&str) -> bool| {
+            let mut result = false;
+            self.each(p, here, &mut |v| {
+                if has_content(&v) {
+                    let l = leaf(v);
+                    result = !l.is_null() && test(l.text().trim());
+                    false
+                } else {
+                    true
+                }
+            });
+            result
+        };
+        let count = |p: &SrcPath, stop_at: usize| {
+            let mut n = 0;
+            self.each(p, here, &mut |v| {
+                if has_content(&v) {
+                    n += 1;
+                }
+                n < stop_at
+            });
+            n
         };
         match c {
-            Cond::Valued(p) => self.read(p, here).iter().any(has_content),
-            Cond::Equals(p, s) => first(p).is_some_and(|t| t == *s),
-            Cond::In(p, items) => first(p).is_some_and(|t| items.contains(&t)),
+            Cond::Valued(p) => count(p, 1) > 0,
+            Cond::Equals(p, s) => first_is(p, &|t| t == s),
+            Cond::In(p, items) => first_is(p, &|t| items.iter().any(|i| i == t)),
             Cond::Count(p, op, n) => {
-                let count = self.read(p, here).iter().filter(|v| has_content(v)).count();
+                let count = count(p, usize::MAX);
                 match op {
                     Cmp::Eq => count == *n,
                     Cmp::Ne => count != *n,
@@ -644,7 +712,7 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
 
 fn path_name(p: &SrcPath, here: Here<'_, '_>) -> String {
     match p {
-        SrcPath::Segment(path) => path.to_string(),
+        SrcPath::Segment(path, _) => path.to_string(),
         SrcPath::Relative(parts) => {
             let rel: Vec<String> = parts.iter().map(|n| n.to_string()).collect();
             format!("{} (component {})", here.seg.id(), rel.join("."))
@@ -662,9 +730,9 @@ pub(crate) fn set(out: &mut Node, target: &Target, node: Node) {
         match step.index {
             Index::None => {
                 if last {
-                    match cur.get_mut(&step.key) {
+                    match cur.get_mut(step.key.as_str()) {
                         Some(existing) => existing.merge(node),
-                        None => cur.insert(&step.key, node),
+                        None => cur.insert(step.key.clone(), node),
                     }
                     return;
                 }

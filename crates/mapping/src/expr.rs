@@ -5,11 +5,14 @@
 
 use passerelle_hl7::Path;
 
+use crate::json::Key;
+
 /// Where a value is read: in the current segment or a segment found around it, or inside
 /// the current value (datatype maps read components: `1`, `4.2`, `.` for the value itself).
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum SrcPath {
-    Segment(Path),
+    /// A spec path, and its segment id as bytes (compared for every segment read).
+    Segment(Path, [u8; 3]),
     /// Component and subcomponent numbers, relative to the value a datatype map is applied to.
     Relative(Vec<usize>),
 }
@@ -54,7 +57,11 @@ pub(crate) fn parse_src_path(s: &str, offset: usize) -> Result<SrcPath, ExprErro
         return Ok(SrcPath::Relative(parts));
     }
     t.parse::<Path>()
-        .map(SrcPath::Segment)
+        .map(|p| {
+            let id = p.segment_id().as_bytes();
+            let id = [id[0], id[1], id[2]];
+            SrcPath::Segment(p, id)
+        })
         .map_err(|e| err(lead + e.position, e.to_string()))
 }
 
@@ -84,7 +91,7 @@ pub(crate) enum Index {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Step {
-    pub(crate) key: String,
+    pub(crate) key: Key,
     pub(crate) index: Index,
 }
 
@@ -128,7 +135,7 @@ pub(crate) fn parse_target(s: &str) -> Result<Target, ExprError> {
             ));
         }
         steps.push(Step {
-            key: key.to_owned(),
+            key: Key::from(key.to_owned()),
             index,
         });
         offset += part.len() + 1;

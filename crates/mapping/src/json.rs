@@ -2,7 +2,60 @@
 //! message always serialize to the same bytes (keys keep the order in which the rules
 //! wrote them), and decimals keep the digits the sender sent.
 
+use std::fmt;
+use std::sync::Arc;
+
 use serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
+
+/// An object member's name: a literal, or a name shared with the compiled pack, so that
+/// building a resource copies no strings for its keys.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Key(KeyText);
+
+#[derive(Clone, PartialEq, Eq)]
+enum KeyText {
+    Static(&'static str),
+    Shared(Arc<str>),
+}
+
+impl Key {
+    pub fn as_str(&self) -> &str {
+        match &self.0 {
+            KeyText::Static(s) => s,
+            KeyText::Shared(s) => s,
+        }
+    }
+}
+
+impl fmt::Debug for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl From<&'static str> for Key {
+    fn from(s: &'static str) -> Key {
+        Key(KeyText::Static(s))
+    }
+}
+
+impl From<String> for Key {
+    fn from(s: String) -> Key {
+        Key(KeyText::Shared(Arc::from(s)))
+    }
+}
+
+impl PartialEq<str> for Key {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl PartialEq<&str> for Key {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
 
 /// A JSON value whose objects keep insertion order.
 #[derive(Debug, Clone, PartialEq)]
@@ -11,7 +64,7 @@ pub enum Node {
     /// A number as canonical decimal text (`-1.50`): FHIR decimals keep their precision.
     Num(String),
     Bool(bool),
-    Obj(Vec<(String, Node)>),
+    Obj(Vec<(Key, Node)>),
     Arr(Vec<Node>),
 }
 
@@ -33,14 +86,17 @@ impl Node {
     /// The member `key` of an object.
     pub fn get(&self, key: &str) -> Option<&Node> {
         match self {
-            Node::Obj(o) => o.iter().find(|(k, _)| k == key).map(|(_, v)| v),
+            Node::Obj(o) => o.iter().find(|(k, _)| k.as_str() == key).map(|(_, v)| v),
             _ => None,
         }
     }
 
     pub(crate) fn get_mut(&mut self, key: &str) -> Option<&mut Node> {
         match self {
-            Node::Obj(o) => o.iter_mut().find(|(k, _)| k == key).map(|(_, v)| v),
+            Node::Obj(o) => o
+                .iter_mut()
+                .find(|(k, _)| k.as_str() == key)
+                .map(|(_, v)| v),
             _ => None,
         }
     }
@@ -63,7 +119,7 @@ impl Node {
 
     /// Sets `key` on an object when absent (the first rule to write a value wins); returns
     /// the value now at `key`.
-    pub(crate) fn entry(&mut self, key: &str, default: impl FnOnce() -> Node) -> &mut Node {
+    pub(crate) fn entry(&mut self, key: &Key, default: impl FnOnce() -> Node) -> &mut Node {
         let Node::Obj(o) = self else {
             // Only objects are ever walked into; the compiler makes sure of that.
             *self = Node::obj();
@@ -72,7 +128,7 @@ impl Node {
         let pos = match o.iter().position(|(k, _)| k == key) {
             Some(p) => p,
             None => {
-                o.push((key.to_owned(), default()));
+                o.push((key.clone(), default()));
                 o.len() - 1
             }
         };
@@ -80,18 +136,19 @@ impl Node {
     }
 
     /// Inserts or replaces `key`.
-    pub(crate) fn insert(&mut self, key: &str, value: Node) {
+    pub(crate) fn insert(&mut self, key: impl Into<Key>, value: Node) {
+        let key = key.into();
         if let Node::Obj(o) = self {
-            match o.iter_mut().find(|(k, _)| k == key) {
+            match o.iter_mut().find(|(k, _)| *k == key) {
                 Some((_, v)) => *v = value,
-                None => o.push((key.to_owned(), value)),
+                None => o.push((key, value)),
             }
         }
     }
 
     pub(crate) fn remove(&mut self, key: &str) -> Option<Node> {
         if let Node::Obj(o) = self {
-            let pos = o.iter().position(|(k, _)| k == key)?;
+            let pos = o.iter().position(|(k, _)| k.as_str() == key)?;
             return Some(o.remove(pos).1);
         }
         None
@@ -167,7 +224,7 @@ impl Node {
                         out.push(',');
                     }
                     newline(out, depth + 1);
-                    write_str(out, k);
+                    write_str(out, k.as_str());
                     out.push(':');
                     if pretty {
                         out.push(' ');
@@ -225,7 +282,7 @@ impl Serialize for Node {
             Node::Obj(o) => {
                 let mut map = serializer.serialize_map(Some(o.len()))?;
                 for (k, v) in o {
-                    map.serialize_entry(k, v)?;
+                    map.serialize_entry(k.as_str(), v)?;
                 }
                 map.end()
             }

@@ -416,7 +416,7 @@ fn compile(loader: &mut Loader, sources: &[FileText]) -> Result<Pack, LoadErrors
             let context = format!("segment map {:?}", s.name.get_ref());
             if expr::parse_src_path(s.segment.get_ref(), 0)
                 .ok()
-                .is_none_or(|p| !matches!(&p, SrcPath::Segment(path) if path.field().is_none()))
+                .is_none_or(|p| !matches!(&p, SrcPath::Segment(path, _) if path.field().is_none()))
             {
                 loader.error(
                     K::Path,
@@ -1110,11 +1110,11 @@ fn compile_rows(
                 to,
                 label: label.clone(),
                 within,
-                at: x.at.as_ref().map(|a| a.get_ref().clone()),
+                at: x.at.as_ref().map(|a| a.get_ref().clone().into()),
                 with: x
                     .with_
                     .iter()
-                    .map(|(k, v)| (k.clone(), Node::Str(v.clone())))
+                    .map(|(k, v)| (k.clone().into(), Node::Str(v.clone())))
                     .collect(),
             });
         }

@@ -170,8 +170,8 @@ pub(crate) struct Ref {
     pub(crate) to: Target,
     pub(crate) label: String,
     pub(crate) within: Within,
-    pub(crate) at: Option<String>,
-    pub(crate) with: Vec<(String, Node)>,
+    pub(crate) at: Option<crate::json::Key>,
+    pub(crate) with: Vec<(crate::json::Key, Node)>,
 }
 
 /// One row of a message map: each `segment` of each instance of `group` becomes a

@@ -142,6 +142,8 @@ fn one_patient_in_several_messages_gets_one_id_and_one_condition() {
         key(&admit).1,
         "Patient?identifier=urn:oid:2.999.1.10|RB1002341"
     );
+    // Ids are pinned: a change here re-keys every resource already sent downstream.
+    assert_eq!(key(&admit).0, "urn:uuid:248ed4a8-a15a-5ec1-9c33-d4b797ef6c2b");
     // The visit, too, whichever message names it.
     let visit = |b: &Bundle| s(find(b, "Encounter")[0].get("request").unwrap(), "url").to_owned();
     assert_eq!(visit(&admit), visit(&lab));
