@@ -267,3 +267,46 @@ async fn a_client_that_never_completes_the_handshake_is_dropped() {
     let stats = server.shutdown().await;
     assert_eq!(stats.tls_failed, 1);
 }
+
+#[tokio::test]
+async fn certificates_changed_on_disk_are_picked_up_by_the_listener() {
+    let pki = Pki::new("reload-poll");
+    let (cert, key) = pki.issue("server", "passerelle", &["localhost"], false);
+    let tls = ServerTls::load(ServerTlsConfig {
+        cert: cert.clone(),
+        key: key.clone(),
+        client_ca: None,
+        allowed_peers: Vec::new(),
+    })
+    .unwrap();
+    let mut c = config();
+    c.tls_reload_interval = Some(std::time::Duration::from_millis(50));
+    let server = start(c, Some(tls), ParseAckHandler::default()).await;
+    let addr = format!("localhost:{}", server.local_addr().port());
+    let new_pki = Pki::new("reload-poll-new");
+    let (new_cert, new_key) = new_pki.issue("server", "passerelle", &["localhost"], false);
+    std::fs::copy(&new_key, &key).unwrap();
+    std::fs::copy(&new_cert, &cert).unwrap();
+    // Wait (bounded) for the listener to present the new certificate.
+    let mut cfg = ClientConfig::new(addr);
+    cfg.connect_attempts = 1;
+    cfg.tls = Some(ClientTlsConfig {
+        ca: Some(new_pki.ca()),
+        ..ClientTlsConfig::default()
+    });
+    let deadline = std::time::Instant::now() + WAIT;
+    let mut attempt = 0;
+    let ack = loop {
+        attempt += 1;
+        let mut client = Client::new(cfg.clone()).unwrap();
+        match client.send(&message(&format!("NEW{attempt}"))).await {
+            Ok(ack) => break ack,
+            Err(e) => {
+                assert!(std::time::Instant::now() < deadline, "never reloaded: {e}");
+                tokio::task::yield_now().await;
+            }
+        }
+    };
+    assert_eq!(ack.code, "AA");
+    server.shutdown().await;
+}
