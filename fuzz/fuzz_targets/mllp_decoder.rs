@@ -2,12 +2,6 @@
 //! taken from the input, with strict and lenient options and small limits. Any panic is a
 //! bug, and so is any difference between the two ways of reading: framing must not depend
 //! on how TCP cuts the stream. Every decoded payload must re-encode and decode to itself.
-//!
-//! To wire: fuzz/fuzz_targets/mllp_decoder.rs, with in fuzz/Cargo.toml
-//!   passerelle-mllp = { path = "../crates/mllp" }
-//!   bytes = "1"
-//!   tokio-util = { version = "0.7", features = ["codec"] }
-//! and a [[bin]] named mllp_decoder. Run: cargo fuzz run mllp_decoder
 #![no_main]
 
 use bytes::BytesMut;
