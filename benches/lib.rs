@@ -33,7 +33,11 @@ pub fn fixture_corpus() -> Vec<CorpusMessage> {
             let message =
                 Message::parse(part.bytes).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
             // The &str parsers get the text without a byte order mark (hl7-parser refuses one).
-            let text = message.charset().decode(part.bytes).trim_start_matches('\u{feff}').to_owned();
+            let text = message
+                .charset()
+                .decode(part.bytes)
+                .trim_start_matches('\u{feff}')
+                .to_owned();
             corpus.push(CorpusMessage {
                 name: format!(
                     "{}#{}",

@@ -14,7 +14,8 @@ use passerelle_store::{Enqueue, JournalMeta, MshSummary, Outcome, SledStore, Sto
 const CACHE: u64 = 64 * 1024 * 1024;
 
 fn frame(i: u64, size: usize) -> Vec<u8> {
-    let mut f = format!("MSH|^~\\&|BENCH|FAC|||20240101||ADT^A08|{i}|P|2.5\rPID|1||{i}^^^H^PI||").into_bytes();
+    let mut f = format!("MSH|^~\\&|BENCH|FAC|||20240101||ADT^A08|{i}|P|2.5\rPID|1||{i}^^^H^PI||")
+        .into_bytes();
     f.resize(size, b'X');
     f.push(b'\r');
     f
@@ -70,7 +71,11 @@ fn journal_rate(rt: &tokio::runtime::Runtime, writers: u64, total: u64) -> (f64,
 /// threads; concurrent flushes share sled's own make-stable step.
 fn raw_sled_rate(writers: u64, total: u64) -> f64 {
     let dir = tempfile::tempdir().unwrap();
-    let db = sled::Config::new().path(dir.path()).cache_capacity(CACHE).open().unwrap();
+    let db = sled::Config::new()
+        .path(dir.path())
+        .cache_capacity(CACHE)
+        .open()
+        .unwrap();
     let tree = db.open_tree("raw").unwrap();
     let per = total / writers;
     let start = Instant::now();
@@ -117,9 +122,19 @@ fn rss_with_pending(rt: &tokio::runtime::Runtime, marks: &[u64]) -> Vec<(u64, u6
                         for i in 0..per {
                             let n = done + w * per + i;
                             let id = store.journal(&frame(n, 256), meta(n)).await.unwrap();
-                            let deliveries = vec![Enqueue { destination: "fhir".into(), ordering_key: format!("P{}", n % 5_000) }];
+                            let deliveries = vec![Enqueue {
+                                destination: "fhir".into(),
+                                ordering_key: format!("P{}", n % 5_000),
+                            }];
                             store
-                                .record_outcome(id, Outcome::Mapped { route: "r".into(), bundle: "{}".into(), deliveries })
+                                .record_outcome(
+                                    id,
+                                    Outcome::Mapped {
+                                        route: "r".into(),
+                                        bundle: "{}".into(),
+                                        deliveries,
+                                    },
+                                )
                                 .await
                                 .unwrap();
                         }
@@ -139,21 +154,44 @@ fn rss_with_pending(rt: &tokio::runtime::Runtime, marks: &[u64]) -> Vec<(u64, u6
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     println!("## journal throughput, 1 KiB frames, durable before return");
-    println!("| writers | passerelle journal (msgs/s) | flushes | raw sled insert+flush (msgs/s) | ratio |");
+    println!(
+        "| writers | passerelle journal (msgs/s) | flushes | raw sled insert+flush (msgs/s) | ratio |"
+    );
     println!("|---|---|---|---|---|");
-    for (writers, total) in [(1u64, if quick { 500 } else { 3_000 }), (64, if quick { 4_000 } else { 40_000 })] {
+    for (writers, total) in [
+        (1u64, if quick { 500 } else { 3_000 }),
+        (64, if quick { 4_000 } else { 40_000 }),
+    ] {
         let raw = raw_sled_rate(writers, total);
         let (ours, flushes) = journal_rate(&rt, writers, total);
-        println!("| {writers} | {ours:.0} | {flushes} | {raw:.0} | {:.0} % |", 100.0 * ours / raw);
+        println!(
+            "| {writers} | {ours:.0} | {flushes} | {raw:.0} | {:.0} % |",
+            100.0 * ours / raw
+        );
     }
     println!();
-    println!("## resident memory with pending messages (256-byte frames, sled cache {} MiB)", CACHE >> 20);
+    println!(
+        "## resident memory with pending messages (256-byte frames, sled cache {} MiB)",
+        CACHE >> 20
+    );
     println!("| pending | RSS (MiB) | on disk (MiB) |");
     println!("|---|---|---|");
-    let marks: &[u64] = if quick { &[10_000, 50_000] } else { &[10_000, 100_000, 300_000, 1_000_000] };
+    let marks: &[u64] = if quick {
+        &[10_000, 50_000]
+    } else {
+        &[10_000, 100_000, 300_000, 1_000_000]
+    };
     for (pending, rss, disk) in rss_with_pending(&rt, marks) {
-        println!("| {pending} | {:.1} | {:.1} |", rss as f64 / 1024.0, disk as f64 / 1024.0);
+        println!(
+            "| {pending} | {:.1} | {:.1} |",
+            rss as f64 / 1024.0,
+            disk as f64 / 1024.0
+        );
     }
 }
