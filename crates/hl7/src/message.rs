@@ -399,7 +399,7 @@ impl<'a> Message<'a> {
             if msh
                 .field(n)
                 .and_then(|f| f.component(1))
-                .is_none_or(|c| c.raw().trim_ascii().is_empty())
+                .is_none_or(|c| c.children().all(|sub| sub.raw().trim_ascii().is_empty()))
             {
                 return Err(
                     ParseError::at(ErrorKind::MissingHeaderField, msh.field_offset(n))
@@ -792,9 +792,10 @@ PV1|1|I|WARD^101^1\r";
         assert_eq!(err.kind, ErrorKind::MissingHeaderField);
         assert_eq!(err.location.field, Some(10));
         // Found by fuzzing: delimiters only, or an empty first component, is no value.
-        let cases: [(&[u8], u32); 2] = [
+        let cases: [(&[u8], u32); 3] = [
             (b"MSH|^~\\&|A|B|C|D|20240101||^A01|1|P|2.5\r", 9),
             (b"MSH|^~\\&|A|B|C|D|20240101||ADT^A01|1|P|^\r", 12),
+            (b"MSH|^~\\&|A|B|C|D|20240101||ADT^A01|1|P|&~2.5\r", 12),
         ];
         for (bad, field) in cases {
             let err = Message::parse(bad).unwrap_err();
