@@ -241,6 +241,9 @@ counters! {
     frame_timeouts,
     /// Connections that closed inside a frame.
     truncated,
+    /// Connections closed because an ACK could not be written in time (a peer that
+    /// does not read its ACKs).
+    write_timeouts,
     /// Tolerated: filler bytes between frames.
     filler_bytes,
     /// Tolerated: other bytes before a start block.
@@ -586,6 +589,9 @@ async fn connection<H: Handler, S: AsyncRead + AsyncWrite + Unpin>(
         Ok(_) => {
             let _ = timeout(Duration::from_secs(1), stream.shutdown()).await;
         }
+        Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+            warn!(peer = %peer.addr, connection = peer.connection, "the peer does not read its ACKs; connection closed")
+        }
         Err(e) => {
             debug!(peer = %peer.addr, connection = peer.connection, error = %e, "connection error")
         }
@@ -601,6 +607,7 @@ async fn write_all<S: AsyncWrite + Unpin>(
     stream: &mut S,
     out: &mut BytesMut,
     deadline: Duration,
+    counters: &Counters,
 ) -> io::Result<()> {
     if out.is_empty() {
         return Ok(());
@@ -613,10 +620,13 @@ async fn write_all<S: AsyncWrite + Unpin>(
     out.clear();
     match result {
         Ok(r) => r,
-        Err(_) => Err(io::Error::new(
-            io::ErrorKind::TimedOut,
-            "ACK write timed out",
-        )),
+        Err(_) => {
+            bump(&counters.write_timeouts);
+            Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "ACK write timed out",
+            ))
+        }
     }
 }
 
@@ -639,7 +649,12 @@ async fn serve_connection<H: Handler, S: AsyncRead + AsyncWrite + Unpin>(
                 Ok(Some(Frame::Message(payload))) => {
                     bump(&counters.frames);
                     let size = payload.len();
-                    let reply = shared.handler.handle(payload, peer).await;
+                    let reply = tokio::select! {
+                        biased;
+                        // Only after the shutdown grace period: drop the handler's work.
+                        _ = shared.kill.cancelled() => return Ok(Close::Done),
+                        reply = shared.handler.handle(payload, peer) => reply,
+                    };
                     if config.commit_acks {
                         codec.encode(Frame::CommitAck, &mut out)?;
                     }
@@ -662,20 +677,20 @@ async fn serve_connection<H: Handler, S: AsyncRead + AsyncWrite + Unpin>(
                     warn!(peer = %peer.addr, connection = peer.connection, max, "frame over the size limit; answering AR and closing the connection");
                     let nak = too_large_nak(&head, max);
                     codec.encode(Bytes::from(nak), &mut out)?;
-                    write_all(stream, &mut out, config.write_timeout).await?;
+                    write_all(stream, &mut out, config.write_timeout, counters).await?;
                     linger(stream).await;
                     return Ok(Close::Done);
                 }
                 Err(e) => {
                     bump(&counters.protocol_errors);
                     warn!(peer = %peer.addr, connection = peer.connection, error = %e, "MLLP framing error; closing the connection");
-                    write_all(stream, &mut out, config.write_timeout).await?;
+                    write_all(stream, &mut out, config.write_timeout, counters).await?;
                     return Ok(Close::Done);
                 }
             }
         }
         if !out.is_empty() {
-            write_all(stream, &mut out, config.write_timeout).await?;
+            write_all(stream, &mut out, config.write_timeout, counters).await?;
             last_activity = Instant::now();
         }
         if codec.in_frame() {

@@ -455,3 +455,38 @@ async fn mllp_release_2_commit_blocks() {
     client.close().await;
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_sender_that_never_reads_its_acks_is_disconnected() {
+    let mut c = config();
+    c.write_timeout = Duration::from_millis(300);
+    let server = start_parser(c).await;
+    // A small receive buffer so that unread ACKs fill the pipe quickly.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = tokio::time::timeout(WAIT, socket.connect(server.local_addr()))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut burst = Vec::new();
+    for i in 0..100 {
+        burst.extend_from_slice(&frame(&message(&format!("W{i}"))));
+    }
+    // Keep sending, never read: the server must give up on this connection.
+    let closed = tokio::time::timeout(WAIT, async {
+        loop {
+            if stream.write_all(&burst).await.is_err() {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "the server kept a connection that never reads"
+    );
+    let stats = server.shutdown().await;
+    assert_eq!(stats.write_timeouts, 1);
+    // It was answered until its unread ACKs filled the connection.
+    assert!(stats.acks > 0);
+}
