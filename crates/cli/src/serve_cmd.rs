@@ -134,19 +134,22 @@ async fn serve(args: &ServeArgs) -> ExitCode {
     } else {
         "mllp"
     };
-    println!("listening on {addr} ({scheme})");
-    let _ = std::io::stdout().flush();
-
+    // Signal handlers go in before the address is announced: whoever reads that line may
+    // signal at once.
+    let shutdown = shutdown_signal();
     if let Some(tls) = listener.tls() {
         spawn_reload_on_hangup(tls);
     }
+    println!("listening on {addr} ({scheme})");
+    let _ = std::io::stdout().flush();
+
     let stats = listener
         .serve(
             ParseAckHandler {
                 honor_accept_ack_type: args.honor_accept_ack_type,
                 ..ParseAckHandler::default()
             },
-            shutdown_signal(),
+            shutdown,
         )
         .await;
     info!(
@@ -158,26 +161,29 @@ async fn serve(args: &ServeArgs) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// Completes on SIGINT or SIGTERM. The handlers are registered when this is called, not
+/// when the future is first polled.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = ctrl_c => info!("SIGINT received; shutting down"),
-                    _ = term.recv() => info!("SIGTERM received; shutting down"),
-                }
-            }
-            Err(_) => {
-                let _ = ctrl_c.await;
+    let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    #[cfg(unix)]
+    let int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).ok();
+    async move {
+        #[cfg(unix)]
+        {
+            let (Some(mut term), Some(mut int)) = (term, int) else {
+                let _ = tokio::signal::ctrl_c().await;
+                return;
+            };
+            tokio::select! {
+                _ = int.recv() => info!("SIGINT received; shutting down"),
+                _ = term.recv() => info!("SIGTERM received; shutting down"),
             }
         }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
 

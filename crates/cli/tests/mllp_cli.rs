@@ -262,3 +262,70 @@ fn mutual_tls_between_serve_and_send() {
     assert!(log.contains("not in the allow-list"), "{log}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A CA in `dir/<name>-ca.pem` and a `localhost` server certificate it issued, written
+/// to `cert` and `key`.
+fn server_cert(dir: &Path, name: &str, cert: &Path, key: &Path) {
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, format!("{name} CA"));
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate().unwrap())
+        .unwrap();
+    write(&dir.join(format!("{name}-ca.pem")), &ca.pem());
+    let p = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+    let k = rcgen::KeyPair::generate().unwrap();
+    let c = p.signed_by(&k, &ca).unwrap();
+    write(key, &k.serialize_pem());
+    write(cert, &c.pem());
+}
+
+#[test]
+fn serve_reloads_certificates_on_sighup() {
+    let dir = std::env::temp_dir().join(format!("passerelle-cli-hup-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = (dir.join("server.pem"), dir.join("server.key"));
+    server_cert(&dir, "old", &cert, &key);
+    let serve = Serve::start(&[
+        "--tls-cert",
+        &cert.display().to_string(),
+        "--tls-key",
+        &key.display().to_string(),
+    ]);
+    let to = serve.addr.replace("127.0.0.1", "localhost");
+    let send_with = |ca: &str| {
+        let ca = dir.join(ca).display().to_string();
+        send(&[
+            "fixtures/hl7/adt_a01_minimal.hl7",
+            "--to",
+            &to,
+            "--tls",
+            "--ca",
+            &ca,
+            "--connect-attempts",
+            "1",
+        ])
+    };
+    assert!(send_with("old-ca.pem").status.success());
+    server_cert(&dir, "new", &cert, &key);
+    let hup = Command::new("kill")
+        .args(["-HUP", &serve.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    // The signal is handled asynchronously: retry (bounded) until the new certificate
+    // is served.
+    let deadline = std::time::Instant::now() + WAIT;
+    while !send_with("new-ca.pem").status.success() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "SIGHUP did not reload"
+        );
+    }
+    assert_eq!(send_with("old-ca.pem").status.code(), Some(1));
+    let (status, log) = serve.stop();
+    assert!(status.success());
+    assert!(log.contains("TLS certificates reloaded"), "{log}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -503,16 +503,7 @@ fn admit<H: Handler>(
         shared: shared.clone(),
         ip,
     };
-    let _ = stream.set_nodelay(true);
-    if let Some(idle) = config.keepalive {
-        let keepalive = socket2::TcpKeepalive::new()
-            .with_time(idle)
-            .with_interval(Duration::from_secs(10))
-            .with_retries(5);
-        if let Err(e) = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive) {
-            debug!(peer = %addr, error = %e, "cannot set TCP keepalive");
-        }
-    }
+    tune(&stream, config, addr);
     let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
     let shared = shared.clone();
     tracker.spawn(async move {
@@ -568,6 +559,21 @@ fn admit<H: Handler>(
             }
         }
     });
+}
+
+/// No Nagle delay for ACKs; keepalive so that peers gone without a FIN (NAT timeouts,
+/// pulled cables: Mirth connect#1889) are noticed.
+fn tune(stream: &TcpStream, config: &ListenerConfig, addr: SocketAddr) {
+    let _ = stream.set_nodelay(true);
+    if let Some(idle) = config.keepalive {
+        let keepalive = socket2::TcpKeepalive::new()
+            .with_time(idle)
+            .with_interval(Duration::from_secs(10))
+            .with_retries(5);
+        if let Err(e) = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive) {
+            debug!(peer = %addr, error = %e, "cannot set TCP keepalive");
+        }
+    }
 }
 
 enum Close {
@@ -797,6 +803,21 @@ mod tests {
         assert!(!v6.contains("10.0.0.1".parse().unwrap()));
         assert!("10.0.0.0/33".parse::<Cidr>().is_err());
         assert!("nope".parse::<Cidr>().is_err());
+    }
+
+    #[tokio::test]
+    async fn accepted_sockets_get_keepalive_and_nodelay() {
+        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = tcp.local_addr().unwrap();
+        let _client = TcpStream::connect(addr).await.unwrap();
+        let (stream, peer) = tcp.accept().await.unwrap();
+        let mut config = ListenerConfig::new(addr);
+        config.keepalive = Some(Duration::from_secs(42));
+        tune(&stream, &config, peer);
+        let sock = socket2::SockRef::from(&stream);
+        assert!(sock.keepalive().unwrap());
+        assert_eq!(sock.tcp_keepalive_time().unwrap(), Duration::from_secs(42));
+        assert!(stream.nodelay().unwrap());
     }
 
     #[test]
