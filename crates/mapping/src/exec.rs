@@ -10,6 +10,7 @@ use passerelle_hl7::{Level, Message, Segment, Selector, Value};
 use crate::error::{MapError, MapErrorKind};
 use crate::expr::{Cmp, Cond, Index, Source, SrcPath, Target};
 use crate::json::Node;
+use crate::model::FastHash;
 use crate::model::*;
 use crate::sha256;
 use crate::structure::Tree;
@@ -38,7 +39,7 @@ struct Exec<'p, 'm, 'a> {
     tree: Tree,
     offset: Option<i16>,
     resources: Vec<Res>,
-    by_id: HashMap<(String, String), usize>,
+    by_id: HashMap<String, usize, FastHash>,
 }
 
 pub(crate) fn map(
@@ -70,7 +71,7 @@ pub(crate) fn map(
         tree,
         offset: options.site_offset.or(pack.settings.site_offset),
         resources: Vec::new(),
-        by_id: HashMap::new(),
+        by_id: HashMap::default(),
     };
     exec.run(mm)
 }
@@ -247,8 +248,7 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
             key.push_str(&body.to_json(false));
         }
         let mut id = sha256::uuid(key.as_bytes());
-        let rt = spec.resource_type.clone();
-        if let Some(&existing) = self.by_id.get(&(rt.clone(), id.clone())) {
+        if let Some(&existing) = self.by_id.get(&id) {
             if spec.merge {
                 body.remove("resourceType");
                 self.resources[existing].body.merge(body);
@@ -258,7 +258,7 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
                 return Ok(existing);
             }
             let mut n = 2;
-            while self.by_id.contains_key(&(rt.clone(), id.clone())) {
+            while self.by_id.contains_key(&id) {
                 id = sha256::uuid(format!("{key}#{n}").as_bytes());
                 n += 1;
             }
@@ -266,10 +266,9 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
         if let Node::Obj(o) = &mut body {
             o.insert(1.min(o.len()), ("id".into(), Node::Str(id.clone())));
         }
-        self.by_id
-            .insert((rt.clone(), id.clone()), self.resources.len());
+        self.by_id.insert(id.clone(), self.resources.len());
         self.resources.push(Res {
-            resource_type: rt,
+            resource_type: spec.resource_type.clone(),
             id,
             body,
             conditional: spec.conditional,

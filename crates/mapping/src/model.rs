@@ -8,6 +8,32 @@ use std::sync::Arc;
 use crate::expr::{Cond, Source, SrcPath, Target};
 use crate::json::Node;
 
+/// FNV-1a, for the short keys of vocabularies and resource ids. Vocabulary tables are
+/// fixed when the pack loads and ids are SHA-256 based, so hash flooding does not apply.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Fnv(u64);
+
+impl std::hash::Hasher for Fnv {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        let mut h = if self.0 == 0 {
+            0xcbf2_9ce4_8422_2325
+        } else {
+            self.0
+        };
+        for &b in bytes {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        self.0 = h;
+    }
+}
+
+pub(crate) type FastHash = std::hash::BuildHasherDefault<Fnv>;
+
 /// A place in a mapping file, for errors: `file:line:column`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Loc {
@@ -135,7 +161,7 @@ pub(crate) enum Unknown {
 #[derive(Debug, Clone)]
 pub(crate) struct Vocabulary {
     pub(crate) name: String,
-    pub(crate) map: HashMap<String, String>,
+    pub(crate) map: HashMap<String, String, FastHash>,
     pub(crate) default: Option<String>,
     pub(crate) unknown: Unknown,
 }
