@@ -19,6 +19,9 @@
 //!   create a resource (XCN → Practitioner) and yield a reference to it;
 //! - **vocabularies**: v2 codes → FHIR codes, with a default and an unknown-code policy.
 //!
+//! `[[extend]]` adds rows to a message map from another file: a site's Z-segment is one
+//! more file. `mappings/v2-to-fhir/README.md` describes the format with examples.
+//!
 //! Conditions are a closed language: `valued(P)`, `equals(P, "x")`, `in(P, ["x", "y"])`,
 //! `count(P) >= n`, `and`, `or`, `not`, parentheses. There is no scripting.
 //!
@@ -27,6 +30,36 @@
 //! [`Pack::load`] parses every file, resolves every name and parses every path and
 //! condition once; it reports all problems, each with `file:line:column` and the field
 //! ([`LoadError`]). [`Pack::map`] then walks the message with borrowed values.
+//!
+//! ```
+//! use passerelle_mapping::{MapOptions, Pack};
+//! let pack = Pack::from_texts(&[("pack.toml", r#"
+//! [pack]
+//! name = "tiny"
+//! fhir_version = "4.0.1"
+//!
+//! [[structure]]
+//! name = "FLAT"
+//!
+//! [[segment]]
+//! name = "PID"
+//! segment = "PID"
+//! resource = "Patient"
+//! id = ["PID-3.1"]
+//! rules = [{ from = "PID-5.1", to = "name[].family" }]
+//!
+//! [[message]]
+//! name = "ADT"
+//! events = ["ADT^A01"]
+//! structure = "FLAT"
+//! resources = [{ label = "Patient", for = "PID", map = "PID" }]
+//! "#)])?;
+//! let bytes = b"MSH|^~\\&|A|B|||20240101||ADT^A01|1|P|2.5\rPID|1||42||DOE^JANE\r";
+//! let message = passerelle_hl7::Message::parse(bytes)?;
+//! let bundle = pack.map(&message, &MapOptions::default())?;
+//! assert!(bundle.to_json(false).contains(r#""name":[{"family":"DOE"}]"#));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 //!
 //! ## Invariants
 //!
