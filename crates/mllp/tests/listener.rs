@@ -490,3 +490,27 @@ async fn a_sender_that_never_reads_its_acks_is_disconnected() {
     // It was answered until its unread ACKs filled the connection.
     assert!(stats.acks > 0);
 }
+
+#[tokio::test]
+async fn ipv6_listener_and_allow_list() {
+    if std::net::TcpListener::bind("[::1]:0").is_err() {
+        eprintln!("skipped: no IPv6 loopback on this machine");
+        return;
+    }
+    let mut c = config();
+    c.bind = "[::1]:0".parse().unwrap();
+    c.allow = vec!["::1/128".parse().unwrap()];
+    let server = start_parser(c).await;
+    let mut client = Client::new(ClientConfig::new(server.local_addr().to_string())).unwrap();
+    assert_eq!(client.send(&message("V6")).await.unwrap().control_id, "V6");
+    client.close().await;
+    server.shutdown().await;
+
+    let mut c = config();
+    c.bind = "[::1]:0".parse().unwrap();
+    c.allow = vec!["127.0.0.0/8".parse().unwrap()];
+    let server = start_parser(c).await;
+    let mut raw = Raw::connect(server.local_addr()).await;
+    assert!(raw.closed().await);
+    assert_eq!(server.shutdown().await.refused_address, 1);
+}
