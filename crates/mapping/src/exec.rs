@@ -40,6 +40,8 @@ struct Exec<'p, 'm, 'a> {
     offset: Option<i16>,
     resources: Vec<Res>,
     by_id: HashMap<String, usize, FastHash>,
+    /// Resources made by pure datatype maps, by (map, input bytes).
+    built: HashMap<(usize, &'a [u8]), usize, FastHash>,
 }
 
 pub(crate) fn map(
@@ -72,6 +74,7 @@ pub(crate) fn map(
         offset: options.site_offset.or(pack.settings.site_offset),
         resources: Vec::new(),
         by_id: HashMap::default(),
+        built: HashMap::default(),
     };
     exec.run(mm)
 }
@@ -114,10 +117,49 @@ fn leaf_text(v: Value<'_>) -> String {
 }
 
 fn reference(id: &str) -> Node {
-    Node::Obj(vec![(
-        "reference".into(),
-        Node::Str(format!("urn:uuid:{id}")),
-    )])
+    let mut r = String::with_capacity(9 + id.len());
+    r.push_str("urn:uuid:");
+    r.push_str(id);
+    Node::Obj(vec![("reference".into(), Node::Str(r))])
+}
+
+/// FHIR `dateTime` text (as [`DateTime::to_fhir_datetime`], written in one buffer).
+fn fhir_datetime(dt: &DateTime, offset: i16) -> String {
+    fn digits(out: &mut String, n: u32, width: usize) {
+        let mut buf = [b'0'; 10];
+        let mut n = n;
+        for i in (0..width).rev() {
+            buf[i] = b'0' + (n % 10) as u8;
+            n /= 10;
+        }
+        out.extend(buf[..width].iter().map(|&b| char::from(b)));
+    }
+    let mut out = String::with_capacity(32);
+    digits(&mut out, u32::from(dt.year), 4);
+    out.push('-');
+    digits(&mut out, u32::from(dt.month), 2);
+    out.push('-');
+    digits(&mut out, u32::from(dt.day), 2);
+    out.push('T');
+    digits(&mut out, u32::from(dt.hour), 2);
+    out.push(':');
+    digits(&mut out, u32::from(dt.minute), 2);
+    out.push(':');
+    digits(&mut out, u32::from(dt.second), 2);
+    if let passerelle_hl7::types::Precision::Fraction(n) = dt.precision {
+        out.push('.');
+        digits(&mut out, dt.fraction, usize::from(n.min(9)));
+    }
+    if offset == 0 {
+        out.push('Z');
+    } else {
+        out.push(if offset < 0 { '-' } else { '+' });
+        let o = u32::from(offset.unsigned_abs());
+        digits(&mut out, o / 60, 2);
+        out.push(':');
+        digits(&mut out, o % 60, 2);
+    }
+    out
 }
 
 impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
@@ -463,6 +505,12 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
             Convert::Datatype(n) => {
                 let pack = self.pack;
                 let dt = &pack.datatypes[*n];
+                if dt.pure
+                    && dt.resource.is_some()
+                    && let Some(&idx) = self.built.get(&(*n, v.raw()))
+                {
+                    return Ok(Some(reference(&self.resources[idx].id)));
+                }
                 let inner = Here {
                     seg: here.seg,
                     value: Some(v),
@@ -485,6 +533,9 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
                         }
                         let inst = self.tree.of_segment[here.seg.index()];
                         let idx = self.create(spec, node, inner, inst, None)?;
+                        if dt.pure {
+                            self.built.insert((*n, v.raw()), idx);
+                        }
                         Ok(Some(reference(&self.resources[idx].id)))
                     }
                     _ => Ok(Some(node)),
@@ -524,10 +575,15 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
                         _ => {}
                     }
                 }
-                Node::Str(
-                    dt.to_fhir_datetime(self.offset)
-                        .map_err(|_| MapErrorKind::NoOffset)?,
-                )
+                if !dt.has_time() {
+                    Node::Str(dt.to_fhir_date())
+                } else {
+                    let offset = dt
+                        .offset_minutes
+                        .or(self.offset)
+                        .ok_or(MapErrorKind::NoOffset)?;
+                    Node::Str(fhir_datetime(&dt, offset))
+                }
             }
             Func::Decimal => Node::Num(
                 Number::parse(&text)
@@ -811,6 +867,21 @@ fn range(text: &str) -> (Option<&str>, Option<&str>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn datetimes_match_the_parser_crate() {
+        for (text, offset) in [
+            ("20240311084512-0500", None),
+            ("202403110845", Some(60)),
+            ("2024031108", Some(0)),
+            ("20240311084512.1234+0530", None),
+            ("20241231235959.5-1200", Some(30)),
+        ] {
+            let dt = DateTime::parse(text).unwrap();
+            let ours = fhir_datetime(&dt, dt.offset_minutes.or(offset).unwrap());
+            assert_eq!(ours, dt.to_fhir_datetime(offset).unwrap(), "{text}");
+        }
+    }
 
     #[test]
     fn ranges_and_systems() {

@@ -409,7 +409,23 @@ fn compile(loader: &mut Loader, sources: &[FileText]) -> Result<Pack, LoadErrors
                 }
             };
             let rules = compile_rules(loader, f, &context, &d.rules, &names, true);
-            datatypes.push(DatatypeMap { resource, rules });
+            let relative = |src: &Source| src.0.iter().all(|p| matches!(p, SrcPath::Relative(_)));
+            let pure = rules.iter().all(|r| {
+                r.from.as_ref().is_none_or(relative)
+                    && !matches!(r.convert, Convert::Datatype(_))
+                    && r.when.as_ref().is_none_or(|c| {
+                        let mut paths = Vec::new();
+                        c.paths(&mut paths);
+                        paths.iter().all(|p| matches!(p, SrcPath::Relative(_)))
+                    })
+            }) && resource
+                .as_ref()
+                .is_none_or(|spec| spec.merge && spec.id.iter().all(relative));
+            datatypes.push(DatatypeMap {
+                pure,
+                resource,
+                rules,
+            });
         }
         for s in &p.raw.segment {
             let s = s.get_ref();

@@ -141,6 +141,10 @@ pub(crate) struct SegmentMap {
 
 #[derive(Debug, Clone)]
 pub(crate) struct DatatypeMap {
+    /// Reads only its own value (relative paths, no nested datatype maps): the same
+    /// input bytes always give the same output, so a resource it creates is built once
+    /// per message however often it is named.
+    pub(crate) pure: bool,
     /// Present when applying the map creates a resource and yields a reference to it.
     pub(crate) resource: Option<ResourceSpec>,
     pub(crate) rules: Vec<Rule>,
