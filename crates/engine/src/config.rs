@@ -1,0 +1,420 @@
+//! `passerelle.toml`: the engine's own settings.
+//!
+//! Read with the `config` crate: the file first, then environment variables
+//! `PASSERELLE__SECTION__KEY` (for example `PASSERELLE__STORE__PATH=/var/lib/passerelle`,
+//! `PASSERELLE__ADMIN__BIND=0.0.0.0:8025`), so that containers need no file edits. Every
+//! section is optional: with no file at all, the defaults start one listener on
+//! 127.0.0.1:2575, a store in `./data` and the admin API on 127.0.0.1:8025.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::location::{ConfigError, ConfigErrors, SourceFile, Step};
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreSection {
+    pub path: PathBuf,
+    /// sled's page cache, which bounds memory.
+    pub cache_capacity_mb: u64,
+    pub flush_every_ms: u64,
+    /// How long a delivery lease lasts before another worker may take it.
+    pub visibility_timeout_s: u64,
+    /// Delivered messages are deleted after this many days.
+    pub retention_days: u64,
+}
+
+impl Default for StoreSection {
+    fn default() -> Self {
+        StoreSection {
+            path: PathBuf::from("./data"),
+            cache_capacity_mb: 64,
+            flush_every_ms: 500,
+            visibility_timeout_s: 120,
+            retention_days: 30,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Client CA: when set, clients must present a certificate it signed (mutual TLS).
+    pub client_ca: Option<PathBuf>,
+    /// Accepted client certificate subjects or SANs (empty: any the CA signed).
+    #[serde(default)]
+    pub allowed_subjects: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerSection {
+    pub name: String,
+    pub bind: String,
+    /// Source addresses allowed to connect, as CIDR blocks (empty: everyone).
+    #[serde(default)]
+    pub allow: Vec<String>,
+    #[serde(default = "defaults::max_connections")]
+    pub max_connections: usize,
+    #[serde(default = "defaults::max_connections_per_ip")]
+    pub max_connections_per_ip: usize,
+    #[serde(default = "defaults::idle_timeout_s")]
+    pub idle_timeout_s: u64,
+    #[serde(default = "defaults::max_frame_bytes")]
+    pub max_frame_bytes: usize,
+    pub tls: Option<TlsSection>,
+}
+
+mod defaults {
+    pub(super) fn max_connections() -> usize {
+        1_000
+    }
+    pub(super) fn max_connections_per_ip() -> usize {
+        100
+    }
+    pub(super) fn idle_timeout_s() -> u64 {
+        600
+    }
+    pub(super) fn max_frame_bytes() -> usize {
+        16 * 1024 * 1024
+    }
+    pub(super) fn listeners() -> Vec<super::ListenerSection> {
+        vec![super::ListenerSection {
+            name: "main".into(),
+            bind: "127.0.0.1:2575".into(),
+            allow: Vec::new(),
+            max_connections: max_connections(),
+            max_connections_per_ip: max_connections_per_ip(),
+            idle_timeout_s: idle_timeout_s(),
+            max_frame_bytes: max_frame_bytes(),
+            tls: None,
+        }]
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminSection {
+    pub bind: String,
+    /// The environment variable holding the API token (never the token itself in a file).
+    pub token_env: String,
+}
+
+impl Default for AdminSection {
+    fn default() -> Self {
+        AdminSection {
+            bind: "127.0.0.1:8025".into(),
+            token_env: "PASSERELLE_ADMIN_TOKEN".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoggingSection {
+    /// `text` or `json`.
+    pub format: String,
+    /// A tracing filter: `info`, `passerelle=debug,info`…
+    pub level: String,
+}
+
+impl Default for LoggingSection {
+    fn default() -> Self {
+        LoggingSection {
+            format: "text".into(),
+            level: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PathsSection {
+    pub routes: PathBuf,
+    pub mappings: PathBuf,
+}
+
+impl Default for PathsSection {
+    fn default() -> Self {
+        PathsSection {
+            routes: PathBuf::from("routes.d"),
+            mappings: PathBuf::from("mappings"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DefaultsSection {
+    /// The site's UTC offset in minutes, for timestamps sent without one.
+    pub site_utc_offset_minutes: i16,
+    /// How to answer a message no route wants: `accept` (AA, kept as unrouted), `error`
+    /// (AE) or `reject` (AR). It is journaled as unrouted in every case.
+    pub unrouted: String,
+    /// When the store or a queue is full: `stop-reading` (TCP backpressure) or `error` (AE).
+    pub backpressure: String,
+}
+
+impl Default for DefaultsSection {
+    fn default() -> Self {
+        DefaultsSection {
+            site_utc_offset_minutes: 60,
+            unrouted: "accept".into(),
+            backpressure: "stop-reading".into(),
+        }
+    }
+}
+
+/// The whole of `passerelle.toml`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EngineConfig {
+    #[serde(default)]
+    pub store: StoreSection,
+    #[serde(default = "defaults::listeners")]
+    pub listeners: Vec<ListenerSection>,
+    #[serde(default)]
+    pub admin: AdminSection,
+    #[serde(default)]
+    pub logging: LoggingSection,
+    #[serde(default)]
+    pub paths: PathsSection,
+    #[serde(default)]
+    pub defaults: DefaultsSection,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            store: StoreSection::default(),
+            listeners: defaults::listeners(),
+            admin: AdminSection::default(),
+            logging: LoggingSection::default(),
+            paths: PathsSection::default(),
+            defaults: DefaultsSection::default(),
+        }
+    }
+}
+
+/// Reads `a.b.c/len` as an IP network.
+fn parse_cidr(text: &str) -> Option<(IpAddr, u8)> {
+    let (addr, len) = match text.split_once('/') {
+        Some((a, l)) => (a, l.parse::<u8>().ok()?),
+        None => (text, if text.contains(':') { 128 } else { 32 }),
+    };
+    let addr: IpAddr = addr.parse().ok()?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    (len <= max).then_some((addr, len))
+}
+
+impl EngineConfig {
+    /// Loads `path` (absent: the defaults) with environment overrides, and checks it.
+    /// Relative paths in the file are resolved against the file's folder.
+    pub fn load(path: Option<&Path>) -> Result<EngineConfig, ConfigErrors> {
+        Self::load_with_env(path, None)
+    }
+
+    /// As [`load`](Self::load), with `env` in place of the process environment (tests).
+    pub fn load_with_env(
+        path: Option<&Path>,
+        env: Option<std::collections::HashMap<String, String>>,
+    ) -> Result<EngineConfig, ConfigErrors> {
+        let source = match path {
+            Some(p) => Some(SourceFile::read(p).map_err(|e| ConfigErrors(vec![e]))?),
+            None => None,
+        };
+        // Syntax and types first, from the file alone, so that errors have a line.
+        if let Some(src) = &source {
+            toml::from_str::<EngineConfig>(&src.text)
+                .map_err(|e| ConfigErrors(vec![src.toml_error(&e)]))?;
+        }
+        let mut builder = config::Config::builder();
+        if let Some(src) = &source {
+            builder =
+                builder.add_source(config::File::from_str(&src.text, config::FileFormat::Toml));
+        }
+        builder = builder.add_source(
+            config::Environment::with_prefix("PASSERELLE")
+                .prefix_separator("__")
+                .separator("__")
+                .try_parsing(true)
+                .source(env.map(|m| m.into_iter().collect())),
+        );
+        let merged: EngineConfig = builder
+            .build()
+            .and_then(config::Config::try_deserialize)
+            .map_err(|e| {
+                ConfigErrors(vec![ConfigError {
+                    file: PathBuf::from("environment (PASSERELLE__…)"),
+                    line: 1,
+                    column: 1,
+                    field: None,
+                    message: e.to_string(),
+                }])
+            })?;
+        let mut config = merged;
+        if let Some(dir) = path.and_then(Path::parent) {
+            for p in [
+                &mut config.store.path,
+                &mut config.paths.routes,
+                &mut config.paths.mappings,
+            ] {
+                if p.is_relative() {
+                    *p = dir.join(&*p);
+                }
+            }
+        }
+        config.check(source.as_ref())?;
+        Ok(config)
+    }
+
+    fn check(&self, src: Option<&SourceFile>) -> Result<(), ConfigErrors> {
+        let mut errors = Vec::new();
+        let mut report = |path: &[Step<'_>], field: &str, message: String| {
+            errors.push(match src {
+                Some(s) => s.error_at(s.locate(path), Some(field), message),
+                None => ConfigError {
+                    file: PathBuf::from("(defaults and environment)"),
+                    line: 1,
+                    column: 1,
+                    field: Some(field.to_owned()),
+                    message,
+                },
+            });
+        };
+        if self.listeners.is_empty() {
+            report(
+                &[Step::Key("listeners")],
+                "listeners",
+                "at least one listener is needed".into(),
+            );
+        }
+        for (i, l) in self.listeners.iter().enumerate() {
+            let at = |k: &'static str| [Step::Key("listeners"), Step::Index(i), Step::Key(k)];
+            if self.listeners[..i].iter().any(|o| o.name == l.name) {
+                report(
+                    &at("name"),
+                    "listeners.name",
+                    format!("listener {:?} is defined twice", l.name),
+                );
+            }
+            if l.bind.parse::<SocketAddr>().is_err() {
+                report(
+                    &at("bind"),
+                    "listeners.bind",
+                    format!("{:?} is not an address:port", l.bind),
+                );
+            }
+            for (j, block) in l.allow.iter().enumerate() {
+                if parse_cidr(block).is_none() {
+                    report(
+                        &[
+                            Step::Key("listeners"),
+                            Step::Index(i),
+                            Step::Key("allow"),
+                            Step::Index(j),
+                        ],
+                        "listeners.allow",
+                        format!("{block:?} is not an address or CIDR block"),
+                    );
+                }
+            }
+            if l.max_connections == 0 || l.max_connections_per_ip == 0 {
+                report(
+                    &at("max_connections"),
+                    "listeners.max_connections",
+                    "connection limits must be at least 1".into(),
+                );
+            }
+            if l.max_frame_bytes < 1024 {
+                report(
+                    &at("max_frame_bytes"),
+                    "listeners.max_frame_bytes",
+                    "below 1 KiB no HL7 message fits".into(),
+                );
+            }
+        }
+        if self.admin.bind.parse::<SocketAddr>().is_err() {
+            report(
+                &[Step::Key("admin"), Step::Key("bind")],
+                "admin.bind",
+                format!("{:?} is not an address:port", self.admin.bind),
+            );
+        }
+        if !matches!(self.logging.format.as_str(), "text" | "json") {
+            report(
+                &[Step::Key("logging"), Step::Key("format")],
+                "logging.format",
+                "must be \"text\" or \"json\"".into(),
+            );
+        }
+        if !matches!(
+            self.defaults.unrouted.as_str(),
+            "accept" | "error" | "reject"
+        ) {
+            report(
+                &[Step::Key("defaults"), Step::Key("unrouted")],
+                "defaults.unrouted",
+                "must be \"accept\", \"error\" or \"reject\"".into(),
+            );
+        }
+        if !matches!(
+            self.defaults.backpressure.as_str(),
+            "stop-reading" | "error"
+        ) {
+            report(
+                &[Step::Key("defaults"), Step::Key("backpressure")],
+                "defaults.backpressure",
+                "must be \"stop-reading\" or \"error\"".into(),
+            );
+        }
+        if self.defaults.site_utc_offset_minutes.unsigned_abs() > 14 * 60 {
+            report(
+                &[Step::Key("defaults"), Step::Key("site_utc_offset_minutes")],
+                "defaults.site_utc_offset_minutes",
+                "must be within ±840 minutes".into(),
+            );
+        }
+        if self.store.cache_capacity_mb == 0 {
+            report(
+                &[Step::Key("store"), Step::Key("cache_capacity_mb")],
+                "store.cache_capacity_mb",
+                "must be at least 1".into(),
+            );
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigErrors(errors))
+        }
+    }
+
+    /// The names of the listeners, for route checks.
+    pub fn listener_names(&self) -> Vec<String> {
+        self.listeners.iter().map(|l| l.name.clone()).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidr() {
+        assert_eq!(
+            parse_cidr("10.0.0.0/8"),
+            Some(("10.0.0.0".parse().unwrap(), 8))
+        );
+        assert_eq!(
+            parse_cidr("127.0.0.1"),
+            Some(("127.0.0.1".parse().unwrap(), 32))
+        );
+        assert_eq!(parse_cidr("::1"), Some(("::1".parse().unwrap(), 128)));
+        assert_eq!(parse_cidr("10.0.0.0/33"), None);
+        assert_eq!(parse_cidr("ten/8"), None);
+    }
+}

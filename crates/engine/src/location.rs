@@ -1,0 +1,139 @@
+//! Errors that point into a configuration file.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// One problem in one file, at a line and column (1-based), about one field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub line: usize,
+    pub column: usize,
+    /// The field concerned, as a dotted path (`match.message_type`), when known.
+    pub field: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}: ", self.file.display(), self.line, self.column)?;
+        if let Some(field) = &self.field {
+            write!(f, "{field}: ")?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+/// Every problem found, in file order.
+#[derive(Debug, Clone, Default, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Turns byte offsets of one file's text into line and column.
+#[derive(Debug, Clone)]
+pub(crate) struct SourceFile {
+    pub(crate) path: PathBuf,
+    pub(crate) text: String,
+}
+
+impl SourceFile {
+    pub(crate) fn read(path: &Path) -> Result<SourceFile, ConfigError> {
+        std::fs::read_to_string(path)
+            .map(|text| SourceFile {
+                path: path.to_path_buf(),
+                text,
+            })
+            .map_err(|e| ConfigError {
+                file: path.to_path_buf(),
+                line: 1,
+                column: 1,
+                field: None,
+                message: format!("cannot read: {e}"),
+            })
+    }
+
+    pub(crate) fn error_at(
+        &self,
+        offset: usize,
+        field: Option<&str>,
+        message: impl Into<String>,
+    ) -> ConfigError {
+        let before = &self.text[..offset.min(self.text.len())];
+        let line = before.matches('\n').count() + 1;
+        let column = before.rfind('\n').map_or(before.chars().count(), |nl| {
+            before[nl + 1..].chars().count()
+        }) + 1;
+        ConfigError {
+            file: self.path.clone(),
+            line,
+            column,
+            field: field.map(str::to_owned),
+            message: message.into(),
+        }
+    }
+
+    /// A TOML syntax or type error, located by its span.
+    pub(crate) fn toml_error(&self, e: &toml::de::Error) -> ConfigError {
+        let offset = e.span().map_or(0, |s| s.start);
+        self.error_at(offset, None, e.message().trim().to_owned())
+    }
+}
+
+/// One step of a path into a TOML document: a key, or an index into an array.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Step<'a> {
+    Key(&'a str),
+    Index(usize),
+}
+
+impl SourceFile {
+    /// The byte offset of the value at `path`, or of the deepest part of it that exists.
+    pub(crate) fn locate(&self, path: &[Step<'_>]) -> usize {
+        use toml::de::{DeTable, DeValue};
+        let Ok(root) = DeTable::parse(&self.text) else {
+            return 0;
+        };
+        let mut offset = 0;
+        let mut table = root.get_ref();
+        let mut array: Option<&toml::de::DeArray<'_>> = None;
+        for step in path {
+            let value = match (*step, array) {
+                (Step::Index(i), Some(items)) => match items.get(i) {
+                    Some(v) => v,
+                    None => return offset,
+                },
+                (Step::Key(k), _) => {
+                    match table.iter().find(|(key, _)| key.get_ref().as_ref() == k) {
+                        Some((key, v)) => {
+                            offset = key.span().start;
+                            v
+                        }
+                        None => return offset,
+                    }
+                }
+                _ => return offset,
+            };
+            offset = value.span().start.max(offset);
+            match value.get_ref() {
+                DeValue::Table(t) => {
+                    table = t;
+                    array = None;
+                }
+                DeValue::Array(items) => array = Some(items),
+                _ => array = None,
+            }
+        }
+        offset
+    }
+}

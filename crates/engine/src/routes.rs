@@ -1,0 +1,497 @@
+//! Routes: which messages go where, and how.
+//!
+//! One route per file in `routes.d/`, read in file-name order (name them `10-adt.toml`,
+//! `20-lab.toml`… to order them). A message takes the first route whose `[match]` it
+//! satisfies; a route with `default = true` takes what no other route wants.
+//!
+//! ```toml
+//! name = "adt"
+//! mapping = "v2-to-fhir"                      # a pack in mappings/
+//! listeners = ["main"]                        # optional: all listeners
+//! ordering_key = ["MSH-4", "PID-3[1].1"]      # optional: this is the default
+//!
+//! [match]                                     # each: a value, a glob (* ?), or a list
+//! message_type = "ADT"
+//! trigger_event = ["A01", "A04", "A08"]
+//! sending_facility = "CHU_*"
+//! version = "2.5*"
+//!
+//! [[destinations]]
+//! name = "fhir"
+//! type = "fhir"                               # fhir | mllp | ndjson
+//! url = "https://fhir.example/r4"
+//! [destinations.retry]                        # optional: the defaults below
+//! initial_backoff_ms = 1000
+//! max_backoff_ms = 300000
+//! multiplier = 2.0
+//! jitter = 0.2
+//! max_attempts = 20
+//! max_age_hours = 24
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use passerelle_hl7::{HeaderSummary, Message, Path as Hl7Path};
+use passerelle_store::RetryPolicy;
+use serde::Deserialize;
+
+use crate::location::{ConfigError, ConfigErrors, SourceFile, Step};
+
+/// The fields a route can match on.
+pub const MATCH_FIELDS: [&str; 7] = [
+    "sending_application",
+    "sending_facility",
+    "receiving_application",
+    "receiving_facility",
+    "message_type",
+    "trigger_event",
+    "version",
+];
+
+/// The default ordering key: the sending facility and the first patient identifier
+/// (its value and its assigning authority), so that one patient's messages from one
+/// facility stay in order.
+pub const DEFAULT_ORDERING_KEY: [&str; 3] = ["MSH-4.1", "PID-3[1].1", "PID-3[1].4.1"];
+
+/// The kinds of destination.
+pub const DESTINATION_TYPES: [&str; 3] = ["fhir", "mllp", "ndjson"];
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RetryFile {
+    initial_backoff_ms: Option<u64>,
+    max_backoff_ms: Option<u64>,
+    multiplier: Option<f64>,
+    jitter: Option<f64>,
+    max_attempts: Option<u32>,
+    max_age_hours: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+struct DestinationFile {
+    name: String,
+    #[serde(rename = "type")]
+    kind: String,
+    retry: Option<RetryFile>,
+    #[serde(flatten)]
+    settings: toml::Table,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RouteFile {
+    name: String,
+    mapping: String,
+    #[serde(default)]
+    listeners: Vec<String>,
+    ordering_key: Option<Vec<String>>,
+    #[serde(default)]
+    default: bool,
+    #[serde(default, rename = "match")]
+    matches: BTreeMap<String, OneOrMany>,
+    #[serde(default)]
+    destinations: Vec<DestinationFile>,
+}
+
+/// A glob over one MSH field: `*` any run, `?` any one character; case-sensitive.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Glob(String);
+
+impl Glob {
+    pub fn matches(&self, text: &str) -> bool {
+        fn go(p: &[char], t: &[char]) -> bool {
+            match (p.first(), t.first()) {
+                (None, None) => true,
+                (Some('*'), _) => go(&p[1..], t) || (!t.is_empty() && go(p, &t[1..])),
+                (Some('?'), Some(_)) => go(&p[1..], &t[1..]),
+                (Some(a), Some(b)) if a == b => go(&p[1..], &t[1..]),
+                _ => false,
+            }
+        }
+        let p: Vec<char> = self.0.chars().collect();
+        let t: Vec<char> = text.chars().collect();
+        go(&p, &t)
+    }
+}
+
+/// Where a route sends its messages.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Destination {
+    pub name: String,
+    pub kind: String,
+    pub retry: RetryPolicy,
+    /// The type-specific settings (`url`, `dir`, `peer`…), checked by the delivery side.
+    pub settings: toml::Table,
+}
+
+/// A checked route.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Route {
+    pub name: String,
+    pub file: PathBuf,
+    pub mapping: String,
+    /// Empty: every listener.
+    pub listeners: Vec<String>,
+    pub ordering_key: Vec<Hl7Path>,
+    pub is_default: bool,
+    /// Field name → accepted globs (any of them).
+    pub matches: BTreeMap<String, Vec<Glob>>,
+    pub destinations: Vec<Destination>,
+}
+
+fn field_of<'a>(header: &'a HeaderSummary, field: &str) -> &'a str {
+    match field {
+        "sending_application" => &header.sending_application,
+        "sending_facility" => &header.sending_facility,
+        "receiving_application" => &header.receiving_application,
+        "receiving_facility" => &header.receiving_facility,
+        "message_type" => &header.message_type,
+        "trigger_event" => &header.trigger_event,
+        _ => &header.version,
+    }
+}
+
+/// HD fields (MSH-3..6) match on their first component, the namespace id.
+fn first_component(value: &str, separators: &passerelle_hl7::Separators) -> String {
+    value
+        .split(separators.component as char)
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+impl Route {
+    /// Whether this route takes a message with this header, arriving on `listener`.
+    pub fn accepts(&self, header: &HeaderSummary, listener: &str) -> bool {
+        if !self.listeners.is_empty() && !self.listeners.iter().any(|l| l == listener) {
+            return false;
+        }
+        self.matches.iter().all(|(field, globs)| {
+            let value = first_component(field_of(header, field), &header.separators);
+            globs.iter().any(|g| g.matches(&value))
+        })
+    }
+
+    /// The ordering key of a message: the key paths' values joined with `|`.
+    pub fn ordering_key(&self, message: &Message<'_>) -> String {
+        let parts: Vec<String> = self
+            .ordering_key
+            .iter()
+            .map(|p| {
+                message
+                    .get(p)
+                    .map(|v| v.text().into_owned())
+                    .unwrap_or_default()
+            })
+            .collect();
+        parts.join("|")
+    }
+}
+
+/// All routes, in file-name order.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RouteTable {
+    pub routes: Vec<Route>,
+}
+
+impl RouteTable {
+    /// The route for a message: the first that matches, else the default one.
+    pub fn select(&self, header: &HeaderSummary, listener: &str) -> Option<&Route> {
+        self.routes
+            .iter()
+            .find(|r| !r.is_default && r.accepts(header, listener))
+            .or_else(|| {
+                self.routes
+                    .iter()
+                    .find(|r| r.is_default && r.accepts(header, listener))
+            })
+    }
+
+    /// Loads every `*.toml` of `dir`. `known_packs` and `known_listeners` are the names a
+    /// route may refer to. Reports every problem of every file.
+    pub fn load(
+        dir: &Path,
+        known_packs: &[String],
+        known_listeners: &[String],
+    ) -> Result<RouteTable, ConfigErrors> {
+        let mut files: Vec<PathBuf> = match std::fs::read_dir(dir) {
+            Ok(entries) => entries
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+                .collect(),
+            Err(e) => {
+                return Err(ConfigErrors(vec![ConfigError {
+                    file: dir.to_path_buf(),
+                    line: 1,
+                    column: 1,
+                    field: None,
+                    message: format!("cannot read the routes folder: {e}"),
+                }]));
+            }
+        };
+        files.sort();
+        let mut errors = Vec::new();
+        let mut routes = Vec::new();
+        for path in &files {
+            match load_route(path, known_packs, known_listeners) {
+                Ok(route) => routes.push(route),
+                Err(mut e) => errors.append(&mut e),
+            }
+        }
+        // Across files: unique names, at most one default.
+        let mut seen: BTreeMap<&str, &Path> = BTreeMap::new();
+        for r in &routes {
+            if let Some(first) = seen.insert(&r.name, &r.file) {
+                errors.push(ConfigError {
+                    file: r.file.clone(),
+                    line: 1,
+                    column: 1,
+                    field: Some("name".into()),
+                    message: format!("route {:?} is also defined in {}", r.name, first.display()),
+                });
+            }
+        }
+        let defaults: Vec<&Route> = routes.iter().filter(|r| r.is_default).collect();
+        if defaults.len() > 1 {
+            for r in &defaults[1..] {
+                errors.push(ConfigError {
+                    file: r.file.clone(),
+                    line: 1,
+                    column: 1,
+                    field: Some("default".into()),
+                    message: format!(
+                        "a second default route (the first is {:?})",
+                        defaults[0].name
+                    ),
+                });
+            }
+        }
+        if routes.is_empty() && errors.is_empty() {
+            errors.push(ConfigError {
+                file: dir.to_path_buf(),
+                line: 1,
+                column: 1,
+                field: None,
+                message: "no route: every message would be unrouted".into(),
+            });
+        }
+        if errors.is_empty() {
+            Ok(RouteTable { routes })
+        } else {
+            Err(ConfigErrors(errors))
+        }
+    }
+}
+
+fn load_route(
+    path: &Path,
+    known_packs: &[String],
+    known_listeners: &[String],
+) -> Result<Route, Vec<ConfigError>> {
+    let src = SourceFile::read(path).map_err(|e| vec![e])?;
+    let file: RouteFile = toml::from_str(&src.text).map_err(|e| vec![src.toml_error(&e)])?;
+    let mut errors = Vec::new();
+    let at = |path: &[Step<'_>], field: &str, message: String| {
+        src.error_at(src.locate(path), Some(field), message)
+    };
+
+    if file.name.trim().is_empty() || file.name.contains(['/', '\0']) {
+        errors.push(at(
+            &[Step::Key("name")],
+            "name",
+            "a route needs a name without '/'".into(),
+        ));
+    }
+    if !known_packs.contains(&file.mapping) {
+        errors.push(at(
+            &[Step::Key("mapping")],
+            "mapping",
+            format!(
+                "no mapping pack {:?} (known: {})",
+                file.mapping,
+                known_packs.join(", ")
+            ),
+        ));
+    }
+    for (i, l) in file.listeners.iter().enumerate() {
+        if !known_listeners.iter().any(|k| k == l) {
+            errors.push(at(
+                &[Step::Key("listeners"), Step::Index(i)],
+                "listeners",
+                format!(
+                    "no listener {l:?} in passerelle.toml (known: {})",
+                    known_listeners.join(", ")
+                ),
+            ));
+        }
+    }
+    let key_paths = file.ordering_key.unwrap_or_else(|| {
+        DEFAULT_ORDERING_KEY
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect()
+    });
+    let mut ordering_key = Vec::new();
+    for (i, text) in key_paths.iter().enumerate() {
+        match text.parse::<Hl7Path>() {
+            Ok(p) if p.is_multiple() => errors.push(at(
+                &[Step::Key("ordering_key"), Step::Index(i)],
+                "ordering_key",
+                format!("{text:?} selects several values; an ordering key part must select one"),
+            )),
+            Ok(p) => ordering_key.push(p),
+            Err(e) => errors.push(at(
+                &[Step::Key("ordering_key"), Step::Index(i)],
+                "ordering_key",
+                e.to_string(),
+            )),
+        }
+    }
+    let mut matches = BTreeMap::new();
+    for (field, value) in file.matches {
+        if !MATCH_FIELDS.contains(&field.as_str()) {
+            errors.push(at(
+                &[Step::Key("match"), Step::Key(&field)],
+                &format!("match.{field}"),
+                format!(
+                    "unknown field; a route matches on {}",
+                    MATCH_FIELDS.join(", ")
+                ),
+            ));
+            continue;
+        }
+        let globs = match value {
+            OneOrMany::One(s) => vec![Glob(s)],
+            OneOrMany::Many(v) if v.is_empty() => {
+                errors.push(at(
+                    &[Step::Key("match"), Step::Key(&field)],
+                    &format!("match.{field}"),
+                    "an empty list matches nothing".into(),
+                ));
+                continue;
+            }
+            OneOrMany::Many(v) => v.into_iter().map(Glob).collect(),
+        };
+        matches.insert(field, globs);
+    }
+    if file.destinations.is_empty() {
+        errors.push(src.error_at(
+            0,
+            Some("destinations"),
+            "a route needs at least one [[destinations]]",
+        ));
+    }
+    let mut destinations = Vec::new();
+    for (i, d) in file.destinations.into_iter().enumerate() {
+        let here = |key: &'static str| [Step::Key("destinations"), Step::Index(i), Step::Key(key)];
+        if destinations.iter().any(|o: &Destination| o.name == d.name) {
+            errors.push(at(
+                &here("name"),
+                "destinations.name",
+                format!("destination {:?} appears twice", d.name),
+            ));
+        }
+        if !DESTINATION_TYPES.contains(&d.kind.as_str()) {
+            errors.push(at(
+                &here("type"),
+                "destinations.type",
+                format!(
+                    "unknown type {:?}; one of {}",
+                    d.kind,
+                    DESTINATION_TYPES.join(", ")
+                ),
+            ));
+        }
+        let mut retry = RetryPolicy::default();
+        if let Some(r) = d.retry {
+            let retry_at = |key: &'static str| {
+                [
+                    Step::Key("destinations"),
+                    Step::Index(i),
+                    Step::Key("retry"),
+                    Step::Key(key),
+                ]
+            };
+            retry.initial_backoff_ms = r.initial_backoff_ms.unwrap_or(retry.initial_backoff_ms);
+            retry.max_backoff_ms = r.max_backoff_ms.unwrap_or(retry.max_backoff_ms);
+            retry.multiplier = r.multiplier.unwrap_or(retry.multiplier);
+            retry.jitter = r.jitter.unwrap_or(retry.jitter);
+            retry.max_attempts = r.max_attempts.or(retry.max_attempts);
+            retry.max_age_ms = r.max_age_hours.map(|h| h * 3_600_000).or(retry.max_age_ms);
+            if retry.multiplier.is_nan() || retry.multiplier < 1.0 {
+                errors.push(at(
+                    &retry_at("multiplier"),
+                    "destinations.retry.multiplier",
+                    "must be at least 1".into(),
+                ));
+            }
+            if !(0.0..=1.0).contains(&retry.jitter) {
+                errors.push(at(
+                    &retry_at("jitter"),
+                    "destinations.retry.jitter",
+                    "must be between 0 and 1".into(),
+                ));
+            }
+            if retry.max_backoff_ms < retry.initial_backoff_ms {
+                errors.push(at(
+                    &retry_at("max_backoff_ms"),
+                    "destinations.retry.max_backoff_ms",
+                    "is below initial_backoff_ms".into(),
+                ));
+            }
+            if retry.max_attempts == Some(0) {
+                errors.push(at(
+                    &retry_at("max_attempts"),
+                    "destinations.retry.max_attempts",
+                    "must be at least 1".into(),
+                ));
+            }
+        }
+        destinations.push(Destination {
+            name: d.name,
+            kind: d.kind,
+            retry,
+            settings: d.settings,
+        });
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    Ok(Route {
+        name: file.name,
+        file: path.to_path_buf(),
+        mapping: file.mapping,
+        listeners: file.listeners,
+        ordering_key,
+        is_default: file.default,
+        matches,
+        destinations,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs() {
+        let g = |p: &str, t: &str| Glob(p.into()).matches(t);
+        assert!(g("ADT", "ADT"));
+        assert!(!g("ADT", "ADTX"));
+        assert!(g("A0*", "A08"));
+        assert!(g("2.5*", "2.5.1"));
+        assert!(g("?01", "A01"));
+        assert!(!g("?01", "01"));
+        assert!(g("*", ""));
+        assert!(g("CHU_*_LAB", "CHU_NORD_LAB"));
+        assert!(!g("adt", "ADT"), "case-sensitive");
+    }
+}

@@ -1,0 +1,311 @@
+//! Configuration and routes: the repository's own files load; every kind of mistake is
+//! reported with file:line:column and the field; routes select as documented.
+
+#![allow(clippy::unwrap_used)] // tests: a panic is a failure with its message
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use passerelle_engine::config::EngineConfig;
+use passerelle_engine::routes::RouteTable;
+use passerelle_engine::{ConfigErrors, known_packs};
+use passerelle_hl7::{HeaderSummary, Message};
+use passerelle_testkit::workspace_root;
+
+fn write(dir: &Path, name: &str, text: &str) {
+    std::fs::write(dir.join(name), text).unwrap();
+}
+
+fn packs() -> Vec<String> {
+    vec!["v2-to-fhir".into(), "fr".into()]
+}
+
+fn listeners() -> Vec<String> {
+    vec!["main".into()]
+}
+
+/// Loads one route file and returns its errors as "file-name:line:column field message".
+fn route_errors(text: &str) -> Vec<String> {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "10-r.toml", text);
+    let errors = RouteTable::load(dir.path(), &packs(), &listeners()).unwrap_err();
+    render(&errors)
+}
+
+fn render(errors: &ConfigErrors) -> Vec<String> {
+    errors
+        .0
+        .iter()
+        .map(|e| {
+            format!(
+                "{}:{}:{} {} {}",
+                e.file.file_name().unwrap().to_string_lossy(),
+                e.line,
+                e.column,
+                e.field.as_deref().unwrap_or("-"),
+                e.message
+            )
+        })
+        .collect()
+}
+
+const GOOD_ROUTE: &str = r#"name = "adt"
+mapping = "v2-to-fhir"
+
+[match]
+message_type = "ADT"
+trigger_event = ["A01", "A0*"]
+
+[[destinations]]
+name = "files"
+type = "ndjson"
+dir = "./out"
+"#;
+
+#[test]
+fn the_repository_configuration_loads() {
+    let root = workspace_root();
+    let config = EngineConfig::load(Some(&root.join("passerelle.toml"))).unwrap();
+    assert_eq!(config.listeners[0].bind, "127.0.0.1:2575");
+    assert_eq!(
+        config.store.path,
+        root.join("./data"),
+        "relative paths resolve against the file"
+    );
+    let packs = known_packs(&config.paths.mappings);
+    assert!(
+        packs.contains(&"v2-to-fhir".to_owned()),
+        "packs found: {packs:?}"
+    );
+    let routes = RouteTable::load(&config.paths.routes, &packs, &config.listener_names()).unwrap();
+    assert!(
+        routes.routes.iter().any(|r| r.is_default),
+        "the embedded default route"
+    );
+}
+
+#[test]
+fn defaults_without_a_file_and_environment_overrides() {
+    let config = EngineConfig::load_with_env(None, Some(HashMap::new())).unwrap();
+    assert_eq!(config, EngineConfig::default());
+    let env = HashMap::from([
+        (
+            "PASSERELLE__STORE__PATH".to_owned(),
+            "/var/lib/passerelle".to_owned(),
+        ),
+        ("PASSERELLE__LOGGING__FORMAT".to_owned(), "json".to_owned()),
+        (
+            "PASSERELLE__STORE__CACHE_CAPACITY_MB".to_owned(),
+            "128".to_owned(),
+        ),
+    ]);
+    let config =
+        EngineConfig::load_with_env(Some(&workspace_root().join("passerelle.toml")), Some(env))
+            .unwrap();
+    assert_eq!(config.store.path, Path::new("/var/lib/passerelle"));
+    assert_eq!(config.logging.format, "json");
+    assert_eq!(config.store.cache_capacity_mb, 128);
+    let bad = HashMap::from([("PASSERELLE__LOGGING__FORMAT".to_owned(), "xml".to_owned())]);
+    let errors = EngineConfig::load_with_env(None, Some(bad)).unwrap_err();
+    assert_eq!(errors.0[0].field.as_deref(), Some("logging.format"));
+}
+
+#[test]
+fn configuration_errors_are_located() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: [(&str, &str); 6] = [
+        (
+            "[store]\npath = \"./data\"\nsize = 3\n",
+            "passerelle.toml:3:1",
+        ),
+        (
+            "[admin]\nbind = \"localhost\"\n",
+            "passerelle.toml:2:8 admin.bind",
+        ),
+        (
+            "[[listeners]]\nname = \"a\"\nbind = \"127.0.0.1:1\"\nallow = [\"10.0.0.0/8\", \"nope\"]\n",
+            "passerelle.toml:4:24 listeners.allow",
+        ),
+        (
+            "[[listeners]]\nname = \"a\"\nbind = \"127.0.0.1:1\"\n[[listeners]]\nname = \"a\"\nbind = \"127.0.0.1:2\"\n",
+            "passerelle.toml:5:8 listeners.name",
+        ),
+        (
+            "[logging]\nformat = \"xml\"\n",
+            "passerelle.toml:2:10 logging.format",
+        ),
+        ("[store\npath = 1\n", "passerelle.toml:1:"),
+    ];
+    for (text, want) in cases {
+        write(dir.path(), "passerelle.toml", text);
+        let errors = EngineConfig::load_with_env(
+            Some(&dir.path().join("passerelle.toml")),
+            Some(HashMap::new()),
+        )
+        .unwrap_err();
+        let got = render(&errors);
+        assert!(
+            got.iter().any(|e| e.starts_with(want)),
+            "{text:?}: wanted {want}, got {got:?}"
+        );
+    }
+}
+
+#[test]
+fn route_errors_are_located_one_per_kind() {
+    let cases: [(&str, &str); 11] = [
+        (
+            "name = \"r\"\nmapping = \"nope\"\n[[destinations]]\nname = \"d\"\ntype = \"ndjson\"\n",
+            "10-r.toml:2:11 mapping no mapping pack",
+        ),
+        (
+            "name = \"r\"\nmapping = \"fr\"\nlisteners = [\"main\", \"lab\"]\n[[destinations]]\nname = \"d\"\ntype = \"ndjson\"\n",
+            "10-r.toml:3:22 listeners no listener",
+        ),
+        (
+            "name = \"r\"\nmapping = \"fr\"\nordering_key = [\"PID-0\"]\n[[destinations]]\nname = \"d\"\ntype = \"ndjson\"\n",
+            "10-r.toml:3:17 ordering_key invalid path",
+        ),
+        (
+            "name = \"r\"\nmapping = \"fr\"\nordering_key = [\"PID-3[*].1\"]\n[[destinations]]\nname = \"d\"\ntype = \"ndjson\"\n",
+            "10-r.toml:3:17 ordering_key",
+        ),
+        (
+            "name = \"r\"\nmapping = \"fr\"\n[match]\nmessage_typ = \"ADT\"\n[[destinations]]\nname = \"d\"\ntype = \"ndjson\"\n",
+            "10-r.toml:4:15 match.message_typ unknown field",
+        ),
+        (
+            "name = \"r\"\nmapping = \"fr\"\n[match]\nmessage_type = []\n[[destinations]]\nname = \"d\"\ntype = \"ndjson\"\n",
+            "10-r.toml:4:16 match.message_type",
+        ),
+        (
+            "name = \"r\"\nmapping = \"fr\"\n",
+            "10-r.toml:1:1 destinations",
+        ),
+        (
+            "name = \"r\"\nmapping = \"fr\"\n[[destinations]]\nname = \"d\"\ntype = \"kafka\"\n",
+            "10-r.toml:5:8 destinations.type",
+        ),
+        (
+            "name = \"r\"\nmapping = \"fr\"\n[[destinations]]\nname = \"d\"\ntype = \"fhir\"\n[destinations.retry]\njitter = 2.0\n",
+            "10-r.toml:7:10 destinations.retry.jitter",
+        ),
+        (
+            "name = \"r\"\nmapping = \"fr\"\n[[destinations]]\nname = \"d\"\ntype = \"fhir\"\n[[destinations]]\nname = \"d\"\ntype = \"ndjson\"\n",
+            "10-r.toml:7:8 destinations.name destination \"d\" appears twice",
+        ),
+        (
+            "name = \"r\"\nmapping = \"fr\"\nretries = 3\n",
+            "10-r.toml:3:1 - unknown field",
+        ),
+    ];
+    for (text, want) in cases {
+        let got = route_errors(text);
+        assert!(
+            got.iter().any(|e| e.starts_with(want)),
+            "{text:?}: wanted {want}, got {got:?}"
+        );
+    }
+}
+
+#[test]
+fn errors_across_route_files() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "10-a.toml", GOOD_ROUTE);
+    write(dir.path(), "20-b.toml", GOOD_ROUTE);
+    let default_route = |name: &str| {
+        format!(
+            "name = \"{name}\"\nmapping = \"fr\"\ndefault = true\n[[destinations]]\nname = \"d\"\ntype = \"ndjson\"\n"
+        )
+    };
+    write(dir.path(), "30-c.toml", &default_route("c"));
+    write(dir.path(), "40-d.toml", &default_route("d"));
+    let got = render(&RouteTable::load(dir.path(), &packs(), &listeners()).unwrap_err());
+    assert!(
+        got.iter()
+            .any(|e| e.starts_with("20-b.toml:1:1 name") && e.contains("10-a.toml")),
+        "{got:?}"
+    );
+    assert!(
+        got.iter()
+            .any(|e| e.starts_with("40-d.toml:1:1 default a second default route")),
+        "{got:?}"
+    );
+
+    let empty = tempfile::tempdir().unwrap();
+    let got = render(&RouteTable::load(empty.path(), &packs(), &listeners()).unwrap_err());
+    assert!(got[0].contains("no route"), "{got:?}");
+}
+
+fn header(msh: &str) -> HeaderSummary {
+    let bytes = format!("{msh}\rPID|1||123^^^HOSP&1.2.3&ISO^PI\r");
+    HeaderSummary::of(&Message::parse(bytes.as_bytes()).unwrap())
+}
+
+#[test]
+fn first_matching_route_wins_then_the_default() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "10-adt.toml", GOOD_ROUTE);
+    write(
+        dir.path(),
+        "20-lab.toml",
+        "name = \"lab\"\nmapping = \"v2-to-fhir\"\nlisteners = [\"main\"]\n[match]\nsending_facility = \"LAB_*\"\nversion = \"2.5*\"\n[[destinations]]\nname = \"d\"\ntype = \"fhir\"\nurl = \"http://127.0.0.1:1/fhir\"\n",
+    );
+    write(
+        dir.path(),
+        "99-default.toml",
+        "name = \"rest\"\nmapping = \"v2-to-fhir\"\ndefault = true\n[[destinations]]\nname = \"d\"\ntype = \"ndjson\"\n",
+    );
+    let table = RouteTable::load(dir.path(), &packs(), &listeners()).unwrap();
+    let pick =
+        |msh: &str, listener: &str| table.select(&header(msh), listener).map(|r| r.name.clone());
+    assert_eq!(
+        pick("MSH|^~\\&|APP|FAC|||20240101||ADT^A08|1|P|2.5", "main").as_deref(),
+        Some("adt")
+    );
+    assert_eq!(
+        pick("MSH|^~\\&|APP|FAC|||20240101||ADT^A11|1|P|2.5", "main").as_deref(),
+        Some("rest"),
+        "A11 does not match A0*"
+    );
+    assert_eq!(
+        pick(
+            "MSH|^~\\&|APP|LAB_NORD^1.2.3^ISO|||20240101||ORU^R01|1|P|2.5.1",
+            "main"
+        )
+        .as_deref(),
+        Some("lab"),
+        "HD matched on its namespace"
+    );
+    assert_eq!(
+        pick(
+            "MSH|^~\\&|APP|LAB_NORD|||20240101||ORU^R01|1|P|2.5.1",
+            "other"
+        )
+        .as_deref(),
+        Some("rest"),
+        "lab only listens on main"
+    );
+    assert_eq!(
+        pick("MSH|^~\\&|APP|LAB_NORD|||20240101||ORU^R01|1|P|2.3", "main").as_deref(),
+        Some("rest")
+    );
+    let lab = table.routes.iter().find(|r| r.name == "lab").unwrap();
+    assert_eq!(
+        lab.destinations[0]
+            .settings
+            .get("url")
+            .and_then(|v| v.as_str()),
+        Some("http://127.0.0.1:1/fhir")
+    );
+}
+
+#[test]
+fn default_ordering_key_is_facility_and_patient_identifier() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "10-adt.toml", GOOD_ROUTE);
+    let table = RouteTable::load(dir.path(), &packs(), &listeners()).unwrap();
+    let bytes = b"MSH|^~\\&|APP|FAC^9.9^ISO|||20240101||ADT^A01|1|P|2.5\rPID|1||123^^^HOSP&1.2.3&ISO^PI~456^^^NAT^NH\r";
+    let message = Message::parse(bytes).unwrap();
+    assert_eq!(table.routes[0].ordering_key(&message), "FAC|123|HOSP");
+}
