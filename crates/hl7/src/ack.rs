@@ -196,11 +196,11 @@ pub fn build(
         } else {
             h.processing_id.clone()
         },
-        // A version must be sent; answer a message that had none in v2.5.
-        if h.version.is_empty() {
-            "2.5".to_owned()
-        } else {
+        // A version must be sent; answer a message that had none (or only delimiters) in v2.5.
+        if h.version.chars().any(|c| c.is_ascii_alphanumeric()) {
             h.version.clone()
+        } else {
+            "2.5".to_owned()
         },
         String::new(),
         String::new(),
@@ -438,6 +438,16 @@ mod tests {
         let m = Message::parse(ok).unwrap();
         let ack = build(Some(&HeaderSummary::of(&m)), Outcome::Accept, &[], &fixed());
         assert_eq!(get(&ack, "MSH-18[2]"), "ISO IR87");
+    }
+
+    #[test]
+    fn nak_for_a_version_of_delimiters_only_still_parses() {
+        // Found by fuzzing: MSH-12 `&` was mirrored and the NAK had no version.
+        let msg = b"MSH|^~\\&|A|B|||20240101||ORU^R01|C1|P|&|||\x05\rPID|1\r";
+        let err = Message::parse(msg).unwrap_err();
+        let nak = for_parse_error(msg, &err, &fixed());
+        let parsed = Message::parse(&nak).unwrap();
+        assert_eq!(parsed.text("MSH-12").unwrap().as_deref(), Some("2.5"));
     }
 
     #[test]
