@@ -116,6 +116,13 @@ fn leaf_text(v: Value<'_>) -> String {
     l.text().trim().to_owned()
 }
 
+/// An empty resource of this type, with room for its members.
+fn resource_body(resource_type: &str) -> Node {
+    let mut members = Vec::with_capacity(16);
+    members.push(("resourceType".into(), Node::Str(resource_type.to_owned())));
+    Node::Obj(members)
+}
+
 fn reference(id: &str) -> Node {
     let mut r = String::with_capacity(9 + id.len());
     r.push_str("urn:uuid:");
@@ -184,10 +191,7 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
                     continue;
                 }
                 let mut body = match &map.spec {
-                    Some(spec) => Node::Obj(vec![(
-                        "resourceType".into(),
-                        Node::Str(spec.resource_type.clone()),
-                    )]),
+                    Some(spec) => resource_body(&spec.resource_type),
                     None => Node::obj(),
                 };
                 self.apply(&map.rules, here, &mut body)?;
@@ -516,10 +520,7 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
                     value: Some(v),
                 };
                 let mut node = match &dt.resource {
-                    Some(spec) => Node::Obj(vec![(
-                        "resourceType".into(),
-                        Node::Str(spec.resource_type.clone()),
-                    )]),
+                    Some(spec) => resource_body(&spec.resource_type),
                     None => Node::obj(),
                 };
                 self.apply(&dt.rules, inner, &mut node)?;

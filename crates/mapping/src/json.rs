@@ -70,7 +70,8 @@ pub enum Node {
 
 impl Node {
     pub(crate) fn obj() -> Node {
-        Node::Obj(Vec::new())
+        // Most elements built here have a few members: room for them up front.
+        Node::Obj(Vec::with_capacity(4))
     }
 
     /// Empty strings, objects and arrays (after pruning their children) carry nothing.
