@@ -143,7 +143,10 @@ fn one_patient_in_several_messages_gets_one_id_and_one_condition() {
         "Patient?identifier=urn:oid:2.999.1.10|RB1002341"
     );
     // Ids are pinned: a change here re-keys every resource already sent downstream.
-    assert_eq!(key(&admit).0, "urn:uuid:248ed4a8-a15a-5ec1-9c33-d4b797ef6c2b");
+    assert_eq!(
+        key(&admit).0,
+        "urn:uuid:248ed4a8-a15a-5ec1-9c33-d4b797ef6c2b"
+    );
     // The visit, too, whichever message names it.
     let visit = |b: &Bundle| s(find(b, "Encounter")[0].get("request").unwrap(), "url").to_owned();
     assert_eq!(visit(&admit), visit(&lab));
@@ -181,4 +184,25 @@ OBX|1|NM|GLU^Glucose^L||5.7|mmol/L||||||C\r";
         s(find(&c, "Observation")[0], "fullUrl"),
         s(obs[0], "fullUrl")
     );
+}
+
+#[test]
+fn visits_without_a_visit_number_are_never_merged_across_messages() {
+    let msg = |control: &str| {
+        format!(
+            "MSH|^~\\&|ADT|H|||20240101120000+0100||ADT^A04^ADT_A01|{control}|P|2.5\r\
+PID|1||42^^^H&1.2.3&ISO^MR||DOE^JANE\r\
+PV1|1|O|CLINIC^1\r\
+OBX|1|NM|8302-2^Body height^LN||170|cm^cm^UCUM|||||F\r"
+        )
+    };
+    let url = |b: &Bundle, t: &str| s(find(b, t)[0], "fullUrl").to_owned();
+    let first = common::map_bytes(msg("1").as_bytes()).unwrap();
+    let replay = common::map_bytes(msg("1").as_bytes()).unwrap();
+    let next = common::map_bytes(msg("2").as_bytes()).unwrap();
+    assert_eq!(url(&first, "Encounter"), url(&replay, "Encounter"));
+    assert_ne!(url(&first, "Encounter"), url(&next, "Encounter"));
+    assert_ne!(url(&first, "Observation"), url(&next, "Observation"));
+    // The patient is the same record in both.
+    assert_eq!(url(&first, "Patient"), url(&next, "Patient"));
 }
