@@ -579,10 +579,13 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
                 if !dt.has_time() {
                     Node::Str(dt.to_fhir_date())
                 } else {
-                    let offset = dt
-                        .offset_minutes
-                        .or(self.offset)
-                        .ok_or(MapErrorKind::NoOffset)?;
+                    let offset = match dt.offset_minutes {
+                        Some(o) => o,
+                        None => {
+                            let standard = self.offset.ok_or(MapErrorKind::NoOffset)?;
+                            crate::tz::offset_at(&dt, standard, self.pack.settings.summer_time)
+                        }
+                    };
                     Node::Str(fhir_datetime(&dt, offset))
                 }
             }

@@ -83,9 +83,11 @@
 //! - **Clean output.** Fragments of one resource (PID + PD1 → Patient) are merged; empty
 //!   values and the explicit null `""` are left out (a `PUT` replaces the whole resource,
 //!   so a field the sender nulls disappears downstream).
-//! - **Time zones.** A time of day sent without an offset gets the site's offset
-//!   (`site_offset` in `pack.toml`, or [`MapOptions::site_offset`]); the pack can instead
-//!   keep only the date or refuse the message (`naive_timestamps`).
+//! - **Time zones.** A time of day sent without an offset gets the site's offset at that
+//!   date: its standard offset (`site_offset` in `pack.toml`, or
+//!   [`MapOptions::site_offset`]) plus an hour in summer where `site_summer_time` says so
+//!   (`"eu"`, `"us"`; see [`SummerTime`]). The pack can instead keep only the date or
+//!   refuse the message (`naive_timestamps`).
 //! - **No patient data in errors.** A [`MapError`] names the segment, the path and the
 //!   rule, never a value.
 
@@ -97,19 +99,22 @@ mod load;
 mod model;
 mod sha256;
 mod structure;
+mod tz;
 
 use std::path::Path;
 
 pub use error::{LoadError, LoadErrorKind, LoadErrors, MapError, MapErrorKind};
 pub use json::Node;
 pub use model::{Loc, NaiveTimestamps, Pack};
+pub use tz::SummerTime;
 
 use passerelle_hl7::Message;
 
 /// Per-call options.
 #[derive(Debug, Clone, Default)]
 pub struct MapOptions {
-    /// The site's UTC offset in minutes, overriding the pack's `site_offset`.
+    /// The site's standard UTC offset in minutes, overriding the pack's `site_offset`
+    /// (the pack's `site_summer_time` rule still applies).
     pub site_offset: Option<i16>,
 }
 

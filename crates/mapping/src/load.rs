@@ -51,6 +51,7 @@ struct RawPack {
     fhir_version: S,
     naive_timestamps: Option<S>,
     site_offset: Option<S>,
+    site_summer_time: Option<S>,
     local_system_base: Option<S>,
 }
 
@@ -630,6 +631,22 @@ fn compile_settings(loader: &mut Loader, f: &FileText, p: &RawPack, settings: &m
                 "expected +HH:MM or -HH:MM within ±14:00",
             );
         }
+    }
+    if let Some(r) = &p.site_summer_time {
+        settings.summer_time = match r.get_ref().as_str() {
+            "none" => crate::tz::SummerTime::None,
+            "eu" => crate::tz::SummerTime::Eu,
+            "us" => crate::tz::SummerTime::Us,
+            _ => {
+                loader.error(
+                    K::Invalid,
+                    f.loc(r.span().start),
+                    "[pack] site_summer_time",
+                    "expected \"none\", \"eu\" or \"us\"",
+                );
+                crate::tz::SummerTime::None
+            }
+        };
     }
     if let Some(b) = &p.local_system_base {
         if !b.get_ref().contains(':') {

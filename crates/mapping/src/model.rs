@@ -241,6 +241,7 @@ pub(crate) struct Settings {
     pub(crate) name: String,
     pub(crate) naive_timestamps: NaiveTimestamps,
     pub(crate) site_offset: Option<i16>,
+    pub(crate) summer_time: crate::tz::SummerTime,
     pub(crate) local_system_base: String,
 }
 
@@ -250,6 +251,7 @@ impl Default for Settings {
             name: String::new(),
             naive_timestamps: NaiveTimestamps::SiteOffset,
             site_offset: None,
+            summer_time: crate::tz::SummerTime::None,
             local_system_base: "urn:passerelle:system:".to_owned(),
         }
     }

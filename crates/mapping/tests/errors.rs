@@ -331,3 +331,42 @@ fn timestamps_without_offset_follow_the_policy() {
         .unwrap_err();
     assert_eq!(e.kind, MapErrorKind::NoOffset);
 }
+
+#[test]
+fn the_site_offset_follows_summer_time() {
+    let summer = String::from_utf8_lossy(PATIENT).replace("202401011230", "202407011230");
+    let m = passerelle_hl7::Message::parse(summer.as_bytes()).unwrap();
+    let lenient = "unknown = \"omit\"\n";
+    let paris = small_pack(
+        "site_offset = \"+01:00\"\nsite_summer_time = \"eu\"\n",
+        lenient,
+    );
+    let json = paris
+        .map(&m, &MapOptions::default())
+        .unwrap()
+        .to_json(false);
+    assert!(
+        json.contains(r#""deceasedDateTime":"2024-07-01T12:30:00+02:00""#),
+        "{json}"
+    );
+    let winter = passerelle_hl7::Message::parse(PATIENT).unwrap();
+    let json = paris
+        .map(&winter, &MapOptions::default())
+        .unwrap()
+        .to_json(false);
+    assert!(
+        json.contains(r#""deceasedDateTime":"2024-01-01T12:30:00+01:00""#),
+        "{json}"
+    );
+    let e = Pack::from_texts(&[
+        (
+            "pack.toml",
+            "[pack]\nname = \"t\"\nfhir_version = \"4.0.1\"\nsite_summer_time = \"mars\"\n",
+        ),
+        ("base.toml", BASE),
+    ])
+    .err()
+    .unwrap();
+    assert_eq!(e.0[0].kind, K::Invalid);
+    assert_eq!((e.0[0].loc.line, e.0[0].loc.column), (4, 20));
+}
