@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod check_cmd;
+mod engine_serve;
 mod map_cmd;
 mod parse_cmd;
 mod send_cmd;

@@ -1,7 +1,8 @@
 //! `passerelle serve [--listen ADDR] [--tls-cert F --tls-key F [--client-ca F]
 //! [--allow-client ID]...] [--allow-ip CIDR]...`: the MLLP listener.
 //!
-//! Until the durable store sits behind it, every frame is answered from the parser: AA
+//! With `--config passerelle.toml`, it runs the engine (see `engine_serve`). Without,
+//! every frame is answered from the parser alone, and nothing is stored: AA
 //! for a well-formed message, AE/AR with ERR for a malformed one, AR with an empty MSA-2
 //! for a frame that is not HL7. Prints `listening on ADDR` on stdout once bound; logs go
 //! to stderr (`RUST_LOG` filters them, default `info`). SIGINT/SIGTERM shut down
@@ -21,6 +22,11 @@ use tracing::{info, warn};
 
 #[derive(Debug, Args)]
 pub(crate) struct ServeArgs {
+    /// Run the engine as `passerelle.toml` describes it: listeners, the durable store,
+    /// routes and delivery. Without it, serve answers from the parser alone and stores
+    /// nothing (the listener options below apply only then).
+    #[arg(long)]
+    config: Option<PathBuf>,
     /// Address and port to listen on (port 0 picks a free one).
     #[arg(long, default_value = "127.0.0.1:2575")]
     listen: SocketAddr,
@@ -94,6 +100,9 @@ fn init_logging() {
 }
 
 async fn serve(args: &ServeArgs) -> ExitCode {
+    if let Some(path) = &args.config {
+        return crate::engine_serve::run(path, shutdown_signal()).await;
+    }
     let mut config = ListenerConfig::new(args.listen);
     config.allow = args.allow_ip.clone();
     config.max_connections = args.max_connections;

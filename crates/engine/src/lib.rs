@@ -14,6 +14,7 @@
 
 pub mod config;
 mod location;
+pub mod pipeline;
 pub mod routes;
 
 pub use location::{ConfigError, ConfigErrors};

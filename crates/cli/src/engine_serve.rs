@@ -1,0 +1,165 @@
+//! `passerelle serve --config passerelle.toml`: the engine. Listeners from the file, every
+//! frame journaled in the sled store before it is acknowledged, routed by `routes.d/`,
+//! mapped with the routes' packs, and delivered by the pipeline's workers.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use passerelle_engine::config::{EngineConfig, ListenerSection};
+use passerelle_engine::known_packs;
+use passerelle_engine::pipeline::{Pipeline, PipelineConfig, UnroutedAnswer};
+use passerelle_engine::routes::RouteTable;
+use passerelle_mapping::{MapOptions, Pack};
+use passerelle_mllp::{Cidr, Listener, ListenerConfig, ServerTls, ServerTlsConfig};
+use passerelle_store::{SledStore, Store, StoreConfig, SystemClock, spawn_retention};
+use tracing::{error, info};
+
+fn fail(code: u8, lines: impl IntoIterator<Item = String>) -> ExitCode {
+    for line in lines {
+        eprintln!("passerelle serve: {line}");
+    }
+    ExitCode::from(code)
+}
+
+fn listener_config(l: &ListenerSection) -> Result<ListenerConfig, String> {
+    let bind: SocketAddr = l
+        .bind
+        .parse()
+        .map_err(|_| format!("listener {}: bad bind {:?}", l.name, l.bind))?;
+    let mut config = ListenerConfig::new(bind);
+    config.name = l.name.clone();
+    config.allow = l
+        .allow
+        .iter()
+        .map(|c| {
+            c.parse::<Cidr>()
+                .map_err(|e| format!("listener {}: allow {c:?}: {e}", l.name))
+        })
+        .collect::<Result<_, _>>()?;
+    config.max_connections = l.max_connections;
+    config.max_connections_per_ip = l.max_connections_per_ip;
+    config.idle_timeout = Duration::from_secs(l.idle_timeout_s);
+    config.codec.max_frame_size = l.max_frame_bytes;
+    Ok(config)
+}
+
+pub(crate) async fn run(path: &Path, shutdown: impl std::future::Future<Output = ()>) -> ExitCode {
+    let config = match EngineConfig::load(Some(path)) {
+        Ok(c) => c,
+        Err(errors) => return fail(2, errors.0.iter().map(ToString::to_string)),
+    };
+    let packs_available = known_packs(&config.paths.mappings);
+    let routes = match RouteTable::load(
+        &config.paths.routes,
+        &packs_available,
+        &config.listener_names(),
+    ) {
+        Ok(r) => r,
+        Err(errors) => return fail(2, errors.0.iter().map(ToString::to_string)),
+    };
+    let mut packs = std::collections::HashMap::new();
+    for route in &routes.routes {
+        if packs.contains_key(&route.mapping) {
+            continue;
+        }
+        match Pack::load(config.paths.mappings.join(&route.mapping)) {
+            Ok(pack) => {
+                packs.insert(route.mapping.clone(), pack);
+            }
+            Err(errors) => return fail(2, [errors.to_string()]),
+        }
+    }
+    let mut store_config = StoreConfig::new(&config.store.path);
+    store_config.cache_capacity = config.store.cache_capacity_mb * 1024 * 1024;
+    store_config.flush_every = Duration::from_millis(config.store.flush_every_ms);
+    store_config.visibility_timeout = Duration::from_secs(config.store.visibility_timeout_s);
+    let store = match SledStore::open(store_config) {
+        Ok(s) => Arc::new(s),
+        Err(e) => {
+            return fail(
+                1,
+                [format!(
+                    "cannot open the store at {}: {e}",
+                    config.store.path.display()
+                )],
+            );
+        }
+    };
+    let unrouted =
+        UnroutedAnswer::parse(&config.defaults.unrouted).unwrap_or(UnroutedAnswer::Accept);
+    let pipeline_config = PipelineConfig {
+        routes,
+        packs,
+        map_options: MapOptions {
+            site_offset: Some(config.defaults.site_utc_offset_minutes),
+        },
+        unrouted,
+        base_dir: path.parent().map(Path::to_path_buf).unwrap_or_default(),
+    };
+    let pipeline = match Pipeline::start(Arc::clone(&store), pipeline_config).await {
+        Ok(p) => p,
+        Err(e) => return fail(1, [e.to_string()]),
+    };
+    let retention = spawn_retention(
+        Arc::clone(&store),
+        Arc::new(SystemClock),
+        Duration::from_secs(config.store.retention_days * 86_400),
+        Duration::from_secs(3_600),
+    );
+    let mut running = Vec::new();
+    for l in &config.listeners {
+        let listener_config = match listener_config(l) {
+            Ok(c) => c,
+            Err(e) => return fail(2, [e]),
+        };
+        let tls = match &l.tls {
+            None => None,
+            Some(t) => match ServerTls::load(ServerTlsConfig {
+                cert: t.cert.clone(),
+                key: t.key.clone(),
+                client_ca: t.client_ca.clone(),
+                allowed_peers: t.allowed_subjects.clone(),
+            }) {
+                Ok(tls) => Some(tls),
+                Err(e) => return fail(2, [format!("listener {}: {e}", l.name)]),
+            },
+        };
+        let scheme = if tls.is_some() { "mllp+tls" } else { "mllp" };
+        let listener = match Listener::bind(listener_config, tls).await {
+            Ok(listener) => listener,
+            Err(e) => {
+                return fail(
+                    1,
+                    [format!(
+                        "listener {}: cannot listen on {}: {e}",
+                        l.name, l.bind
+                    )],
+                );
+            }
+        };
+        let addr = listener
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|_| l.bind.clone());
+        running.push(listener.spawn(pipeline.clone()));
+        println!("listening on {addr} ({scheme}, listener {})", l.name);
+    }
+    let _ = std::io::stdout().flush();
+    info!(store = %config.store.path.display(), "engine started");
+    shutdown.await;
+    for listener in running {
+        let stats = listener.shutdown().await;
+        info!(frames = stats.frames, acks = stats.acks, "listener stopped");
+    }
+    retention.abort();
+    if let Err(e) = store.flush().await {
+        error!(error = %e, "final flush failed");
+        return ExitCode::FAILURE;
+    }
+    info!("stopped");
+    ExitCode::SUCCESS
+}

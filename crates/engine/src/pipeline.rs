@@ -1,0 +1,506 @@
+//! The pipeline: listener → journal (ACK after flush) → route → map → outboxes →
+//! delivery workers.
+//!
+//! - The MLLP handler parses the frame, chooses its route from the MSH alone, journals
+//!   the frame and only then answers: AA (or CA) once the store says the frame is durable;
+//!   the NAK for a frame that does not parse, which is journaled as `rejected` first; the
+//!   configured answer for a message no route wants, journaled as `unrouted`; AE when the
+//!   store cannot take the frame (the sender keeps it and sends it again).
+//! - Mapping happens after the ACK, in one task, in journal order: a message's bundle and
+//!   its deliveries are recorded together. Messages journaled but not yet mapped when the
+//!   engine stopped are mapped on start, before the listener opens, so that they keep
+//!   their place in their ordering key's queue.
+//! - One delivery worker per (route, destination) queue leases due deliveries (at most one
+//!   per ordering key at a time, by the store's contract), delivers, and reports.
+//!
+//! Logs carry ids, control ids, message types, sizes and states, never field content.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use passerelle_hl7::ack::{self, AckError, AckOptions, Outcome as AckOutcome, Severity};
+use passerelle_hl7::{ErrorCode, HeaderSummary, Message};
+use passerelle_mapping::{MapOptions, Pack};
+use passerelle_mllp::{Handler, PeerInfo};
+use passerelle_store::{
+    AttemptReport, Enqueue, JournalMeta, MessageId, MshSummary, Outcome, Store, StoreError,
+};
+use tokio::sync::{Notify, mpsc};
+use tracing::{debug, error, info, warn};
+
+use crate::routes::{Destination, Route, RouteTable};
+
+/// What to answer for a message no route wants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnroutedAnswer {
+    Accept,
+    Error,
+    Reject,
+}
+
+impl UnroutedAnswer {
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "accept" => Some(UnroutedAnswer::Accept),
+            "error" => Some(UnroutedAnswer::Error),
+            "reject" => Some(UnroutedAnswer::Reject),
+            _ => None,
+        }
+    }
+}
+
+/// Everything the pipeline needs, loaded and checked beforehand.
+#[derive(Debug)]
+pub struct PipelineConfig {
+    pub routes: RouteTable,
+    /// Mapping packs by name.
+    pub packs: HashMap<String, Pack>,
+    pub map_options: MapOptions,
+    pub unrouted: UnroutedAnswer,
+    /// Relative destination paths (NDJSON folders) are resolved against this folder.
+    pub base_dir: PathBuf,
+}
+
+/// The queue of a route's destination in the store.
+pub fn queue_name(route: &Route, destination: &Destination) -> String {
+    format!("{}.{}", route.name, destination.name)
+}
+
+struct Inner<S> {
+    store: Arc<S>,
+    config: PipelineConfig,
+    mapper: mpsc::Sender<MessageId>,
+    /// Wakes a queue's worker when something was queued for it.
+    wake: HashMap<String, Arc<Notify>>,
+}
+
+/// The MLLP handler and the handle on the background tasks.
+pub struct Pipeline<S> {
+    inner: Arc<Inner<S>>,
+}
+
+impl<S> Clone for Pipeline<S> {
+    fn clone(&self) -> Self {
+        Pipeline {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+}
+
+impl<S> std::fmt::Debug for Pipeline<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pipeline")
+            .field("routes", &self.inner.config.routes.routes.len())
+            .finish()
+    }
+}
+
+/// Why the pipeline could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(
+        "route {route}: destination {destination} has type {kind}, which this build does not deliver yet"
+    )]
+    UnsupportedDestination {
+        route: String,
+        destination: String,
+        kind: String,
+    },
+    #[error("route {route}: mapping pack {pack} is not loaded")]
+    MissingPack { route: String, pack: String },
+    #[error("recovery of unmapped messages failed: {0}")]
+    Recovery(#[from] StoreError),
+}
+
+fn msh_summary(h: &HeaderSummary) -> MshSummary {
+    MshSummary {
+        message_type: h.message_type.clone(),
+        trigger_event: h.trigger_event.clone(),
+        control_id: h.control_id.clone(),
+        sending_application: h.sending_application.clone(),
+        sending_facility: h.sending_facility.clone(),
+        version: h.version.clone(),
+    }
+}
+
+impl<S: Store> Pipeline<S> {
+    /// Checks the destinations, maps what a previous run journaled but did not map, and
+    /// starts the mapper and one delivery worker per queue.
+    pub async fn start(store: Arc<S>, config: PipelineConfig) -> Result<Pipeline<S>, StartError> {
+        let mut wake = HashMap::new();
+        for route in &config.routes.routes {
+            if !config.packs.contains_key(&route.mapping) {
+                return Err(StartError::MissingPack {
+                    route: route.name.clone(),
+                    pack: route.mapping.clone(),
+                });
+            }
+            for d in &route.destinations {
+                if d.kind != "ndjson" {
+                    return Err(StartError::UnsupportedDestination {
+                        route: route.name.clone(),
+                        destination: d.name.clone(),
+                        kind: d.kind.clone(),
+                    });
+                }
+                wake.insert(queue_name(route, d), Arc::new(Notify::new()));
+            }
+        }
+        let (tx, rx) = mpsc::channel(1024);
+        let pipeline = Pipeline {
+            inner: Arc::new(Inner {
+                store,
+                config,
+                mapper: tx,
+                wake,
+            }),
+        };
+        // Recovery first, in journal order, so that old messages keep their place.
+        let mut recovered = 0;
+        loop {
+            let ids = pipeline.inner.store.unprocessed(1_000).await?;
+            if ids.is_empty() {
+                break;
+            }
+            for id in ids {
+                pipeline.map_one(id).await;
+                recovered += 1;
+            }
+        }
+        if recovered > 0 {
+            info!(
+                messages = recovered,
+                "mapped messages journaled before the last stop"
+            );
+        }
+        tokio::spawn(pipeline.clone().run_mapper(rx));
+        for route in &pipeline.inner.config.routes.routes {
+            for d in &route.destinations {
+                tokio::spawn(pipeline.clone().run_worker(route.clone(), d.clone()));
+            }
+        }
+        Ok(pipeline)
+    }
+
+    async fn run_mapper(self, mut rx: mpsc::Receiver<MessageId>) {
+        while let Some(id) = rx.recv().await {
+            self.map_one(id).await;
+        }
+    }
+
+    /// Routes and maps one journaled message, and queues its deliveries.
+    async fn map_one(&self, id: MessageId) {
+        let store = &self.inner.store;
+        let raw = match store.raw(id).await {
+            Ok(Some(raw)) => raw,
+            Ok(None) => return,
+            Err(e) => {
+                error!(id, error = %e, "cannot read a journaled message");
+                return;
+            }
+        };
+        let outcome = match Message::parse(&raw) {
+            // Journaled as received, so it parsed then; a failure now is a bug worth a record.
+            Err(e) => Outcome::MappingFailed {
+                route: String::new(),
+                error: e.to_string(),
+            },
+            Ok(message) => {
+                let header = HeaderSummary::of(&message);
+                let listener = store
+                    .get(id)
+                    .await
+                    .ok()
+                    .flatten()
+                    .map(|r| r.listener)
+                    .unwrap_or_default();
+                match self.inner.config.routes.select(&header, &listener) {
+                    None => Outcome::Unrouted,
+                    Some(route) => self.map_with(route, &message),
+                }
+            }
+        };
+        let queued: Vec<String> = match &outcome {
+            Outcome::Mapped { deliveries, .. } => {
+                deliveries.iter().map(|d| d.destination.clone()).collect()
+            }
+            _ => Vec::new(),
+        };
+        let state = match &outcome {
+            Outcome::Unrouted => "unrouted",
+            Outcome::MappingFailed { .. } => "mapping_failed",
+            Outcome::Mapped { .. } => "mapped",
+        };
+        match store.record_outcome(id, outcome).await {
+            Ok(()) => debug!(id, state, "routed"),
+            Err(e) => error!(id, error = %e, "cannot record the routing outcome"),
+        }
+        for q in queued {
+            if let Some(n) = self.inner.wake.get(&q) {
+                n.notify_one();
+            }
+        }
+    }
+
+    fn map_with(&self, route: &Route, message: &Message<'_>) -> Outcome {
+        let Some(pack) = self.inner.config.packs.get(&route.mapping) else {
+            return Outcome::MappingFailed {
+                route: route.name.clone(),
+                error: format!("mapping pack {} is not loaded", route.mapping),
+            };
+        };
+        match pack.map(message, &self.inner.config.map_options) {
+            Ok(bundle) => {
+                let key = route.ordering_key(message);
+                Outcome::Mapped {
+                    route: route.name.clone(),
+                    bundle: bundle.to_json(false),
+                    deliveries: route
+                        .destinations
+                        .iter()
+                        .map(|d| Enqueue {
+                            destination: queue_name(route, d),
+                            ordering_key: key.clone(),
+                        })
+                        .collect(),
+                }
+            }
+            Err(e) => Outcome::MappingFailed {
+                route: route.name.clone(),
+                error: e.to_string(),
+            },
+        }
+    }
+
+    async fn run_worker(self, route: Route, destination: Destination) {
+        let queue = queue_name(&route, &destination);
+        let wake = Arc::clone(&self.inner.wake[&queue]);
+        let dir = destination
+            .settings
+            .get("dir")
+            .and_then(|v| v.as_str())
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("./out"));
+        let dir = if dir.is_relative() {
+            self.inner.config.base_dir.join(dir)
+        } else {
+            dir
+        };
+        let store = &self.inner.store;
+        loop {
+            if let Err(e) = store.requeue_expired().await {
+                warn!(queue, error = %e, "cannot return expired leases");
+            }
+            let leases = match store.lease(&queue, 32).await {
+                Ok(l) => l,
+                Err(e) => {
+                    error!(queue, error = %e, "cannot lease deliveries");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            if leases.is_empty() {
+                // Sleep until something is queued, or the next retry is due.
+                let wait = match store.next_due_ms(&queue).await {
+                    Ok(Some(due)) => {
+                        Duration::from_millis(due.saturating_sub(now_ms()).clamp(1, 1_000))
+                    }
+                    _ => Duration::from_secs(1),
+                };
+                let _ = tokio::time::timeout(wait, wake.notified()).await;
+                continue;
+            }
+            for lease in leases {
+                let report = match store.get(lease.message_id).await {
+                    Ok(Some(record)) => match record.bundle {
+                        Some(bundle) => write_ndjson(&dir, &bundle).await,
+                        None => AttemptReport::permanent("no_bundle"),
+                    },
+                    Ok(None) => AttemptReport::permanent("message_missing"),
+                    Err(e) => {
+                        let mut r = AttemptReport::transient("store");
+                        r.detail = e.to_string();
+                        r
+                    }
+                };
+                let outcome = report.outcome;
+                match store.complete(&lease, report, &destination.retry).await {
+                    Ok(state) => debug!(
+                        queue,
+                        id = lease.message_id,
+                        attempt = lease.attempt,
+                        state = state.name(),
+                        ?outcome,
+                        "delivery"
+                    ),
+                    Err(e) => {
+                        warn!(queue, id = lease.message_id, error = %e, "cannot record the delivery")
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Appends each resource of the bundle to `<dir>/<ResourceType>.ndjson` (the FHIR Bulk
+/// Data layout) and syncs the files before reporting success.
+async fn write_ndjson(dir: &Path, bundle: &str) -> AttemptReport {
+    let dir = dir.to_path_buf();
+    let bundle = bundle.to_owned();
+    let result = tokio::task::spawn_blocking(move || -> Result<(), String> {
+        use std::io::Write;
+        let value: serde_json::Value =
+            serde_json::from_str(&bundle).map_err(|e| format!("bundle is not JSON: {e}"))?;
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let mut by_type: HashMap<String, Vec<String>> = HashMap::new();
+        for entry in value
+            .get("entry")
+            .and_then(|e| e.as_array())
+            .into_iter()
+            .flatten()
+        {
+            if let Some(resource) = entry.get("resource") {
+                let kind = resource
+                    .get("resourceType")
+                    .and_then(|t| t.as_str())
+                    .unwrap_or("Unknown")
+                    .to_owned();
+                by_type.entry(kind).or_default().push(resource.to_string());
+            }
+        }
+        for (kind, lines) in by_type {
+            let path = dir.join(format!("{kind}.ndjson"));
+            let mut file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+            let mut text = lines.join("\n");
+            text.push('\n');
+            file.write_all(text.as_bytes())
+                .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+            file.sync_data()
+                .map_err(|e| format!("cannot sync {}: {e}", path.display()))?;
+        }
+        Ok(())
+    })
+    .await;
+    match result {
+        Ok(Ok(())) => AttemptReport::delivered(),
+        Ok(Err(detail)) => {
+            let mut r = AttemptReport::transient("io");
+            r.detail = detail;
+            r
+        }
+        Err(e) => {
+            let mut r = AttemptReport::transient("io");
+            r.detail = e.to_string();
+            r
+        }
+    }
+}
+
+impl<S: Store> Handler for Pipeline<S> {
+    async fn handle(&self, frame: Bytes, peer: &PeerInfo) -> Option<Bytes> {
+        let store = &self.inner.store;
+        let options = AckOptions::default();
+        let meta = |msh: Option<MshSummary>, rejected: Option<String>| JournalMeta {
+            listener: peer.listener.to_string(),
+            peer: peer.addr.to_string(),
+            msh,
+            rejected,
+        };
+        let message = match Message::parse(&frame) {
+            Ok(m) => m,
+            Err(e) => {
+                let salvaged = HeaderSummary::salvage(&frame);
+                let journaled = store
+                    .journal(
+                        &frame,
+                        meta(salvaged.as_ref().map(msh_summary), Some(e.to_string())),
+                    )
+                    .await;
+                return Some(Bytes::from(match journaled {
+                    Ok(id) => {
+                        info!(id, size = frame.len(), error = e.kind.name(), "rejected");
+                        ack::for_parse_error(&frame, &e, &options)
+                    }
+                    Err(store_error) => storage_nak(salvaged.as_ref(), &store_error, &options),
+                }));
+            }
+        };
+        let header = HeaderSummary::of(&message);
+        let route = self.inner.config.routes.select(&header, &peer.listener);
+        let id = match store
+            .journal(&frame, meta(Some(msh_summary(&header)), None))
+            .await
+        {
+            Ok(id) => id,
+            Err(e) => return Some(Bytes::from(storage_nak(Some(&header), &e, &options))),
+        };
+        let answer = match route {
+            Some(_) => {
+                // Mapping happens after the ACK; a full queue holds the ACK back (backpressure).
+                if self.inner.mapper.send(id).await.is_err() {
+                    warn!(
+                        id,
+                        "the mapper has stopped; the message stays received and is mapped on restart"
+                    );
+                }
+                ack::build(Some(&header), AckOutcome::Accept, &[], &options)
+            }
+            None => {
+                if let Err(e) = store.record_outcome(id, Outcome::Unrouted).await {
+                    error!(id, error = %e, "cannot record unrouted");
+                }
+                info!(id, kind = %header.kind(), control_id = %header.control_id, "unrouted");
+                let err = AckError {
+                    code: ErrorCode::UnsupportedMessageType,
+                    severity: Severity::Error,
+                    location: None,
+                    text: format!("no route for {} from this sender", header.kind()),
+                };
+                match self.inner.config.unrouted {
+                    UnroutedAnswer::Accept => {
+                        ack::build(Some(&header), AckOutcome::Accept, &[], &options)
+                    }
+                    UnroutedAnswer::Error => {
+                        ack::build(Some(&header), AckOutcome::Error, &[err], &options)
+                    }
+                    UnroutedAnswer::Reject => {
+                        ack::build(Some(&header), AckOutcome::Reject, &[err], &options)
+                    }
+                }
+            }
+        };
+        debug!(id, kind = %header.kind(), control_id = %header.control_id, size = frame.len(), "acknowledged");
+        Some(Bytes::from(answer))
+    }
+}
+
+/// The answer when the store cannot take a frame: AE, so that the sender keeps it.
+fn storage_nak(
+    header: Option<&HeaderSummary>,
+    error: &StoreError,
+    options: &AckOptions,
+) -> Vec<u8> {
+    error!(error = %error, "cannot journal a frame; answering AE");
+    let err = AckError {
+        code: ErrorCode::ApplicationInternalError,
+        severity: Severity::Error,
+        location: None,
+        text: "the message could not be stored; send it again later".into(),
+    };
+    ack::build(header, AckOutcome::Error, &[err], options)
+}
