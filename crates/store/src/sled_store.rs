@@ -171,11 +171,26 @@ fn delivery_counter(destination: &str, state: DeliveryState) -> Vec<u8> {
 impl SledStore {
     /// Opens (or creates) the store. In-flight leases left by a previous run return to ready.
     pub fn open(config: StoreConfig) -> Result<SledStore, StoreError> {
-        let db = sled::Config::new()
+        let sled_config = sled::Config::new()
             .path(&config.path)
             .cache_capacity(config.cache_capacity)
-            .flush_every_ms(Some(config.flush_every.as_millis().max(1) as u64))
-            .open()?;
+            .flush_every_ms(Some(config.flush_every.as_millis().max(1) as u64));
+        // sled releases its file lock when its background flusher lets go of the database,
+        // which can be a moment after the last handle is dropped: a store closed and
+        // reopened in the same process waits for it (briefly; another process holding the
+        // store still gets the error).
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        let db = loop {
+            match sled_config.open() {
+                Err(sled::Error::Io(e))
+                    if e.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                other => break other?,
+            }
+        };
         let meta = db.open_tree("meta")?;
         match meta.get("schema_version")? {
             None => {
