@@ -394,12 +394,12 @@ impl<'a> Message<'a> {
     fn check_header_fields(&self) -> Result<(), ParseError> {
         let msh = self.segment(0).expect("parse guarantees an MSH segment");
         for n in [9, 10, 12] {
-            // The first component must carry something: `^A01` has no message type, and a
-            // field of delimiters only (`^`) is empty.
+            // The first component must carry some text once decoded: `^A01` has no message
+            // type, and delimiters (`^`, `&`) or markup (`\H\`) alone are no value.
             if msh
                 .field(n)
                 .and_then(|f| f.component(1))
-                .is_none_or(|c| c.children().all(|sub| sub.raw().trim_ascii().is_empty()))
+                .is_none_or(|c| c.children().all(|sub| sub.text().trim().is_empty()))
             {
                 return Err(
                     ParseError::at(ErrorKind::MissingHeaderField, msh.field_offset(n))
@@ -792,10 +792,11 @@ PV1|1|I|WARD^101^1\r";
         assert_eq!(err.kind, ErrorKind::MissingHeaderField);
         assert_eq!(err.location.field, Some(10));
         // Found by fuzzing: delimiters only, or an empty first component, is no value.
-        let cases: [(&[u8], u32); 3] = [
+        let cases: [(&[u8], u32); 4] = [
             (b"MSH|^~\\&|A|B|C|D|20240101||^A01|1|P|2.5\r", 9),
             (b"MSH|^~\\&|A|B|C|D|20240101||ADT^A01|1|P|^\r", 12),
             (b"MSH|^~\\&|A|B|C|D|20240101||ADT^A01|1|P|&~2.5\r", 12),
+            (b"MSH|^~\\&|A|B|C|D|20240101||ADT^A01|1|P|\\H\\\r", 12),
         ];
         for (bad, field) in cases {
             let err = Message::parse(bad).unwrap_err();
