@@ -197,7 +197,10 @@ pub fn build(
             h.processing_id.clone()
         },
         // A version must be sent; answer a message that had none (or only delimiters) in v2.5.
-        if h.version.chars().any(|c| c.is_ascii_alphanumeric()) {
+        if crate::escape::unescape(h.version.as_bytes(), &s)
+            .iter()
+            .any(u8::is_ascii_alphanumeric)
+        {
             h.version.clone()
         } else {
             "2.5".to_owned()
@@ -443,11 +446,15 @@ mod tests {
     #[test]
     fn nak_for_a_version_of_delimiters_only_still_parses() {
         // Found by fuzzing: MSH-12 `&` was mirrored and the NAK had no version.
-        let msg = b"MSH|^~\\&|A|B|||20240101||ORU^R01|C1|P|&|||\x05\rPID|1\r";
-        let err = Message::parse(msg).unwrap_err();
-        let nak = for_parse_error(msg, &err, &fixed());
-        let parsed = Message::parse(&nak).unwrap();
-        assert_eq!(parsed.text("MSH-12").unwrap().as_deref(), Some("2.5"));
+        for msg in [
+            &b"MSH|^~\\&|A|B|||20240101||ORU^R01|C1|P|&|||\x05\rPID|1\r"[..],
+            b"MSH|^~\\&|A|B|||20240101||ORU^R01|C1|P|\\H\\\rPID|1\r",
+        ] {
+            let err = Message::parse(msg).unwrap_err();
+            let nak = for_parse_error(msg, &err, &fixed());
+            let parsed = Message::parse(&nak).unwrap();
+            assert_eq!(parsed.text("MSH-12").unwrap().as_deref(), Some("2.5"));
+        }
     }
 
     #[test]
