@@ -9,13 +9,12 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use passerelle_engine::config::{EngineConfig, ListenerSection};
-use passerelle_engine::known_packs;
+use passerelle_engine::Loaded;
+use passerelle_engine::config::ListenerSection;
 use passerelle_engine::pipeline::{Pipeline, PipelineConfig, UnroutedAnswer};
-use passerelle_engine::routes::RouteTable;
-use passerelle_mapping::{MapOptions, Pack};
+use passerelle_mapping::MapOptions;
 use passerelle_mllp::{Cidr, Listener, ListenerConfig, ServerTls, ServerTlsConfig};
-use passerelle_store::{SledStore, Store, StoreConfig, SystemClock, spawn_retention};
+use passerelle_store::{Store, SystemClock, spawn_retention};
 use tracing::{error, info};
 
 fn fail(code: u8, lines: impl IntoIterator<Item = String>) -> ExitCode {
@@ -48,47 +47,22 @@ fn listener_config(l: &ListenerSection) -> Result<ListenerConfig, String> {
 }
 
 pub(crate) async fn run(path: &Path, shutdown: impl std::future::Future<Output = ()>) -> ExitCode {
-    let config = match EngineConfig::load(Some(path)) {
-        Ok(c) => c,
-        Err(errors) => return fail(2, errors.0.iter().map(ToString::to_string)),
+    let loaded = match Loaded::load(path) {
+        Ok(l) => l,
+        Err(lines) => return fail(2, lines),
     };
-    let packs_available = known_packs(&config.paths.mappings);
-    let routes = match RouteTable::load(
-        &config.paths.routes,
-        &packs_available,
-        &config.listener_names(),
-    ) {
-        Ok(r) => r,
-        Err(errors) => return fail(2, errors.0.iter().map(ToString::to_string)),
-    };
-    let mut packs = std::collections::HashMap::new();
-    for route in &routes.routes {
-        if packs.contains_key(&route.mapping) {
-            continue;
-        }
-        match Pack::load(config.paths.mappings.join(&route.mapping)) {
-            Ok(pack) => {
-                packs.insert(route.mapping.clone(), pack);
-            }
-            Err(errors) => return fail(2, [errors.to_string()]),
-        }
-    }
-    let mut store_config = StoreConfig::new(&config.store.path);
-    store_config.cache_capacity = config.store.cache_capacity_mb * 1024 * 1024;
-    store_config.flush_every = Duration::from_millis(config.store.flush_every_ms);
-    store_config.visibility_timeout = Duration::from_secs(config.store.visibility_timeout_s);
-    let store = match SledStore::open(store_config) {
+    let store = match loaded.open_store() {
         Ok(s) => Arc::new(s),
         Err(e) => {
-            return fail(
-                1,
-                [format!(
-                    "cannot open the store at {}: {e}",
-                    config.store.path.display()
-                )],
-            );
+            let where_ = loaded.config.store.path.display().to_string();
+            return fail(1, [format!("cannot open the store at {where_}: {e}")]);
         }
     };
+    let Loaded {
+        config,
+        routes,
+        packs,
+    } = loaded;
     let unrouted =
         UnroutedAnswer::parse(&config.defaults.unrouted).unwrap_or(UnroutedAnswer::Accept);
     let pipeline_config = PipelineConfig {

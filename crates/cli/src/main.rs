@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 mod check_cmd;
 mod engine_serve;
 mod map_cmd;
+mod messages_cmd;
 mod parse_cmd;
 mod send_cmd;
 mod serve_cmd;
@@ -32,12 +33,14 @@ enum Command {
     Parse(parse_cmd::ParseArgs),
     /// Send HL7 v2 files to an MLLP receiver and check every ACK.
     Send(send_cmd::SendArgs),
-    /// Run the MLLP listener (TCP or TLS) and answer each message.
+    /// Run the engine (--config passerelle.toml), or an MLLP listener answering from the parser.
     Serve(serve_cmd::ServeArgs),
     /// Map HL7 v2 files to FHIR R4 transaction bundles with a mapping pack.
     Map(map_cmd::MapArgs),
     /// Load every mapping pack and report each problem (file:line:column and field).
     Check(check_cmd::CheckArgs),
+    /// List, show, replay and purge stored messages (with the engine stopped).
+    Messages(messages_cmd::MessagesArgs),
 }
 
 fn main() -> ExitCode {
@@ -48,5 +51,6 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve_cmd::run(&args),
         Command::Map(args) => map_cmd::run(&args),
         Command::Check(args) => check_cmd::run(&args),
+        Command::Messages(args) => messages_cmd::run(&args),
     }
 }

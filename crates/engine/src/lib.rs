@@ -33,3 +33,49 @@ pub fn known_packs(mappings_dir: &std::path::Path) -> Vec<String> {
     packs.sort();
     packs
 }
+
+/// Everything `passerelle.toml` points to, loaded and checked.
+#[derive(Debug)]
+pub struct Loaded {
+    pub config: config::EngineConfig,
+    pub routes: routes::RouteTable,
+    /// The mapping packs the routes use, by name.
+    pub packs: std::collections::HashMap<String, passerelle_mapping::Pack>,
+}
+
+impl Loaded {
+    /// Loads the configuration, the routes and their mapping packs. The error lists every
+    /// problem, one per line (`file:line:column: field: problem`).
+    pub fn load(path: &std::path::Path) -> Result<Loaded, Vec<String>> {
+        let config = config::EngineConfig::load(Some(path))
+            .map_err(|errors| errors.0.iter().map(ToString::to_string).collect::<Vec<_>>())?;
+        let available = known_packs(&config.paths.mappings);
+        let routes =
+            routes::RouteTable::load(&config.paths.routes, &available, &config.listener_names())
+                .map_err(|errors| errors.0.iter().map(ToString::to_string).collect::<Vec<_>>())?;
+        let mut packs = std::collections::HashMap::new();
+        for route in &routes.routes {
+            if !packs.contains_key(&route.mapping) {
+                let pack =
+                    passerelle_mapping::Pack::load(config.paths.mappings.join(&route.mapping))
+                        .map_err(|errors| vec![errors.to_string()])?;
+                packs.insert(route.mapping.clone(), pack);
+            }
+        }
+        Ok(Loaded {
+            config,
+            routes,
+            packs,
+        })
+    }
+
+    /// Opens the store the configuration names.
+    pub fn open_store(&self) -> Result<passerelle_store::SledStore, passerelle_store::StoreError> {
+        let s = &self.config.store;
+        let mut store_config = passerelle_store::StoreConfig::new(&s.path);
+        store_config.cache_capacity = s.cache_capacity_mb * 1024 * 1024;
+        store_config.flush_every = std::time::Duration::from_millis(s.flush_every_ms);
+        store_config.visibility_timeout = std::time::Duration::from_secs(s.visibility_timeout_s);
+        passerelle_store::SledStore::open(store_config)
+    }
+}

@@ -180,6 +180,22 @@ impl DateTime {
         Ok(out)
     }
 
+    /// Milliseconds since 1970-01-01 UTC, reading a missing offset as `default_offset`
+    /// minutes (`None`: UTC).
+    pub fn to_unix_millis(&self, default_offset: Option<i16>) -> i64 {
+        let days = days_from_civil(i64::from(self.year), self.month, self.day);
+        let secs = days * 86_400
+            + i64::from(self.hour) * 3_600
+            + i64::from(self.minute) * 60
+            + i64::from(self.second);
+        let offset = i64::from(self.offset_minutes.or(default_offset).unwrap_or(0));
+        let frac_ms = match self.precision {
+            Precision::Fraction(n) => i64::from(self.fraction) * 1_000 / 10_i64.pow(u32::from(n)),
+            _ => 0,
+        };
+        (secs - offset * 60) * 1_000 + frac_ms
+    }
+
     /// The current time in UTC, at second precision, with offset +0000.
     pub fn now_utc() -> DateTime {
         let secs = SystemTime::now()
@@ -261,6 +277,17 @@ fn format_offset(minutes: i16, fhir: bool) -> String {
     } else {
         format!("{sign}{:02}{:02}", m / 60, m % 60)
     }
+}
+
+/// (year, month, day) to days since 1970-01-01 (H. Hinnant's algorithm).
+fn days_from_civil(year: i64, month: u8, day: u8) -> i64 {
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let m = i64::from(month);
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(day) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
 }
 
 /// Days since 1970-01-01 to (year, month, day), proleptic Gregorian (H. Hinnant's algorithm).
@@ -400,6 +427,20 @@ mod tests {
         let no_zone = DateTime::parse("202401011200").unwrap();
         assert_eq!(no_zone.to_fhir_datetime(None), Err(TypeError::NoOffset));
         assert_eq!(no_zone.to_fhir_date(), "2024-01-01");
+    }
+
+    #[test]
+    fn to_unix_millis_inverts_from_unix() {
+        for secs in [0u64, 1_709_164_800, 4_102_444_799, 951_782_400] {
+            assert_eq!(
+                DateTime::from_unix(secs).to_unix_millis(None),
+                secs as i64 * 1_000
+            );
+        }
+        let paris = DateTime::parse("20240101120000.5+0100").unwrap();
+        assert_eq!(paris.to_unix_millis(None), 1_704_106_800_500);
+        let local = DateTime::parse("20240101").unwrap();
+        assert_eq!(local.to_unix_millis(Some(60)), 1_704_063_600_000);
     }
 
     #[test]
