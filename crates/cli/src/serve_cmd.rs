@@ -75,7 +75,7 @@ pub(crate) struct ServeArgs {
 }
 
 pub(crate) fn run(args: &ServeArgs) -> ExitCode {
-    init_logging();
+    init_logging(args.config.as_deref());
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -89,14 +89,25 @@ pub(crate) fn run(args: &ServeArgs) -> ExitCode {
     runtime.block_on(serve(args))
 }
 
-fn init_logging() {
+/// Logs to stderr. `RUST_LOG` wins; otherwise the engine's `[logging]` (level, `text` or
+/// `json`) when `--config` is given, else `info` as text.
+fn init_logging(config: Option<&std::path::Path>) {
+    let logging = config
+        .and_then(|p| passerelle_engine::config::EngineConfig::load(Some(p)).ok())
+        .map(|c| c.logging)
+        .unwrap_or_default();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&logging.level));
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = if logging.format == "json" {
+        builder.json().try_init()
+    } else {
+        builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .try_init()
+    };
 }
 
 async fn serve(args: &ServeArgs) -> ExitCode {

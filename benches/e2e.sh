@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# End to end (issue 6): 64 MLLP senders over loopback → passerelle's engine (journal with
+# ACK after flush → route → map → NDJSON), in the same run as a bare MLLP ACK echo with no
+# persistence (`passerelle serve` without --config, answering from the parser).
+# Every ACK's MSA-2 is checked by the load generator (crates/mllp/src/bin/mllp-load.rs).
+#
+# usage: bash benches/e2e.sh [SECONDS_PER_RUN]   (default 10)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+seconds="${1:-10}"
+cargo build --quiet --release --locked -p passerelle-cli -p passerelle-mllp --bins
+target="${CARGO_TARGET_DIR:-target}/release"
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+mkdir -p "$work/routes.d"
+cat > "$work/routes.d/10-all.toml" <<ROUTE
+name = "all"
+mapping = "v2-to-fhir"
+default = true
+[[destinations]]
+name = "files"
+type = "ndjson"
+dir = "out"
+ROUTE
+cat > "$work/passerelle.toml" <<CONFIG
+[store]
+path = "data"
+[[listeners]]
+name = "main"
+bind = "127.0.0.1:0"
+max_connections_per_ip = 1000
+[paths]
+routes = "routes.d"
+mappings = "$PWD/mappings"
+[logging]
+level = "warn"
+CONFIG
+for connections in 1 64; do
+  run=("$target/mllp-load" --connections "$connections" --window 1 --count 1000000 --duration "$seconds")
+  "${run[@]}" --label "echo (parser only, no persistence)" --spawn "$target/passerelle" serve --listen 127.0.0.1:0 --max-connections-per-ip 1000
+  "${run[@]}" --label "engine (journal, map, NDJSON)" --spawn "$target/passerelle" serve --config "$work/passerelle.toml"
+done
+echo "NDJSON written: $(cat "$work"/out/MessageHeader.ndjson 2>/dev/null | wc -l) MessageHeader lines"
