@@ -11,6 +11,7 @@
 //! Nothing here is a mock: tests drive the real programs.
 
 pub mod fhir;
+pub mod fhir_server;
 pub mod mllp;
 
 use std::fs::{self, File};

@@ -9,6 +9,10 @@ fn main() {
         passerelle_testkit::fhir::validator_dir().display()
     );
     println!(
+        "FHIR server ready: {}",
+        passerelle_testkit::fhir_server::server_dir().display()
+    );
+    println!(
         "MLLP node peers ready: {}",
         passerelle_testkit::mllp::node_dir().display()
     );

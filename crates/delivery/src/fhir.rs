@@ -1,0 +1,458 @@
+//! A FHIR R4 server over HTTP(S): each attempt POSTs the message's transaction bundle to
+//! the server's base URL (`Content-Type: application/fhir+json`), as the FHIR RESTful API
+//! defines for `transaction` interactions. The mapping makes bundles deterministic
+//! (conditional updates, stable ids), so a repeated attempt is harmless.
+//!
+//! Transport: reqwest over rustls (no OpenSSL), HTTP/1.1 or HTTP/2, one connection pool per
+//! destination, no redirects followed (a redirected POST would silently become a GET).
+//!
+//! | answer | outcome | `error_class` |
+//! |--------|---------|---------------|
+//! | 2xx | delivered (`status` kept) | |
+//! | 408 | transient | `http_408` |
+//! | 429 | transient | `http_429` |
+//! | 5xx | transient | `http_5xx` |
+//! | other 4xx | permanent | `http_4xx` |
+//! | 1xx, 3xx | permanent | `http_3xx` (`http_1xx`) |
+//! | no connection (refused, DNS, TLS handshake) | transient | `connect` |
+//! | no answer within `timeout_s` | transient | `timeout` |
+//! | the connection broke mid-exchange | transient | `http_io` |
+//! | the message has no bundle | permanent | `no_bundle` |
+//!
+//! A transient answer's `Retry-After` (delta-seconds or HTTP date) becomes the report's
+//! `retry_after_ms`. A refused answer's `detail` is an excerpt of its OperationOutcome
+//! (`severity`, `code`, `diagnostics` or `details.text` of each issue, about 300
+//! characters); a body that is not an OperationOutcome is not echoed.
+//!
+//! Authentication: `auth = { type = "none" }` (default), `{ type = "basic", username,
+//! password_env }` or `{ type = "bearer", token_env }`: the `*_env` keys name environment
+//! variables, read once when the destination is built. Server certificates are checked
+//! against the system's roots, or only against the PEM file `ca` when given; `client_cert`
+//! and `client_key` (PEM) present a client certificate (mutual TLS). SMART Backend Services
+//! (OAuth2 client credentials with a JWT assertion) is not implemented yet.
+
+use std::fmt;
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use passerelle_store::AttemptReport;
+use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue, RETRY_AFTER};
+use reqwest::{Certificate, Client, Identity, StatusCode, Url};
+
+use crate::settings::{Reader, invalid, read_file};
+use crate::{Item, SettingsError, truncate, with_detail};
+
+/// The most of an error answer's body that is read (to excerpt an OperationOutcome).
+const MAX_ERROR_BODY: usize = 64 * 1024;
+
+/// Default `timeout_s`.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// POSTs transaction bundles to a FHIR server.
+pub struct FhirDestination {
+    url: Url,
+    client: Client,
+    auth: Option<HeaderValue>,
+    auth_kind: &'static str,
+}
+
+impl fmt::Debug for FhirDestination {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The credentials stay out.
+        f.debug_struct("FhirDestination")
+            .field("url", &self.url.as_str())
+            .field("auth", &self.auth_kind)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FhirDestination {
+    /// From settings: `url` (required), `timeout_s`, `auth`, `ca`, `client_cert`,
+    /// `client_key`.
+    pub fn from_settings(
+        settings: &toml::Table,
+        base_dir: &Path,
+    ) -> Result<FhirDestination, SettingsError> {
+        let r = Reader::new(
+            settings,
+            "",
+            &[
+                "url",
+                "timeout_s",
+                "auth",
+                "ca",
+                "client_cert",
+                "client_key",
+            ],
+        )?;
+        let url_text = r.required_string("url")?;
+        let url = Url::parse(url_text).map_err(|e| invalid("url", format!("not a URL: {e}")))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(invalid("url", "the scheme must be http or https"));
+        }
+        if url.query().is_some() || url.fragment().is_some() {
+            return Err(invalid(
+                "url",
+                "the FHIR base URL takes no query or fragment",
+            ));
+        }
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(invalid(
+                "url",
+                "credentials do not belong in the URL: use `auth`",
+            ));
+        }
+        let timeout = r.seconds("timeout_s")?.unwrap_or(DEFAULT_TIMEOUT);
+
+        let (auth, auth_kind) = match r.table("auth")? {
+            None => (None, "none"),
+            Some(table) => read_auth(table)?,
+        };
+
+        // rustls needs one process-wide crypto provider; the workspace uses aws-lc-rs.
+        // Installing fails harmlessly when one is already installed.
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+
+        let mut builder = Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_secs(10)))
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("passerelle/", env!("CARGO_PKG_VERSION")));
+        if let Some(ca) = r.path_setting("ca", base_dir)? {
+            let pem = read_file("ca", &ca)?;
+            let certs = Certificate::from_pem_bundle(&pem)
+                .map_err(|e| invalid("ca", format!("not PEM certificates: {e}")))?;
+            if certs.is_empty() {
+                return Err(invalid("ca", "the file holds no certificate"));
+            }
+            builder = builder.tls_certs_only(certs);
+        }
+        let cert = r.path_setting("client_cert", base_dir)?;
+        let key = r.path_setting("client_key", base_dir)?;
+        match (cert, key) {
+            (None, None) => {}
+            (Some(_), None) => {
+                return Err(SettingsError::Missing {
+                    key: "client_key".to_owned(),
+                });
+            }
+            (None, Some(_)) => {
+                return Err(SettingsError::Missing {
+                    key: "client_cert".to_owned(),
+                });
+            }
+            (Some(cert), Some(key)) => {
+                let mut pem = read_file("client_cert", &cert)?;
+                pem.push(b'\n');
+                pem.extend_from_slice(&read_file("client_key", &key)?);
+                let identity = Identity::from_pem(&pem).map_err(|e| {
+                    invalid(
+                        "client_cert",
+                        format!("cannot use the certificate and key: {e}"),
+                    )
+                })?;
+                builder = builder.identity(identity);
+            }
+        }
+        let client = builder
+            .build()
+            .map_err(|e| invalid("url", format!("cannot build the HTTP client: {e}")))?;
+        Ok(FhirDestination {
+            url,
+            client,
+            auth,
+            auth_kind,
+        })
+    }
+
+    /// The base URL.
+    pub fn url(&self) -> &str {
+        self.url.as_str()
+    }
+
+    /// One attempt: see the module doc.
+    pub async fn deliver(&self, item: &Item<'_>) -> AttemptReport {
+        let Some(bundle) = item.bundle else {
+            return with_detail(
+                AttemptReport::permanent("no_bundle"),
+                "the message has no FHIR bundle (its route maps nothing) for a FHIR destination",
+            );
+        };
+        let mut request = self
+            .client
+            .post(self.url.clone())
+            .header(CONTENT_TYPE, "application/fhir+json")
+            .header(ACCEPT, "application/fhir+json")
+            .body(bundle.to_owned());
+        if let Some(auth) = &self.auth {
+            request = request.header(AUTHORIZATION, auth.clone());
+        }
+        let response = match request.send().await {
+            Ok(response) => response,
+            Err(e) => return transport_failure(&e),
+        };
+        let status = response.status();
+        if status.is_success() {
+            let mut report = AttemptReport::delivered();
+            report.status = Some(status.as_u16());
+            return report;
+        }
+        let retry_after = retry_after_ms(response.headers(), SystemTime::now());
+        let body = read_bounded(response).await;
+        classify(status, retry_after, &body)
+    }
+}
+
+fn read_auth(table: &toml::Table) -> Result<(Option<HeaderValue>, &'static str), SettingsError> {
+    let kind = table
+        .get("type")
+        .ok_or_else(|| SettingsError::Missing {
+            key: "auth.type".to_owned(),
+        })?
+        .as_str()
+        .ok_or_else(|| invalid("auth.type", "expected \"none\", \"basic\" or \"bearer\""))?;
+    let secret_header = |text: String| {
+        let mut value = HeaderValue::from_str(&text).map_err(|_| {
+            invalid(
+                "auth",
+                "the credentials hold characters not allowed in a header",
+            )
+        })?;
+        value.set_sensitive(true);
+        Ok::<_, SettingsError>(Some(value))
+    };
+    match kind {
+        "none" => {
+            Reader::new(table, "auth", &["type"])?;
+            Ok((None, "none"))
+        }
+        "basic" => {
+            let r = Reader::new(table, "auth", &["type", "username", "password_env"])?;
+            let username = r.required_string("username")?;
+            if username.contains(':') {
+                return Err(invalid("auth.username", "must not contain ':'"));
+            }
+            let password = r.secret_from_env("password_env")?;
+            let token = base64(format!("{username}:{password}").as_bytes());
+            Ok((secret_header(format!("Basic {token}"))?, "basic"))
+        }
+        "bearer" => {
+            let r = Reader::new(table, "auth", &["type", "token_env"])?;
+            let token = r.secret_from_env("token_env")?;
+            Ok((secret_header(format!("Bearer {token}"))?, "bearer"))
+        }
+        other => Err(invalid(
+            "auth.type",
+            format!("{other:?}: expected \"none\", \"basic\" or \"bearer\""),
+        )),
+    }
+}
+
+/// Standard base64 with padding (RFC 4648), for Basic authentication.
+fn base64(input: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
+    for chunk in input.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// A request that got no HTTP answer.
+fn transport_failure(e: &reqwest::Error) -> AttemptReport {
+    let class = if e.is_timeout() {
+        "timeout"
+    } else if e.is_connect() {
+        "connect"
+    } else {
+        "http_io"
+    };
+    // reqwest's message names the URL (configuration) and the cause, never the body.
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    with_detail(AttemptReport::transient(class), text)
+}
+
+/// Reads at most [`MAX_ERROR_BODY`] bytes of an answer; a broken body reads as empty.
+async fn read_bounded(mut response: reqwest::Response) -> Vec<u8> {
+    let mut body = Vec::new();
+    while body.len() < MAX_ERROR_BODY {
+        match response.chunk().await {
+            Ok(Some(chunk)) => body.extend_from_slice(&chunk),
+            Ok(None) | Err(_) => break,
+        }
+    }
+    body.truncate(MAX_ERROR_BODY);
+    body
+}
+
+/// Classifies a non-2xx answer.
+fn classify(status: StatusCode, retry_after_ms: Option<u64>, body: &[u8]) -> AttemptReport {
+    let code = status.as_u16();
+    let mut report = match code {
+        408 => AttemptReport::transient("http_408"),
+        429 => AttemptReport::transient("http_429"),
+        500..=599 => AttemptReport::transient("http_5xx"),
+        400..=499 => AttemptReport::permanent("http_4xx"),
+        300..=399 => AttemptReport::permanent("http_3xx"),
+        _ => AttemptReport::permanent("http_1xx"),
+    };
+    report.status = Some(code);
+    if report.outcome == passerelle_store::AttemptOutcome::Transient {
+        report.retry_after_ms = retry_after_ms;
+    }
+    report.detail = match outcome_excerpt(body) {
+        Some(excerpt) => truncate(format!("HTTP {code}: {excerpt}"), 300),
+        None => format!("HTTP {code} (no OperationOutcome in the answer)"),
+    };
+    report
+}
+
+/// `severity code: diagnostics` of each issue of an OperationOutcome, joined by `; `;
+/// `None` when the body is not an OperationOutcome.
+pub fn outcome_excerpt(body: &[u8]) -> Option<String> {
+    let value: serde_json::Value = serde_json::from_slice(body).ok()?;
+    if value.get("resourceType")?.as_str()? != "OperationOutcome" {
+        return None;
+    }
+    let issues = value.get("issue")?.as_array()?;
+    let mut parts = Vec::new();
+    for issue in issues {
+        let field = |name: &str| issue.get(name).and_then(|v| v.as_str()).unwrap_or("?");
+        let mut part = format!("{} {}", field("severity"), field("code"));
+        let text = issue
+            .get("diagnostics")
+            .and_then(|d| d.as_str())
+            .or_else(|| {
+                issue
+                    .get("details")
+                    .and_then(|d| d.get("text"))
+                    .and_then(|t| t.as_str())
+            });
+        if let Some(text) = text {
+            part.push_str(": ");
+            part.push_str(text);
+        }
+        if let Some(expr) = issue
+            .get("expression")
+            .and_then(|e| e.as_array())
+            .and_then(|e| e.first())
+            .and_then(|e| e.as_str())
+        {
+            part.push_str(" at ");
+            part.push_str(expr);
+        }
+        parts.push(part);
+    }
+    Some(truncate(parts.join("; "), 300))
+}
+
+/// `Retry-After` as milliseconds from `now`: delta-seconds or an HTTP date (a date in the
+/// past gives 0). `None` when absent or unreadable.
+pub fn retry_after_ms(headers: &HeaderMap, now: SystemTime) -> Option<u64> {
+    let text = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(secs) = text.parse::<u64>() {
+        return Some(secs.saturating_mul(1000));
+    }
+    let when = httpdate::parse_http_date(text).ok()?;
+    Some(
+        when.duration_since(now)
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            .unwrap_or(0),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_matches_rfc4648() {
+        for (input, want) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+            ("foobar", "Zm9vYmFy"),
+        ] {
+            assert_eq!(base64(input.as_bytes()), want);
+        }
+    }
+
+    #[test]
+    fn retry_after_reads_seconds_and_dates() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let mut h = HeaderMap::new();
+        assert_eq!(retry_after_ms(&h, now), None);
+        h.insert(RETRY_AFTER, HeaderValue::from_static("120"));
+        assert_eq!(retry_after_ms(&h, now), Some(120_000));
+        let later = httpdate::fmt_http_date(now + Duration::from_secs(5));
+        h.insert(RETRY_AFTER, HeaderValue::from_str(&later).expect("header"));
+        assert_eq!(retry_after_ms(&h, now), Some(5_000));
+        let earlier = httpdate::fmt_http_date(now - Duration::from_secs(5));
+        h.insert(
+            RETRY_AFTER,
+            HeaderValue::from_str(&earlier).expect("header"),
+        );
+        assert_eq!(retry_after_ms(&h, now), Some(0));
+        h.insert(RETRY_AFTER, HeaderValue::from_static("soon"));
+        assert_eq!(retry_after_ms(&h, now), None);
+    }
+
+    #[test]
+    fn classifies_statuses() {
+        let oo = br#"{"resourceType":"OperationOutcome","issue":[{"severity":"error","code":"invalid","diagnostics":"bad","expression":["Patient.name"]}]}"#;
+        let r = classify(StatusCode::UNPROCESSABLE_ENTITY, Some(5), oo);
+        assert_eq!(r.outcome, passerelle_store::AttemptOutcome::Permanent);
+        assert_eq!(r.error_class, "http_4xx");
+        assert_eq!(r.status, Some(422));
+        assert_eq!(r.retry_after_ms, None);
+        assert_eq!(r.detail, "HTTP 422: error invalid: bad at Patient.name");
+        let r = classify(StatusCode::SERVICE_UNAVAILABLE, Some(5), b"<html>");
+        assert_eq!(r.outcome, passerelle_store::AttemptOutcome::Transient);
+        assert_eq!(r.error_class, "http_5xx");
+        assert_eq!(r.retry_after_ms, Some(5));
+        assert_eq!(r.detail, "HTTP 503 (no OperationOutcome in the answer)");
+        assert_eq!(
+            classify(StatusCode::REQUEST_TIMEOUT, None, b"").error_class,
+            "http_408"
+        );
+        assert_eq!(
+            classify(StatusCode::TOO_MANY_REQUESTS, None, b"").error_class,
+            "http_429"
+        );
+        assert_eq!(
+            classify(StatusCode::FOUND, None, b"").outcome,
+            passerelle_store::AttemptOutcome::Permanent
+        );
+        let long = format!(
+            r#"{{"resourceType":"OperationOutcome","issue":[{{"severity":"error","code":"invalid","diagnostics":"{}"}}]}}"#,
+            "é".repeat(400)
+        );
+        assert!(
+            classify(StatusCode::BAD_REQUEST, None, long.as_bytes())
+                .detail
+                .len()
+                <= 304
+        );
+    }
+}

@@ -1,0 +1,167 @@
+//! MLLP forward: each attempt sends the message's raw HL7 v2 bytes to a peer with
+//! [`passerelle_mllp::Client`] and waits for its ACK, over one persistent connection per
+//! destination (kept behind a tokio mutex, so one message is in flight at a time: MLLP
+//! has no other way to match ACKs, and per-key order holds).
+//!
+//! | result | outcome | `error_class` |
+//! |--------|---------|---------------|
+//! | AA, CA | delivered | |
+//! | AE, CE (application or commit *error*: the receiver refuses this content) | permanent | `nak_ae` |
+//! | AR, CR (application or commit *reject*: type, version or processing id refused) | permanent | `nak_ar` |
+//! | any other MSA-1 | permanent | `nak_other` |
+//! | no connection after the client's attempts | transient | `connect` |
+//! | TLS handshake failed | transient | `tls` |
+//! | no ACK within `ack_timeout_s` (the connection is dropped) | transient | `timeout` |
+//! | connection closed or broken before the ACK | transient | `closed` / `io` |
+//! | an ACK for another message, a broken frame, not an ACK | transient | `mismatch` / `framing` / `invalid_ack` |
+//! | MLLP release 2 commit NAK (the receiver could not store it) | transient | `commit_nak` |
+//! | the message has no MSH-10 or holds an MLLP framing byte | permanent | `no_control_id` / `framing_byte` |
+//!
+//! Both negative ACK families are permanent: sending the same bytes again gets the same
+//! answer, so the message goes to dead letter for an operator (who can `replay` it once
+//! the peer is fixed). Transport failures are transient: the connection is dropped and the
+//! next attempt reconnects. A NAK's `detail` holds its code, control id and the peer's
+//! diagnostic (ERR-8 or MSA-3), truncated; never the message.
+//!
+//! Settings: `peer` (`host:port`, required), `ack_timeout_s` (30), `connect_timeout_s`
+//! (10), `tls = { ca, client_cert, client_key, server_name }` (all optional; an empty
+//! table means TLS with the system's roots).
+
+use std::path::Path;
+use std::time::Duration;
+
+use passerelle_mllp::{Client, ClientConfig, ClientError, ClientTlsConfig};
+use passerelle_store::AttemptReport;
+use tokio::sync::Mutex;
+
+use crate::settings::{Reader, invalid};
+use crate::{Item, SettingsError, with_detail};
+
+/// Forwards raw messages to an MLLP peer.
+#[derive(Debug)]
+pub struct MllpDestination {
+    peer: String,
+    client: Box<Mutex<Client>>,
+}
+
+impl MllpDestination {
+    /// A destination for `config` (its TLS files are loaded now).
+    pub fn new(config: ClientConfig) -> Result<MllpDestination, ClientError> {
+        let peer = config.address.clone();
+        Ok(MllpDestination {
+            peer,
+            client: Box::new(Mutex::new(Client::new(config)?)),
+        })
+    }
+
+    /// From settings: see the module doc.
+    pub fn from_settings(
+        settings: &toml::Table,
+        base_dir: &Path,
+    ) -> Result<MllpDestination, SettingsError> {
+        let r = Reader::new(
+            settings,
+            "",
+            &["peer", "ack_timeout_s", "connect_timeout_s", "tls"],
+        )?;
+        let peer = r.required_string("peer")?;
+        match peer.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {}
+            _ => {
+                return Err(invalid(
+                    "peer",
+                    format!("expected host:port, found {peer:?}"),
+                ));
+            }
+        }
+        let mut config = ClientConfig::new(peer);
+        // The engine retries with backoff; inside one attempt, one reconnect is enough.
+        config.connect_attempts = 2;
+        if let Some(t) = r.seconds("ack_timeout_s")? {
+            config.ack_timeout = t;
+        }
+        if let Some(t) = r.seconds("connect_timeout_s")? {
+            config.connect_timeout = t;
+        }
+        if let Some(tls) = r.table("tls")? {
+            let t = Reader::new(
+                tls,
+                "tls",
+                &["ca", "client_cert", "client_key", "server_name"],
+            )?;
+            let cert = t.path_setting("client_cert", base_dir)?;
+            let key = t.path_setting("client_key", base_dir)?;
+            match (&cert, &key) {
+                (Some(_), None) => {
+                    return Err(SettingsError::Missing {
+                        key: "tls.client_key".to_owned(),
+                    });
+                }
+                (None, Some(_)) => {
+                    return Err(SettingsError::Missing {
+                        key: "tls.client_cert".to_owned(),
+                    });
+                }
+                _ => {}
+            }
+            config.tls = Some(ClientTlsConfig {
+                ca: t.path_setting("ca", base_dir)?,
+                cert,
+                key,
+                server_name: t.string("server_name")?.map(str::to_owned),
+            });
+        }
+        MllpDestination::new(config).map_err(|e| invalid("tls", e.to_string()))
+    }
+
+    /// The peer's address.
+    pub fn peer(&self) -> &str {
+        &self.peer
+    }
+
+    /// One attempt: see the module doc.
+    pub async fn deliver(&self, item: &Item<'_>) -> AttemptReport {
+        let result = {
+            let mut client = self.client.lock().await;
+            client.send(item.raw).await
+        };
+        match result {
+            Ok(ack) => {
+                let class = match ack.code.as_str() {
+                    "AA" | "CA" => return AttemptReport::delivered(),
+                    "AE" | "CE" => "nak_ae",
+                    "AR" | "CR" => "nak_ar",
+                    _ => "nak_other",
+                };
+                let mut detail = format!("{} for {}", ack.code, ack.control_id);
+                if let Some(text) = ack.text.as_deref().filter(|t| !t.is_empty()) {
+                    detail.push_str(": ");
+                    detail.push_str(text);
+                }
+                with_detail(AttemptReport::permanent(class), detail)
+            }
+            Err(e) => {
+                let report = match &e {
+                    ClientError::NoControlId => AttemptReport::permanent("no_control_id"),
+                    ClientError::FramingByte { .. } => AttemptReport::permanent("framing_byte"),
+                    ClientError::Connect { .. } => AttemptReport::transient("connect"),
+                    ClientError::Handshake { .. } | ClientError::Tls(_) => {
+                        AttemptReport::transient("tls")
+                    }
+                    ClientError::Io(_) => AttemptReport::transient("io"),
+                    ClientError::Timeout { .. } => AttemptReport::transient("timeout"),
+                    ClientError::Closed { .. } => AttemptReport::transient("closed"),
+                    ClientError::Mismatch { .. } => AttemptReport::transient("mismatch"),
+                    ClientError::CommitNak { .. } => AttemptReport::transient("commit_nak"),
+                    ClientError::InvalidAck { .. } => AttemptReport::transient("invalid_ack"),
+                    ClientError::Framing(_) => AttemptReport::transient("framing"),
+                };
+                // The client's errors name addresses, control ids and offsets, not content.
+                with_detail(report, e.to_string())
+            }
+        }
+    }
+}
+
+/// Default ACK deadline, as [`ClientConfig::new`] sets it.
+pub const DEFAULT_ACK_TIMEOUT: Duration = Duration::from_secs(30);

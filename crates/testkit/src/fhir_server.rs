@@ -1,0 +1,102 @@
+//! A real FHIR R4 server for the delivery tests, provisioned from npm on demand.
+//!
+//! `@medplum/fhir-router`'s `FhirRouter` over a `MemoryRepository`, behind `node:http`
+//! (glue: `peers/fhir-server/server.js`): transaction bundles, `urn:uuid` reference
+//! rewriting, conditional create and update, search. Pinned by
+//! `crates/testkit/peers/fhir-server/package.json` and its lock file (the same @medplum
+//! versions as the validators), installed with `npm ci` into `target/peers/fhir-server/`.
+//!
+//! The FHIR base is `/fhir/R4`. For failure tests, a base `/fail/STATUS/N/fhir/R4` answers
+//! its first N requests with STATUS and an OperationOutcome (503 and 429 with
+//! `Retry-After`, 2 s, as seconds and as an HTTP date respectively), then behaves like
+//! `/fhir/R4`. The server starts in a few seconds; it is killed when the [`FhirServer`]
+//! is dropped.
+
+use std::fs::{self, File};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use crate::mllp::{PeerProcess, port_in};
+
+const FILES: [&str; 3] = ["package.json", "package-lock.json", "server.js"];
+
+/// The folder holding `server.js` and its `node_modules`, installing it when the pinned
+/// files changed or nothing is installed yet. Panics with npm's output on failure.
+pub fn server_dir() -> PathBuf {
+    let source = crate::peers_source_dir().join("fhir-server");
+    let root = crate::peers_dir();
+    fs::create_dir_all(&root).expect("create peers dir");
+    let dir = root.join("fhir-server");
+    let lock = File::create(root.join(".fhir-server.lock")).expect("create lock file");
+    lock.lock().expect("lock peers dir");
+    let mut wanted = String::new();
+    for name in FILES {
+        let text = fs::read_to_string(source.join(name))
+            .unwrap_or_else(|e| panic!("read fhir-server/{name}: {e}"));
+        wanted.push_str(&text);
+    }
+    let stamp = dir.join(".passerelle-stamp");
+    if fs::read_to_string(&stamp).ok().as_deref() != Some(wanted.as_str()) {
+        fs::create_dir_all(&dir).expect("create fhir-server dir");
+        for name in FILES {
+            fs::copy(source.join(name), dir.join(name))
+                .unwrap_or_else(|e| panic!("copy fhir-server/{name}: {e}"));
+        }
+        crate::run(
+            Command::new("npm")
+                .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
+                .current_dir(&dir),
+            "npm ci the FHIR server",
+        );
+        fs::write(&stamp, &wanted).expect("write stamp");
+    }
+    lock.unlock().expect("unlock peers dir");
+    dir
+}
+
+/// A running FHIR server on a loopback port, killed on drop.
+#[derive(Debug)]
+pub struct FhirServer {
+    port: u16,
+    _process: PeerProcess,
+}
+
+impl FhirServer {
+    /// Installs (if needed) and starts the server, and waits until it listens. Blocking:
+    /// from async code, call it in `spawn_blocking`.
+    pub fn start() -> FhirServer {
+        let dir = server_dir();
+        let mut process = PeerProcess::spawn(
+            "FHIR server (@medplum/fhir-router)",
+            Command::new("node")
+                .arg(dir.join("server.js"))
+                .arg("0")
+                .current_dir(&dir),
+        );
+        let line = process.wait_for_line("listening on", Duration::from_secs(120));
+        FhirServer {
+            port: port_in(&line),
+            _process: process,
+        }
+    }
+
+    /// The port it listens on (127.0.0.1).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The FHIR base URL, `http://127.0.0.1:PORT/fhir/R4`.
+    pub fn base_url(&self) -> String {
+        format!("http://127.0.0.1:{}/fhir/R4", self.port)
+    }
+
+    /// A base URL whose first `count` requests are answered with `status` (see the module
+    /// doc). Each distinct (status, count) pair counts on its own.
+    pub fn failing_base_url(&self, status: u16, count: u32) -> String {
+        format!(
+            "http://127.0.0.1:{}/fail/{status}/{count}/fhir/R4",
+            self.port
+        )
+    }
+}
