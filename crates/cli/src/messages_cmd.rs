@@ -9,13 +9,12 @@ use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
 use passerelle_engine::Loaded;
-use passerelle_engine::pipeline::queue_name;
+use passerelle_engine::pipeline;
+use passerelle_hl7::Message;
 use passerelle_hl7::types::DateTime;
-use passerelle_hl7::{HeaderSummary, Message};
 use passerelle_mapping::MapOptions;
 use passerelle_store::{
-    DeliveryState, Enqueue, MessageId, MessageRecord, MessageState, Outcome, Query, SledStore,
-    Store,
+    DeliveryState, MessageId, MessageRecord, MessageState, Outcome, Query, SledStore, Store,
 };
 use serde_json::json;
 
@@ -315,55 +314,45 @@ async fn replay(
     remap: bool,
     dry_run: bool,
 ) -> Result<ExitCode, String> {
-    let mut failures = 0;
+    let mut results = Vec::new();
     for &id in ids {
-        match replay_one(store, loaded, id, remap, dry_run).await {
+        results.push((id, replay_one(store, loaded, id, remap, dry_run).await));
+    }
+    Ok(report(results))
+}
+
+/// Prints one line per message, successes on stdout and failures on stderr.
+fn report(results: Vec<(MessageId, Result<String, String>)>) -> ExitCode {
+    let mut failed = false;
+    for (id, result) in results {
+        match result {
             Ok(what) => println!("{id}: {what}"),
             Err(e) => {
                 eprintln!("{id}: {e}");
-                failures += 1;
+                failed = true;
             }
         }
     }
-    Ok(if failures == 0 {
-        ExitCode::SUCCESS
-    } else {
+    if failed {
         ExitCode::FAILURE
-    })
+    } else {
+        ExitCode::SUCCESS
+    }
 }
 
 /// Routes and maps a stored message with the current configuration.
 fn route_and_map(loaded: &Loaded, raw: &[u8], listener: &str) -> Result<Outcome, String> {
     let message = Message::parse(raw).map_err(|e| format!("does not parse: {e}"))?;
-    let header = HeaderSummary::of(&message);
-    let Some(route) = loaded.routes.select(&header, listener) else {
-        return Ok(Outcome::Unrouted);
-    };
-    let pack = loaded
-        .packs
-        .get(&route.mapping)
-        .ok_or(format!("pack {} not loaded", route.mapping))?;
     let options = MapOptions {
         site_offset: Some(loaded.config.defaults.site_utc_offset_minutes),
     };
-    Ok(match pack.map(&message, &options) {
-        Ok(bundle) => Outcome::Mapped {
-            route: route.name.clone(),
-            bundle: bundle.to_json(false),
-            deliveries: route
-                .destinations
-                .iter()
-                .map(|d| Enqueue {
-                    destination: queue_name(route, d),
-                    ordering_key: route.ordering_key(&message),
-                })
-                .collect(),
-        },
-        Err(e) => Outcome::MappingFailed {
-            route: route.name.clone(),
-            error: e.to_string(),
-        },
-    })
+    Ok(pipeline::route_and_map(
+        &loaded.routes,
+        &loaded.packs,
+        &options,
+        &message,
+        listener,
+    ))
 }
 
 async fn replay_one(
@@ -443,23 +432,14 @@ async fn replay_one(
 }
 
 async fn purge(store: &SledStore, ids: &[MessageId]) -> Result<ExitCode, String> {
-    let mut failures = 0;
+    let mut results = Vec::new();
     for &id in ids {
-        match store.purge(id).await {
-            Ok(true) => println!("{id}: purged"),
-            Ok(false) => {
-                eprintln!("{id}: no such message");
-                failures += 1;
-            }
-            Err(e) => {
-                eprintln!("{id}: {e}");
-                failures += 1;
-            }
-        }
+        let result = match store.purge(id).await {
+            Ok(true) => Ok("purged".to_owned()),
+            Ok(false) => Err("no such message".to_owned()),
+            Err(e) => Err(e.to_string()),
+        };
+        results.push((id, result));
     }
-    Ok(if failures == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(report(results))
 }

@@ -5,7 +5,6 @@
 #![allow(clippy::unwrap_used)] // tests: a panic is a failure with its message
 
 use std::collections::BTreeSet;
-use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -14,52 +13,12 @@ use std::time::{Duration, Instant};
 use passerelle_hl7::{Message, OwnedMessage, Path as Hl7Path};
 use passerelle_mapping::{MapOptions, Pack};
 use passerelle_mllp::{Client, ClientConfig};
-use passerelle_testkit::mllp::PeerProcess;
 use passerelle_testkit::workspace_root;
 
+mod common;
+
 const CYCLES: usize = 4;
-
-fn setup(dir: &Path) -> std::path::PathBuf {
-    let routes = dir.join("routes.d");
-    std::fs::create_dir_all(&routes).unwrap();
-    std::fs::write(
-        routes.join("10-all.toml"),
-        "name = \"all\"\nmapping = \"v2-to-fhir\"\ndefault = true\n[[destinations]]\nname = \"files\"\ntype = \"ndjson\"\ndir = \"out\"\n",
-    )
-    .unwrap();
-    let config = dir.join("passerelle.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[store]\npath = \"data\"\n[[listeners]]\nname = \"main\"\nbind = \"127.0.0.1:0\"\n[paths]\nroutes = \"routes.d\"\nmappings = \"{}\"\n",
-            workspace_root().join("mappings").display()
-        ),
-    )
-    .unwrap();
-    config
-}
-
-fn start(config: &Path) -> (PeerProcess, String) {
-    let mut engine = PeerProcess::spawn(
-        "passerelle serve",
-        Command::new(env!("CARGO_BIN_EXE_passerelle")).args([
-            "serve",
-            "--config",
-            config.to_str().unwrap(),
-        ]),
-    );
-    let line = engine.wait_for_line("listening on", Duration::from_secs(60));
-    (
-        engine,
-        line.split("listening on ")
-            .nth(1)
-            .unwrap()
-            .split(' ')
-            .next()
-            .unwrap()
-            .to_owned(),
-    )
-}
+const ROUTE: &str = "name = \"all\"\nmapping = \"v2-to-fhir\"\ndefault = true\n[[destinations]]\nname = \"files\"\ntype = \"ndjson\"\ndir = \"out\"\n";
 
 /// The id of the MessageHeader the v2-to-fhir pack makes for a message.
 fn header_id(pack: &Pack, bytes: &[u8]) -> String {
@@ -87,7 +46,7 @@ fn message(template: &OwnedMessage, control_id: &str) -> Vec<u8> {
 #[test]
 fn no_acknowledged_message_is_lost_when_serve_is_killed() {
     let dir = tempfile::tempdir().unwrap();
-    let config = setup(dir.path());
+    let config = common::setup(dir.path(), ROUTE, "");
     let template =
         std::fs::read(workspace_root().join("fixtures/hl7/adt_a08_update_nulls_v231.hl7")).unwrap();
     let template = OwnedMessage::from_message(&Message::parse(&template).unwrap());
@@ -99,7 +58,7 @@ fn no_acknowledged_message_is_lost_when_serve_is_killed() {
         .as_nanos() as u64;
     println!("seed {seed}");
     for cycle in 0..=CYCLES {
-        let (engine, addr) = start(&config);
+        let (engine, addr) = common::start(&config);
         // The sender streams messages on its own task until the connection breaks (or,
         // in the last cycle, until it has sent a few more).
         let sender = {
@@ -140,13 +99,7 @@ fn no_acknowledged_message_is_lost_when_serve_is_killed() {
         if cycle < CYCLES {
             // SIGKILL while the sender is in full flow: no chance to flush or close anything.
             std::thread::sleep(Duration::from_millis(150 + (seed >> (cycle * 7)) % 400)); // the random moment of the kill
-            assert!(
-                Command::new("kill")
-                    .args(["-KILL", &engine.id().to_string()])
-                    .status()
-                    .unwrap()
-                    .success()
-            );
+            common::signal(&engine, "-KILL");
             drop(engine);
             sender.join().unwrap();
         } else {
@@ -185,16 +138,7 @@ fn no_acknowledged_message_is_lost_when_serve_is_killed() {
                 );
                 std::thread::sleep(Duration::from_millis(50)); // polls the observable output
             }
-            assert!(
-                Command::new("kill")
-                    .args(["-TERM", &engine.id().to_string()])
-                    .status()
-                    .unwrap()
-                    .success()
-            );
-            let mut engine = engine;
-            let (ok, _) = engine.wait_exit(Duration::from_secs(30));
-            assert!(ok);
+            common::stop(engine);
         }
     }
     let acked = acked.lock().unwrap().clone();

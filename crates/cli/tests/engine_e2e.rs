@@ -8,70 +8,18 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use passerelle_testkit::mllp::{PeerProcess, venv_bin};
+use passerelle_testkit::mllp::venv_bin;
 use passerelle_testkit::{python, workspace_root};
+
+mod common;
+
+const ROUTE: &str = "name = \"adt\"\nmapping = \"v2-to-fhir\"\n[match]\nmessage_type = \"ADT\"\n[[destinations]]\nname = \"files\"\ntype = \"ndjson\"\ndir = \"out\"\n";
 
 fn passerelle(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_passerelle"))
         .args(args)
         .output()
         .unwrap()
-}
-
-fn write_setup(dir: &Path) -> std::path::PathBuf {
-    let routes = dir.join("routes.d");
-    std::fs::create_dir_all(&routes).unwrap();
-    std::fs::write(
-        routes.join("10-adt.toml"),
-        "name = \"adt\"\nmapping = \"v2-to-fhir\"\n[match]\nmessage_type = \"ADT\"\n[[destinations]]\nname = \"files\"\ntype = \"ndjson\"\ndir = \"out\"\n",
-    )
-    .unwrap();
-    let config = dir.join("passerelle.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[store]\npath = \"data\"\n[[listeners]]\nname = \"main\"\nbind = \"127.0.0.1:0\"\n[paths]\nroutes = \"routes.d\"\nmappings = \"{}\"\n[defaults]\nunrouted = \"error\"\n",
-            workspace_root().join("mappings").display()
-        ),
-    )
-    .unwrap();
-    config
-}
-
-/// Starts the engine and returns it with its MLLP port.
-fn start(config: &Path) -> (PeerProcess, u16) {
-    let mut engine = PeerProcess::spawn(
-        "passerelle serve",
-        Command::new(env!("CARGO_BIN_EXE_passerelle")).args([
-            "serve",
-            "--config",
-            config.to_str().unwrap(),
-        ]),
-    );
-    let line = engine.wait_for_line("listening on", Duration::from_secs(60));
-    let addr = line
-        .split("listening on ")
-        .nth(1)
-        .unwrap()
-        .split(' ')
-        .next()
-        .unwrap();
-    (engine, addr.rsplit(':').next().unwrap().parse().unwrap())
-}
-
-/// SIGTERM, then wait for a clean exit.
-fn stop(mut engine: PeerProcess) {
-    let status = Command::new("kill")
-        .args(["-TERM", &engine.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let (ok, lines) = engine.wait_exit(Duration::from_secs(30));
-    assert!(
-        ok,
-        "the engine stops cleanly on SIGTERM:\n{}",
-        lines.join("\n")
-    );
 }
 
 fn lines_in(path: &Path) -> usize {
@@ -96,13 +44,14 @@ fn wait_for_lines(path: &Path, n: usize) {
 fn serve_send_list_show_replay() {
     python(); // the python hl7 peer, installed on first use
     let dir = tempfile::tempdir().unwrap();
-    let config = write_setup(dir.path());
+    let config = common::setup(dir.path(), ROUTE, "unrouted = \"error\"\n");
     let patients = dir.path().join("out/Patient.ndjson");
-    let (engine, port) = start(&config);
+    let (engine, addr) = common::start(&config);
+    let port = addr.rsplit(':').next().unwrap().to_owned();
 
     // A real third-party MLLP sender.
     let sent = Command::new(venv_bin("mllp_send"))
-        .args(["--loose", "-p", &port.to_string(), "-f"])
+        .args(["--loose", "-p", &port, "-f"])
         .arg(workspace_root().join("fixtures/hl7/adt_a04_register_v23.hl7"))
         .arg("127.0.0.1")
         .output()
@@ -114,18 +63,13 @@ fn serve_send_list_show_replay() {
     );
     // And passerelle's own client, with a message no route takes.
     let oru = workspace_root().join("fixtures/hl7/oru_r01_v23.hl7");
-    let out = passerelle(&[
-        "send",
-        oru.to_str().unwrap(),
-        "--to",
-        &format!("127.0.0.1:{port}"),
-    ]);
+    let out = passerelle(&["send", oru.to_str().unwrap(), "--to", &addr]);
     assert!(
         !out.status.success(),
         "an AE for the unrouted ORU makes send exit non-zero"
     );
     wait_for_lines(&patients, 1);
-    stop(engine);
+    common::stop(engine);
 
     let config_arg = config.to_str().unwrap();
     let list = passerelle(&["messages", "--config", config_arg, "list", "--json"]);
@@ -172,9 +116,9 @@ fn serve_send_list_show_replay() {
         "{}",
         String::from_utf8_lossy(&replay.stderr)
     );
-    let (engine, _) = start(&config);
+    let (engine, _) = common::start(&config);
     wait_for_lines(&patients, 2);
-    stop(engine);
+    common::stop(engine);
     let first_two: Vec<String> = std::fs::read_to_string(&patients)
         .unwrap()
         .lines()

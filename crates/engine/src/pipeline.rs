@@ -209,7 +209,6 @@ impl<S: Store> Pipeline<S> {
                 error: e.to_string(),
             },
             Ok(message) => {
-                let header = HeaderSummary::of(&message);
                 let listener = store
                     .get(id)
                     .await
@@ -217,10 +216,8 @@ impl<S: Store> Pipeline<S> {
                     .flatten()
                     .map(|r| r.listener)
                     .unwrap_or_default();
-                match self.inner.config.routes.select(&header, &listener) {
-                    None => Outcome::Unrouted,
-                    Some(route) => self.map_with(route, &message),
-                }
+                let c = &self.inner.config;
+                route_and_map(&c.routes, &c.packs, &c.map_options, &message, &listener)
             }
         };
         let queued: Vec<String> = match &outcome {
@@ -242,36 +239,6 @@ impl<S: Store> Pipeline<S> {
             if let Some(n) = self.inner.wake.get(&q) {
                 n.notify_one();
             }
-        }
-    }
-
-    fn map_with(&self, route: &Route, message: &Message<'_>) -> Outcome {
-        let Some(pack) = self.inner.config.packs.get(&route.mapping) else {
-            return Outcome::MappingFailed {
-                route: route.name.clone(),
-                error: format!("mapping pack {} is not loaded", route.mapping),
-            };
-        };
-        match pack.map(message, &self.inner.config.map_options) {
-            Ok(bundle) => {
-                let key = route.ordering_key(message);
-                Outcome::Mapped {
-                    route: route.name.clone(),
-                    bundle: bundle.to_json(false),
-                    deliveries: route
-                        .destinations
-                        .iter()
-                        .map(|d| Enqueue {
-                            destination: queue_name(route, d),
-                            ordering_key: key.clone(),
-                        })
-                        .collect(),
-                }
-            }
-            Err(e) => Outcome::MappingFailed {
-                route: route.name.clone(),
-                error: e.to_string(),
-            },
         }
     }
 
@@ -342,6 +309,48 @@ impl<S: Store> Pipeline<S> {
                 }
             }
         }
+    }
+}
+
+/// Routes and maps a parsed message with the current routes and packs: what to record for
+/// it. Used by the mapper, and by `passerelle messages replay` to re-map.
+pub fn route_and_map(
+    routes: &RouteTable,
+    packs: &HashMap<String, Pack>,
+    options: &MapOptions,
+    message: &Message<'_>,
+    listener: &str,
+) -> Outcome {
+    let header = HeaderSummary::of(message);
+    let Some(route) = routes.select(&header, listener) else {
+        return Outcome::Unrouted;
+    };
+    let Some(pack) = packs.get(&route.mapping) else {
+        return Outcome::MappingFailed {
+            route: route.name.clone(),
+            error: format!("mapping pack {} is not loaded", route.mapping),
+        };
+    };
+    match pack.map(message, options) {
+        Ok(bundle) => {
+            let key = route.ordering_key(message);
+            Outcome::Mapped {
+                route: route.name.clone(),
+                bundle: bundle.to_json(false),
+                deliveries: route
+                    .destinations
+                    .iter()
+                    .map(|d| Enqueue {
+                        destination: queue_name(route, d),
+                        ordering_key: key.clone(),
+                    })
+                    .collect(),
+            }
+        }
+        Err(e) => Outcome::MappingFailed {
+            route: route.name.clone(),
+            error: e.to_string(),
+        },
     }
 }
 

@@ -1,0 +1,72 @@
+//! An engine in a temporary folder, run as the real `passerelle serve --config` process.
+
+#![allow(dead_code, clippy::unwrap_used)] // each test binary uses part of it
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use passerelle_testkit::mllp::PeerProcess;
+use passerelle_testkit::workspace_root;
+
+/// Writes `passerelle.toml` (store in `data`, one listener on a free loopback port, the
+/// repository's mapping packs, `defaults` appended) and one route file into `dir`.
+pub(crate) fn setup(dir: &Path, route: &str, defaults: &str) -> PathBuf {
+    let routes = dir.join("routes.d");
+    std::fs::create_dir_all(&routes).unwrap();
+    std::fs::write(routes.join("10-route.toml"), route).unwrap();
+    let config = dir.join("passerelle.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[store]\npath = \"data\"\n[[listeners]]\nname = \"main\"\nbind = \"127.0.0.1:0\"\n[paths]\nroutes = \"routes.d\"\nmappings = \"{}\"\n[defaults]\n{defaults}",
+            workspace_root().join("mappings").display()
+        ),
+    )
+    .unwrap();
+    config
+}
+
+/// Starts the engine; returns it and its MLLP address once it listens.
+pub(crate) fn start(config: &Path) -> (PeerProcess, String) {
+    let mut engine = PeerProcess::spawn(
+        "passerelle serve",
+        Command::new(env!("CARGO_BIN_EXE_passerelle")).args([
+            "serve",
+            "--config",
+            config.to_str().unwrap(),
+        ]),
+    );
+    let line = engine.wait_for_line("listening on", Duration::from_secs(60));
+    let addr = line
+        .split("listening on ")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .to_owned();
+    (engine, addr)
+}
+
+/// Sends a signal (`-TERM`, `-KILL`) to the engine.
+pub(crate) fn signal(engine: &PeerProcess, which: &str) {
+    assert!(
+        Command::new("kill")
+            .args([which, &engine.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+}
+
+/// SIGTERM, then a clean exit.
+pub(crate) fn stop(mut engine: PeerProcess) {
+    signal(&engine, "-TERM");
+    let (ok, lines) = engine.wait_exit(Duration::from_secs(30));
+    assert!(
+        ok,
+        "the engine stops cleanly on SIGTERM:\n{}",
+        lines.join("\n")
+    );
+}
