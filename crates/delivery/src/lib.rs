@@ -153,3 +153,27 @@ pub(crate) fn with_detail(mut report: AttemptReport, detail: impl Into<String>) 
     report.detail = truncate(detail.into(), 300);
     report
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assert_send<T: Send>(_: &T) {}
+
+    #[test]
+    fn attempts_can_be_spawned() {
+        // The engine runs attempts in spawned tasks: the futures must be Send, and the
+        // destinations Send + Sync.
+        fn shareable<T: Send + Sync>() {}
+        shareable::<Destination>();
+        let settings: toml::Table = toml::from_str("dir = \"/tmp\"").expect("toml");
+        let d = Destination::from_settings("ndjson", &settings, Path::new("/")).expect("ok");
+        let item = Item {
+            message_id: 1,
+            bundle: None,
+            raw: b"",
+        };
+        let future = d.deliver(&item);
+        assert_send(&future);
+    }
+}

@@ -1,7 +1,12 @@
 //! MLLP forward: each attempt sends the message's raw HL7 v2 bytes to a peer with
 //! [`passerelle_mllp::Client`] and waits for its ACK, over one persistent connection per
-//! destination (kept behind a tokio mutex, so one message is in flight at a time: MLLP
-//! has no other way to match ACKs, and per-key order holds).
+//! destination, one message in flight at a time (MLLP has no other way to match ACKs,
+//! and per-key order holds).
+//!
+//! The client lives on a thread of its own (a current-thread tokio runtime) fed by a
+//! channel, because `Client::send`'s future is not `Send` (the client is not `Sync`), and
+//! the engine's delivery tasks must be spawnable. Attempts queue on the channel in order;
+//! the thread ends, closing the connection, when the destination is dropped.
 //!
 //! | result | outcome | `error_class` |
 //! |--------|---------|---------------|
@@ -30,28 +35,59 @@
 use std::path::Path;
 use std::time::Duration;
 
-use passerelle_mllp::{Client, ClientConfig, ClientError, ClientTlsConfig};
+use passerelle_mllp::{Ack, Client, ClientConfig, ClientError, ClientTlsConfig};
 use passerelle_store::AttemptReport;
-use tokio::sync::Mutex;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::settings::{Reader, invalid};
 use crate::{Item, SettingsError, with_detail};
+
+/// One attempt handed to the client's thread.
+struct Job {
+    raw: Vec<u8>,
+    reply: oneshot::Sender<Result<Ack, ClientError>>,
+}
 
 /// Forwards raw messages to an MLLP peer.
 #[derive(Debug)]
 pub struct MllpDestination {
     peer: String,
-    client: Box<Mutex<Client>>,
+    jobs: mpsc::Sender<Job>,
+}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Job")
+            .field("size", &self.raw.len())
+            .finish()
+    }
 }
 
 impl MllpDestination {
-    /// A destination for `config` (its TLS files are loaded now).
+    /// A destination for `config`: loads its TLS files and starts the client's thread
+    /// (it connects at the first attempt).
     pub fn new(config: ClientConfig) -> Result<MllpDestination, ClientError> {
         let peer = config.address.clone();
-        Ok(MllpDestination {
-            peer,
-            client: Box::new(Mutex::new(Client::new(config)?)),
-        })
+        let mut client = Client::new(config)?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let (jobs, mut rx) = mpsc::channel::<Job>(16);
+        std::thread::Builder::new()
+            .name("mllp-forward".to_owned())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    while let Some(job) = rx.recv().await {
+                        if job.reply.is_closed() {
+                            continue; // the caller gave up: do not send behind its back
+                        }
+                        let result = client.send(&job.raw).await;
+                        let _ = job.reply.send(result);
+                    }
+                    client.close().await;
+                });
+            })?;
+        Ok(MllpDestination { peer, jobs })
     }
 
     /// From settings: see the module doc.
@@ -111,7 +147,10 @@ impl MllpDestination {
                 server_name: t.string("server_name")?.map(str::to_owned),
             });
         }
-        MllpDestination::new(config).map_err(|e| invalid("tls", e.to_string()))
+        MllpDestination::new(config).map_err(|e| match e {
+            ClientError::Tls(_) => invalid("tls", e.to_string()),
+            other => invalid("peer", other.to_string()),
+        })
     }
 
     /// The peer's address.
@@ -121,9 +160,20 @@ impl MllpDestination {
 
     /// One attempt: see the module doc.
     pub async fn deliver(&self, item: &Item<'_>) -> AttemptReport {
-        let result = {
-            let mut client = self.client.lock().await;
-            client.send(item.raw).await
+        let (reply, answer) = oneshot::channel();
+        let job = Job {
+            raw: item.raw.to_vec(),
+            reply,
+        };
+        let result = match self.jobs.send(job).await {
+            Ok(()) => answer.await.ok(),
+            Err(_) => None,
+        };
+        let Some(result) = result else {
+            return with_detail(
+                AttemptReport::transient("io"),
+                "the MLLP client thread has stopped",
+            );
         };
         match result {
             Ok(ack) => {
