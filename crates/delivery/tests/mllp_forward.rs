@@ -1,0 +1,144 @@
+//! The MLLP forward destination against real MLLP servers (installed by
+//! passerelle-testkit, pinned): txHL7 under twistd, and python `hl7`'s asyncio server
+//! scripted to answer AE, AR or nothing by control id (`peers/hl7_nak_server.py`).
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use passerelle_delivery::{AttemptOutcome, Destination, Item};
+use passerelle_testkit::mllp::{PeerProcess, port_in, script, venv_bin};
+
+const START: Duration = Duration::from_secs(60);
+
+fn message(id: &str) -> Vec<u8> {
+    format!(
+        "MSH|^~\\&|SND|FAC|RCV|FAC|20240101120000||ADT^A01^ADT_A01|{id}|P|2.5\rEVN|A01|20240101120000\rPID|1||123^^^HOSP^PI||DOE^JANE\r"
+    )
+    .into_bytes()
+}
+
+fn destination(port: u16, extra: &str) -> Destination {
+    let settings: toml::Table = toml::from_str(&format!(
+        "type = \"mllp\"\npeer = \"127.0.0.1:{port}\"\n{extra}"
+    ))
+    .unwrap();
+    Destination::from_settings("mllp", &settings, Path::new("/")).unwrap()
+}
+
+fn item(raw: &[u8]) -> Item<'_> {
+    Item {
+        message_id: 1,
+        bundle: None,
+        raw,
+    }
+}
+
+fn start_twistd() -> (PeerProcess, u16) {
+    let twistd = venv_bin("twistd");
+    let mut peer = PeerProcess::spawn(
+        "txHL7 (twistd mllp)",
+        Command::new(twistd).args([
+            "-n",
+            "--pidfile=",
+            "mllp",
+            "-e",
+            "tcp:0:interface=127.0.0.1",
+        ]),
+    );
+    let port = port_in(&peer.wait_for_line("MLLPFactory starting on", START));
+    (peer, port)
+}
+
+fn start_nak_server() -> (PeerProcess, u16) {
+    let python = passerelle_testkit::python();
+    let mut peer = PeerProcess::spawn(
+        "hl7_nak_server.py",
+        Command::new(python).arg(script("hl7_nak_server.py")),
+    );
+    let port = port_in(&peer.wait_for_line("listening on", START));
+    (peer, port)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn txhl7_accepts_forwarded_messages_from_spawned_tasks() {
+    let (_peer, port) = tokio::task::spawn_blocking(start_twistd).await.unwrap();
+    let dest = Arc::new(destination(port, "ack_timeout_s = 20"));
+    for i in 0..5 {
+        let report = dest.deliver(&item(&message(&format!("TX{i}")))).await;
+        assert_eq!(report.outcome, AttemptOutcome::Delivered, "{report:?}");
+    }
+    // Attempts from spawned tasks queue on the one connection.
+    let mut tasks = Vec::new();
+    for i in 0..10 {
+        let dest = dest.clone();
+        tasks.push(tokio::spawn(async move {
+            let raw = message(&format!("SPAWN{i}"));
+            dest.deliver(&item(&raw)).await
+        }));
+    }
+    for t in tasks {
+        let report = t.await.unwrap();
+        assert_eq!(report.outcome, AttemptOutcome::Delivered, "{report:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn naks_are_permanent_and_silence_is_a_transient_timeout() {
+    let (_peer, port) = tokio::task::spawn_blocking(start_nak_server).await.unwrap();
+    let dest = destination(port, "ack_timeout_s = 1\nconnect_timeout_s = 5");
+
+    let report = dest.deliver(&item(&message("OK1"))).await;
+    assert_eq!(report.outcome, AttemptOutcome::Delivered, "{report:?}");
+
+    let report = dest.deliver(&item(&message("AE1"))).await;
+    assert_eq!(report.outcome, AttemptOutcome::Permanent, "{report:?}");
+    assert_eq!(report.error_class, "nak_ae");
+    assert!(report.detail.starts_with("AE for AE1"), "{report:?}");
+    assert!(!report.detail.contains("DOE"), "never the message");
+
+    let report = dest.deliver(&item(&message("AR1"))).await;
+    assert_eq!(report.outcome, AttemptOutcome::Permanent, "{report:?}");
+    assert_eq!(report.error_class, "nak_ar");
+
+    let report = dest.deliver(&item(&message("SLOW1"))).await;
+    assert_eq!(report.outcome, AttemptOutcome::Transient, "{report:?}");
+    assert_eq!(report.error_class, "timeout");
+
+    // The timed-out connection was dropped; the next attempt reconnects.
+    let report = dest.deliver(&item(&message("OK2"))).await;
+    assert_eq!(report.outcome, AttemptOutcome::Delivered, "{report:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_connection_is_transient_connect() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let dest = destination(port, "connect_timeout_s = 2");
+    let report = dest.deliver(&item(&message("REFUSED1"))).await;
+    assert_eq!(report.outcome, AttemptOutcome::Transient, "{report:?}");
+    assert_eq!(report.error_class, "connect");
+    assert!(report.detail.contains(&port.to_string()), "{report:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_that_cannot_be_matched_or_framed_is_permanent() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let dest = destination(port, "");
+    let report = dest.deliver(&item(b"not hl7 at all")).await;
+    assert_eq!(report.outcome, AttemptOutcome::Permanent, "{report:?}");
+    assert_eq!(report.error_class, "no_control_id");
+    let mut framed = message("FB1");
+    framed.push(0x1c);
+    let report = dest.deliver(&item(&framed)).await;
+    assert_eq!(report.outcome, AttemptOutcome::Permanent, "{report:?}");
+    assert_eq!(report.error_class, "framing_byte");
+}
