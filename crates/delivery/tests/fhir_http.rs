@@ -214,3 +214,96 @@ async fn a_server_that_never_answers_is_transient_timeout() {
     assert_eq!(report.error_class, "timeout");
     hold.abort();
 }
+
+/// A throw-away PKI: a CA, a server certificate for 127.0.0.1 and a client certificate,
+/// as PEM files in a temporary directory.
+struct Pki {
+    dir: tempfile::TempDir,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let dir = tempfile::tempdir().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "delivery test CA");
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        let issuer =
+            rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap())
+                .unwrap();
+        std::fs::write(dir.path().join("ca.pem"), issuer.pem()).unwrap();
+        for (name, san, purpose) in [
+            (
+                "server",
+                "127.0.0.1",
+                rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            ),
+            (
+                "client",
+                "passerelle",
+                rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+            ),
+        ] {
+            let mut params = rcgen::CertificateParams::new(vec![san.to_owned()]).unwrap();
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, name);
+            params.extended_key_usages = vec![purpose];
+            let key = rcgen::KeyPair::generate().unwrap();
+            let cert = params.signed_by(&key, &issuer).unwrap();
+            std::fs::write(dir.path().join(format!("{name}.pem")), cert.pem()).unwrap();
+            std::fs::write(dir.path().join(format!("{name}.key")), key.serialize_pem()).unwrap();
+        }
+        Pki { dir }
+    }
+
+    fn path(&self, name: &str) -> std::path::PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_with_a_private_ca() {
+    let pki = Pki::new();
+    let (cert, key, ca) = (
+        pki.path("server.pem"),
+        pki.path("server.key"),
+        pki.path("ca.pem"),
+    );
+    let server = tokio::task::spawn_blocking(move || FhirServer::start_tls(&cert, &key, &ca))
+        .await
+        .unwrap();
+    assert!(server.base_url().starts_with("https://"));
+    let bundle = bundle("adt_a01_admit.hl7");
+    let build = |extra: &str| {
+        let settings: toml::Table = toml::from_str(&format!(
+            "url = {:?}\ntimeout_s = 10\n{extra}",
+            server.base_url()
+        ))
+        .unwrap();
+        // Relative file names resolve against the base dir.
+        Destination::from_settings("fhir", &settings, pki.dir.path()).unwrap()
+    };
+
+    let good = build("ca = \"ca.pem\"\nclient_cert = \"client.pem\"\nclient_key = \"client.key\"");
+    let report = good.deliver(&item(&bundle)).await;
+    assert_eq!(report.outcome, AttemptOutcome::Delivered, "{report:?}");
+    assert_eq!(report.status, Some(200));
+
+    // Without a client certificate the server refuses the handshake: transient (an
+    // operator fixes the configuration, and the queue drains).
+    let anonymous = build("ca = \"ca.pem\"");
+    let report = anonymous.deliver(&item(&bundle)).await;
+    assert_eq!(report.outcome, AttemptOutcome::Transient, "{report:?}");
+
+    // Checked against the system's roots, the private CA's server is not trusted.
+    let system_roots = build("client_cert = \"client.pem\"\nclient_key = \"client.key\"");
+    let report = system_roots.deliver(&item(&bundle)).await;
+    assert_eq!(report.outcome, AttemptOutcome::Transient, "{report:?}");
+    assert_eq!(report.error_class, "connect", "{report:?}");
+}

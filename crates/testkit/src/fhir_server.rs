@@ -9,11 +9,12 @@
 //! The FHIR base is `/fhir/R4`. For failure tests, a base `/fail/STATUS/N/fhir/R4` answers
 //! its first N requests with STATUS and an OperationOutcome (503 and 429 with
 //! `Retry-After`, 2 s, as seconds and as an HTTP date respectively), then behaves like
-//! `/fhir/R4`. The server starts in a few seconds; it is killed when the [`FhirServer`]
+//! `/fhir/R4`. [`FhirServer::start_tls`] serves HTTPS and requires a client certificate
+//! (mutual TLS). The server starts in a few seconds; it is killed when the [`FhirServer`]
 //! is dropped.
 
 use std::fs::{self, File};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -59,6 +60,7 @@ pub fn server_dir() -> PathBuf {
 #[derive(Debug)]
 pub struct FhirServer {
     port: u16,
+    scheme: &'static str,
     _process: PeerProcess,
 }
 
@@ -67,16 +69,32 @@ impl FhirServer {
     /// from async code, call it in `spawn_blocking`.
     pub fn start() -> FhirServer {
         let dir = server_dir();
+        FhirServer::spawn(&mut Command::new("node"), &dir, "http")
+    }
+
+    /// Like [`FhirServer::start`], over HTTPS with the PEM certificate `cert` and key
+    /// `key`, requiring client certificates issued by the PEM CA `client_ca`.
+    pub fn start_tls(cert: &Path, key: &Path, client_ca: &Path) -> FhirServer {
+        let dir = server_dir();
+        FhirServer::spawn(
+            Command::new("node")
+                .env("FHIR_SERVER_TLS_CERT", cert)
+                .env("FHIR_SERVER_TLS_KEY", key)
+                .env("FHIR_SERVER_TLS_CLIENT_CA", client_ca),
+            &dir,
+            "https",
+        )
+    }
+
+    fn spawn(command: &mut Command, dir: &Path, scheme: &'static str) -> FhirServer {
         let mut process = PeerProcess::spawn(
             "FHIR server (@medplum/fhir-router)",
-            Command::new("node")
-                .arg(dir.join("server.js"))
-                .arg("0")
-                .current_dir(&dir),
+            command.arg(dir.join("server.js")).arg("0").current_dir(dir),
         );
         let line = process.wait_for_line("listening on", Duration::from_secs(120));
         FhirServer {
             port: port_in(&line),
+            scheme,
             _process: process,
         }
     }
@@ -86,17 +104,17 @@ impl FhirServer {
         self.port
     }
 
-    /// The FHIR base URL, `http://127.0.0.1:PORT/fhir/R4`.
+    /// The FHIR base URL, `http://127.0.0.1:PORT/fhir/R4` (`https` with TLS).
     pub fn base_url(&self) -> String {
-        format!("http://127.0.0.1:{}/fhir/R4", self.port)
+        format!("{}://127.0.0.1:{}/fhir/R4", self.scheme, self.port)
     }
 
     /// A base URL whose first `count` requests are answered with `status` (see the module
     /// doc). Each distinct (status, count) pair counts on its own.
     pub fn failing_base_url(&self, status: u16, count: u32) -> String {
         format!(
-            "http://127.0.0.1:{}/fail/{status}/{count}/fhir/R4",
-            self.port
+            "{}://127.0.0.1:{}/fail/{status}/{count}/fhir/R4",
+            self.scheme, self.port
         )
     }
 }

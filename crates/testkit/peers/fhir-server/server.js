@@ -6,13 +6,19 @@
 // Usage: node server.js [port]   (default 0: the system picks one)
 // Prints `listening on 127.0.0.1:PORT` once it accepts requests.
 //
+// HTTPS with mutual TLS when FHIR_SERVER_TLS_CERT, FHIR_SERVER_TLS_KEY (PEM files of the
+// server) and FHIR_SERVER_TLS_CLIENT_CA (PEM CA that client certificates must chain to)
+// are set: a client without a valid certificate is refused during the handshake.
+//
 // The FHIR base is `/fhir/R4`. For failure tests, a base of the form
 // `/fail/STATUS/N/fhir/R4` answers its first N requests with STATUS and an
 // OperationOutcome (503 and 429 carry `Retry-After: 2`, 429 as an HTTP date), then behaves
 // like `/fhir/R4`; each such prefix counts on its own.
 'use strict';
 
+const fs = require('node:fs');
 const http = require('node:http');
+const https = require('node:https');
 const {
   indexSearchParameterBundle,
   indexStructureDefinitionBundle,
@@ -99,7 +105,7 @@ async function handle(req, res, text) {
   send(res, getStatus(oo), resource || oo);
 }
 
-const server = http.createServer((req, res) => {
+function onRequest(req, res) {
   const chunks = [];
   req.on('data', (c) => chunks.push(c));
   req.on('end', () => {
@@ -107,7 +113,21 @@ const server = http.createServer((req, res) => {
       send(res, 500, outcome('exception', String(err && err.message ? err.message : err)));
     });
   });
-});
+}
+
+const env = process.env;
+const server = env.FHIR_SERVER_TLS_CERT
+  ? https.createServer(
+      {
+        cert: fs.readFileSync(env.FHIR_SERVER_TLS_CERT),
+        key: fs.readFileSync(env.FHIR_SERVER_TLS_KEY),
+        ca: fs.readFileSync(env.FHIR_SERVER_TLS_CLIENT_CA),
+        requestCert: true,
+        rejectUnauthorized: true,
+      },
+      onRequest,
+    )
+  : http.createServer(onRequest);
 
 server.listen(Number(process.argv[2] || 0), '127.0.0.1', () => {
   console.log(`listening on 127.0.0.1:${server.address().port}`);
