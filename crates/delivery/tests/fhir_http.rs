@@ -7,6 +7,9 @@
 
 use std::path::Path;
 
+mod common;
+
+use common::Pki;
 use passerelle_delivery::{AttemptOutcome, Destination, Item};
 use passerelle_mapping::{MapOptions, Pack};
 use passerelle_testkit::fhir_server::FhirServer;
@@ -215,58 +218,6 @@ async fn a_server_that_never_answers_is_transient_timeout() {
     hold.abort();
 }
 
-/// A throw-away PKI: a CA, a server certificate for 127.0.0.1 and a client certificate,
-/// as PEM files in a temporary directory.
-struct Pki {
-    dir: tempfile::TempDir,
-}
-
-impl Pki {
-    fn new() -> Pki {
-        let dir = tempfile::tempdir().unwrap();
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "delivery test CA");
-        params.key_usages = vec![
-            rcgen::KeyUsagePurpose::KeyCertSign,
-            rcgen::KeyUsagePurpose::CrlSign,
-        ];
-        let issuer =
-            rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap())
-                .unwrap();
-        std::fs::write(dir.path().join("ca.pem"), issuer.pem()).unwrap();
-        for (name, san, purpose) in [
-            (
-                "server",
-                "127.0.0.1",
-                rcgen::ExtendedKeyUsagePurpose::ServerAuth,
-            ),
-            (
-                "client",
-                "passerelle",
-                rcgen::ExtendedKeyUsagePurpose::ClientAuth,
-            ),
-        ] {
-            let mut params = rcgen::CertificateParams::new(vec![san.to_owned()]).unwrap();
-            params
-                .distinguished_name
-                .push(rcgen::DnType::CommonName, name);
-            params.extended_key_usages = vec![purpose];
-            let key = rcgen::KeyPair::generate().unwrap();
-            let cert = params.signed_by(&key, &issuer).unwrap();
-            std::fs::write(dir.path().join(format!("{name}.pem")), cert.pem()).unwrap();
-            std::fs::write(dir.path().join(format!("{name}.key")), key.serialize_pem()).unwrap();
-        }
-        Pki { dir }
-    }
-
-    fn path(&self, name: &str) -> std::path::PathBuf {
-        self.dir.path().join(name)
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutual_tls_with_a_private_ca() {
     let pki = Pki::new();
@@ -287,7 +238,7 @@ async fn mutual_tls_with_a_private_ca() {
         ))
         .unwrap();
         // Relative file names resolve against the base dir.
-        Destination::from_settings("fhir", &settings, pki.dir.path()).unwrap()
+        Destination::from_settings("fhir", &settings, pki.dir()).unwrap()
     };
 
     let good = build("ca = \"ca.pem\"\nclient_cert = \"client.pem\"\nclient_key = \"client.key\"");

@@ -1,6 +1,7 @@
 //! The MLLP forward destination against real MLLP servers (installed by
 //! passerelle-testkit, pinned): txHL7 under twistd, and python `hl7`'s asyncio server
-//! scripted to answer AE, AR or nothing by control id (`peers/hl7_nak_server.py`).
+//! scripted to answer AE, AR or nothing by control id (`peers/hl7_nak_server.py`); and,
+//! for mutual TLS, passerelle's own listener.
 
 #![allow(clippy::unwrap_used)]
 
@@ -9,7 +10,11 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
+mod common;
+
+use common::Pki;
 use passerelle_delivery::{AttemptOutcome, Destination, Item};
+use passerelle_mllp::{Listener, ListenerConfig, ParseAckHandler, ServerTls, ServerTlsConfig};
 use passerelle_testkit::mllp::{PeerProcess, port_in, script, venv_bin};
 
 const START: Duration = Duration::from_secs(60);
@@ -141,4 +146,55 @@ async fn a_message_that_cannot_be_matched_or_framed_is_permanent() {
     let report = dest.deliver(&item(&framed)).await;
     assert_eq!(report.outcome, AttemptOutcome::Permanent, "{report:?}");
     assert_eq!(report.error_class, "framing_byte");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_forward_to_a_tls_listener() {
+    let pki = Pki::new();
+    let tls = ServerTls::load(ServerTlsConfig {
+        cert: pki.path("server.pem"),
+        key: pki.path("server.key"),
+        client_ca: Some(pki.path("ca.pem")),
+        allowed_peers: Vec::new(),
+    })
+    .unwrap();
+    let listener = Listener::bind(
+        ListenerConfig::new("127.0.0.1:0".parse().unwrap()),
+        Some(tls),
+    )
+    .await
+    .unwrap()
+    .spawn(ParseAckHandler::default());
+    let port = listener.local_addr().port();
+    let build = |tls: &str| {
+        let settings: toml::Table = toml::from_str(&format!(
+            "peer = \"127.0.0.1:{port}\"\nack_timeout_s = 10\nconnect_timeout_s = 5\ntls = {tls}"
+        ))
+        .unwrap();
+        // Relative file names resolve against the base dir.
+        Destination::from_settings("mllp", &settings, pki.dir()).unwrap()
+    };
+
+    let good = build(
+        "{ ca = \"ca.pem\", client_cert = \"client.pem\", client_key = \"client.key\", server_name = \"localhost\" }",
+    );
+    for i in 0..3 {
+        let report = good.deliver(&item(&message(&format!("TLS{i}")))).await;
+        assert_eq!(report.outcome, AttemptOutcome::Delivered, "{report:?}");
+    }
+
+    // No client certificate: the listener refuses; transient.
+    let anonymous = build("{ ca = \"ca.pem\" }");
+    let report = anonymous.deliver(&item(&message("ANON1"))).await;
+    assert_eq!(report.outcome, AttemptOutcome::Transient, "{report:?}");
+
+    // The system's roots do not trust the private CA: a transient TLS failure.
+    let untrusted = build("{ client_cert = \"client.pem\", client_key = \"client.key\" }");
+    let report = untrusted.deliver(&item(&message("UNTRUSTED1"))).await;
+    assert_eq!(report.outcome, AttemptOutcome::Transient, "{report:?}");
+    assert_eq!(report.error_class, "tls", "{report:?}");
+
+    drop((good, anonymous, untrusted));
+    let stats = listener.shutdown().await;
+    assert_eq!(stats.acks, 3);
 }
