@@ -1,6 +1,6 @@
 //! A FHIR R4 server over HTTP(S): each attempt POSTs the message's transaction bundle to
-//! the server's base URL (`Content-Type: application/fhir+json`), as the FHIR RESTful API
-//! defines for `transaction` interactions. The mapping makes bundles deterministic
+//! the server's base URL (`Content-Type: application/fhir+json`, `Prefer: return=minimal`),
+//! as the FHIR RESTful API defines for `transaction` interactions. The mapping makes bundles deterministic
 //! (conditional updates, stable ids), so a repeated attempt is harmless.
 //!
 //! Transport: reqwest over rustls (no OpenSSL), HTTP/1.1 or HTTP/2, one connection pool per
@@ -183,6 +183,8 @@ impl FhirDestination {
             .post(self.url.clone())
             .header(CONTENT_TYPE, "application/fhir+json")
             .header(ACCEPT, "application/fhir+json")
+            // The transaction-response need not repeat the resources.
+            .header("Prefer", "return=minimal")
             .body(bundle.to_owned());
         if let Some(auth) = &self.auth {
             request = request.header(AUTHORIZATION, auth.clone());
@@ -193,6 +195,9 @@ impl FhirDestination {
         };
         let status = response.status();
         if status.is_success() {
+            // Drain the answer (without keeping it) so the connection goes back to the pool.
+            let mut response = response;
+            while let Ok(Some(_)) = response.chunk().await {}
             let mut report = AttemptReport::delivered();
             report.status = Some(status.as_u16());
             return report;
