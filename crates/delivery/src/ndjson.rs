@@ -12,9 +12,9 @@
 //! the next free number from 1, and a fresh file is started. A single message larger than
 //! the limit still goes whole into one (fresh) file: lines are never split.
 //!
-//! **Failures.** No bundle: permanent `no_bundle`. A bundle that is not JSON, has no
-//! `entry` array, or a resource without a plain `resourceType` name: permanent
-//! `invalid_bundle`. Any I/O error: transient `io`. An attempt that fails half way (one
+//! **Failures.** No bundle: permanent `no_bundle`. A bundle that is not a JSON object,
+//! whose `entry` is not an array, or with a resource without a plain `resourceType` name:
+//! permanent `invalid_bundle`. A bundle without entries writes nothing and is delivered. Any I/O error: transient `io`. An attempt that fails half way (one
 //! type written, the next not) may leave that message's first lines written; the retry
 //! writes them again: at-least-once, like every destination.
 
@@ -133,8 +133,16 @@ struct ResourceType<'a> {
 /// a newline).
 fn lines_by_type(bundle: &str) -> Result<BTreeMap<String, String>, String> {
     let parsed: RawBundle<'_> = serde_json::from_str(bundle)
-        .map_err(|e| format!("the bundle is not a JSON object with an entry array ({e})"))?;
-    let entries = parsed.entry.ok_or("the bundle has no entry array")?;
+        // The error's position only: serde's message can quote the offending value.
+        .map_err(|e| {
+            format!(
+                "the bundle is not a JSON object with an entry array (line {}, column {})",
+                e.line(),
+                e.column()
+            )
+        })?;
+    // A bundle without entries (a message that maps to nothing) writes nothing.
+    let entries = parsed.entry.unwrap_or_default();
     let mut out: BTreeMap<String, String> = BTreeMap::new();
     for (i, entry) in entries.iter().enumerate() {
         let Some(resource) = entry.resource else {
@@ -244,7 +252,12 @@ mod tests {
             "{\"resourceType\":\"Patient\",\"name\":[{\"text\":\"a \\\" b\\\\\"}]}\n"
         );
         assert!(lines_by_type("nope").is_err());
-        assert!(lines_by_type(r#"{"resourceType":"Bundle"}"#).is_err());
+        assert!(
+            lines_by_type(r#"{"resourceType":"Bundle"}"#)
+                .unwrap()
+                .is_empty()
+        );
+        assert!(lines_by_type(r#"{"entry":{}}"#).is_err());
         assert!(
             lines_by_type(r#"{"entry":[{"resource":{"resourceType":"../etc"}}]}"#).is_err(),
             "a resourceType is a file name: only letters and digits"

@@ -160,7 +160,9 @@ async fn bad_input_is_permanent() {
     assert_eq!(report.error_class, "no_bundle");
     for bad in [
         "not json",
-        r#"{"resourceType":"Bundle"}"#,
+        "[]",
+        r#"{"entry":{"resource":{}}}"#,
+        r#"{"entry":"DOE^JOHN"}"#,
         r#"{"entry":[{"resource":{"id":"no type"}}]}"#,
         r#"{"entry":[{"resource":{"resourceType":"../../etc/passwd"}}]}"#,
     ] {
@@ -168,7 +170,15 @@ async fn bad_input_is_permanent() {
         assert_eq!(report.outcome, AttemptOutcome::Permanent, "{bad}");
         assert_eq!(report.error_class, "invalid_bundle", "{bad}");
         assert!(!report.detail.contains("passwd"), "{report:?}");
+        assert!(!report.detail.contains("DOE"), "{report:?}");
     }
+    assert_eq!(fs::read_dir(tmp.path()).unwrap().count(), 0);
+    // A bundle without entries has nothing to write.
+    let empty = r#"{"resourceType":"Bundle","type":"transaction"}"#;
+    assert_eq!(
+        dest.deliver(&item(empty)).await.outcome,
+        AttemptOutcome::Delivered
+    );
     assert_eq!(fs::read_dir(tmp.path()).unwrap().count(), 0);
 }
 
