@@ -11,16 +11,19 @@
 //!   engine stopped are mapped on start, before the listener opens, so that they keep
 //!   their place in their ordering key's queue.
 //! - One delivery worker per (route, destination) queue leases due deliveries (at most one
-//!   per ordering key at a time, by the store's contract), delivers, and reports.
+//!   per ordering key at a time, by the store's contract), delivers with
+//!   `passerelle-delivery` (FHIR HTTP, MLLP forward, NDJSON), and reports the attempt; the
+//!   store applies the route's retry policy. Destination settings are checked at start.
 //!
 //! Logs carry ids, control ids, message types, sizes and states, never field content.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use passerelle_delivery::{Destination as Target, Item};
 use passerelle_hl7::ack::{self, AckError, AckOptions, Outcome as AckOutcome, Severity};
 use passerelle_hl7::{ErrorCode, HeaderSummary, Message};
 use passerelle_mapping::{MapOptions, Pack};
@@ -75,6 +78,8 @@ struct Inner<S> {
     mapper: mpsc::Sender<MessageId>,
     /// Wakes a queue's worker when something was queued for it.
     wake: HashMap<String, Arc<Notify>>,
+    /// Where each queue delivers.
+    targets: HashMap<String, Arc<Target>>,
 }
 
 /// The MLLP handler and the handle on the background tasks.
@@ -101,13 +106,11 @@ impl<S> std::fmt::Debug for Pipeline<S> {
 /// Why the pipeline could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error(
-        "route {route}: destination {destination} has type {kind}, which this build does not deliver yet"
-    )]
-    UnsupportedDestination {
+    #[error("route {route}: destination {destination}: {error}")]
+    Destination {
         route: String,
         destination: String,
-        kind: String,
+        error: passerelle_delivery::SettingsError,
     },
     #[error("route {route}: mapping pack {pack} is not loaded")]
     MissingPack { route: String, pack: String },
@@ -131,6 +134,7 @@ impl<S: Store> Pipeline<S> {
     /// starts the mapper and one delivery worker per queue.
     pub async fn start(store: Arc<S>, config: PipelineConfig) -> Result<Pipeline<S>, StartError> {
         let mut wake = HashMap::new();
+        let mut targets = HashMap::new();
         for route in &config.routes.routes {
             if !config.packs.contains_key(&route.mapping) {
                 return Err(StartError::MissingPack {
@@ -139,14 +143,15 @@ impl<S: Store> Pipeline<S> {
                 });
             }
             for d in &route.destinations {
-                if d.kind != "ndjson" {
-                    return Err(StartError::UnsupportedDestination {
+                let target = Target::from_settings(&d.kind, &d.settings, &config.base_dir)
+                    .map_err(|error| StartError::Destination {
                         route: route.name.clone(),
                         destination: d.name.clone(),
-                        kind: d.kind.clone(),
-                    });
-                }
-                wake.insert(queue_name(route, d), Arc::new(Notify::new()));
+                        error,
+                    })?;
+                let queue = queue_name(route, d);
+                targets.insert(queue.clone(), Arc::new(target));
+                wake.insert(queue, Arc::new(Notify::new()));
             }
         }
         let (tx, rx) = mpsc::channel(1024);
@@ -156,6 +161,7 @@ impl<S: Store> Pipeline<S> {
                 config,
                 mapper: tx,
                 wake,
+                targets,
             }),
         };
         // Recovery first, in journal order, so that old messages keep their place.
@@ -245,17 +251,7 @@ impl<S: Store> Pipeline<S> {
     async fn run_worker(self, route: Route, destination: Destination) {
         let queue = queue_name(&route, &destination);
         let wake = Arc::clone(&self.inner.wake[&queue]);
-        let dir = destination
-            .settings
-            .get("dir")
-            .and_then(|v| v.as_str())
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from("./out"));
-        let dir = if dir.is_relative() {
-            self.inner.config.base_dir.join(dir)
-        } else {
-            dir
-        };
+        let target = Arc::clone(&self.inner.targets[&queue]);
         let store = &self.inner.store;
         loop {
             if let Err(e) = store.requeue_expired().await {
@@ -281,17 +277,23 @@ impl<S: Store> Pipeline<S> {
                 continue;
             }
             for lease in leases {
-                let report = match store.get(lease.message_id).await {
-                    Ok(Some(record)) => match record.bundle {
-                        Some(bundle) => write_ndjson(&dir, &bundle).await,
-                        None => AttemptReport::permanent("no_bundle"),
-                    },
-                    Ok(None) => AttemptReport::permanent("message_missing"),
-                    Err(e) => {
+                let record = store.get(lease.message_id).await;
+                let raw = store.raw(lease.message_id).await;
+                let report = match (record, raw) {
+                    (Ok(Some(record)), Ok(Some(raw))) => {
+                        let item = Item {
+                            message_id: lease.message_id,
+                            bundle: record.bundle.as_deref(),
+                            raw: &raw,
+                        };
+                        target.deliver(&item).await
+                    }
+                    (Err(e), _) | (_, Err(e)) => {
                         let mut r = AttemptReport::transient("store");
                         r.detail = e.to_string();
                         r
                     }
+                    _ => AttemptReport::permanent("message_missing"),
                 };
                 let outcome = report.outcome;
                 match store.complete(&lease, report, &destination.retry).await {
@@ -359,65 +361,6 @@ fn now_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
-}
-
-/// Appends each resource of the bundle to `<dir>/<ResourceType>.ndjson` (the FHIR Bulk
-/// Data layout) and syncs the files before reporting success.
-async fn write_ndjson(dir: &Path, bundle: &str) -> AttemptReport {
-    let dir = dir.to_path_buf();
-    let bundle = bundle.to_owned();
-    let result = tokio::task::spawn_blocking(move || -> Result<(), String> {
-        use std::io::Write;
-        let value: serde_json::Value =
-            serde_json::from_str(&bundle).map_err(|e| format!("bundle is not JSON: {e}"))?;
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-        let mut by_type: HashMap<String, Vec<String>> = HashMap::new();
-        for entry in value
-            .get("entry")
-            .and_then(|e| e.as_array())
-            .into_iter()
-            .flatten()
-        {
-            if let Some(resource) = entry.get("resource") {
-                let kind = resource
-                    .get("resourceType")
-                    .and_then(|t| t.as_str())
-                    .unwrap_or("Unknown")
-                    .to_owned();
-                by_type.entry(kind).or_default().push(resource.to_string());
-            }
-        }
-        for (kind, lines) in by_type {
-            let path = dir.join(format!("{kind}.ndjson"));
-            let mut file = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&path)
-                .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-            let mut text = lines.join("\n");
-            text.push('\n');
-            file.write_all(text.as_bytes())
-                .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-            file.sync_data()
-                .map_err(|e| format!("cannot sync {}: {e}", path.display()))?;
-        }
-        Ok(())
-    })
-    .await;
-    match result {
-        Ok(Ok(())) => AttemptReport::delivered(),
-        Ok(Err(detail)) => {
-            let mut r = AttemptReport::transient("io");
-            r.detail = detail;
-            r
-        }
-        Err(e) => {
-            let mut r = AttemptReport::transient("io");
-            r.detail = e.to_string();
-            r
-        }
-    }
 }
 
 impl<S: Store> Handler for Pipeline<S> {
