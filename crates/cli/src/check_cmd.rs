@@ -1,5 +1,6 @@
-//! `passerelle check [PACK_DIR...] [--mappings DIR]`: loads every mapping pack and
-//! reports each problem with its file, line, column and field.
+//! `passerelle check [PACK_DIR...] [--mappings DIR] [--config passerelle.toml]`: loads
+//! every mapping pack and reports each problem with its file, line, column and field; with
+//! `--config`, also the engine's configuration, its routes and its destinations' settings.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -14,9 +15,53 @@ pub(crate) struct CheckArgs {
     /// The folder holding the mapping packs.
     #[arg(long, default_value = "mappings")]
     mappings: PathBuf,
+    /// Also check this engine configuration: passerelle.toml, routes.d and every route's
+    /// mapping pack and destination settings.
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+/// Checks the engine configuration; prints what is wrong. Returns whether it is sound.
+fn check_config(path: &std::path::Path) -> bool {
+    let loaded = match passerelle_engine::Loaded::load(path) {
+        Ok(l) => l,
+        Err(lines) => {
+            for line in &lines {
+                eprintln!("{line}");
+            }
+            eprintln!("FAILED {}: {} problem(s)", path.display(), lines.len());
+            return false;
+        }
+    };
+    let mut problems = 0;
+    for route in &loaded.routes.routes {
+        for d in &route.destinations {
+            if let Err(e) = passerelle_delivery::Destination::from_settings(
+                &d.kind,
+                &d.settings,
+                path.parent().unwrap_or(std::path::Path::new(".")),
+            ) {
+                eprintln!("{}: destination {}: {e}", route.file.display(), d.name);
+                problems += 1;
+            }
+        }
+    }
+    if problems > 0 {
+        eprintln!("FAILED {}: {problems} problem(s)", path.display());
+        return false;
+    }
+    println!(
+        "ok {}: {} listener(s), {} route(s), {} pack(s)",
+        path.display(),
+        loaded.config.listeners.len(),
+        loaded.routes.routes.len(),
+        loaded.packs.len()
+    );
+    true
 }
 
 pub(crate) fn run(args: &CheckArgs) -> ExitCode {
+    let config_ok = args.config.as_deref().is_none_or(check_config);
     let packs = if args.packs.is_empty() {
         let mut found: Vec<PathBuf> = match std::fs::read_dir(&args.mappings) {
             Ok(entries) => entries
@@ -54,7 +99,7 @@ pub(crate) fn run(args: &CheckArgs) -> ExitCode {
             }
         }
     }
-    if failed > 0 {
+    if failed > 0 || !config_ok {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS

@@ -129,3 +129,61 @@ fn serve_send_list_show_replay() {
         "the replayed (re-mapped) Patient is byte-identical: mapping is deterministic"
     );
 }
+
+#[test]
+fn check_reports_configuration_routes_and_destinations() {
+    let root = workspace_root();
+    let good = passerelle(&[
+        "check",
+        "--mappings",
+        root.join("mappings").to_str().unwrap(),
+        "--config",
+        root.join("passerelle.toml").to_str().unwrap(),
+    ]);
+    assert!(
+        good.status.success(),
+        "{}",
+        String::from_utf8_lossy(&good.stderr)
+    );
+    assert!(String::from_utf8_lossy(&good.stdout).contains("1 route(s)"));
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = common::setup(
+        dir.path(),
+        "name = \"r\"\nmapping = \"v2-to-fhir\"\n[[destinations]]\nname = \"fhir\"\ntype = \"fhir\"\ntimeout_s = 5\n",
+        "unrouted = \"maybe\"\n",
+    );
+    let bad = passerelle(&[
+        "check",
+        "--mappings",
+        root.join("mappings").to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+    ]);
+    assert_eq!(bad.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        stderr.contains("passerelle.toml:") && stderr.contains("defaults.unrouted"),
+        "{stderr}"
+    );
+    // With the configuration fixed, the destination's missing url is found.
+    std::fs::write(
+        &config,
+        std::fs::read_to_string(&config)
+            .unwrap()
+            .replace("\"maybe\"", "\"error\""),
+    )
+    .unwrap();
+    let bad = passerelle(&[
+        "check",
+        "--mappings",
+        root.join("mappings").to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        !bad.status.success() && stderr.contains("10-route.toml") && stderr.contains("url"),
+        "{stderr}"
+    );
+}
