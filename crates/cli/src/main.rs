@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 
 mod check_cmd;
 mod engine_serve;
+mod input;
 mod map_cmd;
 mod messages_cmd;
 mod parse_cmd;

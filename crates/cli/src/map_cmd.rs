@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Args;
-use passerelle_hl7::{ParseOptions, batch};
 use passerelle_mapping::{MapOptions, Pack};
 
 #[derive(Debug, Args)]
@@ -60,54 +59,25 @@ pub(crate) fn run(args: &MapArgs) -> ExitCode {
     };
     let stdout = io::stdout();
     let mut out = stdout.lock();
-    let mut failures = 0usize;
-    for file in &args.files {
-        let name = file.display().to_string();
-        let bytes = match std::fs::read(file) {
-            Ok(b) => b,
-            Err(e) => {
-                eprintln!("{name}: cannot read: {e}");
-                failures += 1;
-                continue;
+    let result = crate::input::for_each_message(&args.files, |label, message| {
+        match pack.map(message, &options) {
+            Ok(bundle) => {
+                writeln!(out, "{}", bundle.to_json(args.pretty))?;
+                Ok(true)
             }
-        };
-        let messages = match batch::parse_all(&bytes, &ParseOptions::default()) {
-            Ok(m) => m,
             Err(e) => {
-                eprintln!("{name}: {e}");
-                failures += 1;
-                continue;
-            }
-        };
-        let several = messages.len() > 1;
-        for (i, parsed) in messages.iter().enumerate() {
-            let label = if several {
-                format!("{name}#{}", i + 1)
-            } else {
-                name.clone()
-            };
-            let bundle = match parsed {
-                Ok(message) => pack.map(message, &options),
-                Err(e) => {
-                    eprintln!("{label}: {e}");
-                    failures += 1;
-                    continue;
-                }
-            };
-            match bundle {
-                Ok(bundle) => {
-                    if let Err(e) = writeln!(out, "{}", bundle.to_json(args.pretty)) {
-                        eprintln!("passerelle map: cannot write output: {e}");
-                        return ExitCode::FAILURE;
-                    }
-                }
-                Err(e) => {
-                    eprintln!("{label}: {e}");
-                    failures += 1;
-                }
+                eprintln!("{label}: {e}");
+                Ok(false)
             }
         }
-    }
+    });
+    let failures = match result {
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!("passerelle map: cannot write output: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     if failures > 0 {
         eprintln!("passerelle map: {failures} message(s) or file(s) could not be mapped");
         ExitCode::FAILURE

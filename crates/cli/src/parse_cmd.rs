@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Args;
-use passerelle_hl7::{HeaderSummary, Message, OwnedMessage, ParseError, ParseOptions, Path, batch};
+use passerelle_hl7::{HeaderSummary, Message, OwnedMessage, Path};
 use serde_json::{Value as Json, json};
 
 #[derive(Debug, Args)]
@@ -32,60 +32,22 @@ pub(crate) fn run(args: &ParseArgs) -> ExitCode {
     };
     let stdout = io::stdout();
     let mut out = stdout.lock();
-    let mut failures = 0usize;
-    for file in &args.files {
-        let name = file.display().to_string();
-        let bytes = match std::fs::read(file) {
-            Ok(b) => b,
-            Err(e) => {
-                eprintln!("{name}: cannot read: {e}");
-                failures += 1;
-                continue;
-            }
-        };
-        let messages = match batch::parse_all(&bytes, &ParseOptions::default()) {
-            Ok(m) => m,
-            Err(e) => {
-                report(&name, &e);
-                failures += 1;
-                continue;
-            }
-        };
-        let several = messages.len() > 1;
-        for (i, parsed) in messages.iter().enumerate() {
-            let label = if several {
-                format!("{name}#{}", i + 1)
-            } else {
-                name.clone()
-            };
-            match parsed {
-                Ok(message) => {
-                    let result = if args.json {
-                        print_json(&mut out, &label, message, path.as_ref())
-                    } else {
-                        print_text(&mut out, &label, message, path.as_ref())
-                    };
-                    if let Err(e) = result {
-                        eprintln!("passerelle parse: cannot write output: {e}");
-                        return ExitCode::FAILURE;
-                    }
-                }
-                Err(e) => {
-                    report(&label, e);
-                    failures += 1;
-                }
-            }
+    let result = crate::input::for_each_message(&args.files, |label, message| {
+        if args.json {
+            print_json(&mut out, label, message, path.as_ref())?;
+        } else {
+            print_text(&mut out, label, message, path.as_ref())?;
+        }
+        Ok(true)
+    });
+    match result {
+        Ok(0) => ExitCode::SUCCESS,
+        Ok(_) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("passerelle parse: cannot write output: {e}");
+            ExitCode::FAILURE
         }
     }
-    if failures > 0 {
-        ExitCode::FAILURE
-    } else {
-        ExitCode::SUCCESS
-    }
-}
-
-fn report(label: &str, error: &ParseError) {
-    eprintln!("{label}: {error}");
 }
 
 fn print_json(
