@@ -29,6 +29,8 @@ path = "data"
 name = "main"
 bind = "127.0.0.1:0"
 max_connections_per_ip = 1000
+[admin]
+bind = "127.0.0.1:0"
 [paths]
 routes = "routes.d"
 mappings = "$PWD/mappings"

@@ -122,9 +122,63 @@ pub(crate) async fn run(path: &Path, shutdown: impl std::future::Future<Output =
         running.push(listener.spawn(pipeline.clone()));
         println!("listening on {addr} ({scheme}, listener {})", l.name);
     }
+    // The admin API: probes, metrics and the message list.
+    let running = Arc::new(running);
+    let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stats_of = {
+        let running = Arc::clone(&running);
+        let names: Vec<String> = config.listeners.iter().map(|l| l.name.clone()).collect();
+        Arc::new(move || {
+            names
+                .iter()
+                .cloned()
+                .zip(running.iter().map(|r| r.stats()))
+                .collect::<Vec<_>>()
+        })
+    };
+    let admin = passerelle_engine::admin::Admin {
+        store: Arc::clone(&store),
+        listeners: stats_of,
+        ready: Arc::clone(&ready),
+        token: std::env::var(&config.admin.token_env)
+            .ok()
+            .filter(|t| !t.is_empty()),
+    };
+    let admin_listener = match tokio::net::TcpListener::bind(&config.admin.bind).await {
+        Ok(l) => l,
+        Err(e) => {
+            return fail(
+                1,
+                [format!(
+                    "admin API: cannot listen on {}: {e}",
+                    config.admin.bind
+                )],
+            );
+        }
+    };
+    let admin_addr = admin_listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| config.admin.bind.clone());
+    let admin_task = tokio::spawn(async move {
+        let _ = axum::serve(admin_listener, passerelle_engine::admin::router(admin)).await;
+    });
+    println!("admin API on http://{admin_addr}");
+    ready.store(true, std::sync::atomic::Ordering::SeqCst);
     let _ = std::io::stdout().flush();
     info!(store = %config.store.path.display(), "engine started");
     shutdown.await;
+    ready.store(false, std::sync::atomic::Ordering::SeqCst);
+    admin_task.abort();
+    // Once the admin task is gone, nothing else holds the listeners.
+    let _ = admin_task.await;
+    let running = match Arc::try_unwrap(running) {
+        Ok(r) => r,
+        Err(_) => {
+            error!("listeners still shared at shutdown; exiting without draining them");
+            return ExitCode::FAILURE;
+        }
+    };
     for listener in running {
         let stats = listener.shutdown().await;
         info!(frames = stats.frames, acks = stats.acks, "listener stopped");

@@ -187,3 +187,98 @@ fn check_reports_configuration_routes_and_destinations() {
         "{stderr}"
     );
 }
+
+/// A GET over plain HTTP/1.1 on loopback; returns (status, body).
+fn http_get(addr: &str, path: &str, token: Option<&str>) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response.split(' ').nth(1).unwrap().parse().unwrap();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[test]
+fn admin_api_health_ready_metrics_with_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = common::setup(dir.path(), ROUTE, "");
+    std::fs::write(
+        &config,
+        std::fs::read_to_string(&config).unwrap().replace(
+            "[admin]\n",
+            "[admin]\ntoken_env = \"PASSERELLE_TEST_TOKEN\"\n",
+        ),
+    )
+    .unwrap();
+    let mut engine = passerelle_testkit::mllp::PeerProcess::spawn(
+        "passerelle serve",
+        std::process::Command::new(env!("CARGO_BIN_EXE_passerelle"))
+            .args(["serve", "--config", config.to_str().unwrap()])
+            .env("PASSERELLE_TEST_TOKEN", "s3cret"),
+    );
+    let listening = engine.wait_for_line("listening on", Duration::from_secs(60));
+    let mllp = listening
+        .split("listening on ")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .to_owned();
+    let admin_line = engine.wait_for_line("admin API on http://", Duration::from_secs(30));
+    let admin = admin_line
+        .split("http://")
+        .nth(1)
+        .unwrap()
+        .trim()
+        .to_owned();
+
+    assert_eq!(http_get(&admin, "/health", None).0, 200);
+    assert_eq!(http_get(&admin, "/ready", None).0, 200);
+    assert_eq!(
+        http_get(&admin, "/metrics", None).0,
+        401,
+        "metrics need the token"
+    );
+    assert_eq!(http_get(&admin, "/metrics", Some("wrong")).0, 401);
+
+    let adt = workspace_root().join("fixtures/hl7/adt_a01_admit.hl7");
+    let sent = passerelle(&["send", adt.to_str().unwrap(), "--to", &mllp]);
+    assert!(sent.status.success());
+    let (status, metrics) = http_get(&admin, "/metrics", Some("s3cret"));
+    assert_eq!(status, 200);
+    assert!(metrics.contains("passerelle_up 1"), "{metrics}");
+    assert!(
+        metrics.contains("passerelle_messages{state=\"mapped\"} 1")
+            || metrics.contains("passerelle_messages{state=\"received\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("passerelle_listener_events_total{listener=\"main\",event=\"acks\"} 1"),
+        "{metrics}"
+    );
+    for name in passerelle_engine::admin::METRIC_NAMES {
+        assert!(metrics.contains(name), "{name} exported");
+    }
+    let (status, list) = http_get(&admin, "/api/messages", Some("s3cret"));
+    assert_eq!(status, 200);
+    let doc: serde_json::Value = serde_json::from_str(&list).unwrap();
+    assert_eq!(doc["items"].as_array().unwrap().len(), 1);
+    assert!(!list.contains("PID"), "the list carries no message content");
+    common::stop(engine);
+}

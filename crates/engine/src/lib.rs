@@ -12,6 +12,7 @@
 //! Invariant: every problem in these files is reported with the file, the line and column
 //! and the field, all of them at once, never just the first; nothing is half-loaded.
 
+pub mod admin;
 pub mod config;
 mod location;
 pub mod pipeline;

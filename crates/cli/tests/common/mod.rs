@@ -9,7 +9,8 @@ use std::time::Duration;
 use passerelle_testkit::mllp::PeerProcess;
 use passerelle_testkit::workspace_root;
 
-/// Writes `passerelle.toml` (store in `data`, one listener on a free loopback port, the
+/// Writes `passerelle.toml` (store in `data`, one listener and the admin API on free
+/// loopback ports, the
 /// repository's mapping packs, `defaults` appended) and one route file into `dir`.
 pub(crate) fn setup(dir: &Path, route: &str, defaults: &str) -> PathBuf {
     let routes = dir.join("routes.d");
@@ -19,7 +20,7 @@ pub(crate) fn setup(dir: &Path, route: &str, defaults: &str) -> PathBuf {
     std::fs::write(
         &config,
         format!(
-            "[store]\npath = \"data\"\n[[listeners]]\nname = \"main\"\nbind = \"127.0.0.1:0\"\n[paths]\nroutes = \"routes.d\"\nmappings = \"{}\"\n[defaults]\n{defaults}",
+            "[store]\npath = \"data\"\n[[listeners]]\nname = \"main\"\nbind = \"127.0.0.1:0\"\n[admin]\nbind = \"127.0.0.1:0\"\n[paths]\nroutes = \"routes.d\"\nmappings = \"{}\"\n[defaults]\n{defaults}",
             workspace_root().join("mappings").display()
         ),
     )
