@@ -165,3 +165,113 @@ async fn retries_until_the_server_is_back_and_keeps_patient_order() {
     );
     listener.shutdown().await;
 }
+
+/// A 4xx from the server sends the message to the dead letter with the server's
+/// OperationOutcome; once the cause is fixed, a replay (with a re-mapped bundle, as
+/// `passerelle messages replay --remap` does) delivers it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_4xx_goes_to_dead_letter_then_replay_delivers() {
+    let server = tokio::task::spawn_blocking(FhirServer::start)
+        .await
+        .unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let routes_dir = work.path().join("routes.d");
+    std::fs::create_dir_all(&routes_dir).unwrap();
+    // The server refuses the first request with 422 (think: a code it does not accept).
+    std::fs::write(
+        routes_dir.join("10-fhir.toml"),
+        format!(
+            "name = \"adt\"\nmapping = \"v2-to-fhir\"\n[[destinations]]\nname = \"fhir\"\ntype = \"fhir\"\nurl = \"{}\"\n",
+            server.failing_base_url(422, 1)
+        ),
+    )
+    .unwrap();
+    let routes = RouteTable::load(
+        &routes_dir,
+        &["v2-to-fhir".to_owned()],
+        &["mllp".to_owned()],
+    )
+    .unwrap();
+    let store = Arc::new(SledStore::open(StoreConfig::new(work.path().join("store"))).unwrap());
+    let pack = Pack::load(workspace_root().join("mappings/v2-to-fhir")).unwrap();
+    let packs = HashMap::from([("v2-to-fhir".to_owned(), pack)]);
+    let config = PipelineConfig {
+        routes: routes.clone(),
+        packs: packs.clone(),
+        map_options: MapOptions::default(),
+        unrouted: UnroutedAnswer::Accept,
+        base_dir: work.path().to_path_buf(),
+    };
+    let pipeline = Pipeline::start(Arc::clone(&store), config).await.unwrap();
+    let listener = Listener::bind(ListenerConfig::new("127.0.0.1:0".parse().unwrap()), None)
+        .await
+        .unwrap()
+        .spawn(pipeline);
+    let mut client = Client::new(ClientConfig::new(listener.local_addr().to_string())).unwrap();
+    let bytes = std::fs::read(workspace_root().join("fixtures/hl7/adt_a04_v28.hl7")).unwrap();
+    let ack = client.send(&bytes).await.unwrap();
+    assert!(matches!(ack.code.as_str(), "AA" | "CA"), "{}", ack.code);
+
+    let state_of = |store: Arc<SledStore>| async move {
+        let page = store
+            .list(&Query {
+                state: Some(MessageState::Mapped),
+                ..Query::default()
+            })
+            .await
+            .unwrap();
+        let id = page.items.first().map(|r| r.id)?;
+        Some((id, store.deliveries(id).await.unwrap().remove(0)))
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (id, dead) = loop {
+        if let Some((id, d)) = state_of(Arc::clone(&store)).await
+            && d.state == DeliveryState::Dead
+        {
+            break (id, d);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the 422 did not reach the dead letter"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await; // polls the store
+    };
+    assert_eq!(dead.history.len(), 1, "a permanent failure is not retried");
+    assert_eq!(dead.history[0].status, Some(422));
+    assert_eq!(dead.history[0].outcome, AttemptOutcome::Permanent);
+    assert!(dead.dead_reason.as_deref().unwrap().contains("permanent"));
+    assert!(
+        !dead.history[0].detail.is_empty(),
+        "the OperationOutcome excerpt is kept"
+    );
+
+    // The fix is in (here: the server accepts again); re-map and replay.
+    let raw = store.raw(id).await.unwrap().unwrap();
+    let message = Message::parse(&raw).unwrap();
+    let remapped = passerelle_engine::pipeline::route_and_map(
+        &routes,
+        &packs,
+        &MapOptions::default(),
+        &message,
+        "mllp",
+    );
+    let passerelle_store::Outcome::Mapped { bundle, .. } = remapped else {
+        panic!("re-mapping failed")
+    };
+    assert_eq!(store.replay(id, Some(bundle)).await.unwrap(), 1);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, d) = state_of(Arc::clone(&store)).await.unwrap();
+        if d.state == DeliveryState::Delivered {
+            assert_eq!(d.history.len(), 2, "the history keeps the failed attempt");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the replay was not delivered: {:?}",
+            d.state
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await; // polls the store
+    }
+    listener.shutdown().await;
+}
