@@ -5,20 +5,18 @@
 
 #![allow(clippy::unwrap_used)] // tests: a panic is a failure with its message
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use passerelle_engine::pipeline::{Pipeline, PipelineConfig, UnroutedAnswer};
-use passerelle_engine::routes::RouteTable;
+use passerelle_engine::pipeline::UnroutedAnswer;
 use passerelle_hl7::{Message, OwnedMessage, Path as Hl7Path};
-use passerelle_mapping::{MapOptions, Pack};
-use passerelle_mllp::{Client, ClientConfig, Listener, ListenerConfig};
-use passerelle_store::{
-    AttemptOutcome, DeliveryState, MessageState, Query, SledStore, Store, StoreConfig,
-};
+use passerelle_mapping::MapOptions;
+use passerelle_mllp::{Client, ClientConfig};
+use passerelle_store::{AttemptOutcome, DeliveryState, MessageState, Query, SledStore, Store};
 use passerelle_testkit::fhir_server::FhirServer;
-use passerelle_testkit::workspace_root;
+
+mod common;
+use common::{Harness, fixture};
 
 fn update(template: &OwnedMessage, control_id: &str, family: &str) -> Vec<u8> {
     let mut m = template.clone();
@@ -49,42 +47,15 @@ async fn retries_until_the_server_is_back_and_keeps_patient_order() {
     let server = tokio::task::spawn_blocking(FhirServer::start)
         .await
         .unwrap();
-    let work = tempfile::tempdir().unwrap();
-    let routes_dir = work.path().join("routes.d");
-    std::fs::create_dir_all(&routes_dir).unwrap();
     // The first two requests get 503 with Retry-After: 2 (the server is "down").
-    std::fs::write(
-        routes_dir.join("10-fhir.toml"),
-        format!(
-            "name = \"adt\"\nmapping = \"v2-to-fhir\"\n[match]\nmessage_type = \"ADT\"\n[[destinations]]\nname = \"fhir\"\ntype = \"fhir\"\nurl = \"{}\"\n[destinations.retry]\ninitial_backoff_ms = 100\nmax_backoff_ms = 1000\njitter = 0.0\nmax_attempts = 10\n",
-            server.failing_base_url(503, 2)
-        ),
-    )
-    .unwrap();
-    let routes = RouteTable::load(
-        &routes_dir,
-        &["v2-to-fhir".to_owned()],
-        &["mllp".to_owned()],
-    )
-    .unwrap();
-    let store = Arc::new(SledStore::open(StoreConfig::new(work.path().join("store"))).unwrap());
-    let config = PipelineConfig {
-        routes,
-        packs: HashMap::from([(
-            "v2-to-fhir".to_owned(),
-            Pack::load(workspace_root().join("mappings/v2-to-fhir")).unwrap(),
-        )]),
-        map_options: MapOptions::default(),
-        unrouted: UnroutedAnswer::Accept,
-        base_dir: work.path().to_path_buf(),
-    };
-    let pipeline = Pipeline::start(Arc::clone(&store), config).await.unwrap();
-    let listener = Listener::bind(ListenerConfig::new("127.0.0.1:0".parse().unwrap()), None)
-        .await
-        .unwrap()
-        .spawn(pipeline);
+    let engine = Harness::new(&format!(
+        "name = \"adt\"\nmapping = \"v2-to-fhir\"\n[match]\nmessage_type = \"ADT\"\n[[destinations]]\nname = \"fhir\"\ntype = \"fhir\"\nurl = \"{}\"\n[destinations.retry]\ninitial_backoff_ms = 100\nmax_backoff_ms = 1000\njitter = 0.0\nmax_attempts = 10\n",
+        server.failing_base_url(503, 2)
+    ));
+    let store = Arc::clone(&engine.store);
+    let listener = engine.start(UnroutedAnswer::Accept).await;
 
-    let template = std::fs::read(workspace_root().join("fixtures/hl7/adt_a01_admit.hl7")).unwrap();
+    let template = fixture("adt_a01_admit.hl7");
     let template = OwnedMessage::from_message(&Message::parse(&template).unwrap());
     let mut client = Client::new(ClientConfig::new(listener.local_addr().to_string())).unwrap();
     for (i, family) in ["FIRSTNAME", "SECONDNAME", "THIRDNAME"].iter().enumerate() {
@@ -174,42 +145,15 @@ async fn a_4xx_goes_to_dead_letter_then_replay_delivers() {
     let server = tokio::task::spawn_blocking(FhirServer::start)
         .await
         .unwrap();
-    let work = tempfile::tempdir().unwrap();
-    let routes_dir = work.path().join("routes.d");
-    std::fs::create_dir_all(&routes_dir).unwrap();
     // The server refuses the first request with 422 (think: a code it does not accept).
-    std::fs::write(
-        routes_dir.join("10-fhir.toml"),
-        format!(
-            "name = \"adt\"\nmapping = \"v2-to-fhir\"\n[[destinations]]\nname = \"fhir\"\ntype = \"fhir\"\nurl = \"{}\"\n",
-            server.failing_base_url(422, 1)
-        ),
-    )
-    .unwrap();
-    let routes = RouteTable::load(
-        &routes_dir,
-        &["v2-to-fhir".to_owned()],
-        &["mllp".to_owned()],
-    )
-    .unwrap();
-    let store = Arc::new(SledStore::open(StoreConfig::new(work.path().join("store"))).unwrap());
-    let pack = Pack::load(workspace_root().join("mappings/v2-to-fhir")).unwrap();
-    let packs = HashMap::from([("v2-to-fhir".to_owned(), pack)]);
-    let config = PipelineConfig {
-        routes: routes.clone(),
-        packs: packs.clone(),
-        map_options: MapOptions::default(),
-        unrouted: UnroutedAnswer::Accept,
-        base_dir: work.path().to_path_buf(),
-    };
-    let pipeline = Pipeline::start(Arc::clone(&store), config).await.unwrap();
-    let listener = Listener::bind(ListenerConfig::new("127.0.0.1:0".parse().unwrap()), None)
-        .await
-        .unwrap()
-        .spawn(pipeline);
+    let engine = Harness::new(&format!(
+        "name = \"adt\"\nmapping = \"v2-to-fhir\"\n[[destinations]]\nname = \"fhir\"\ntype = \"fhir\"\nurl = \"{}\"\n",
+        server.failing_base_url(422, 1)
+    ));
+    let store = Arc::clone(&engine.store);
+    let listener = engine.start(UnroutedAnswer::Accept).await;
     let mut client = Client::new(ClientConfig::new(listener.local_addr().to_string())).unwrap();
-    let bytes = std::fs::read(workspace_root().join("fixtures/hl7/adt_a04_v28.hl7")).unwrap();
-    let ack = client.send(&bytes).await.unwrap();
+    let ack = client.send(&fixture("adt_a04_v28.hl7")).await.unwrap();
     assert!(matches!(ack.code.as_str(), "AA" | "CA"), "{}", ack.code);
 
     let state_of = |store: Arc<SledStore>| async move {
@@ -249,8 +193,8 @@ async fn a_4xx_goes_to_dead_letter_then_replay_delivers() {
     let raw = store.raw(id).await.unwrap().unwrap();
     let message = Message::parse(&raw).unwrap();
     let remapped = passerelle_engine::pipeline::route_and_map(
-        &routes,
-        &packs,
+        &engine.routes,
+        &engine.packs,
         &MapOptions::default(),
         &message,
         "mllp",

@@ -4,68 +4,24 @@
 
 #![allow(clippy::unwrap_used)] // tests: a panic is a failure with its message
 
-use std::collections::HashMap;
-use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
-use passerelle_engine::pipeline::{Pipeline, PipelineConfig, UnroutedAnswer};
-use passerelle_engine::routes::RouteTable;
-use passerelle_mapping::{MapOptions, Pack};
-use passerelle_mllp::{Client, ClientConfig, Listener, ListenerConfig};
-use passerelle_store::{DeliveryState, MessageState, Query, SledStore, Store, StoreConfig};
+use passerelle_engine::pipeline::UnroutedAnswer;
+use passerelle_mllp::{Client, ClientConfig};
+use passerelle_store::{DeliveryState, MessageState, Query, Store};
 use passerelle_testkit::workspace_root;
 
-fn fixture(name: &str) -> Vec<u8> {
-    std::fs::read(workspace_root().join("fixtures/hl7").join(name)).unwrap()
-}
+mod common;
+use common::{Harness, fixture, wait_until};
 
-async fn wait_until<F: std::future::Future<Output = bool>>(
-    what: &str,
-    mut check: impl FnMut() -> F,
-) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await; // polls an observable effect
-    }
-}
-
-fn routes(dir: &Path, out: &Path) -> RouteTable {
-    std::fs::write(
-        dir.join("10-adt.toml"),
-        format!(
-            "name = \"adt\"\nmapping = \"v2-to-fhir\"\n[match]\nmessage_type = \"ADT\"\n[[destinations]]\nname = \"files\"\ntype = \"ndjson\"\ndir = \"{}\"\n",
-            out.display()
-        ),
-    )
-    .unwrap();
-    RouteTable::load(dir, &["v2-to-fhir".to_owned()], &["mllp".to_owned()]).unwrap()
-}
+/// ADT messages to NDJSON files under `out` (relative to the engine's folder).
+const ROUTE: &str = "name = \"adt\"\nmapping = \"v2-to-fhir\"\n[match]\nmessage_type = \"ADT\"\n[[destinations]]\nname = \"files\"\ntype = \"ndjson\"\ndir = \"out\"\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn journal_route_map_and_deliver_to_ndjson() {
-    let work = tempfile::tempdir().unwrap();
-    let (routes_dir, out, store_dir) = (
-        work.path().join("routes.d"),
-        work.path().join("out"),
-        work.path().join("store"),
-    );
-    std::fs::create_dir_all(&routes_dir).unwrap();
-    let store = Arc::new(SledStore::open(StoreConfig::new(&store_dir)).unwrap());
-    let pack = Pack::load(workspace_root().join("mappings/v2-to-fhir")).unwrap();
-    let config = PipelineConfig {
-        routes: routes(&routes_dir, &out),
-        packs: HashMap::from([("v2-to-fhir".to_owned(), pack)]),
-        map_options: MapOptions::default(),
-        unrouted: UnroutedAnswer::Error,
-        base_dir: work.path().to_path_buf(),
-    };
-    let pipeline = Pipeline::start(Arc::clone(&store), config).await.unwrap();
-    let listener = Listener::bind(ListenerConfig::new("127.0.0.1:0".parse().unwrap()), None)
-        .await
-        .unwrap()
-        .spawn(pipeline);
+    let engine = Harness::new(ROUTE);
+    let (store, out) = (Arc::clone(&engine.store), engine.work.path().join("out"));
+    let listener = engine.start(UnroutedAnswer::Error).await;
     let mut client = Client::new(ClientConfig::new(listener.local_addr().to_string())).unwrap();
 
     let adt = client.send(&fixture("adt_a01_admit.hl7")).await.unwrap();
@@ -150,14 +106,8 @@ async fn journal_route_map_and_deliver_to_ndjson() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn journaled_but_unmapped_messages_are_mapped_on_start() {
-    let work = tempfile::tempdir().unwrap();
-    let (routes_dir, out, store_dir) = (
-        work.path().join("routes.d"),
-        work.path().join("out"),
-        work.path().join("store"),
-    );
-    std::fs::create_dir_all(&routes_dir).unwrap();
-    let store = Arc::new(SledStore::open(StoreConfig::new(&store_dir)).unwrap());
+    let engine = Harness::new(ROUTE);
+    let (store, out) = (Arc::clone(&engine.store), engine.work.path().join("out"));
     // As if the engine stopped right after the ACK: journaled, not yet mapped.
     let id = store
         .journal(
@@ -166,15 +116,7 @@ async fn journaled_but_unmapped_messages_are_mapped_on_start() {
         )
         .await
         .unwrap();
-    let pack = Pack::load(workspace_root().join("mappings/v2-to-fhir")).unwrap();
-    let config = PipelineConfig {
-        routes: routes(&routes_dir, &out),
-        packs: HashMap::from([("v2-to-fhir".to_owned(), pack)]),
-        map_options: MapOptions::default(),
-        unrouted: UnroutedAnswer::Accept,
-        base_dir: work.path().to_path_buf(),
-    };
-    let _pipeline = Pipeline::start(Arc::clone(&store), config).await.unwrap();
+    let _listener = engine.start(UnroutedAnswer::Accept).await;
     assert_eq!(
         store.get(id).await.unwrap().unwrap().state,
         MessageState::Mapped,
