@@ -6,7 +6,7 @@
 //! section is optional: with no file at all, the defaults start one listener on
 //! 127.0.0.1:2575, a store in `./data` and the admin API on 127.0.0.1:8025.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -200,17 +200,6 @@ impl Default for EngineConfig {
     }
 }
 
-/// Reads `a.b.c/len` as an IP network.
-fn parse_cidr(text: &str) -> Option<(IpAddr, u8)> {
-    let (addr, len) = match text.split_once('/') {
-        Some((a, l)) => (a, l.parse::<u8>().ok()?),
-        None => (text, if text.contains(':') { 128 } else { 32 }),
-    };
-    let addr: IpAddr = addr.parse().ok()?;
-    let max = if addr.is_ipv4() { 32 } else { 128 };
-    (len <= max).then_some((addr, len))
-}
-
 impl EngineConfig {
     /// Loads `path` (absent: the defaults) with environment overrides, and checks it.
     /// Relative paths in the file are resolved against the file's folder.
@@ -310,7 +299,7 @@ impl EngineConfig {
                 );
             }
             for (j, block) in l.allow.iter().enumerate() {
-                if parse_cidr(block).is_none() {
+                if block.parse::<passerelle_mllp::Cidr>().is_err() {
                     report(
                         &[
                             Step::Key("listeners"),
@@ -396,25 +385,5 @@ impl EngineConfig {
     /// The names of the listeners, for route checks.
     pub fn listener_names(&self) -> Vec<String> {
         self.listeners.iter().map(|l| l.name.clone()).collect()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cidr() {
-        assert_eq!(
-            parse_cidr("10.0.0.0/8"),
-            Some(("10.0.0.0".parse().unwrap(), 8))
-        );
-        assert_eq!(
-            parse_cidr("127.0.0.1"),
-            Some(("127.0.0.1".parse().unwrap(), 32))
-        );
-        assert_eq!(parse_cidr("::1"), Some(("::1".parse().unwrap(), 128)));
-        assert_eq!(parse_cidr("10.0.0.0/33"), None);
-        assert_eq!(parse_cidr("ten/8"), None);
     }
 }
