@@ -163,8 +163,9 @@ pub(crate) async fn run(path: &Path, shutdown: impl std::future::Future<Output =
     let admin_task = tokio::spawn(async move {
         let _ = axum::serve(admin_listener, passerelle_engine::admin::router(admin)).await;
     });
-    println!("admin API on http://{admin_addr}");
+    // Ready before it is announced: whoever reads the line may probe /ready at once.
     ready.store(true, std::sync::atomic::Ordering::SeqCst);
+    println!("admin API on http://{admin_addr}");
     let _ = std::io::stdout().flush();
     info!(store = %config.store.path.display(), "engine started");
     shutdown.await;
