@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use passerelle_engine::Loaded;
 use passerelle_engine::config::ListenerSection;
+use passerelle_engine::metrics::Metrics;
 use passerelle_engine::pipeline::{Pipeline, PipelineConfig, UnroutedAnswer};
 use passerelle_mapping::MapOptions;
 use passerelle_mllp::{Cidr, Listener, ListenerConfig, ServerTls, ServerTlsConfig};
@@ -65,6 +66,8 @@ pub(crate) async fn run(path: &Path, shutdown: impl std::future::Future<Output =
     } = loaded;
     let unrouted =
         UnroutedAnswer::parse(&config.defaults.unrouted).unwrap_or(UnroutedAnswer::Accept);
+    let metrics = Arc::new(Metrics::default());
+    metrics.register(config.listeners.iter().map(|l| l.name.as_str()), []);
     let pipeline_config = PipelineConfig {
         routes,
         packs,
@@ -73,7 +76,18 @@ pub(crate) async fn run(path: &Path, shutdown: impl std::future::Future<Output =
         },
         unrouted,
         base_dir: path.parent().map(Path::to_path_buf).unwrap_or_default(),
+        metrics: Arc::clone(&metrics),
     };
+    let queues: Vec<(String, String)> = pipeline_config
+        .routes
+        .routes
+        .iter()
+        .flat_map(|r| {
+            r.destinations
+                .iter()
+                .map(move |d| (r.name.clone(), d.name.clone()))
+        })
+        .collect();
     let pipeline = match Pipeline::start(Arc::clone(&store), pipeline_config).await {
         Ok(p) => p,
         Err(e) => return fail(1, [e.to_string()]),
@@ -138,6 +152,8 @@ pub(crate) async fn run(path: &Path, shutdown: impl std::future::Future<Output =
     };
     let admin = passerelle_engine::admin::Admin {
         store: Arc::clone(&store),
+        metrics,
+        queues,
         listeners: stats_of,
         ready: Arc::clone(&ready),
         token: std::env::var(&config.admin.token_env)

@@ -273,8 +273,47 @@ fn admin_api_health_ready_metrics_with_token() {
         "{metrics}"
     );
     for name in passerelle_engine::admin::METRIC_NAMES {
-        assert!(metrics.contains(name), "{name} exported");
+        assert!(metrics.contains(&format!("\n{name}")), "{name} exported");
     }
+    for line in [
+        "passerelle_received_total{listener=\"main\"} 1",
+        // The fixture asks for enhanced mode (MSH-15 AL, MSH-16 NE): a commit ACK.
+        "passerelle_acks_total{listener=\"main\",code=\"CA\"} 1",
+        "passerelle_acks_total{listener=\"main\",code=\"AA\"} 0",
+        "passerelle_acks_total{listener=\"main\",code=\"AR\"} 0",
+        "passerelle_ack_latency_seconds_count{listener=\"main\"} 1",
+        "passerelle_ack_latency_seconds_bucket{listener=\"main\",le=\"+Inf\"} 1",
+        "passerelle_rejected_total{listener=\"main\"} 0",
+        "passerelle_ready 1",
+    ] {
+        assert!(metrics.contains(line), "{line} in {metrics}");
+    }
+    // The delivery to the NDJSON destination shows in the counters and histograms.
+    let delivered = "passerelle_delivery_attempts_total{route=\"adt\",destination=\"files\",outcome=\"delivered\"} 1";
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let metrics = loop {
+        let (_, metrics) = http_get(&admin, "/metrics", Some("s3cret"));
+        if metrics.contains(delivered) {
+            break metrics;
+        }
+        assert!(Instant::now() < deadline, "never delivered: {metrics}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    for line in [
+        "passerelle_mapped_total{route=\"adt\"} 1",
+        "passerelle_delivery_latency_seconds_count{route=\"adt\",destination=\"files\"} 1",
+        "passerelle_delivery_attempt_duration_seconds_count{route=\"adt\",destination=\"files\"} 1",
+        "passerelle_deliveries{route=\"adt\",destination=\"files\",state=\"delivered\"} 1",
+        "passerelle_deliveries{route=\"adt\",destination=\"files\",state=\"dead\"} 0",
+        "passerelle_queue_oldest_age_seconds{route=\"adt\",destination=\"files\"} 0",
+    ] {
+        assert!(metrics.contains(line), "{line} in {metrics}");
+    }
+    assert!(
+        !metrics.contains("passerelle_store_disk_bytes 0\n")
+            && metrics.contains("\npasserelle_store_disk_bytes "),
+        "{metrics}"
+    );
     let (status, list) = http_get(&admin, "/api/messages", Some("s3cret"));
     assert_eq!(status, 200);
     let doc: serde_json::Value = serde_json::from_str(&list).unwrap();

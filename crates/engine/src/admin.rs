@@ -18,12 +18,25 @@ use passerelle_mllp::Stats;
 use passerelle_store::{DeliveryState, MessageState, Query, Store};
 use serde::Deserialize;
 
+use crate::metrics::{Metrics, label};
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
 /// Reads the listeners' counters: (listener name, stats).
 pub type ListenerStats = Arc<dyn Fn() -> Vec<(String, Stats)> + Send + Sync>;
 
 /// What the API reads.
 pub struct Admin<S> {
     pub store: Arc<S>,
+    /// The pipeline's counters and histograms.
+    pub metrics: Arc<Metrics>,
+    /// The configured queues, as (route, destination).
+    pub queues: Vec<(String, String)>,
     pub listeners: ListenerStats,
     /// Set once the pipeline runs and the listeners accept.
     pub ready: Arc<AtomicBool>,
@@ -44,6 +57,8 @@ impl<S> Clone for Admin<S> {
     fn clone(&self) -> Self {
         Admin {
             store: Arc::clone(&self.store),
+            metrics: Arc::clone(&self.metrics),
+            queues: self.queues.clone(),
             listeners: Arc::clone(&self.listeners),
             ready: Arc::clone(&self.ready),
             token: self.token.clone(),
@@ -51,13 +66,27 @@ impl<S> Clone for Admin<S> {
     }
 }
 
-/// The metric names `/metrics` exports (dashboards and alert rules may use only these).
-pub const METRIC_NAMES: [&str; 5] = [
+/// The metric names `/metrics` exports (dashboards and alert rules may use only these;
+/// histograms also export `_bucket`, `_sum` and `_count`).
+pub const METRIC_NAMES: [&str; 18] = [
     "passerelle_up",
+    "passerelle_ready",
     "passerelle_messages",
     "passerelle_deliveries",
+    "passerelle_queue_oldest_age_seconds",
     "passerelle_quarantined_records",
+    "passerelle_store_disk_bytes",
     "passerelle_listener_events_total",
+    "passerelle_received_total",
+    "passerelle_acks_total",
+    "passerelle_rejected_total",
+    "passerelle_unrouted_total",
+    "passerelle_ack_latency_seconds",
+    "passerelle_mapped_total",
+    "passerelle_mapping_failures_total",
+    "passerelle_delivery_attempts_total",
+    "passerelle_delivery_latency_seconds",
+    "passerelle_delivery_attempt_duration_seconds",
 ];
 
 /// The router, to serve with `axum::serve`.
@@ -89,13 +118,6 @@ fn authorised<S>(admin: &Admin<S>, headers: &HeaderMap) -> bool {
         .is_some_and(|given| given.as_bytes() == token.as_bytes())
 }
 
-fn label(value: &str) -> String {
-    value
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', " ")
-}
-
 async fn metrics<S: Store>(State(admin): State<Admin<S>>, headers: HeaderMap) -> Response {
     if !authorised(&admin, &headers) {
         return StatusCode::UNAUTHORIZED.into_response();
@@ -113,6 +135,11 @@ async fn metrics<S: Store>(State(admin): State<Admin<S>>, headers: HeaderMap) ->
     );
     let _ = writeln!(
         out,
+        "# HELP passerelle_ready 1 once the pipeline runs and the listeners accept.\n# TYPE passerelle_ready gauge\npasserelle_ready {}",
+        u8::from(admin.ready.load(Ordering::SeqCst))
+    );
+    let _ = writeln!(
+        out,
         "# HELP passerelle_messages Stored messages by state.\n# TYPE passerelle_messages gauge"
     );
     for state in MessageState::ALL {
@@ -121,23 +148,68 @@ async fn metrics<S: Store>(State(admin): State<Admin<S>>, headers: HeaderMap) ->
     }
     let _ = writeln!(
         out,
-        "# HELP passerelle_deliveries Deliveries by queue (route.destination) and state.\n# TYPE passerelle_deliveries gauge"
+        "# HELP passerelle_deliveries Deliveries by route, destination and state.\n# TYPE passerelle_deliveries gauge"
     );
-    for ((queue, state), n) in &counts.deliveries {
-        if DeliveryState::ALL.iter().any(|s| s.name() == state) {
+    // The configured queues, every state (zeros included), then what the store still
+    // holds for queues no longer configured (split at the first dot).
+    let mut queues: Vec<(String, String, String)> = admin
+        .queues
+        .iter()
+        .map(|(r, d)| (format!("{r}.{d}"), r.clone(), d.clone()))
+        .collect();
+    for (queue, _) in counts.deliveries.keys() {
+        if !queues.iter().any(|(q, _, _)| q == queue) {
+            let (r, d) = queue.split_once('.').unwrap_or((queue.as_str(), ""));
+            queues.push((queue.clone(), r.to_owned(), d.to_owned()));
+        }
+    }
+    for (queue, route, destination) in &queues {
+        for state in DeliveryState::ALL {
+            let n = counts
+                .deliveries
+                .get(&(queue.clone(), state.name().to_owned()))
+                .copied()
+                .unwrap_or(0);
             let _ = writeln!(
                 out,
-                "passerelle_deliveries{{queue=\"{}\",state=\"{}\"}} {n}",
-                label(queue),
-                label(state)
+                "passerelle_deliveries{{route=\"{}\",destination=\"{}\",state=\"{}\"}} {n}",
+                label(route),
+                label(destination),
+                state.name()
             );
         }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP passerelle_queue_oldest_age_seconds Age of the oldest delivery not yet delivered nor dead (0 when none).\n# TYPE passerelle_queue_oldest_age_seconds gauge"
+    );
+    let now = now_ms();
+    for (queue, route, destination) in &queues {
+        let age = match admin.store.oldest_unfinished_ms(queue).await {
+            Ok(Some(at)) => now.saturating_sub(at) as f64 / 1_000.0,
+            Ok(None) => 0.0,
+            Err(e) => {
+                return (StatusCode::SERVICE_UNAVAILABLE, format!("store: {e}\n")).into_response();
+            }
+        };
+        let _ = writeln!(
+            out,
+            "passerelle_queue_oldest_age_seconds{{route=\"{}\",destination=\"{}\"}} {age}",
+            label(route),
+            label(destination)
+        );
     }
     let _ = writeln!(
         out,
         "# HELP passerelle_quarantined_records Damaged records moved aside.\n# TYPE passerelle_quarantined_records gauge\npasserelle_quarantined_records {}",
         counts.quarantined
     );
+    if let Ok(bytes) = admin.store.disk_bytes().await {
+        let _ = writeln!(
+            out,
+            "# HELP passerelle_store_disk_bytes Bytes the store takes on disk.\n# TYPE passerelle_store_disk_bytes gauge\npasserelle_store_disk_bytes {bytes}"
+        );
+    }
     let _ = writeln!(
         out,
         "# HELP passerelle_listener_events_total Listener events by kind.\n# TYPE passerelle_listener_events_total counter"
@@ -164,6 +236,7 @@ async fn metrics<S: Store>(State(admin): State<Admin<S>>, headers: HeaderMap) ->
             );
         }
     }
+    admin.metrics.render(&mut out);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 

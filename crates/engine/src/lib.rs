@@ -15,6 +15,7 @@
 pub mod admin;
 pub mod config;
 mod location;
+pub mod metrics;
 pub mod pipeline;
 pub mod routes;
 

@@ -20,7 +20,8 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use passerelle_delivery::{Destination as Target, Item};
@@ -29,11 +30,13 @@ use passerelle_hl7::{ErrorCode, HeaderSummary, Message};
 use passerelle_mapping::{MapOptions, Pack};
 use passerelle_mllp::{Handler, PeerInfo};
 use passerelle_store::{
-    AttemptReport, Enqueue, JournalMeta, MessageId, MshSummary, Outcome, Store, StoreError,
+    AttemptReport, DeliveryState, Enqueue, JournalMeta, MessageId, MshSummary, Outcome, Store,
+    StoreError,
 };
 use tokio::sync::{Notify, mpsc};
 use tracing::{debug, error, info, warn};
 
+use crate::metrics::{AttemptOutcome, Metrics};
 use crate::routes::{Destination, Route, RouteTable};
 
 /// What to answer for a message no route wants.
@@ -65,6 +68,8 @@ pub struct PipelineConfig {
     pub unrouted: UnroutedAnswer,
     /// Relative destination paths (NDJSON folders) are resolved against this folder.
     pub base_dir: PathBuf,
+    /// Where the pipeline counts what it does (the admin API renders it).
+    pub metrics: Arc<Metrics>,
 }
 
 /// The queue of a route's destination in the store.
@@ -154,6 +159,18 @@ impl<S: Store> Pipeline<S> {
                 wake.insert(queue, Arc::new(Notify::new()));
             }
         }
+        config.metrics.register(
+            config
+                .routes
+                .routes
+                .iter()
+                .flat_map(|r| r.listeners.iter().map(String::as_str)),
+            config.routes.routes.iter().flat_map(|r| {
+                r.destinations
+                    .iter()
+                    .map(move |d| (r.name.as_str(), d.name.as_str()))
+            }),
+        );
         let (tx, rx) = mpsc::channel(1024);
         let pipeline = Pipeline {
             inner: Arc::new(Inner {
@@ -232,10 +249,17 @@ impl<S: Store> Pipeline<S> {
             }
             _ => Vec::new(),
         };
+        let metrics = &self.inner.config.metrics;
         let state = match &outcome {
             Outcome::Unrouted => "unrouted",
-            Outcome::MappingFailed { .. } => "mapping_failed",
-            Outcome::Mapped { .. } => "mapped",
+            Outcome::MappingFailed { route, .. } => {
+                metrics.route(route).mapping_failures.fetch_add(1, Relaxed);
+                "mapping_failed"
+            }
+            Outcome::Mapped { route, .. } => {
+                metrics.route(route).mapped.fetch_add(1, Relaxed);
+                "mapped"
+            }
         };
         match store.record_outcome(id, outcome).await {
             Ok(()) => debug!(id, state, "routed"),
@@ -253,6 +277,11 @@ impl<S: Store> Pipeline<S> {
         let wake = Arc::clone(&self.inner.wake[&queue]);
         let target = Arc::clone(&self.inner.targets[&queue]);
         let store = &self.inner.store;
+        let metrics = self
+            .inner
+            .config
+            .metrics
+            .queue(&route.name, &destination.name);
         loop {
             if let Err(e) = store.requeue_expired().await {
                 warn!(queue, error = %e, "cannot return expired leases");
@@ -279,6 +308,7 @@ impl<S: Store> Pipeline<S> {
             for lease in leases {
                 let record = store.get(lease.message_id).await;
                 let raw = store.raw(lease.message_id).await;
+                let mut received_at_ms = None;
                 let report = match (record, raw) {
                     (Ok(Some(record)), Ok(Some(raw))) => {
                         let item = Item {
@@ -286,7 +316,11 @@ impl<S: Store> Pipeline<S> {
                             bundle: record.bundle.as_deref(),
                             raw: &raw,
                         };
-                        target.deliver(&item).await
+                        received_at_ms = Some(record.received_at_ms);
+                        let started = Instant::now();
+                        let report = target.deliver(&item).await;
+                        metrics.attempt_duration.observe(started.elapsed());
+                        report
                     }
                     (Err(e), _) | (_, Err(e)) => {
                         let mut r = AttemptReport::transient("store");
@@ -297,14 +331,28 @@ impl<S: Store> Pipeline<S> {
                 };
                 let outcome = report.outcome;
                 match store.complete(&lease, report, &destination.retry).await {
-                    Ok(state) => debug!(
-                        queue,
-                        id = lease.message_id,
-                        attempt = lease.attempt,
-                        state = state.name(),
-                        ?outcome,
-                        "delivery"
-                    ),
+                    Ok(state) => {
+                        match state {
+                            DeliveryState::Delivered => {
+                                metrics.attempt(AttemptOutcome::Delivered);
+                                if let Some(at) = received_at_ms {
+                                    metrics.delivery_latency.observe(Duration::from_millis(
+                                        now_ms().saturating_sub(at),
+                                    ));
+                                }
+                            }
+                            DeliveryState::Dead => metrics.attempt(AttemptOutcome::Dead),
+                            _ => metrics.attempt(AttemptOutcome::Retry),
+                        }
+                        debug!(
+                            queue,
+                            id = lease.message_id,
+                            attempt = lease.attempt,
+                            state = state.name(),
+                            ?outcome,
+                            "delivery"
+                        )
+                    }
                     Err(e) => {
                         warn!(queue, id = lease.message_id, error = %e, "cannot record the delivery")
                     }
@@ -365,6 +413,31 @@ fn now_ms() -> u64 {
 
 impl<S: Store> Handler for Pipeline<S> {
     async fn handle(&self, frame: Bytes, peer: &PeerInfo) -> Option<Bytes> {
+        let started = Instant::now();
+        let metrics = self.inner.config.metrics.listener(&peer.listener);
+        let answer = self.answer(frame, peer, &metrics).await;
+        metrics.ack_latency.observe(started.elapsed());
+        metrics.ack(&ack_code(&answer));
+        Some(Bytes::from(answer))
+    }
+}
+
+/// MSA-1 of an answer this pipeline built ("" if it has none).
+fn ack_code(answer: &[u8]) -> String {
+    Message::parse(answer)
+        .ok()
+        .and_then(|m| m.text("MSA-1").ok().flatten())
+        .unwrap_or_default()
+}
+
+impl<S: Store> Pipeline<S> {
+    /// Journals a frame and builds its answer (ACK or NAK).
+    async fn answer(
+        &self,
+        frame: Bytes,
+        peer: &PeerInfo,
+        metrics: &crate::metrics::ListenerMetrics,
+    ) -> Vec<u8> {
         let store = &self.inner.store;
         let options = AckOptions::default();
         let meta = |msh: Option<MshSummary>, rejected: Option<String>| JournalMeta {
@@ -383,13 +456,15 @@ impl<S: Store> Handler for Pipeline<S> {
                         meta(salvaged.as_ref().map(msh_summary), Some(e.to_string())),
                     )
                     .await;
-                return Some(Bytes::from(match journaled {
+                return match journaled {
                     Ok(id) => {
+                        metrics.received.fetch_add(1, Relaxed);
+                        metrics.rejected.fetch_add(1, Relaxed);
                         info!(id, size = frame.len(), error = e.kind.name(), "rejected");
                         ack::for_parse_error(&frame, &e, &options)
                     }
                     Err(store_error) => storage_nak(salvaged.as_ref(), &store_error, &options),
-                }));
+                };
             }
         };
         let header = HeaderSummary::of(&message);
@@ -399,8 +474,9 @@ impl<S: Store> Handler for Pipeline<S> {
             .await
         {
             Ok(id) => id,
-            Err(e) => return Some(Bytes::from(storage_nak(Some(&header), &e, &options))),
+            Err(e) => return storage_nak(Some(&header), &e, &options),
         };
+        metrics.received.fetch_add(1, Relaxed);
         let answer = match route {
             Some(_) => {
                 // Mapping happens after the ACK; a full queue holds the ACK back (backpressure).
@@ -413,6 +489,7 @@ impl<S: Store> Handler for Pipeline<S> {
                 ack::build(Some(&header), AckOutcome::Accept, &[], &options)
             }
             None => {
+                metrics.unrouted.fetch_add(1, Relaxed);
                 if let Err(e) = store.record_outcome(id, Outcome::Unrouted).await {
                     error!(id, error = %e, "cannot record unrouted");
                 }
@@ -437,7 +514,7 @@ impl<S: Store> Handler for Pipeline<S> {
             }
         };
         debug!(id, kind = %header.kind(), control_id = %header.control_id, size = frame.len(), "acknowledged");
-        Some(Bytes::from(answer))
+        answer
     }
 }
 

@@ -84,6 +84,7 @@ pub async fn run_all<S: Store>(mut make: impl FnMut(Arc<ManualClock>) -> S) {
     list_filters_and_pages(make(clock())).await;
     unprocessed_and_outcomes(make(clock())).await;
     purge_and_retention(make_with(&mut make)).await;
+    oldest_unfinished_follows_the_queue(make_with(&mut make)).await;
 }
 
 fn clock() -> Arc<ManualClock> {
@@ -502,4 +503,67 @@ pub async fn purge_and_retention<S: Store>((store, clock): (S, Arc<ManualClock>)
             .copied(),
         Some(0)
     );
+}
+
+pub async fn oldest_unfinished_follows_the_queue<S: Store>((store, clock): (S, Arc<ManualClock>)) {
+    assert_eq!(store.oldest_unfinished_ms("fhir").await.unwrap(), None);
+    let first = journal_mapped(&store, "o1", &[("fhir", "A"), ("ndjson", "A")]).await;
+    clock.advance(10);
+    let second = journal_mapped(&store, "o2", &[("fhir", "B")]).await;
+    assert_eq!(
+        store.oldest_unfinished_ms("fhir").await.unwrap(),
+        Some(T0),
+        "the first message waits"
+    );
+    let leases = store.lease("fhir", 5).await.unwrap();
+    assert_eq!(leases.len(), 2, "two keys go in parallel");
+    assert_eq!(
+        store.oldest_unfinished_ms("fhir").await.unwrap(),
+        Some(T0),
+        "in flight is unfinished"
+    );
+    let lease_of = |id| leases.iter().find(|l| l.message_id == id).unwrap();
+    store
+        .complete(
+            lease_of(first),
+            AttemptReport::delivered(),
+            &no_retry_limit(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        store.oldest_unfinished_ms("fhir").await.unwrap(),
+        Some(T0 + 10),
+        "the second is now the oldest"
+    );
+    assert_eq!(
+        store.oldest_unfinished_ms("ndjson").await.unwrap(),
+        Some(T0),
+        "queues are independent"
+    );
+    store
+        .complete(
+            lease_of(second),
+            AttemptReport::permanent("http_400"),
+            &no_retry_limit(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        store.oldest_unfinished_ms("fhir").await.unwrap(),
+        None,
+        "dead is final: the dead letter has its own count"
+    );
+    clock.advance(1_000);
+    assert_eq!(
+        store.replay(first, None).await.unwrap(),
+        1,
+        "only the final (fhir) delivery is queued again"
+    );
+    assert_eq!(
+        store.oldest_unfinished_ms("fhir").await.unwrap(),
+        Some(T0 + 1_010),
+        "a replayed delivery is unfinished again, queued at the replay"
+    );
+    assert!(store.disk_bytes().await.unwrap() > 0);
 }

@@ -153,6 +153,17 @@ pub trait Store: Send + Sync + 'static {
         destination: &str,
     ) -> impl Future<Output = Result<Option<Millis>, StoreError>> + Send;
 
+    /// When the oldest unfinished (pending, in-flight or retry-wait) delivery of
+    /// `destination` entered its queue (`None`: the queue is empty). For a queue-age
+    /// metric and alert, so it must be cheap to call at every scrape.
+    fn oldest_unfinished_ms(
+        &self,
+        destination: &str,
+    ) -> impl Future<Output = Result<Option<Millis>, StoreError>> + Send;
+
+    /// Bytes the store takes on disk (for a metric and a disk-full alert).
+    fn disk_bytes(&self) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
     /// Queues again the final (dead or delivered) deliveries of a message, in their
     /// original place in their key's order, with a new bundle when re-mapped. Returns how
     /// many deliveries were re-queued.

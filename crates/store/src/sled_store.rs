@@ -110,6 +110,11 @@ pub struct SledStore {
     commit: GroupCommit,
     config: StoreConfig,
     jitter_state: AtomicU64,
+    /// Per destination, a sequence number below which every delivery is final, so that
+    /// finding the oldest unfinished one scans only what finished since the last look.
+    /// Only an optimisation: it lives in memory and restarts at 0. Replay lowers it
+    /// (holding this lock) before it makes an old delivery unfinished again.
+    low_water: Mutex<std::collections::HashMap<String, u64>>,
 }
 
 impl fmt::Debug for SledStore {
@@ -225,6 +230,7 @@ impl SledStore {
             commit,
             config,
             jitter_state: AtomicU64::new(seed),
+            low_water: Mutex::new(std::collections::HashMap::new()),
         };
         let returned = store.release_all_leases()?;
         if returned > 0 {
@@ -253,6 +259,17 @@ impl SledStore {
 
     fn now(&self) -> Millis {
         self.config.clock.now_ms()
+    }
+
+    fn low_water(&self) -> MutexGuard<'_, std::collections::HashMap<String, u64>> {
+        self.low_water.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Called before a final delivery becomes unfinished again.
+    fn lower_low_water(&self, destination: &str, seq: u64) {
+        if let Some(mark) = self.low_water().get_mut(destination) {
+            *mark = (*mark).min(seq);
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, ()> {
@@ -806,6 +823,43 @@ impl Store for SledStore {
         })
     }
 
+    async fn oldest_unfinished_ms(&self, destination: &str) -> Result<Option<Millis>, StoreError> {
+        // Held across the scan so that a concurrent replay's lowering is not overwritten.
+        let mut marks = self.low_water();
+        let start = marks.get(destination).copied().unwrap_or(0);
+        let prefix = dest_prefix(destination);
+        let mut next = start;
+        let mut oldest = None;
+        for entry in self.deliveries.range_from(delivery_key(destination, start)) {
+            let (key, value) = entry?;
+            if !key.starts_with(&prefix) {
+                break;
+            }
+            let Some(seq) = read_be(&key[prefix.len()..]) else {
+                continue;
+            };
+            next = seq;
+            match decode::<Delivery>(&value) {
+                Some(d) if !d.state.is_final() => {
+                    oldest = Some(d.enqueued_at_ms);
+                    break;
+                }
+                Some(_) => next = seq + 1,
+                None => {
+                    // Reported and moved aside; the scan goes on.
+                    let _ = self.quarantine_value("deliveries", &key, &value);
+                    next = seq + 1;
+                }
+            }
+        }
+        marks.insert(destination.to_owned(), next);
+        Ok(oldest)
+    }
+
+    async fn disk_bytes(&self) -> Result<u64, StoreError> {
+        self.size_on_disk()
+    }
+
     async fn replay(&self, id: MessageId, bundle: Option<String>) -> Result<usize, StoreError> {
         let _guard = self.lock();
         let now = self.now();
@@ -846,6 +900,7 @@ impl Store for SledStore {
             let seq = r.seq;
             let mut w = Writes::default();
 
+            self.lower_low_water(&dest, seq);
             w.insert(&self.deliveries, delivery_key(&dest, seq), value.as_slice());
             if !held_key {
                 w.insert(&self.keys, key_entry(&dest, &okey, seq), &[][..]);

@@ -53,6 +53,7 @@ impl Harness {
             map_options: MapOptions::default(),
             unrouted,
             base_dir: self.work.path().to_path_buf(),
+            metrics: Default::default(),
         };
         let pipeline = Pipeline::start(Arc::clone(&self.store), config)
             .await
