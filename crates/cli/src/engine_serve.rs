@@ -152,6 +152,7 @@ pub(crate) async fn run(path: &Path, shutdown: impl std::future::Future<Output =
     };
     let admin = passerelle_engine::admin::Admin {
         store: Arc::clone(&store),
+        pipeline: pipeline.clone(),
         metrics,
         queues,
         listeners: stats_of,

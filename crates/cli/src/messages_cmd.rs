@@ -1,28 +1,39 @@
-//! `passerelle messages list|show|replay|purge`: operations on the store.
+//! `passerelle messages list|show|replay|purge`: operations on stored messages.
 //!
-//! These commands open the store directly, so the engine must be stopped (sled allows
-//! one process at a time; a running engine makes them fail with a clear message). The
-//! admin API, for a running engine, is to come.
+//! The same operations ([`passerelle_engine::ops`]) run in one of two places:
+//! - **through a running engine**: its admin API (the address in `[admin] bind`, or
+//!   `--admin URL`; the token from the variable named in `[admin] token_env`). A replay
+//!   then wakes the engine's delivery workers at once;
+//! - **on the store itself** when no engine answers there (sled allows one process at a
+//!   time, so this needs the engine stopped; the engine delivers what was queued when it
+//!   starts).
+//!
+//! Output is a text table or, with `--json`, the API's JSON documents, whichever the
+//! place. Replays and purges print one line per message and exit non-zero if any failed.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Args, Subcommand};
-use passerelle_engine::Loaded;
-use passerelle_engine::pipeline;
+use indicatif::{ProgressBar, ProgressStyle};
+use passerelle_engine::ops::{self, ListFilter, ReplayResult};
+use passerelle_engine::{Loaded, pipeline};
 use passerelle_hl7::Message;
 use passerelle_hl7::types::DateTime;
 use passerelle_mapping::MapOptions;
-use passerelle_store::{
-    DeliveryState, MessageId, MessageRecord, MessageState, Outcome, Query, SledStore, Store,
-};
-use serde_json::json;
+use passerelle_store::{MessageId, Outcome, SledStore, Store};
+use serde_json::{Value, json};
 
 #[derive(Debug, Args)]
 pub(crate) struct MessagesArgs {
-    /// The engine's configuration (for the store's path, routes and mapping packs).
+    /// The engine's configuration (store path, admin address, routes, mapping packs).
     #[arg(long, default_value = "passerelle.toml", global = true)]
     config: PathBuf,
+    /// The running engine's admin API (default: from `[admin] bind`; when nothing
+    /// answers there, the store is opened directly).
+    #[arg(long, global = true)]
+    admin: Option<String>,
     #[command(subcommand)]
     command: MessagesCommand,
 }
@@ -30,7 +41,17 @@ pub(crate) struct MessagesArgs {
 #[derive(Debug, Subcommand)]
 enum MessagesCommand {
     /// List messages, oldest first, filtered.
-    List(ListArgs),
+    List {
+        #[command(flatten)]
+        filter: FilterArgs,
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// Page after this id.
+        #[arg(long)]
+        after: Option<MessageId>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Show one message: its record, the raw HL7 (one segment per line), the bundle and
     /// each delivery's attempt history.
     Show {
@@ -40,9 +61,11 @@ enum MessagesCommand {
     },
     /// Queue messages again: dead or delivered deliveries of mapped messages go back to
     /// their place in their key's order; unrouted and mapping-failed messages are routed
-    /// and mapped again.
+    /// and mapped again. Give ids, or filters (`--state dead --dest adt.fhir`…).
     Replay {
         ids: Vec<MessageId>,
+        #[command(flatten)]
+        filter: FilterArgs,
         /// Map again with the current mapping packs before queueing (after a fix).
         #[arg(long)]
         remap: bool,
@@ -55,7 +78,7 @@ enum MessagesCommand {
 }
 
 #[derive(Debug, Args)]
-struct ListArgs {
+struct FilterArgs {
     /// A message state (received, rejected, unrouted, mapped, mapping_failed) or a
     /// delivery state (pending, in_flight, retry_wait, delivered, dead).
     #[arg(long)]
@@ -76,31 +99,46 @@ struct ListArgs {
     /// An ordering key (as shown by `show`).
     #[arg(long)]
     key: Option<String>,
-    #[arg(long, default_value_t = 50)]
-    limit: usize,
-    /// Page after this id.
-    #[arg(long)]
-    after: Option<MessageId>,
-    #[arg(long)]
-    json: bool,
+}
+
+impl FilterArgs {
+    fn to_filter(&self) -> ListFilter {
+        ListFilter {
+            state: self.state.clone(),
+            route: self.route.clone(),
+            dest: self.dest.clone(),
+            since: self.since.clone(),
+            until: self.until.clone(),
+            control_id: self.control_id.clone(),
+            key: self.key.clone(),
+            after: None,
+            limit: None,
+        }
+    }
+}
+
+/// Ids per replay request to a running engine: small enough to show progress.
+const REPLAY_BATCH: usize = 100;
+
+/// Where the operations run.
+enum Backend {
+    Local {
+        store: Box<SledStore>,
+        loaded: Box<Loaded>,
+    },
+    Remote(Remote),
+}
+
+struct Remote {
+    client: reqwest::Client,
+    base: String,
+    token: Option<String>,
 }
 
 pub(crate) fn run(args: &MessagesArgs) -> ExitCode {
     let loaded = match Loaded::load(&args.config) {
         Ok(l) => l,
         Err(lines) => return fail(2, &lines.join("\n")),
-    };
-    let store = match loaded.open_store() {
-        Ok(s) => s,
-        Err(e) => {
-            return fail(
-                1,
-                &format!(
-                    "cannot open the store at {} ({e}); if the engine is running, stop it first",
-                    loaded.config.store.path.display()
-                ),
-            );
-        }
     };
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -110,17 +148,15 @@ pub(crate) fn run(args: &MessagesArgs) -> ExitCode {
         Err(e) => return fail(1, &format!("cannot start the runtime: {e}")),
     };
     runtime.block_on(async {
-        let result = match &args.command {
-            MessagesCommand::List(list) => list_messages(&store, list).await,
-            MessagesCommand::Show { id, json } => show(&store, *id, *json).await,
-            MessagesCommand::Replay {
-                ids,
-                remap,
-                dry_run,
-            } => replay(&store, &loaded, ids, *remap, *dry_run).await,
-            MessagesCommand::Purge { ids } => purge(&store, ids).await,
+        let backend = match connect(args, loaded).await {
+            Ok(b) => b,
+            Err(e) => return fail(1, &e),
         };
-        let flushed = store.flush().await;
+        let result = execute(&backend, &args.command).await;
+        let flushed = match &backend {
+            Backend::Local { store, .. } => store.flush().await.map_err(|e| e.to_string()),
+            Backend::Remote(_) => Ok(()),
+        };
         match (result, flushed) {
             (Ok(code), Ok(())) => code,
             (Err(e), _) => fail(1, &e),
@@ -129,196 +165,384 @@ pub(crate) fn run(args: &MessagesArgs) -> ExitCode {
     })
 }
 
+/// The running engine's API if it answers, else the store.
+async fn connect(args: &MessagesArgs, loaded: Loaded) -> Result<Backend, String> {
+    let token = std::env::var(&loaded.config.admin.token_env)
+        .ok()
+        .filter(|t| !t.is_empty());
+    let client = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(600))
+        .build()
+        .map_err(|e| format!("cannot build an HTTP client: {e}"))?;
+    let base = match &args.admin {
+        Some(url) => url.trim_end_matches('/').to_owned(),
+        None => format!("http://{}", loopback_for(&loaded.config.admin.bind)),
+    };
+    let remote = Remote {
+        client,
+        base,
+        token,
+    };
+    match remote.health().await {
+        Ok(()) => return Ok(Backend::Remote(remote)),
+        Err(e) if args.admin.is_some() => {
+            return Err(format!(
+                "the admin API at {} does not answer: {e}",
+                remote.base
+            ));
+        }
+        Err(_) => {}
+    }
+    match loaded.open_store() {
+        Ok(store) => Ok(Backend::Local {
+            store: Box::new(store),
+            loaded: Box::new(loaded),
+        }),
+        Err(e) => Err(format!(
+            "no engine answers at {} and the store at {} cannot be opened ({e})",
+            remote.base,
+            loaded.config.store.path.display()
+        )),
+    }
+}
+
+/// Where to reach a server bound to `bind`: a wildcard address means this host.
+fn loopback_for(bind: &str) -> String {
+    if let Some(port) = bind.strip_prefix("0.0.0.0:") {
+        format!("127.0.0.1:{port}")
+    } else if let Some(port) = bind.strip_prefix("[::]:") {
+        format!("[::1]:{port}")
+    } else {
+        bind.to_owned()
+    }
+}
+
+impl Remote {
+    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let request = self.client.request(method, format!("{}{path}", self.base));
+        match &self.token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        }
+    }
+
+    async fn health(&self) -> Result<(), String> {
+        let response = self
+            .client
+            .get(format!("{}/health", self.base))
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        if response.status().is_success() {
+            Ok(())
+        } else {
+            Err(format!("/health answered {}", response.status()))
+        }
+    }
+
+    /// Sends a request and reads a JSON answer; `Ok(None)` for a 404.
+    async fn json(&self, request: reqwest::RequestBuilder) -> Result<Option<Value>, String> {
+        let response = request.send().await.map_err(|e| e.to_string())?;
+        let status = response.status();
+        if status == reqwest::StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        if status == reqwest::StatusCode::UNAUTHORIZED {
+            return Err(
+                "the admin API wants a token: set the variable named in [admin] token_env".into(),
+            );
+        }
+        if !status.is_success() {
+            let body = response.text().await.unwrap_or_default();
+            return Err(format!("the admin API answered {status}: {}", body.trim()));
+        }
+        response
+            .json()
+            .await
+            .map(Some)
+            .map_err(|e| format!("the admin API's answer is not JSON: {e}"))
+    }
+}
+
+impl Backend {
+    async fn list(&self, filter: &ListFilter) -> Result<Value, String> {
+        match self {
+            Backend::Local { store, .. } => ops::list(store.as_ref(), filter).await,
+            Backend::Remote(r) => r
+                .json(
+                    r.request(reqwest::Method::GET, "/api/messages")
+                        .query(filter),
+                )
+                .await?
+                .ok_or_else(|| "the admin API has no /api/messages".to_owned()),
+        }
+    }
+
+    async fn show(&self, id: MessageId) -> Result<Option<Value>, String> {
+        match self {
+            Backend::Local { store, .. } => ops::show(store.as_ref(), id).await,
+            Backend::Remote(r) => {
+                r.json(r.request(reqwest::Method::GET, &format!("/api/messages/{id}")))
+                    .await
+            }
+        }
+    }
+
+    /// Every id the filter selects, page by page.
+    async fn select_ids(&self, filter: &ListFilter) -> Result<Vec<MessageId>, String> {
+        match self {
+            Backend::Local { store, .. } => ops::select_ids(store.as_ref(), filter).await,
+            Backend::Remote(_) => {
+                let mut filter = filter.clone();
+                filter.limit = Some(ops::MAX_PAGE);
+                let mut ids = Vec::new();
+                loop {
+                    let page = self.list(&filter).await?;
+                    ids.extend(
+                        page["items"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .filter_map(|r| r["id"].as_u64()),
+                    );
+                    match page["next"].as_u64() {
+                        Some(next) => filter.after = Some(next),
+                        None => return Ok(ids),
+                    }
+                }
+            }
+        }
+    }
+
+    async fn replay(
+        &self,
+        ids: &[MessageId],
+        remap: bool,
+        dry_run: bool,
+    ) -> Result<Vec<ReplayResult>, String> {
+        match self {
+            Backend::Local { store, loaded } => {
+                let remap_with = |raw: &[u8], listener: &str| route_and_map(loaded, raw, listener);
+                let mut results = Vec::with_capacity(ids.len());
+                for &id in ids {
+                    results
+                        .push(ops::replay(store.as_ref(), &remap_with, id, remap, dry_run).await);
+                }
+                Ok(results)
+            }
+            Backend::Remote(r) => {
+                let body = json!({ "ids": ids, "remap": remap, "dry_run": dry_run });
+                let doc = r
+                    .json(
+                        r.request(reqwest::Method::POST, "/api/messages/replay")
+                            .json(&body),
+                    )
+                    .await?
+                    .ok_or_else(|| "the admin API has no replay endpoint".to_owned())?;
+                serde_json::from_value(doc["results"].clone())
+                    .map_err(|e| format!("unexpected replay answer: {e}"))
+            }
+        }
+    }
+
+    async fn purge(
+        &self,
+        ids: &[MessageId],
+    ) -> Result<Vec<(MessageId, Result<String, String>)>, String> {
+        match self {
+            Backend::Local { store, .. } => {
+                let mut results = Vec::with_capacity(ids.len());
+                for &id in ids {
+                    results.push((id, ops::purge(store.as_ref(), id).await));
+                }
+                Ok(results)
+            }
+            Backend::Remote(r) => {
+                let doc = r
+                    .json(
+                        r.request(reqwest::Method::POST, "/api/messages/purge")
+                            .json(&json!({ "ids": ids })),
+                    )
+                    .await?
+                    .ok_or_else(|| "the admin API has no purge endpoint".to_owned())?;
+                Ok(doc["results"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|r| {
+                        let id = r["id"].as_u64().unwrap_or_default();
+                        let message = r["message"].as_str().unwrap_or_default().to_owned();
+                        if r["ok"].as_bool() == Some(true) {
+                            (id, Ok(message))
+                        } else {
+                            (id, Err(message))
+                        }
+                    })
+                    .collect())
+            }
+        }
+    }
+}
+
+async fn execute(backend: &Backend, command: &MessagesCommand) -> Result<ExitCode, String> {
+    match command {
+        MessagesCommand::List {
+            filter,
+            limit,
+            after,
+            json,
+        } => {
+            let mut filter = filter.to_filter();
+            filter.limit = Some(*limit);
+            filter.after = *after;
+            filter.query()?;
+            let page = backend.list(&filter).await?;
+            if *json {
+                println!("{page}");
+            } else {
+                for r in page["items"].as_array().into_iter().flatten() {
+                    println!("{}", summary_line(r));
+                }
+                if let Some(next) = page["next"].as_u64() {
+                    println!("… more: --after {next}");
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        MessagesCommand::Show { id, json } => {
+            let doc = backend
+                .show(*id)
+                .await?
+                .ok_or_else(|| format!("no message {id}"))?;
+            if *json {
+                println!("{doc}");
+            } else {
+                print_message(&doc);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        MessagesCommand::Replay {
+            ids,
+            filter,
+            remap,
+            dry_run,
+        } => {
+            let filter = filter.to_filter();
+            let mut ids = ids.clone();
+            if !filter.is_empty() {
+                filter.query()?;
+                ids.extend(backend.select_ids(&filter).await?);
+            }
+            if ids.is_empty() {
+                return Err("nothing to replay: give ids or filters that select messages".into());
+            }
+            let progress = ProgressBar::new(ids.len() as u64);
+            progress.set_style(
+                ProgressStyle::with_template("{bar:40} {pos}/{len} replayed ({eta} left)")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
+            let mut results = Vec::with_capacity(ids.len());
+            for batch in ids.chunks(REPLAY_BATCH) {
+                let done = backend.replay(batch, *remap, *dry_run).await?;
+                progress.inc(done.len() as u64);
+                results.extend(done);
+            }
+            progress.finish_and_clear();
+            Ok(report(
+                results
+                    .into_iter()
+                    .map(|r| (r.id, if r.ok { Ok(r.message) } else { Err(r.message) }))
+                    .collect(),
+            ))
+        }
+        MessagesCommand::Purge { ids } => Ok(report(backend.purge(ids).await?)),
+    }
+}
+
 fn fail(code: u8, message: &str) -> ExitCode {
     eprintln!("passerelle messages: {message}");
     ExitCode::from(code)
 }
 
-fn parse_time(text: &str) -> Result<u64, String> {
-    let t = DateTime::parse(text).map_err(|e| format!("{text:?}: {e}"))?;
-    u64::try_from(t.to_unix_millis(None)).map_err(|_| format!("{text:?} is before 1970"))
+fn time_of(ms: &Value) -> String {
+    DateTime::from_unix(ms.as_u64().unwrap_or_default() / 1_000).to_string()
 }
 
-fn summary_line(r: &MessageRecord) -> String {
-    let msh = r.msh.clone().unwrap_or_default();
+fn text<'a>(v: &'a Value, key: &str) -> &'a str {
+    v[key].as_str().unwrap_or("")
+}
+
+fn summary_line(r: &Value) -> String {
     format!(
         "{:>20}  {}  {:<14} {:<8} {:<20} {:<12} {}",
-        r.id,
-        DateTime::from_unix(r.received_at_ms / 1_000),
-        r.state.name(),
-        format!("{}^{}", msh.message_type, msh.trigger_event),
-        msh.control_id,
-        r.route.as_deref().unwrap_or("-"),
-        r.error.as_deref().unwrap_or(""),
+        r["id"].as_u64().unwrap_or_default(),
+        time_of(&r["received_at_ms"]),
+        text(r, "state"),
+        text(r, "message_type"),
+        text(r, "control_id"),
+        r["route"].as_str().unwrap_or("-"),
+        text(r, "error"),
     )
 }
 
-fn record_json(r: &MessageRecord) -> serde_json::Value {
-    json!({
-        "id": r.id,
-        "received_at_ms": r.received_at_ms,
-        "state": r.state.name(),
-        "listener": r.listener,
-        "peer": r.peer,
-        "size": r.size,
-        "message_type": r.msh.as_ref().map(|m| format!("{}^{}", m.message_type, m.trigger_event)),
-        "control_id": r.msh.as_ref().map(|m| m.control_id.clone()),
-        "route": r.route,
-        "error": r.error,
-        "deliveries": r.deliveries.iter().map(|d| json!({"destination": d.destination, "seq": d.seq})).collect::<Vec<_>>(),
-        "history": r.history.iter().map(|t| json!({"at_ms": t.at_ms, "state": t.state, "detail": t.detail})).collect::<Vec<_>>(),
-    })
-}
-
-async fn list_messages(store: &SledStore, args: &ListArgs) -> Result<ExitCode, String> {
-    let mut query = Query {
-        route: args.route.clone(),
-        destination: args.dest.clone(),
-        control_id: args.control_id.clone(),
-        ordering_key: args.key.clone(),
-        after: args.after,
-        limit: args.limit,
-        ..Query::default()
-    };
-    if let Some(state) = &args.state {
-        if let Some(s) = MessageState::ALL.iter().find(|s| s.name() == state) {
-            query.state = Some(*s);
-        } else if let Some(s) = DeliveryState::ALL.iter().find(|s| s.name() == state) {
-            query.delivery_state = Some(*s);
-        } else {
-            return Err(format!("unknown state {state:?}"));
-        }
-    }
-    query.since_ms = args.since.as_deref().map(parse_time).transpose()?;
-    query.until_ms = args.until.as_deref().map(parse_time).transpose()?;
-    let page = store.list(&query).await.map_err(|e| e.to_string())?;
-    if args.json {
-        let doc = json!({
-            "items": page.items.iter().map(record_json).collect::<Vec<_>>(),
-            "next": page.next,
-        });
-        println!("{doc}");
-    } else {
-        for r in &page.items {
-            println!("{}", summary_line(r));
-        }
-        if let Some(next) = page.next {
-            println!("… more: --after {next}");
-        }
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
-async fn show(store: &SledStore, id: MessageId, as_json: bool) -> Result<ExitCode, String> {
-    let record = store
-        .get(id)
-        .await
-        .map_err(|e| e.to_string())?
-        .ok_or(format!("no message {id}"))?;
-    let raw = store
-        .raw(id)
-        .await
-        .map_err(|e| e.to_string())?
-        .unwrap_or_default();
-    let deliveries = store.deliveries(id).await.map_err(|e| e.to_string())?;
-    let text = match Message::parse(&raw) {
-        Ok(m) => m.charset().decode(&raw).into_owned(),
-        Err(_) => String::from_utf8_lossy(&raw).into_owned(),
-    };
-    if as_json {
-        let mut doc = record_json(&record);
-        doc["raw"] = json!(text);
-        doc["bundle"] = record
-            .bundle
-            .as_deref()
-            .and_then(|b| serde_json::from_str(b).ok())
-            .unwrap_or(serde_json::Value::Null);
-        doc["delivery_details"] = json!(
-            deliveries
-                .iter()
-                .map(|d| json!({
-                    "destination": d.destination,
-                    "state": d.state.name(),
-                    "ordering_key": d.ordering_key,
-                    "attempts": d.attempts,
-                    "next_attempt_ms": d.next_attempt_ms,
-                    "dead_reason": d.dead_reason,
-                    "history": d.history.iter().map(|a| json!({
-                        "at_ms": a.at_ms, "outcome": format!("{:?}", a.outcome).to_lowercase(),
-                        "status": a.status, "error_class": a.error_class, "detail": a.detail,
-                    })).collect::<Vec<_>>(),
-                }))
-                .collect::<Vec<_>>()
-        );
-        println!("{doc}");
-        return Ok(ExitCode::SUCCESS);
-    }
-    println!("{}", summary_line(&record));
+fn print_message(doc: &Value) {
+    println!("{}", summary_line(doc));
     println!("\n# history");
-    for t in &record.history {
+    for t in doc["history"].as_array().into_iter().flatten() {
         println!(
             "  {}  {:<16} {}",
-            DateTime::from_unix(t.at_ms / 1_000),
-            t.state,
-            t.detail
+            time_of(&t["at_ms"]),
+            text(t, "state"),
+            text(t, "detail")
         );
     }
     println!(
         "\n# message ({} bytes, from {} on {})",
-        record.size, record.peer, record.listener
+        doc["size"].as_u64().unwrap_or_default(),
+        text(doc, "peer"),
+        text(doc, "listener")
     );
-    for segment in text.split(['\r', '\n']).filter(|s| !s.is_empty()) {
+    for segment in text(doc, "raw")
+        .split(['\r', '\n'])
+        .filter(|s| !s.is_empty())
+    {
         println!("  {segment}");
     }
-    for d in &deliveries {
+    for d in doc["delivery_details"].as_array().into_iter().flatten() {
         println!(
             "\n# delivery to {} (key {}): {}, {} attempt(s)",
-            d.destination,
-            d.ordering_key,
-            d.state.name(),
-            d.attempts
+            text(d, "destination"),
+            text(d, "ordering_key"),
+            text(d, "state"),
+            d["attempts"].as_u64().unwrap_or_default()
         );
-        if let Some(reason) = &d.dead_reason {
+        if let Some(reason) = d["dead_reason"].as_str() {
             println!("  dead: {reason}");
         }
-        for a in &d.history {
-            let status = a.status.map(|s| s.to_string()).unwrap_or_default();
+        for a in d["history"].as_array().into_iter().flatten() {
+            let status = a["status"]
+                .as_u64()
+                .map(|s| s.to_string())
+                .unwrap_or_default();
             println!(
-                "  {}  {:?} {} {} {}",
-                DateTime::from_unix(a.at_ms / 1_000),
-                a.outcome,
+                "  {}  {} {} {} {}",
+                time_of(&a["at_ms"]),
+                text(a, "outcome"),
                 status,
-                a.error_class,
-                a.detail
+                text(a, "error_class"),
+                text(a, "detail")
             );
         }
     }
-    if let Some(bundle) = record
-        .bundle
-        .as_deref()
-        .and_then(|b| serde_json::from_str::<serde_json::Value>(b).ok())
-    {
+    if !doc["bundle"].is_null() {
         println!("\n# bundle");
         println!(
             "{}",
-            serde_json::to_string_pretty(&bundle).unwrap_or_default()
+            serde_json::to_string_pretty(&doc["bundle"]).unwrap_or_default()
         );
     }
-    Ok(ExitCode::SUCCESS)
-}
-
-async fn replay(
-    store: &SledStore,
-    loaded: &Loaded,
-    ids: &[MessageId],
-    remap: bool,
-    dry_run: bool,
-) -> Result<ExitCode, String> {
-    let mut results = Vec::new();
-    for &id in ids {
-        results.push((id, replay_one(store, loaded, id, remap, dry_run).await));
-    }
-    Ok(report(results))
 }
 
 /// Prints one line per message, successes on stdout and failures on stderr.
@@ -340,7 +564,7 @@ fn report(results: Vec<(MessageId, Result<String, String>)>) -> ExitCode {
     }
 }
 
-/// Routes and maps a stored message with the current configuration.
+/// Routes and maps a stored message with the configuration on disk.
 fn route_and_map(loaded: &Loaded, raw: &[u8], listener: &str) -> Result<Outcome, String> {
     let message = Message::parse(raw).map_err(|e| format!("does not parse: {e}"))?;
     let options = MapOptions {
@@ -353,93 +577,4 @@ fn route_and_map(loaded: &Loaded, raw: &[u8], listener: &str) -> Result<Outcome,
         &message,
         listener,
     ))
-}
-
-async fn replay_one(
-    store: &SledStore,
-    loaded: &Loaded,
-    id: MessageId,
-    remap: bool,
-    dry_run: bool,
-) -> Result<String, String> {
-    let record = store
-        .get(id)
-        .await
-        .map_err(|e| e.to_string())?
-        .ok_or("no such message")?;
-    let raw = || async {
-        store
-            .raw(id)
-            .await
-            .map_err(|e| e.to_string())?
-            .ok_or_else(|| "raw bytes missing".to_owned())
-    };
-    match record.state {
-        MessageState::Rejected => {
-            Err("rejected (it does not parse): the sender must fix and resend it".into())
-        }
-        MessageState::Received => Ok("not yet routed; the engine routes it when it starts".into()),
-        MessageState::Unrouted | MessageState::MappingFailed => {
-            let outcome = route_and_map(loaded, &raw().await?, &record.listener)?;
-            let what = match &outcome {
-                Outcome::Unrouted => "still unrouted".to_owned(),
-                Outcome::MappingFailed { error, .. } => format!("mapping still fails: {error}"),
-                Outcome::Mapped {
-                    route, deliveries, ..
-                } => format!("mapped by route {route}, queued for {}", deliveries.len()),
-            };
-            if dry_run || !matches!(outcome, Outcome::Mapped { .. }) {
-                return Ok(format!("{what}{}", if dry_run { " (dry run)" } else { "" }));
-            }
-            store
-                .record_outcome(id, outcome)
-                .await
-                .map_err(|e| e.to_string())?;
-            Ok(what)
-        }
-        MessageState::Mapped => {
-            let bundle = if remap {
-                match route_and_map(loaded, &raw().await?, &record.listener)? {
-                    Outcome::Mapped { bundle, .. } => Some(bundle),
-                    Outcome::MappingFailed { error, .. } => {
-                        return Err(format!("re-mapping fails: {error}"));
-                    }
-                    Outcome::Unrouted => return Err("no route takes it any more".into()),
-                }
-            } else {
-                None
-            };
-            let finals = store
-                .deliveries(id)
-                .await
-                .map_err(|e| e.to_string())?
-                .iter()
-                .filter(|d| d.state.is_final())
-                .count();
-            if dry_run {
-                return Ok(format!(
-                    "{finals} deliveries would be queued again{}",
-                    if remap { ", re-mapped" } else { "" }
-                ));
-            }
-            let n = store.replay(id, bundle).await.map_err(|e| e.to_string())?;
-            Ok(format!(
-                "{n} deliveries queued again{}",
-                if remap { ", re-mapped" } else { "" }
-            ))
-        }
-    }
-}
-
-async fn purge(store: &SledStore, ids: &[MessageId]) -> Result<ExitCode, String> {
-    let mut results = Vec::new();
-    for &id in ids {
-        let result = match store.purge(id).await {
-            Ok(true) => Ok("purged".to_owned()),
-            Ok(false) => Err("no such message".to_owned()),
-            Err(e) => Err(e.to_string()),
-        };
-        results.push((id, result));
-    }
-    Ok(report(results))
 }

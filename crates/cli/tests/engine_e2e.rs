@@ -321,3 +321,137 @@ fn admin_api_health_ready_metrics_with_token() {
     assert!(!list.contains("PID"), "the list carries no message content");
     common::stop(engine);
 }
+
+/// A free loopback port (bound, then released for the engine to take).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn messages_commands_go_through_the_running_engine() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = common::setup(dir.path(), ROUTE, "");
+    let admin_port = free_port();
+    std::fs::write(
+        &config,
+        std::fs::read_to_string(&config).unwrap().replace(
+            "[admin]\nbind = \"127.0.0.1:0\"\n",
+            &format!(
+                "[admin]\nbind = \"127.0.0.1:{admin_port}\"\ntoken_env = \"PASSERELLE_OPS_TOKEN\"\n"
+            ),
+        ),
+    )
+    .unwrap();
+    let patients = dir.path().join("out/Patient.ndjson");
+    let mut engine = passerelle_testkit::mllp::PeerProcess::spawn(
+        "passerelle serve",
+        Command::new(env!("CARGO_BIN_EXE_passerelle"))
+            .args(["serve", "--config", config.to_str().unwrap()])
+            .env("PASSERELLE_OPS_TOKEN", "t0ken"),
+    );
+    let line = engine.wait_for_line("listening on", Duration::from_secs(60));
+    let mllp = line
+        .split("listening on ")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .to_owned();
+    engine.wait_for_line("admin API on http://", Duration::from_secs(30));
+    for fixture in ["adt_a01_admit.hl7", "oru_r01_v23.hl7"] {
+        let path = workspace_root().join("fixtures/hl7").join(fixture);
+        assert!(
+            passerelle(&["send", path.to_str().unwrap(), "--to", &mllp])
+                .status
+                .success()
+        );
+    }
+    wait_for_lines(&patients, 1);
+
+    let config_arg = config.to_str().unwrap();
+    let ops = |args: &[&str], token: Option<&str>| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_passerelle"));
+        command
+            .args(["messages", "--config", config_arg])
+            .args(args);
+        match token {
+            Some(t) => command.env("PASSERELLE_OPS_TOKEN", t),
+            None => command.env_remove("PASSERELLE_OPS_TOKEN"),
+        };
+        command.output().unwrap()
+    };
+    // The store is locked by the engine: an answer proves the API was used.
+    let without = ops(&["list"], None);
+    assert!(!without.status.success());
+    assert!(
+        String::from_utf8_lossy(&without.stderr).contains("token"),
+        "{}",
+        String::from_utf8_lossy(&without.stderr)
+    );
+    let list = ops(&["list", "--json"], Some("t0ken"));
+    assert!(
+        list.status.success(),
+        "{}",
+        String::from_utf8_lossy(&list.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
+    let items = doc["items"].as_array().unwrap();
+    let states: Vec<&str> = items.iter().map(|i| i["state"].as_str().unwrap()).collect();
+    assert_eq!(states, ["mapped", "unrouted"]);
+    let adt_id = items[0]["id"].as_u64().unwrap().to_string();
+    let oru_id = items[1]["id"].as_u64().unwrap().to_string();
+
+    let show = ops(&["show", &adt_id], Some("t0ken"));
+    let text = String::from_utf8_lossy(&show.stdout);
+    assert!(
+        text.contains("\n  PID|")
+            && text.contains("delivered")
+            && text.contains("\"resourceType\": \"Bundle\""),
+        "{text}"
+    );
+    let dry = ops(&["replay", &oru_id, "--dry-run"], Some("t0ken"));
+    assert!(String::from_utf8_lossy(&dry.stdout).contains("still unrouted (dry run)"));
+
+    // A replay by filter, through the explicit --admin address: the running engine
+    // delivers again at once, without a restart.
+    let admin_url = format!("http://127.0.0.1:{admin_port}");
+    let replay = ops(
+        &[
+            "--admin",
+            &admin_url,
+            "replay",
+            "--state",
+            "delivered",
+            "--route",
+            "adt",
+        ],
+        Some("t0ken"),
+    );
+    assert!(
+        String::from_utf8_lossy(&replay.stdout)
+            .contains(&format!("{adt_id}: 1 deliveries queued again")),
+        "{}{}",
+        String::from_utf8_lossy(&replay.stdout),
+        String::from_utf8_lossy(&replay.stderr)
+    );
+    wait_for_lines(&patients, 2);
+    let nothing = ops(
+        &["replay", "--control-id", "no-such-control-id"],
+        Some("t0ken"),
+    );
+    assert!(!nothing.status.success(), "an empty selection is an error");
+
+    let purge = ops(&["purge", &oru_id, "999999"], Some("t0ken"));
+    assert!(!purge.status.success(), "one of the two ids does not exist");
+    assert!(String::from_utf8_lossy(&purge.stdout).contains(&format!("{oru_id}: purged")));
+    assert!(String::from_utf8_lossy(&purge.stderr).contains("999999: no such message"));
+    let list = ops(&["list", "--json"], Some("t0ken"));
+    let doc: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
+    assert_eq!(doc["items"].as_array().unwrap().len(), 1);
+    common::stop(engine);
+}

@@ -1,24 +1,38 @@
-//! The admin HTTP API: `/health`, `/ready`, `/metrics` (Prometheus text format) and
-//! `/api/messages` (JSON). Bound to 127.0.0.1 by default.
+//! The admin HTTP API, bound to 127.0.0.1 by default:
 //!
-//! `/health` and `/ready` answer anyone (probes); `/metrics` and `/api/*` require
+//! | method and path                 | answer                                            |
+//! |---------------------------------|---------------------------------------------------|
+//! | `GET /health`                   | `ok` while the process runs (liveness)            |
+//! | `GET /ready`                    | 200 once the pipeline runs and listeners accept   |
+//! | `GET /metrics`                  | Prometheus text format ([`METRIC_NAMES`])         |
+//! | `GET /api/messages?filters`     | a page of records ([`ops::ListFilter`] fields)    |
+//! | `GET /api/messages/{id}`        | one message in full: raw HL7, bundle, attempts    |
+//! | `POST /api/messages/replay`     | `{"ids":[…]` or `"filter":{…}`, `"remap"`, `"dry_run"}` |
+//! | `POST /api/messages/purge`      | `{"ids":[…]}`                                     |
+//!
+//! `/health` and `/ready` answer anyone (probes); everything else requires
 //! `Authorization: Bearer <token>` when the token variable named in `[admin] token_env`
-//! is set. Labels carry listener, queue and state names only: no patient data.
+//! is set. Metric labels carry listener, route, destination and state names only: no
+//! patient data. `GET /api/messages/{id}` is the one answer that carries message content,
+//! because showing it is its purpose.
 
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
+use axum::extract::Path as UrlPath;
 use axum::extract::{Query as UrlQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use passerelle_mllp::Stats;
-use passerelle_store::{DeliveryState, MessageState, Query, Store};
+use passerelle_store::{DeliveryState, MessageState, Store};
 use serde::Deserialize;
 
 use crate::metrics::{Metrics, label};
+use crate::ops::{self, ListFilter};
+use crate::pipeline::Pipeline;
 
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -33,6 +47,8 @@ pub type ListenerStats = Arc<dyn Fn() -> Vec<(String, Stats)> + Send + Sync>;
 /// What the API reads.
 pub struct Admin<S> {
     pub store: Arc<S>,
+    /// For replays: re-mapping with the running configuration, waking the workers.
+    pub pipeline: Pipeline<S>,
     /// The pipeline's counters and histograms.
     pub metrics: Arc<Metrics>,
     /// The configured queues, as (route, destination).
@@ -57,6 +73,7 @@ impl<S> Clone for Admin<S> {
     fn clone(&self) -> Self {
         Admin {
             store: Arc::clone(&self.store),
+            pipeline: self.pipeline.clone(),
             metrics: Arc::clone(&self.metrics),
             queues: self.queues.clone(),
             listeners: Arc::clone(&self.listeners),
@@ -96,6 +113,9 @@ pub fn router<S: Store>(admin: Admin<S>) -> Router {
         .route("/ready", get(ready::<S>))
         .route("/metrics", get(metrics::<S>))
         .route("/api/messages", get(messages::<S>))
+        .route("/api/messages/{id}", get(show::<S>))
+        .route("/api/messages/replay", post(replay::<S>))
+        .route("/api/messages/purge", post(purge::<S>))
         .with_state(admin)
 }
 
@@ -240,58 +260,118 @@ async fn metrics<S: Store>(State(admin): State<Admin<S>>, headers: HeaderMap) ->
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 
-#[derive(Debug, Deserialize)]
-struct MessagesQuery {
-    state: Option<String>,
-    after: Option<u64>,
-    limit: Option<usize>,
-}
-
 async fn messages<S: Store>(
     State(admin): State<Admin<S>>,
     headers: HeaderMap,
-    UrlQuery(q): UrlQuery<MessagesQuery>,
+    UrlQuery(filter): UrlQuery<ListFilter>,
 ) -> Response {
     if !authorised(&admin, &headers) {
         return StatusCode::UNAUTHORIZED.into_response();
     }
-    let mut query = Query {
-        after: q.after,
-        limit: q.limit.unwrap_or(100).min(1_000),
-        ..Query::default()
-    };
-    if let Some(state) = &q.state {
-        if let Some(s) = MessageState::ALL.iter().find(|s| s.name() == state) {
-            query.state = Some(*s);
-        } else if let Some(s) = DeliveryState::ALL.iter().find(|s| s.name() == state) {
-            query.delivery_state = Some(*s);
-        } else {
+    if let Err(e) = filter.query() {
+        return (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response();
+    }
+    match ops::list(admin.store.as_ref(), &filter).await {
+        Ok(doc) => axum::Json(doc).into_response(),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("store: {e}\n")).into_response(),
+    }
+}
+
+async fn show<S: Store>(
+    State(admin): State<Admin<S>>,
+    headers: HeaderMap,
+    UrlPath(id): UrlPath<u64>,
+) -> Response {
+    if !authorised(&admin, &headers) {
+        return StatusCode::UNAUTHORIZED.into_response();
+    }
+    match ops::show(admin.store.as_ref(), id).await {
+        Ok(Some(doc)) => axum::Json(doc).into_response(),
+        Ok(None) => (StatusCode::NOT_FOUND, format!("no message {id}\n")).into_response(),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("store: {e}\n")).into_response(),
+    }
+}
+
+/// A replay request: explicit ids, or a filter (at least one criterion).
+#[derive(Debug, Deserialize)]
+struct ReplayRequest {
+    #[serde(default)]
+    ids: Vec<u64>,
+    filter: Option<ListFilter>,
+    #[serde(default)]
+    remap: bool,
+    #[serde(default)]
+    dry_run: bool,
+}
+
+async fn replay<S: Store>(
+    State(admin): State<Admin<S>>,
+    headers: HeaderMap,
+    axum::Json(request): axum::Json<ReplayRequest>,
+) -> Response {
+    if !authorised(&admin, &headers) {
+        return StatusCode::UNAUTHORIZED.into_response();
+    }
+    let mut ids = request.ids;
+    if let Some(filter) = &request.filter {
+        if filter.is_empty() {
             return (
                 StatusCode::BAD_REQUEST,
-                format!("unknown state {state:?}\n"),
+                "a replay filter needs at least one criterion\n",
             )
                 .into_response();
         }
-    }
-    match admin.store.list(&query).await {
-        Ok(page) => {
-            let items: Vec<serde_json::Value> = page
-                .items
-                .iter()
-                .map(|r| {
-                    serde_json::json!({
-                        "id": r.id,
-                        "received_at_ms": r.received_at_ms,
-                        "state": r.state.name(),
-                        "message_type": r.msh.as_ref().map(|m| format!("{}^{}", m.message_type, m.trigger_event)),
-                        "control_id": r.msh.as_ref().map(|m| m.control_id.clone()),
-                        "route": r.route,
-                        "size": r.size,
-                    })
-                })
-                .collect();
-            axum::Json(serde_json::json!({ "items": items, "next": page.next })).into_response()
+        match ops::select_ids(admin.store.as_ref(), filter).await {
+            Ok(selected) => ids.extend(selected),
+            Err(e) => return (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
         }
-        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("store: {e}\n")).into_response(),
     }
+    let pipeline = &admin.pipeline;
+    let remap = |raw: &[u8], listener: &str| pipeline.remap(raw, listener);
+    let mut results = Vec::with_capacity(ids.len());
+    for id in ids {
+        let result = ops::replay(
+            admin.store.as_ref(),
+            &remap,
+            id,
+            request.remap,
+            request.dry_run,
+        )
+        .await;
+        for queue in &result.queued {
+            pipeline.wake(queue);
+        }
+        tracing::info!(
+            id,
+            ok = result.ok,
+            dry_run = request.dry_run,
+            "replay via the admin API"
+        );
+        results.push(result);
+    }
+    axum::Json(serde_json::json!({ "results": results })).into_response()
+}
+
+#[derive(Debug, Deserialize)]
+struct PurgeRequest {
+    ids: Vec<u64>,
+}
+
+async fn purge<S: Store>(
+    State(admin): State<Admin<S>>,
+    headers: HeaderMap,
+    axum::Json(request): axum::Json<PurgeRequest>,
+) -> Response {
+    if !authorised(&admin, &headers) {
+        return StatusCode::UNAUTHORIZED.into_response();
+    }
+    let mut results = Vec::with_capacity(request.ids.len());
+    for id in request.ids {
+        let (ok, message) = match ops::purge(admin.store.as_ref(), id).await {
+            Ok(m) => (true, m),
+            Err(m) => (false, m),
+        };
+        results.push(serde_json::json!({ "id": id, "ok": ok, "message": message }));
+    }
+    axum::Json(serde_json::json!({ "results": results })).into_response()
 }

@@ -16,6 +16,7 @@ pub mod admin;
 pub mod config;
 mod location;
 pub mod metrics;
+pub mod ops;
 pub mod pipeline;
 pub mod routes;
 

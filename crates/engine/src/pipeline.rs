@@ -208,6 +208,27 @@ impl<S: Store> Pipeline<S> {
         Ok(pipeline)
     }
 
+    /// Routes and maps a stored frame with the running configuration (for a replay
+    /// with re-mapping).
+    pub fn remap(&self, raw: &[u8], listener: &str) -> Result<Outcome, String> {
+        let message = Message::parse(raw).map_err(|e| format!("does not parse: {e}"))?;
+        let c = &self.inner.config;
+        Ok(route_and_map(
+            &c.routes,
+            &c.packs,
+            &c.map_options,
+            &message,
+            listener,
+        ))
+    }
+
+    /// Wakes a queue's worker: something was queued for it outside the mapper (a replay).
+    pub fn wake(&self, queue: &str) {
+        if let Some(n) = self.inner.wake.get(queue) {
+            n.notify_one();
+        }
+    }
+
     async fn run_mapper(self, mut rx: mpsc::Receiver<MessageId>) {
         while let Some(id) = rx.recv().await {
             self.map_one(id).await;

@@ -1,0 +1,321 @@
+//! Operations on stored messages: list, show, replay, purge. One implementation, used
+//! by the admin API of a running engine and by `passerelle messages` when no engine runs,
+//! so that both give the same answers in the same JSON shapes.
+//!
+//! - List and show return JSON documents; the CLI prints them or formats them as text.
+//!   `show` is the only one that carries message content (the raw HL7 and the bundle):
+//!   it is what an operator asks for, behind the admin token; lists carry ids, types,
+//!   control ids, states and sizes only.
+//! - Replay never changes a rejected message (the sender must fix it), leaves a
+//!   `received` one to the mapper, routes and maps unrouted and mapping-failed messages
+//!   again, and queues the final deliveries of a mapped message again in their key's
+//!   order, with a new bundle when asked to re-map. `dry_run` says what would happen and
+//!   changes nothing.
+
+use passerelle_hl7::Message;
+use passerelle_hl7::types::DateTime;
+use passerelle_store::{
+    DeliveryState, MessageId, MessageRecord, MessageState, Outcome, Query, Store,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+/// Routes and maps a stored frame with the current configuration (raw bytes, listener).
+pub type Remap<'a> = &'a (dyn Fn(&[u8], &str) -> Result<Outcome, String> + Sync);
+
+/// The filters of a list, as text (from CLI flags or URL parameters).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ListFilter {
+    /// A message state (received, rejected, unrouted, mapped, mapping_failed) or a
+    /// delivery state (pending, in_flight, retry_wait, delivered, dead).
+    pub state: Option<String>,
+    pub route: Option<String>,
+    /// A destination queue (`route.destination`).
+    pub dest: Option<String>,
+    /// Received at or after this HL7 date/time (`20241122`, `202411221530+0100`).
+    pub since: Option<String>,
+    /// Received before this HL7 date/time.
+    pub until: Option<String>,
+    pub control_id: Option<String>,
+    pub key: Option<String>,
+    /// Page after this id.
+    pub after: Option<MessageId>,
+    pub limit: Option<usize>,
+}
+
+/// The most a page holds.
+pub const MAX_PAGE: usize = 1_000;
+
+impl ListFilter {
+    /// The store query, or what is wrong with a filter.
+    pub fn query(&self) -> Result<Query, String> {
+        let mut query = Query {
+            route: self.route.clone(),
+            destination: self.dest.clone(),
+            control_id: self.control_id.clone(),
+            ordering_key: self.key.clone(),
+            after: self.after,
+            limit: self.limit.unwrap_or(50).clamp(1, MAX_PAGE),
+            ..Query::default()
+        };
+        if let Some(state) = &self.state {
+            if let Some(s) = MessageState::ALL.iter().find(|s| s.name() == state) {
+                query.state = Some(*s);
+            } else if let Some(s) = DeliveryState::ALL.iter().find(|s| s.name() == state) {
+                query.delivery_state = Some(*s);
+            } else {
+                return Err(format!("unknown state {state:?}"));
+            }
+        }
+        query.since_ms = self.since.as_deref().map(parse_time).transpose()?;
+        query.until_ms = self.until.as_deref().map(parse_time).transpose()?;
+        Ok(query)
+    }
+
+    /// Whether any filter is set (a replay by filter needs one).
+    pub fn is_empty(&self) -> bool {
+        let ListFilter {
+            state,
+            route,
+            dest,
+            since,
+            until,
+            control_id,
+            key,
+            after: _,
+            limit: _,
+        } = self;
+        [state, route, dest, since, until, control_id, key]
+            .iter()
+            .all(|f| f.is_none())
+    }
+}
+
+fn parse_time(text: &str) -> Result<u64, String> {
+    let t = DateTime::parse(text).map_err(|e| format!("{text:?}: {e}"))?;
+    u64::try_from(t.to_unix_millis(None)).map_err(|_| format!("{text:?} is before 1970"))
+}
+
+/// A record as listed: no message content.
+pub fn record_json(r: &MessageRecord) -> Value {
+    json!({
+        "id": r.id,
+        "received_at_ms": r.received_at_ms,
+        "state": r.state.name(),
+        "listener": r.listener,
+        "peer": r.peer,
+        "size": r.size,
+        "message_type": r.msh.as_ref().map(|m| format!("{}^{}", m.message_type, m.trigger_event)),
+        "control_id": r.msh.as_ref().map(|m| m.control_id.clone()),
+        "route": r.route,
+        "error": r.error,
+        "deliveries": r.deliveries.iter().map(|d| json!({"destination": d.destination, "seq": d.seq})).collect::<Vec<_>>(),
+        "history": r.history.iter().map(|t| json!({"at_ms": t.at_ms, "state": t.state, "detail": t.detail})).collect::<Vec<_>>(),
+    })
+}
+
+/// One page: `{"items": [record…], "next": id or null}`.
+pub async fn list<S: Store>(store: &S, filter: &ListFilter) -> Result<Value, String> {
+    let page = store
+        .list(&filter.query()?)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(json!({
+        "items": page.items.iter().map(record_json).collect::<Vec<_>>(),
+        "next": page.next,
+    }))
+}
+
+/// Every id a filter selects, oldest first, page by page.
+pub async fn select_ids<S: Store>(
+    store: &S,
+    filter: &ListFilter,
+) -> Result<Vec<MessageId>, String> {
+    let mut query = filter.query()?;
+    query.limit = MAX_PAGE;
+    let mut ids = Vec::new();
+    loop {
+        let page = store.list(&query).await.map_err(|e| e.to_string())?;
+        ids.extend(page.items.iter().map(|r| r.id));
+        match page.next {
+            Some(next) => query.after = Some(next),
+            None => return Ok(ids),
+        }
+    }
+}
+
+/// One message in full: the record, `raw` (the HL7 text, decoded with its MSH-18
+/// character set), `bundle` and `delivery_details` (each delivery's attempt history).
+/// `None` when there is no such message.
+pub async fn show<S: Store>(store: &S, id: MessageId) -> Result<Option<Value>, String> {
+    let Some(record) = store.get(id).await.map_err(|e| e.to_string())? else {
+        return Ok(None);
+    };
+    let raw = store
+        .raw(id)
+        .await
+        .map_err(|e| e.to_string())?
+        .unwrap_or_default();
+    let deliveries = store.deliveries(id).await.map_err(|e| e.to_string())?;
+    let text = match Message::parse(&raw) {
+        Ok(m) => m.charset().decode(&raw).into_owned(),
+        Err(_) => String::from_utf8_lossy(&raw).into_owned(),
+    };
+    let mut doc = record_json(&record);
+    doc["raw"] = json!(text);
+    doc["bundle"] = record
+        .bundle
+        .as_deref()
+        .and_then(|b| serde_json::from_str(b).ok())
+        .unwrap_or(Value::Null);
+    doc["delivery_details"] = json!(
+        deliveries
+            .iter()
+            .map(|d| json!({
+                "destination": d.destination,
+                "state": d.state.name(),
+                "ordering_key": d.ordering_key,
+                "attempts": d.attempts,
+                "next_attempt_ms": d.next_attempt_ms,
+                "dead_reason": d.dead_reason,
+                "history": d.history.iter().map(|a| json!({
+                    "at_ms": a.at_ms, "outcome": format!("{:?}", a.outcome).to_lowercase(),
+                    "status": a.status, "error_class": a.error_class, "detail": a.detail,
+                })).collect::<Vec<_>>(),
+            }))
+            .collect::<Vec<_>>()
+    );
+    Ok(Some(doc))
+}
+
+/// What a replay did (or would do) to one message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplayResult {
+    pub id: MessageId,
+    /// False when the message could not be replayed (`message` says why).
+    pub ok: bool,
+    pub message: String,
+    /// The queues that got work (to wake their workers).
+    #[serde(default)]
+    pub queued: Vec<String>,
+}
+
+/// Replays one message. See the module doc for what each state gets.
+pub async fn replay<S: Store>(
+    store: &S,
+    remap_with: Remap<'_>,
+    id: MessageId,
+    remap: bool,
+    dry_run: bool,
+) -> ReplayResult {
+    match replay_inner(store, remap_with, id, remap, dry_run).await {
+        Ok((message, queued)) => ReplayResult {
+            id,
+            ok: true,
+            message,
+            queued,
+        },
+        Err(message) => ReplayResult {
+            id,
+            ok: false,
+            message,
+            queued: Vec::new(),
+        },
+    }
+}
+
+async fn replay_inner<S: Store>(
+    store: &S,
+    remap_with: Remap<'_>,
+    id: MessageId,
+    remap: bool,
+    dry_run: bool,
+) -> Result<(String, Vec<String>), String> {
+    let record = store
+        .get(id)
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or("no such message")?;
+    let raw = || async {
+        store
+            .raw(id)
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| "raw bytes missing".to_owned())
+    };
+    let dry = if dry_run { " (dry run)" } else { "" };
+    match record.state {
+        MessageState::Rejected => {
+            Err("rejected (it does not parse): the sender must fix and resend it".into())
+        }
+        MessageState::Received => Ok((
+            "not yet routed; the engine routes it (at start if it is stopped)".into(),
+            Vec::new(),
+        )),
+        MessageState::Unrouted | MessageState::MappingFailed => {
+            let outcome = remap_with(&raw().await?, &record.listener)?;
+            let (what, queued) = match &outcome {
+                Outcome::Unrouted => ("still unrouted".to_owned(), Vec::new()),
+                Outcome::MappingFailed { error, .. } => {
+                    (format!("mapping still fails: {error}"), Vec::new())
+                }
+                Outcome::Mapped {
+                    route, deliveries, ..
+                } => (
+                    format!("mapped by route {route}, queued for {}", deliveries.len()),
+                    deliveries.iter().map(|d| d.destination.clone()).collect(),
+                ),
+            };
+            if dry_run || !matches!(outcome, Outcome::Mapped { .. }) {
+                return Ok((format!("{what}{dry}"), Vec::new()));
+            }
+            store
+                .record_outcome(id, outcome)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok((what, queued))
+        }
+        MessageState::Mapped => {
+            let bundle = if remap {
+                match remap_with(&raw().await?, &record.listener)? {
+                    Outcome::Mapped { bundle, .. } => Some(bundle),
+                    Outcome::MappingFailed { error, .. } => {
+                        return Err(format!("re-mapping fails: {error}"));
+                    }
+                    Outcome::Unrouted => return Err("no route takes it any more".into()),
+                }
+            } else {
+                None
+            };
+            let finals: Vec<String> = store
+                .deliveries(id)
+                .await
+                .map_err(|e| e.to_string())?
+                .into_iter()
+                .filter(|d| d.state.is_final())
+                .map(|d| d.destination)
+                .collect();
+            let remapped = if remap { ", re-mapped" } else { "" };
+            if dry_run {
+                return Ok((
+                    format!(
+                        "{} deliveries would be queued again{remapped}{dry}",
+                        finals.len()
+                    ),
+                    Vec::new(),
+                ));
+            }
+            let n = store.replay(id, bundle).await.map_err(|e| e.to_string())?;
+            Ok((format!("{n} deliveries queued again{remapped}"), finals))
+        }
+    }
+}
+
+/// Deletes a message whose deliveries are all final.
+pub async fn purge<S: Store>(store: &S, id: MessageId) -> Result<String, String> {
+    match store.purge(id).await {
+        Ok(true) => Ok("purged".to_owned()),
+        Ok(false) => Err("no such message".to_owned()),
+        Err(e) => Err(e.to_string()),
+    }
+}
