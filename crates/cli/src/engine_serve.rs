@@ -12,7 +12,7 @@ use std::time::Duration;
 use passerelle_engine::Loaded;
 use passerelle_engine::config::ListenerSection;
 use passerelle_engine::metrics::Metrics;
-use passerelle_engine::pipeline::{Pipeline, PipelineConfig, UnroutedAnswer};
+use passerelle_engine::pipeline::{Backpressure, Limits, Pipeline, PipelineConfig, UnroutedAnswer};
 use passerelle_mapping::MapOptions;
 use passerelle_mllp::{Cidr, Listener, ListenerConfig, ServerTls, ServerTlsConfig};
 use passerelle_store::{Store, SystemClock, spawn_retention};
@@ -77,6 +77,13 @@ pub(crate) async fn run(path: &Path, shutdown: impl std::future::Future<Output =
         unrouted,
         base_dir: path.parent().map(Path::to_path_buf).unwrap_or_default(),
         metrics: Arc::clone(&metrics),
+        limits: Limits {
+            max_queue_depth: Some(config.store.max_queue_depth).filter(|&n| n > 0),
+            max_disk_bytes: Some(config.store.max_disk_mb.saturating_mul(1 << 20))
+                .filter(|&n| n > 0),
+            backpressure: Backpressure::parse(&config.defaults.backpressure).unwrap_or_default(),
+            check_every: None,
+        },
     };
     let queues: Vec<(String, String)> = pipeline_config
         .routes

@@ -85,9 +85,10 @@ impl<S> Clone for Admin<S> {
 
 /// The metric names `/metrics` exports (dashboards and alert rules may use only these;
 /// histograms also export `_bucket`, `_sum` and `_count`).
-pub const METRIC_NAMES: [&str; 18] = [
+pub const METRIC_NAMES: [&str; 19] = [
     "passerelle_up",
     "passerelle_ready",
+    "passerelle_backpressure",
     "passerelle_messages",
     "passerelle_deliveries",
     "passerelle_queue_oldest_age_seconds",

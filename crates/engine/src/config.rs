@@ -24,6 +24,11 @@ pub struct StoreSection {
     pub visibility_timeout_s: u64,
     /// Delivered messages are deleted after this many days.
     pub retention_days: u64,
+    /// Backpressure (`[defaults] backpressure`) once a destination queue holds this many
+    /// unfinished deliveries (0: no limit).
+    pub max_queue_depth: u64,
+    /// Backpressure once the store takes more than this on disk (0: no limit).
+    pub max_disk_mb: u64,
 }
 
 impl Default for StoreSection {
@@ -34,6 +39,8 @@ impl Default for StoreSection {
             flush_every_ms: 500,
             visibility_timeout_s: 120,
             retention_days: 30,
+            max_queue_depth: 1_000_000,
+            max_disk_mb: 0,
         }
     }
 }

@@ -201,6 +201,8 @@ impl<K: Ord + Clone, V> Family<K, V> {
 /// Every counter and histogram of one engine.
 #[derive(Debug)]
 pub struct Metrics {
+    /// 1 while the engine is over a queue or disk limit.
+    pub backpressure: AtomicU64,
     listeners: Family<String, ListenerMetrics>,
     routes: Family<String, RouteMetrics>,
     /// Keyed by (route, destination).
@@ -210,6 +212,7 @@ pub struct Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Metrics {
+            backpressure: AtomicU64::new(0),
             listeners: Family::new(),
             routes: Family::new(),
             queues: Family::new(),
@@ -219,7 +222,8 @@ impl Default for Metrics {
 
 /// The names [`Metrics::render`] writes (histograms without their `_bucket`, `_sum`,
 /// `_count` suffixes).
-pub const ENGINE_METRIC_NAMES: [&str; 10] = [
+pub const ENGINE_METRIC_NAMES: [&str; 11] = [
+    "passerelle_backpressure",
     "passerelle_received_total",
     "passerelle_acks_total",
     "passerelle_rejected_total",
@@ -266,6 +270,11 @@ impl Metrics {
 
     /// Appends every family in the Prometheus text format.
     pub fn render(&self, out: &mut String) {
+        let _ = writeln!(
+            out,
+            "# HELP passerelle_backpressure 1 while the engine is over a queue or disk limit and holds back new messages.\n# TYPE passerelle_backpressure gauge\npasserelle_backpressure {}",
+            self.backpressure.load(Ordering::Relaxed)
+        );
         let listeners = self.listeners.snapshot();
         let counter = |out: &mut String, name: &str, help: &str| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");

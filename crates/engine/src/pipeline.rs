@@ -58,6 +58,48 @@ impl UnroutedAnswer {
     }
 }
 
+/// What to do with a new frame while the engine is over one of its [`Limits`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Backpressure {
+    /// Hold the frame's answer (and so the connection: MLLP senders wait for the ACK
+    /// before sending the next message) until the engine is under its limits again.
+    #[default]
+    StopReading,
+    /// Answer AE at once without journaling: the sender keeps the message and resends it.
+    Error,
+}
+
+impl Backpressure {
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "stop-reading" => Some(Backpressure::StopReading),
+            "error" => Some(Backpressure::Error),
+            _ => None,
+        }
+    }
+}
+
+/// When the engine stops taking new messages.
+#[derive(Debug, Clone, Default)]
+pub struct Limits {
+    /// Unfinished (pending, in-flight, retry-wait) deliveries per destination queue;
+    /// at this many, new frames get backpressure. `None`: no limit.
+    pub max_queue_depth: Option<u64>,
+    /// The store's size on disk; above it, new frames get backpressure. `None`: no limit.
+    pub max_disk_bytes: Option<u64>,
+    pub backpressure: Backpressure,
+    /// How often the limits are checked.
+    pub check_every: Option<Duration>,
+}
+
+/// Whether the engine is over a limit, updated by a sampling task.
+#[derive(Debug, Default)]
+struct Pressure {
+    over: std::sync::atomic::AtomicBool,
+    /// Signalled when the engine goes back under its limits.
+    relieved: Notify,
+}
+
 /// Everything the pipeline needs, loaded and checked beforehand.
 #[derive(Debug)]
 pub struct PipelineConfig {
@@ -70,6 +112,7 @@ pub struct PipelineConfig {
     pub base_dir: PathBuf,
     /// Where the pipeline counts what it does (the admin API renders it).
     pub metrics: Arc<Metrics>,
+    pub limits: Limits,
 }
 
 /// The queue of a route's destination in the store.
@@ -85,6 +128,7 @@ struct Inner<S> {
     wake: HashMap<String, Arc<Notify>>,
     /// Where each queue delivers.
     targets: HashMap<String, Arc<Target>>,
+    pressure: Pressure,
 }
 
 /// The MLLP handler and the handle on the background tasks.
@@ -179,6 +223,7 @@ impl<S: Store> Pipeline<S> {
                 mapper: tx,
                 wake,
                 targets,
+                pressure: Pressure::default(),
             }),
         };
         // Recovery first, in journal order, so that old messages keep their place.
@@ -200,6 +245,11 @@ impl<S: Store> Pipeline<S> {
             );
         }
         tokio::spawn(pipeline.clone().run_mapper(rx));
+        let limits = &pipeline.inner.config.limits;
+        if limits.max_queue_depth.is_some() || limits.max_disk_bytes.is_some() {
+            pipeline.check_limits().await;
+            tokio::spawn(pipeline.clone().watch_limits());
+        }
         for route in &pipeline.inner.config.routes.routes {
             for d in &route.destinations {
                 tokio::spawn(pipeline.clone().run_worker(route.clone(), d.clone()));
@@ -220,6 +270,79 @@ impl<S: Store> Pipeline<S> {
             &message,
             listener,
         ))
+    }
+
+    /// Whether the engine is over one of its limits (new frames get backpressure).
+    pub fn over_limits(&self) -> bool {
+        self.inner.pressure.over.load(Relaxed)
+    }
+
+    async fn watch_limits(self) {
+        let every = self
+            .inner
+            .config
+            .limits
+            .check_every
+            .unwrap_or(Duration::from_millis(250));
+        loop {
+            tokio::time::sleep(every).await;
+            self.check_limits().await;
+        }
+    }
+
+    /// Samples the queue depths and the disk; logs and signals changes.
+    async fn check_limits(&self) {
+        let limits = &self.inner.config.limits;
+        let store = &self.inner.store;
+        let mut reason = None;
+        if let Some(max) = limits.max_queue_depth {
+            match store.counts().await {
+                Ok(counts) => {
+                    let mut depth: HashMap<&str, u64> = HashMap::new();
+                    for ((queue, state), n) in &counts.deliveries {
+                        let unfinished = DeliveryState::ALL
+                            .iter()
+                            .any(|s| !s.is_final() && s.name() == state);
+                        if unfinished {
+                            *depth.entry(queue.as_str()).or_default() += n;
+                        }
+                    }
+                    if let Some((queue, n)) = depth.into_iter().find(|(_, n)| *n >= max) {
+                        reason = Some(format!(
+                            "queue {queue} holds {n} unfinished deliveries (limit {max})"
+                        ));
+                    }
+                }
+                Err(e) => warn!(error = %e, "cannot read the queue depths"),
+            }
+        }
+        if let (None, Some(max)) = (&reason, limits.max_disk_bytes) {
+            match store.disk_bytes().await {
+                Ok(bytes) if bytes > max => {
+                    reason = Some(format!("the store takes {bytes} bytes (limit {max})"));
+                }
+                Ok(_) => {}
+                Err(e) => warn!(error = %e, "cannot read the store's size"),
+            }
+        }
+        let pressure = &self.inner.pressure;
+        let was = pressure.over.swap(reason.is_some(), Relaxed);
+        self.inner
+            .config
+            .metrics
+            .backpressure
+            .store(u64::from(reason.is_some()), Relaxed);
+        match (was, reason) {
+            (false, Some(reason)) => warn!(
+                mode = ?limits.backpressure,
+                "over a limit: {reason}; new messages get backpressure"
+            ),
+            (true, None) => {
+                info!("back under the limits; taking new messages");
+                pressure.relieved.notify_waiters();
+            }
+            _ => {}
+        }
     }
 
     /// Wakes a queue's worker: something was queued for it outside the mapper (a replay).
@@ -489,6 +612,34 @@ impl<S: Store> Pipeline<S> {
             }
         };
         let header = HeaderSummary::of(&message);
+        if self.over_limits() {
+            match self.inner.config.limits.backpressure {
+                Backpressure::Error => {
+                    info!(kind = %header.kind(), control_id = %header.control_id, "over a limit: answered AE, not journaled");
+                    let err = AckError {
+                        code: ErrorCode::ApplicationInternalError,
+                        severity: Severity::Error,
+                        location: None,
+                        text: "passerelle is over its queue or disk limit; send it again later"
+                            .into(),
+                    };
+                    return ack::build(Some(&header), AckOutcome::Error, &[err], &options);
+                }
+                Backpressure::StopReading => {
+                    debug!(control_id = %header.control_id, "over a limit: holding the answer");
+                    loop {
+                        // Listen before looking, so that a clearing in between is seen.
+                        let relieved = self.inner.pressure.relieved.notified();
+                        tokio::pin!(relieved);
+                        relieved.as_mut().enable();
+                        if !self.over_limits() {
+                            break;
+                        }
+                        let _ = tokio::time::timeout(Duration::from_secs(1), relieved).await;
+                    }
+                }
+            }
+        }
         let route = self.inner.config.routes.select(&header, &peer.listener);
         let id = match store
             .journal(&frame, meta(Some(msh_summary(&header)), None))

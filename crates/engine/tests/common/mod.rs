@@ -8,7 +8,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use passerelle_engine::pipeline::{Pipeline, PipelineConfig, UnroutedAnswer};
+use passerelle_engine::pipeline::{Limits, Pipeline, PipelineConfig, UnroutedAnswer};
 use passerelle_engine::routes::RouteTable;
 use passerelle_mapping::{MapOptions, Pack};
 use passerelle_mllp::{Listener, ListenerConfig, RunningListener};
@@ -47,6 +47,15 @@ impl Harness {
 
     /// Starts the pipeline (recovery included) and an MLLP listener on a free port.
     pub(crate) async fn start(&self, unrouted: UnroutedAnswer) -> RunningListener {
+        self.start_with(unrouted, Limits::default()).await.0
+    }
+
+    /// Same, with limits; also returns the pipeline, to observe it.
+    pub(crate) async fn start_with(
+        &self,
+        unrouted: UnroutedAnswer,
+        limits: Limits,
+    ) -> (RunningListener, Pipeline<SledStore>) {
         let config = PipelineConfig {
             routes: self.routes.clone(),
             packs: self.packs.clone(),
@@ -54,14 +63,16 @@ impl Harness {
             unrouted,
             base_dir: self.work.path().to_path_buf(),
             metrics: Default::default(),
+            limits,
         };
         let pipeline = Pipeline::start(Arc::clone(&self.store), config)
             .await
             .unwrap();
-        Listener::bind(ListenerConfig::new("127.0.0.1:0".parse().unwrap()), None)
+        let listener = Listener::bind(ListenerConfig::new("127.0.0.1:0".parse().unwrap()), None)
             .await
             .unwrap()
-            .spawn(pipeline)
+            .spawn(pipeline.clone());
+        (listener, pipeline)
     }
 }
 
