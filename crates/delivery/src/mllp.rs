@@ -30,11 +30,19 @@
 //!
 //! Settings: `peer` (`host:port`, required), `ack_timeout_s` (30), `connect_timeout_s`
 //! (10), `tls = { ca, client_cert, client_key, server_name }` (all optional; an empty
-//! table means TLS with the system's roots).
+//! table means TLS with the system's roots), `charset` (optional).
+//!
+//! **Raw or re-encoded.** By default the peer gets the bytes the sender sent. With
+//! `charset = "UNICODE UTF-8"` (or `8859/1`, `8859/15`, `ASCII`), the message is decoded
+//! with its own MSH-18 and written again in that character set, MSH-18 updated, values
+//! re-escaped: for a receiver that only reads UTF-8 behind a Latin-9 sender. A message
+//! that cannot be re-encoded (a character the target set lacks) is permanent
+//! (`reencode`), naming the segment and field, never the value.
 
 use std::path::Path;
 use std::time::Duration;
 
+use passerelle_hl7::{Charset, Message, OwnedMessage, Path as Hl7Path};
 use passerelle_mllp::{Ack, Client, ClientConfig, ClientError, ClientTlsConfig};
 use passerelle_store::AttemptReport;
 use tokio::sync::{mpsc, oneshot};
@@ -48,11 +56,13 @@ struct Job {
     reply: oneshot::Sender<Result<Ack, ClientError>>,
 }
 
-/// Forwards raw messages to an MLLP peer.
+/// Forwards messages to an MLLP peer.
 #[derive(Debug)]
 pub struct MllpDestination {
     peer: String,
     jobs: mpsc::Sender<Job>,
+    /// Re-encode into this character set before sending (`None`: the raw bytes).
+    reencode: Option<Charset>,
 }
 
 impl std::fmt::Debug for Job {
@@ -87,7 +97,11 @@ impl MllpDestination {
                     client.close().await;
                 });
             })?;
-        Ok(MllpDestination { peer, jobs })
+        Ok(MllpDestination {
+            peer,
+            jobs,
+            reencode: None,
+        })
     }
 
     /// From settings: see the module doc.
@@ -98,8 +112,26 @@ impl MllpDestination {
         let r = Reader::new(
             settings,
             "",
-            &["peer", "ack_timeout_s", "connect_timeout_s", "tls"],
+            &[
+                "peer",
+                "ack_timeout_s",
+                "connect_timeout_s",
+                "tls",
+                "charset",
+            ],
         )?;
+        let reencode = match r.string("charset")? {
+            None => None,
+            Some(name) => Some(Charset::from_name(name).ok_or_else(|| {
+                invalid(
+                    "charset",
+                    format!(
+                        "{name:?} is not a character set passerelle writes \
+                         (UNICODE UTF-8, 8859/1, 8859/15, ASCII)"
+                    ),
+                )
+            })?),
+        };
         let peer = r.required_string("peer")?;
         match peer.rsplit_once(':') {
             Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {}
@@ -147,10 +179,12 @@ impl MllpDestination {
                 server_name: t.string("server_name")?.map(str::to_owned),
             });
         }
-        MllpDestination::new(config).map_err(|e| match e {
+        let mut destination = MllpDestination::new(config).map_err(|e| match e {
             ClientError::Tls(_) => invalid("tls", e.to_string()),
             other => invalid("peer", other.to_string()),
-        })
+        })?;
+        destination.reencode = reencode;
+        Ok(destination)
     }
 
     /// The peer's address.
@@ -160,11 +194,15 @@ impl MllpDestination {
 
     /// One attempt: see the module doc.
     pub async fn deliver(&self, item: &Item<'_>) -> AttemptReport {
-        let (reply, answer) = oneshot::channel();
-        let job = Job {
-            raw: item.raw.to_vec(),
-            reply,
+        let raw = match self.reencode {
+            None => item.raw.to_vec(),
+            Some(charset) => match reencode(item.raw, charset) {
+                Ok(bytes) => bytes,
+                Err(why) => return with_detail(AttemptReport::permanent("reencode"), why),
+            },
         };
+        let (reply, answer) = oneshot::channel();
+        let job = Job { raw, reply };
         let result = match self.jobs.send(job).await {
             Ok(()) => answer.await.ok(),
             Err(_) => None,
@@ -211,6 +249,19 @@ impl MllpDestination {
             }
         }
     }
+}
+
+/// The message written again in `charset`, with MSH-18 saying so. The error names the
+/// segment and field at fault, never a value.
+pub fn reencode(raw: &[u8], charset: Charset) -> Result<Vec<u8>, String> {
+    let message = Message::parse(raw).map_err(|e| format!("cannot re-encode: {e}"))?;
+    let mut owned = OwnedMessage::from_message(&message);
+    owned.charset = charset;
+    let msh18: Hl7Path = "MSH-18".parse().map_err(|e| format!("MSH-18: {e}"))?;
+    owned
+        .set(&msh18, charset.label())
+        .and_then(|()| owned.write())
+        .map_err(|e| format!("cannot re-encode into {}: {e}", charset.label()))
 }
 
 /// Default ACK deadline, as [`ClientConfig::new`] sets it.

@@ -198,3 +198,65 @@ async fn mutual_tls_forward_to_a_tls_listener() {
     let stats = listener.shutdown().await;
     assert_eq!(stats.acks, 3);
 }
+
+/// An ISO-8859-15 (Latin-9) message, as French feeds send them: `é` and `œ` are one byte.
+fn latin9_message(id: &str) -> Vec<u8> {
+    let mut raw = format!(
+        "MSH|^~\\&|DPI|CHU|RCV|FAC|20240101120000||ADT^A01^ADT_A01|{id}|P|2.5|||||FRA|8859/15\rPID|1||123^^^CHU^PI||"
+    )
+    .into_bytes();
+    raw.extend_from_slice(b"C\xC9LESTE^L\xC9A^^^^^L\rNTE|1||c\xBDur\r"); // CÉLESTE^LÉA, cœur
+    raw
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn latin9_is_re_encoded_to_utf8_for_a_receiver_that_only_reads_utf8() {
+    let (_peer, port) = tokio::task::spawn_blocking(start_twistd).await.unwrap();
+    // txHL7 decodes every frame as UTF-8 and drops the connection on anything else.
+    let raw = destination(port, "ack_timeout_s = 5");
+    let report = raw.deliver(&item(&latin9_message("RAW1"))).await;
+    assert_eq!(
+        report.outcome,
+        AttemptOutcome::Transient,
+        "the raw Latin-9 bytes are refused: {report:?}"
+    );
+    let utf8 = destination(port, "ack_timeout_s = 20\ncharset = \"UNICODE UTF-8\"");
+    let report = utf8.deliver(&item(&latin9_message("UTF1"))).await;
+    assert_eq!(report.outcome, AttemptOutcome::Delivered, "{report:?}");
+}
+
+#[test]
+fn re_encoding_keeps_the_text_and_says_so_in_msh_18() {
+    use passerelle_hl7::{Charset, Message};
+    let source = latin9_message("X1");
+    let bytes = passerelle_delivery::mllp::reencode(&source, Charset::Utf8).unwrap();
+    let (before, after) = (
+        Message::parse(&source).unwrap(),
+        Message::parse(&bytes).unwrap(),
+    );
+    assert_eq!(after.charset(), Charset::Utf8);
+    assert_eq!(
+        after.text("MSH-18").unwrap().as_deref(),
+        Some("UNICODE UTF-8")
+    );
+    for path in ["PID-5.1", "PID-5.2", "NTE-3", "MSH-10"] {
+        assert_eq!(
+            after.text(path).unwrap(),
+            before.text(path).unwrap(),
+            "{path}"
+        );
+    }
+    assert_eq!(after.text("PID-5.1").unwrap().as_deref(), Some("CÉLESTE"));
+    assert_eq!(after.text("NTE-3").unwrap().as_deref(), Some("cœur"));
+    // Back to Latin-1, `œ` has no byte: a permanent error naming the place, not the text.
+    let err = passerelle_delivery::mllp::reencode(&source, Charset::Latin1).unwrap_err();
+    assert!(err.contains("segment") && !err.contains("cœur"), "{err}");
+}
+
+#[test]
+fn an_unknown_charset_setting_is_refused() {
+    let settings: toml::Table =
+        toml::from_str("type = \"mllp\"\npeer = \"127.0.0.1:1\"\ncharset = \"EBCDIC\"").unwrap();
+    let err = Destination::from_settings("mllp", &settings, Path::new("/")).unwrap_err();
+    assert!(err.to_string().contains("charset"), "{err}");
+}

@@ -54,6 +54,15 @@ impl Charset {
         }
     }
 
+    /// The character set a table 0211 label or a common alias names (`UNICODE UTF-8`,
+    /// `UTF-8`, `8859/15`, `ISO-8859-15`…), for settings; `None` for any other text.
+    pub fn from_name(name: &str) -> Option<Charset> {
+        match Charset::from_label(name.as_bytes()) {
+            Label::Standard(c) | Label::Alias(c) => Some(c),
+            Label::Unknown => None,
+        }
+    }
+
     /// Understands an MSH-18 value (case and surrounding blanks ignored).
     pub(crate) fn from_label(raw: &[u8]) -> Label {
         let label = raw.trim_ascii();
