@@ -204,9 +204,15 @@ pub(crate) async fn run(path: &Path, shutdown: impl std::future::Future<Output =
             return ExitCode::FAILURE;
         }
     };
-    for listener in running {
-        let stats = listener.shutdown().await;
-        info!(frames = stats.frames, acks = stats.acks, "listener stopped");
+    // All listeners drain at once, so the stop takes one drain timeout, not one each.
+    let drains: Vec<_> = running
+        .into_iter()
+        .map(|listener| tokio::spawn(listener.shutdown()))
+        .collect();
+    for drain in drains {
+        if let Ok(stats) = drain.await {
+            info!(frames = stats.frames, acks = stats.acks, "listener stopped");
+        }
     }
     retention.abort();
     if let Err(e) = store.flush().await {

@@ -32,8 +32,12 @@ pub(crate) struct MessagesArgs {
     config: PathBuf,
     /// The running engine's admin API (default: from `[admin] bind`; when nothing
     /// answers there, the store is opened directly).
-    #[arg(long, global = true)]
+    #[arg(long, global = true, conflicts_with = "local")]
     admin: Option<String>,
+    /// Open the store itself, never a running engine's API (for a stopped engine's or a
+    /// backup's store).
+    #[arg(long, global = true)]
+    local: bool,
     #[command(subcommand)]
     command: MessagesCommand,
 }
@@ -184,15 +188,17 @@ async fn connect(args: &MessagesArgs, loaded: Loaded) -> Result<Backend, String>
         base,
         token,
     };
-    match remote.health().await {
-        Ok(()) => return Ok(Backend::Remote(remote)),
-        Err(e) if args.admin.is_some() => {
-            return Err(format!(
-                "the admin API at {} does not answer: {e}",
-                remote.base
-            ));
+    if !args.local {
+        match remote.health().await {
+            Ok(()) => return Ok(Backend::Remote(remote)),
+            Err(e) if args.admin.is_some() => {
+                return Err(format!(
+                    "the admin API at {} does not answer: {e}",
+                    remote.base
+                ));
+            }
+            Err(_) => {}
         }
-        Err(_) => {}
     }
     match loaded.open_store() {
         Ok(store) => Ok(Backend::Local {

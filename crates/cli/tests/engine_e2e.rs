@@ -72,7 +72,9 @@ fn serve_send_list_show_replay() {
     common::stop(engine);
 
     let config_arg = config.to_str().unwrap();
-    let list = passerelle(&["messages", "--config", config_arg, "list", "--json"]);
+    let list = passerelle(&[
+        "messages", "--config", config_arg, "--local", "list", "--json",
+    ]);
     assert!(
         list.status.success(),
         "{}",

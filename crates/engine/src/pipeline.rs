@@ -474,6 +474,7 @@ impl<S: Store> Pipeline<S> {
                     _ => AttemptReport::permanent("message_missing"),
                 };
                 let outcome = report.outcome;
+                let (error_class, status) = (report.error_class.clone(), report.status);
                 match store.complete(&lease, report, &destination.retry).await {
                     Ok(state) => {
                         match state {
@@ -485,8 +486,28 @@ impl<S: Store> Pipeline<S> {
                                     ));
                                 }
                             }
-                            DeliveryState::Dead => metrics.attempt(AttemptOutcome::Dead),
-                            _ => metrics.attempt(AttemptOutcome::Retry),
+                            DeliveryState::Dead => {
+                                metrics.attempt(AttemptOutcome::Dead);
+                                warn!(
+                                    queue,
+                                    id = lease.message_id,
+                                    attempt = lease.attempt,
+                                    class = %error_class,
+                                    status = ?status,
+                                    "delivery failed for good: in the dead letter"
+                                );
+                            }
+                            _ => {
+                                metrics.attempt(AttemptOutcome::Retry);
+                                info!(
+                                    queue,
+                                    id = lease.message_id,
+                                    attempt = lease.attempt,
+                                    class = %error_class,
+                                    status = ?status,
+                                    "delivery failed; will retry"
+                                );
+                            }
                         }
                         debug!(
                             queue,
