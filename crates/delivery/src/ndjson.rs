@@ -7,6 +7,11 @@
 //! in `spawn_blocking`, under a lock per destination, so concurrent attempts never
 //! interleave bytes or race a rotation.
 //!
+//! **Group write.** Concurrent attempts share the syncs: each queues its lines, and whichever
+//! attempt takes the lock writes everything queued so far (each message's lines together,
+//! in queue order) and syncs each file once for all of them. An attempt reports
+//! `Delivered` only after a sync that covers its lines.
+//!
 //! **Rotation.** When appending a message's lines would grow a non-empty file past
 //! `max_file_bytes`, the file is first renamed to `<resourceType>.<n>.ndjson`, `n` being
 //! the next free number from 1, and a fresh file is started. A single message larger than
@@ -37,7 +42,22 @@ pub const DEFAULT_MAX_FILE_BYTES: u64 = 256 * 1024 * 1024;
 pub struct NdjsonDestination {
     dir: PathBuf,
     max_file_bytes: u64,
-    lock: Arc<Mutex<()>>,
+    shared: Arc<Shared>,
+}
+
+/// Lines waiting to be written, and the writer's lock.
+#[derive(Debug, Default)]
+struct Shared {
+    queued: Mutex<Vec<Queued>>,
+    /// Held while writing and syncing: one writer at a time.
+    writing: Mutex<()>,
+}
+
+/// One attempt's lines and where to say how the write went.
+#[derive(Debug)]
+struct Queued {
+    lines: BTreeMap<String, String>,
+    done: std::sync::mpsc::Sender<Result<(), String>>,
 }
 
 impl NdjsonDestination {
@@ -46,7 +66,7 @@ impl NdjsonDestination {
         NdjsonDestination {
             dir: dir.into(),
             max_file_bytes: max_file_bytes.max(1),
-            lock: Arc::new(Mutex::new(())),
+            shared: Arc::new(Shared::default()),
         }
     }
 
@@ -92,15 +112,26 @@ impl NdjsonDestination {
         };
         let dir = self.dir.clone();
         let max = self.max_file_bytes;
-        let lock = Arc::clone(&self.lock);
+        let shared = Arc::clone(&self.shared);
         let result = tokio::task::spawn_blocking(move || {
-            let _guard = lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            write_all(&dir, max, &lines)
+            let (done, outcome) = std::sync::mpsc::channel();
+            lock(&shared.queued).push(Queued { lines, done });
+            {
+                let _writer = lock(&shared.writing);
+                let batch = std::mem::take(&mut *lock(&shared.queued));
+                // Empty when an earlier writer took these lines along with its own.
+                if !batch.is_empty() {
+                    write_batch(&dir, max, batch);
+                }
+            }
+            outcome
+                .recv()
+                .unwrap_or_else(|_| Err("the writer stopped before answering".to_owned()))
         })
         .await;
         match result {
             Ok(Ok(())) => AttemptReport::delivered(),
-            Ok(Err(e)) => with_detail(AttemptReport::transient("io"), e.to_string()),
+            Ok(Err(e)) => with_detail(AttemptReport::transient("io"), e),
             Err(join) => with_detail(
                 AttemptReport::transient("io"),
                 format!("the writing task failed: {join}"),
@@ -187,30 +218,73 @@ fn compact_into(json: &str, out: &mut String) {
     }
 }
 
-fn write_all(dir: &Path, max: u64, lines: &BTreeMap<String, String>) -> io::Result<()> {
-    if lines.is_empty() {
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Writes the queued attempts' lines together and answers each of them.
+fn write_batch(dir: &Path, max: u64, batch: Vec<Queued>) {
+    let messages: Vec<&BTreeMap<String, String>> = batch.iter().map(|q| &q.lines).collect();
+    let result = write_all(dir, max, &messages).map_err(|e| e.to_string());
+    for q in batch {
+        let _ = q.done.send(result.clone());
+    }
+}
+
+/// An NDJSON file open for appending, and its length.
+struct Appending {
+    file: File,
+    len: u64,
+}
+
+/// Appends each message's lines in order, rotating a file before a message's lines would
+/// take it past `max`; then syncs every file written once (a rotated file before its
+/// rename) and the directory if a file was created or renamed.
+fn write_all(dir: &Path, max: u64, messages: &[&BTreeMap<String, String>]) -> io::Result<()> {
+    if messages.iter().all(|m| m.is_empty()) {
         return Ok(());
     }
     fs::create_dir_all(dir)?;
+    let mut files: BTreeMap<&str, Appending> = BTreeMap::new();
     let mut dir_changed = false;
-    for (kind, text) in lines {
-        let path = dir.join(format!("{kind}.ndjson"));
-        let current = match fs::metadata(&path) {
-            Ok(m) => Some(m.len()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-            Err(e) => return Err(e),
-        };
-        match current {
-            Some(len) if len > 0 && len + text.len() as u64 > max => {
+    let open = |path: &Path| OpenOptions::new().create(true).append(true).open(path);
+    for lines in messages {
+        for (kind, text) in *lines {
+            let path = dir.join(format!("{kind}.ndjson"));
+            let appending = match files.entry(kind.as_str()) {
+                std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::btree_map::Entry::Vacant(e) => {
+                    let len = match fs::metadata(&path) {
+                        Ok(m) => m.len(),
+                        Err(err) if err.kind() == io::ErrorKind::NotFound => {
+                            dir_changed = true;
+                            0
+                        }
+                        Err(err) => return Err(err),
+                    };
+                    e.insert(Appending {
+                        file: open(&path)?,
+                        len,
+                    })
+                }
+            };
+            if appending.len > 0 && appending.len + text.len() as u64 > max {
+                appending.file.sync_data()?;
                 fs::rename(&path, rotated_path(dir, kind)?)?;
                 dir_changed = true;
+                *appending = Appending {
+                    file: open(&path)?,
+                    len: 0,
+                };
             }
-            Some(_) => {}
-            None => dir_changed = true,
+            appending.file.write_all(text.as_bytes())?;
+            appending.len += text.len() as u64;
         }
-        let mut file = OpenOptions::new().create(true).append(true).open(&path)?;
-        file.write_all(text.as_bytes())?;
-        file.sync_data()?;
+    }
+    for appending in files.values() {
+        appending.file.sync_data()?;
     }
     if dir_changed {
         File::open(dir)?.sync_all()?;

@@ -30,13 +30,13 @@ use passerelle_hl7::{ErrorCode, HeaderSummary, Message};
 use passerelle_mapping::{MapOptions, Pack};
 use passerelle_mllp::{Handler, PeerInfo};
 use passerelle_store::{
-    AttemptReport, DeliveryState, Enqueue, JournalMeta, MessageId, MshSummary, Outcome, Store,
-    StoreError,
+    AttemptReport, DeliveryState, Enqueue, JournalMeta, Lease, MessageId, MshSummary, Outcome,
+    Store, StoreError,
 };
 use tokio::sync::{Notify, mpsc};
 use tracing::{debug, error, info, warn};
 
-use crate::metrics::{AttemptOutcome, Metrics};
+use crate::metrics::{AttemptOutcome, Metrics, QueueMetrics};
 use crate::routes::{Destination, Route, RouteTable};
 
 /// What to answer for a message no route wants.
@@ -430,7 +430,7 @@ impl<S: Store> Pipeline<S> {
             if let Err(e) = store.requeue_expired().await {
                 warn!(queue, error = %e, "cannot return expired leases");
             }
-            let leases = match store.lease(&queue, 32).await {
+            let leases = match store.lease(&queue, destination.concurrency).await {
                 Ok(l) => l,
                 Err(e) => {
                     error!(queue, error = %e, "cannot lease deliveries");
@@ -449,79 +449,96 @@ impl<S: Store> Pipeline<S> {
                 let _ = tokio::time::timeout(wait, wake.notified()).await;
                 continue;
             }
-            for lease in leases {
-                let record = store.get(lease.message_id).await;
-                let raw = store.raw(lease.message_id).await;
-                let mut received_at_ms = None;
-                let report = match (record, raw) {
-                    (Ok(Some(record)), Ok(Some(raw))) => {
-                        let item = Item {
-                            message_id: lease.message_id,
-                            bundle: record.bundle.as_deref(),
-                            raw: &raw,
-                        };
-                        received_at_ms = Some(record.received_at_ms);
-                        let started = Instant::now();
-                        let report = target.deliver(&item).await;
-                        metrics.attempt_duration.observe(started.elapsed());
-                        report
-                    }
-                    (Err(e), _) | (_, Err(e)) => {
-                        let mut r = AttemptReport::transient("store");
-                        r.detail = e.to_string();
-                        r
-                    }
-                    _ => AttemptReport::permanent("message_missing"),
+            // Leases hold distinct ordering keys: they may go out together.
+            futures_util::future::join_all(
+                leases
+                    .into_iter()
+                    .map(|lease| self.deliver_one(&queue, lease, &target, &destination, &metrics)),
+            )
+            .await;
+        }
+    }
+
+    /// One attempt of one leased delivery, and its record.
+    async fn deliver_one(
+        &self,
+        queue: &str,
+        lease: Lease,
+        target: &Target,
+        destination: &Destination,
+        metrics: &QueueMetrics,
+    ) {
+        let store = &self.inner.store;
+        let record = store.get(lease.message_id).await;
+        let raw = store.raw(lease.message_id).await;
+        let mut received_at_ms = None;
+        let report = match (record, raw) {
+            (Ok(Some(record)), Ok(Some(raw))) => {
+                let item = Item {
+                    message_id: lease.message_id,
+                    bundle: record.bundle.as_deref(),
+                    raw: &raw,
                 };
-                let outcome = report.outcome;
-                let (error_class, status) = (report.error_class.clone(), report.status);
-                match store.complete(&lease, report, &destination.retry).await {
-                    Ok(state) => {
-                        match state {
-                            DeliveryState::Delivered => {
-                                metrics.attempt(AttemptOutcome::Delivered);
-                                if let Some(at) = received_at_ms {
-                                    metrics.delivery_latency.observe(Duration::from_millis(
-                                        now_ms().saturating_sub(at),
-                                    ));
-                                }
-                            }
-                            DeliveryState::Dead => {
-                                metrics.attempt(AttemptOutcome::Dead);
-                                warn!(
-                                    queue,
-                                    id = lease.message_id,
-                                    attempt = lease.attempt,
-                                    class = %error_class,
-                                    status = ?status,
-                                    "delivery failed for good: in the dead letter"
-                                );
-                            }
-                            _ => {
-                                metrics.attempt(AttemptOutcome::Retry);
-                                info!(
-                                    queue,
-                                    id = lease.message_id,
-                                    attempt = lease.attempt,
-                                    class = %error_class,
-                                    status = ?status,
-                                    "delivery failed; will retry"
-                                );
-                            }
+                received_at_ms = Some(record.received_at_ms);
+                let started = Instant::now();
+                let report = target.deliver(&item).await;
+                metrics.attempt_duration.observe(started.elapsed());
+                report
+            }
+            (Err(e), _) | (_, Err(e)) => {
+                let mut r = AttemptReport::transient("store");
+                r.detail = e.to_string();
+                r
+            }
+            _ => AttemptReport::permanent("message_missing"),
+        };
+        let outcome = report.outcome;
+        let (error_class, status) = (report.error_class.clone(), report.status);
+        match store.complete(&lease, report, &destination.retry).await {
+            Ok(state) => {
+                match state {
+                    DeliveryState::Delivered => {
+                        metrics.attempt(AttemptOutcome::Delivered);
+                        if let Some(at) = received_at_ms {
+                            metrics
+                                .delivery_latency
+                                .observe(Duration::from_millis(now_ms().saturating_sub(at)));
                         }
-                        debug!(
+                    }
+                    DeliveryState::Dead => {
+                        metrics.attempt(AttemptOutcome::Dead);
+                        warn!(
                             queue,
                             id = lease.message_id,
                             attempt = lease.attempt,
-                            state = state.name(),
-                            ?outcome,
-                            "delivery"
-                        )
+                            class = %error_class,
+                            status = ?status,
+                            "delivery failed for good: in the dead letter"
+                        );
                     }
-                    Err(e) => {
-                        warn!(queue, id = lease.message_id, error = %e, "cannot record the delivery")
+                    _ => {
+                        metrics.attempt(AttemptOutcome::Retry);
+                        info!(
+                            queue,
+                            id = lease.message_id,
+                            attempt = lease.attempt,
+                            class = %error_class,
+                            status = ?status,
+                            "delivery failed; will retry"
+                        );
                     }
                 }
+                debug!(
+                    queue,
+                    id = lease.message_id,
+                    attempt = lease.attempt,
+                    state = state.name(),
+                    ?outcome,
+                    "delivery"
+                )
+            }
+            Err(e) => {
+                warn!(queue, id = lease.message_id, error = %e, "cannot record the delivery")
             }
         }
     }

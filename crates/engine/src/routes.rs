@@ -20,6 +20,8 @@
 //! name = "fhir"
 //! type = "fhir"                               # fhir | mllp | ndjson
 //! url = "https://fhir.example/r4"
+//! concurrency = 16                            # optional: deliveries at once, distinct keys
+//!                                             # (default 16; 1 for mllp)
 //! [destinations.retry]                        # optional: the defaults below
 //! initial_backoff_ms = 1000
 //! max_backoff_ms = 300000
@@ -81,6 +83,7 @@ struct DestinationFile {
     #[serde(rename = "type")]
     kind: String,
     retry: Option<RetryFile>,
+    concurrency: Option<i64>,
     #[serde(flatten)]
     settings: toml::Table,
 }
@@ -122,12 +125,18 @@ impl Glob {
     }
 }
 
+/// Deliveries under way at once per FHIR or NDJSON destination, unless a route says
+/// otherwise (MLLP: 1).
+pub const DEFAULT_CONCURRENCY: usize = 16;
+
 /// Where a route sends its messages.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Destination {
     pub name: String,
     pub kind: String,
     pub retry: RetryPolicy,
+    /// How many deliveries (of distinct ordering keys) may be under way at once.
+    pub concurrency: usize,
     /// The type-specific settings (`url`, `dir`, `peer`…), checked by the delivery side.
     pub settings: toml::Table,
 }
@@ -455,10 +464,30 @@ fn load_route(
                 ));
             }
         }
+        // An MLLP peer takes one message at a time on its one connection: deliveries
+        // beyond the first would only wait (their leases running out) behind it.
+        let default_concurrency = if d.kind == "mllp" {
+            1
+        } else {
+            DEFAULT_CONCURRENCY
+        };
+        let concurrency = match d.concurrency {
+            None => default_concurrency,
+            Some(n @ 1..=256) => n as usize,
+            Some(n) => {
+                errors.push(at(
+                    &here("concurrency"),
+                    "destinations.concurrency",
+                    format!("{n} is not between 1 and 256"),
+                ));
+                DEFAULT_CONCURRENCY
+            }
+        };
         destinations.push(Destination {
             name: d.name,
             kind: d.kind,
             retry,
+            concurrency,
             settings: d.settings,
         });
     }

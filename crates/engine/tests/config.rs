@@ -153,7 +153,7 @@ fn configuration_errors_are_located() {
 
 #[test]
 fn route_errors_are_located_one_per_kind() {
-    let cases: [(&str, &str); 11] = [
+    let cases: [(&str, &str); 12] = [
         (
             "name = \"r\"\nmapping = \"nope\"\n[[destinations]]\nname = \"d\"\ntype = \"ndjson\"\n",
             "10-r.toml:2:11 mapping no mapping pack",
@@ -185,6 +185,10 @@ fn route_errors_are_located_one_per_kind() {
         (
             "name = \"r\"\nmapping = \"fr\"\n[[destinations]]\nname = \"d\"\ntype = \"kafka\"\n",
             "10-r.toml:5:8 destinations.type",
+        ),
+        (
+            "name = \"r\"\nmapping = \"fr\"\n[[destinations]]\nname = \"d\"\ntype = \"ndjson\"\nconcurrency = 0\n",
+            "10-r.toml:6:15 destinations.concurrency",
         ),
         (
             "name = \"r\"\nmapping = \"fr\"\n[[destinations]]\nname = \"d\"\ntype = \"fhir\"\n[destinations.retry]\njitter = 2.0\n",
