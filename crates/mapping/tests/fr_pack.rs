@@ -721,3 +721,26 @@ fn every_adt_patient_is_a_conditional_update_on_its_ipp() {
         }
     }
 }
+
+#[test]
+fn mapping_is_deterministic_and_ids_are_stable_across_messages() {
+    for file in fixture_files() {
+        let name = file.file_name().unwrap().to_string_lossy().into_owned();
+        assert_eq!(
+            map(&name).to_json(false),
+            map(&name).to_json(false),
+            "{name}"
+        );
+    }
+    // One visit, one fullUrl, whichever message of the stay carries it.
+    let urls: Vec<String> = [
+        "fr_12_a01_admit_8859-15.hl7",
+        "fr_16_z99_update_movement.hl7",
+        "fr_25_a13_cancel_discharge.hl7",
+    ]
+    .iter()
+    .map(|f| text(entry(&map(f), &visit_url("250001473")), "fullUrl").to_owned())
+    .collect();
+    assert_eq!(urls[0], urls[1]);
+    assert_eq!(urls[0], urls[2]);
+}
