@@ -751,6 +751,17 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
             Cond::Valued(p) => count(p, 1) > 0,
             Cond::Equals(p, s) => first_is(p, &|t| t == s),
             Cond::In(p, items) => first_is(p, &|t| items.iter().any(|i| i == t)),
+            Cond::Any(p, items) => {
+                let mut found = false;
+                self.each(p, here, &mut |v| {
+                    if has_content(&v) {
+                        let l = leaf(v);
+                        found = !l.is_null() && items.iter().any(|i| i == l.text().trim());
+                    }
+                    !found
+                });
+                found
+            }
             Cond::Count(p, op, n) => {
                 let count = count(p, usize::MAX);
                 match op {
@@ -885,6 +896,59 @@ mod tests {
             let ours = fhir_datetime(&dt, dt.offset_minutes.or(offset).unwrap());
             assert_eq!(ours, dt.to_fhir_datetime(offset).unwrap(), "{text}");
         }
+    }
+
+    /// `any` reads every repetition; `in` only the first.
+    #[test]
+    fn any_matches_a_later_repetition() {
+        let pack = crate::Pack::from_texts(&[(
+            "p.toml",
+            r#"
+[pack]
+name = "t"
+fhir_version = "4.0.1"
+
+[[structure]]
+name = "FLAT"
+
+[[segment]]
+name = "PID"
+segment = "PID"
+resource = "Patient"
+id = ["PID-3.1"]
+rules = [
+  { value = "any", to = "meta.tag[].code", when = 'any(PID-32[*], ["VALI", "QUAL"])' },
+  { value = "in", to = "meta.tag[].code", when = 'in(PID-32[*], ["VALI"])' },
+  { value = "none", to = "meta.tag[].code", when = 'not any(PID-32[*], ["VALI"])' },
+]
+
+[[message]]
+name = "ADT"
+events = ["ADT^A28"]
+structure = "FLAT"
+resources = [{ label = "Patient", for = "PID", map = "PID" }]
+"#,
+        )])
+        .unwrap();
+        let tags = |pid32: &str| {
+            // PID-3 = 42, then fields 4 to 31 empty, then PID-32.
+            let text = format!(
+                "MSH|^~\\&|A|B|||20240101||ADT^A28|1|P|2.5\rPID|1||42{}|{pid32}\r",
+                "|".repeat(28)
+            );
+            let message = passerelle_hl7::Message::parse(text.as_bytes()).unwrap();
+            let json = crate::exec::map(&pack, &message, &crate::MapOptions::default())
+                .unwrap()
+                .to_json(false);
+            ["any", "in", "none"]
+                .into_iter()
+                .filter(|t| json.contains(&format!(r#""code":"{t}""#)))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(tags("PROV~VALI"), ["any"]);
+        assert_eq!(tags("VALI~DOUB"), ["any", "in"]);
+        assert_eq!(tags("PROV"), ["none"]);
+        assert_eq!(tags("\"\"~DOUB~QUAL"), ["any", "none"]);
     }
 
     #[test]

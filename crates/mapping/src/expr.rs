@@ -162,6 +162,10 @@ pub(crate) enum Cond {
     Equals(SrcPath, String),
     /// The path's first value's text is one of the strings.
     In(SrcPath, Vec<String>),
+    /// Some value the path selects (any repetition, with `[*]`) has one of the strings as
+    /// its text: `any(PID-32[*], ["VALI"])` holds for `PROV~VALI`, where `in` reads only
+    /// the first repetition.
+    Any(SrcPath, Vec<String>),
     /// The number of values the path selects, compared with a number.
     Count(SrcPath, Cmp, usize),
     And(Box<Cond>, Box<Cond>),
@@ -173,9 +177,11 @@ impl Cond {
     /// Every path the condition reads.
     pub(crate) fn paths(&self, out: &mut Vec<SrcPath>) {
         match self {
-            Cond::Valued(p) | Cond::Equals(p, _) | Cond::In(p, _) | Cond::Count(p, _, _) => {
-                out.push(p.clone())
-            }
+            Cond::Valued(p)
+            | Cond::Equals(p, _)
+            | Cond::In(p, _)
+            | Cond::Any(p, _)
+            | Cond::Count(p, _, _) => out.push(p.clone()),
             Cond::And(a, b) | Cond::Or(a, b) => {
                 a.paths(out);
                 b.paths(out);
@@ -297,7 +303,7 @@ impl<'s> CondParser<'s> {
                 self.expect(",")?;
                 Cond::Equals(p, self.string()?)
             }
-            "in" => {
+            "in" | "any" => {
                 self.expect("(")?;
                 let p = self.path()?;
                 self.expect(",")?;
@@ -307,7 +313,11 @@ impl<'s> CondParser<'s> {
                     items.push(self.string()?);
                 }
                 self.expect("]")?;
-                Cond::In(p, items)
+                if word == "any" {
+                    Cond::Any(p, items)
+                } else {
+                    Cond::In(p, items)
+                }
             }
             "count" => {
                 self.expect("(")?;
@@ -339,7 +349,7 @@ impl<'s> CondParser<'s> {
             _ => {
                 return Err(err(
                     start,
-                    "expected valued(…), equals(…, \"x\"), in(…, [\"x\"]), count(…) OP n, not, or (…)",
+                    "expected valued(…), equals(…, \"x\"), in(…, [\"x\"]), any(…, [\"x\"]), count(…) OP n, not, or (…)",
                 ));
             }
         };
@@ -383,7 +393,7 @@ mod tests {
     #[test]
     fn parses_conditions() {
         let c = parse_cond(
-            r#"valued(PID-3) and not (equals(PID-8, "U") or in(PV1-2, ['I','E'])) or count(PID-11[*]) >= 2"#,
+            r#"valued(PID-3) and not (equals(PID-8, "U") or in(PV1-2, ['I','E'])) or count(PID-11[*]) >= 2 and any(PID-32[*], ["VALI"])"#,
         );
         assert!(matches!(c, Ok(Cond::Or(_, _))), "{c:?}");
         for (bad, pos) in [

@@ -23,7 +23,8 @@
 //! more file. `mappings/v2-to-fhir/README.md` describes the format with examples.
 //!
 //! Conditions are a closed language: `valued(P)`, `equals(P, "x")`, `in(P, ["x", "y"])`,
-//! `count(P) >= n`, `and`, `or`, `not`, parentheses. There is no scripting.
+//! `any(P, ["x", "y"])` (some repetition has one of the codes), `count(P) >= n`, `and`,
+//! `or`, `not`, parentheses. There is no scripting.
 //!
 //! ## Load once, apply many times
 //!
