@@ -147,7 +147,7 @@ fn check_reports_configuration_routes_and_destinations() {
         "{}",
         String::from_utf8_lossy(&good.stderr)
     );
-    assert!(String::from_utf8_lossy(&good.stdout).contains("1 route(s)"));
+    assert!(String::from_utf8_lossy(&good.stdout).contains("2 route(s)"));
 
     let dir = tempfile::tempdir().unwrap();
     let config = common::setup(

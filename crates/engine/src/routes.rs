@@ -14,7 +14,9 @@
 //! message_type = "ADT"
 //! trigger_event = ["A01", "A04", "A08"]
 //! sending_facility = "CHU_*"
-//! version = "2.5*"
+//! version = "2.5*"                            # MSH-12.1
+//! internationalization_code = "FRA"           # MSH-12.2 (PAM FR sends 2.5^FRA^2.11)
+//! profile = "*IHE_FRANCE-2.11-PAM*"           # MSH-21, any repetition, whole
 //!
 //! [[destinations]]
 //! name = "fhir"
@@ -41,7 +43,7 @@ use serde::Deserialize;
 use crate::location::{ConfigError, ConfigErrors, SourceFile, Step};
 
 /// The fields a route can match on.
-pub const MATCH_FIELDS: [&str; 7] = [
+pub const MATCH_FIELDS: [&str; 9] = [
     "sending_application",
     "sending_facility",
     "receiving_application",
@@ -49,6 +51,8 @@ pub const MATCH_FIELDS: [&str; 7] = [
     "message_type",
     "trigger_event",
     "version",
+    "internationalization_code",
+    "profile",
 ];
 
 /// The default ordering key: the sending facility and the first patient identifier
@@ -164,6 +168,8 @@ fn field_of<'a>(header: &'a HeaderSummary, field: &str) -> &'a str {
         "receiving_facility" => &header.receiving_facility,
         "message_type" => &header.message_type,
         "trigger_event" => &header.trigger_event,
+        "internationalization_code" => &header.version_internationalization,
+        "profile" => &header.profiles,
         _ => &header.version,
     }
 }
@@ -184,6 +190,13 @@ impl Route {
             return false;
         }
         self.matches.iter().all(|(field, globs)| {
+            if field == "profile" {
+                // MSH-21 repeats: any repetition, matched whole (`2.11^IHE_FRANCE-2.11-PAM`).
+                return header
+                    .profiles
+                    .split(header.separators.repetition as char)
+                    .any(|p| globs.iter().any(|g| g.matches(p)));
+            }
             let value = first_component(field_of(header, field), &header.separators);
             globs.iter().any(|g| g.matches(&value))
         })

@@ -305,6 +305,38 @@ fn first_matching_route_wins_then_the_default() {
 }
 
 #[test]
+fn french_feeds_are_told_by_msh_12_2_or_msh_21() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "10-fr.toml",
+        "name = \"fr\"\nmapping = \"v2-to-fhir\"\n[match]\ninternationalization_code = \"FRA\"\n[[destinations]]\nname = \"d\"\ntype = \"ndjson\"\n",
+    );
+    write(
+        dir.path(),
+        "20-profile.toml",
+        "name = \"pam\"\nmapping = \"v2-to-fhir\"\n[match]\nprofile = \"*IHE_FRANCE-2.11-PAM*\"\n[[destinations]]\nname = \"d\"\ntype = \"ndjson\"\n",
+    );
+    let table = RouteTable::load(dir.path(), &packs(), &listeners()).unwrap();
+    let pick = |msh: &str| table.select(&header(msh), "main").map(|r| r.name.clone());
+    assert_eq!(
+        pick("MSH|^~\\&|GAM|CHSA|||20250101||ADT^A28^ADT_A05|1|P|2.5^FRA^2.11").as_deref(),
+        Some("fr")
+    );
+    assert_eq!(
+        pick("MSH|^~\\&|GAM|CHSA|||20250101||ADT^A28^ADT_A05|1|P|2.5|||||||||FR~2.11^IHE_FRANCE-2.11-PAM")
+            .as_deref(),
+        Some("pam"),
+        "any MSH-21 repetition, matched whole"
+    );
+    assert_eq!(
+        pick("MSH|^~\\&|GAM|CHSA|||20250101||ADT^A28^ADT_A05|1|P|2.5^USA").as_deref(),
+        None,
+        "neither: no route, no default"
+    );
+}
+
+#[test]
 fn default_ordering_key_is_facility_and_patient_identifier() {
     let dir = tempfile::tempdir().unwrap();
     write(dir.path(), "10-adt.toml", GOOD_ROUTE);

@@ -31,6 +31,8 @@ pub struct HeaderSummary {
     pub processing_id: String,
     /// MSH-12.1, e.g. `2.5.1`.
     pub version: String,
+    /// MSH-12.2, the internationalization code, e.g. `FRA` in PAM FR's `2.5^FRA^2.11`.
+    pub version_internationalization: String,
     /// MSH-15: AL, NE, ER, SU (empty in original acknowledgement mode).
     pub accept_ack_type: String,
     /// MSH-16: AL, NE, ER, SU.
@@ -39,6 +41,8 @@ pub struct HeaderSummary {
     pub country: String,
     /// MSH-18, all repetitions, as sent.
     pub charset_label: String,
+    /// MSH-21 (message profile identifiers), all repetitions, as sent.
+    pub profiles: String,
 }
 
 impl HeaderSummary {
@@ -100,10 +104,12 @@ impl HeaderSummary {
             control_id: text(field(10)),
             processing_id: component(11, 1),
             version: component(12, 1),
+            version_internationalization: component(12, 2),
             accept_ack_type: text(field(15)),
             application_ack_type: text(field(16)),
             country: text(field(17)),
             charset_label: text(field(18)),
+            profiles: text(field(21)),
         }
     }
 
