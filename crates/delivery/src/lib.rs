@@ -45,6 +45,7 @@ pub mod fhir;
 pub mod mllp;
 pub mod ndjson;
 mod settings;
+mod smart;
 
 use std::path::Path;
 
