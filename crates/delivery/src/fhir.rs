@@ -18,6 +18,7 @@
 //! | no answer within `timeout_s` | transient | `timeout` |
 //! | the connection broke mid-exchange | transient | `http_io` |
 //! | the message has no bundle | permanent | `no_bundle` |
+//! | no access token (`smart_backend`): token endpoint unreachable, 408, 429, 5xx / refused | transient / permanent | `auth` |
 //!
 //! A transient answer's `Retry-After` (delta-seconds or HTTP date) becomes the report's
 //! `retry_after_ms`. A refused answer's `detail` is an excerpt of its OperationOutcome
@@ -25,11 +26,23 @@
 //! characters); a body that is not an OperationOutcome is not echoed.
 //!
 //! Authentication: `auth = { type = "none" }` (default), `{ type = "basic", username,
-//! password_env }` or `{ type = "bearer", token_env }`: the `*_env` keys name environment
-//! variables, read once when the destination is built. Server certificates are checked
-//! against the system's roots, or only against the PEM file `ca` when given; `client_cert`
-//! and `client_key` (PEM) present a client certificate (mutual TLS). SMART Backend Services
-//! (OAuth2 client credentials with a JWT assertion) is not implemented yet.
+//! password_env }`, `{ type = "bearer", token_env }`, or SMART Backend Services. The `*_env`
+//! keys name environment variables, read once when the destination is built. Server
+//! certificates are checked against the system's roots, or only against the PEM file `ca`
+//! when given; `client_cert` and `client_key` (PEM) present a client certificate (mutual
+//! TLS).
+//!
+//! SMART Backend Services (OAuth 2.0 client credentials with a signed JWT assertion, see
+//! the `smart` module): `{ type = "smart_backend", token_url, client_id, private_key_file,
+//! algorithm, scope, kid }`. `private_key_file` (unencrypted PKCS#8 PEM, RSA or EC P-384,
+//! relative to the base dir) is read and checked when the destination is built;
+//! `algorithm` (`RS384` or `ES384`) defaults to the key's, `scope` to `system/*.write`, and
+//! `kid`, when given, goes in the JWT header. The token endpoint is reached with the same
+//! HTTP client (timeouts, `ca`, client certificate) as the FHIR server. Access tokens are
+//! cached and shared; a 401 from the FHIR server makes the attempt fetch a new token once
+//! and POST once more. Failing to get a token gives `error_class` `auth`: transient when the
+//! token endpoint is unreachable or answers 408, 429 or 5xx, permanent when it refuses the
+//! client (its OAuth `error` code in `detail`).
 
 use std::fmt;
 use std::path::Path;
