@@ -509,6 +509,127 @@ fn refused(status: u16, retry_after: Option<u64>, body: &[u8], assertion: &str) 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use aws_lc_rs::signature::{
+        ECDSA_P384_SHA384_FIXED, KeyPair, RSA_PKCS1_2048_8192_SHA384, UnparsedPublicKey,
+    };
+
+    fn pem(der: &[u8]) -> String {
+        let body = base64_encode(der, false);
+        let lines: Vec<&str> = body
+            .as_bytes()
+            .chunks(64)
+            .map(|c| std::str::from_utf8(c).expect("ascii"))
+            .collect();
+        format!(
+            "-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n",
+            lines.join("\n")
+        )
+    }
+
+    fn base64url_decode(text: &str) -> Vec<u8> {
+        const ALPHABET: &[u8; 64] =
+            b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        let mut bits = 0u32;
+        let mut count = 0;
+        let mut out = Vec::new();
+        for c in text.bytes() {
+            let v = ALPHABET.iter().position(|&a| a == c).expect("base64url") as u32;
+            bits = (bits << 6) | v;
+            count += 6;
+            if count >= 8 {
+                count -= 8;
+                out.push((bits >> count) as u8);
+            }
+        }
+        out
+    }
+
+    fn auth(dir: &Path, extra: &str) -> SmartAuth {
+        let table: toml::Table = toml::from_str(&format!(
+            "type = \"smart_backend\"\ntoken_url = \"https://auth.example/token\"\nclient_id = \"svc-1\"\nprivate_key_file = \"key.pem\"\n{extra}"
+        ))
+        .expect("toml");
+        let r = Reader::new(&table, "auth", SmartAuth::KEYS).expect("keys");
+        SmartAuth::from_settings(&r, dir).expect("settings")
+    }
+
+    /// Splits a compact JWS into (header, claims, signing input, signature).
+    fn parts(jws: &str) -> (serde_json::Value, serde_json::Value, String, Vec<u8>) {
+        let pieces: Vec<&str> = jws.split('.').collect();
+        assert_eq!(pieces.len(), 3, "{jws}");
+        let json = |p: &str| serde_json::from_slice(&base64url_decode(p)).expect("json");
+        (
+            json(pieces[0]),
+            json(pieces[1]),
+            format!("{}.{}", pieces[0], pieces[1]),
+            base64url_decode(pieces[2]),
+        )
+    }
+
+    #[test]
+    fn es384_assertions_carry_the_smart_claims_and_verify() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let rng = SystemRandom::new();
+        let pkcs8 =
+            EcdsaKeyPair::generate_pkcs8(&ECDSA_P384_SHA384_FIXED_SIGNING, &rng).expect("generate");
+        std::fs::write(dir.path().join("key.pem"), pem(pkcs8.as_ref())).expect("write");
+        let public = EcdsaKeyPair::from_pkcs8(&ECDSA_P384_SHA384_FIXED_SIGNING, pkcs8.as_ref())
+            .expect("key")
+            .public_key()
+            .as_ref()
+            .to_vec();
+        let auth = auth(dir.path(), "kid = \"k-7\"");
+        assert_eq!(auth.scope, "system/*.write");
+
+        let first = auth.assertion().expect("signed");
+        let (header, claims, input, signature) = parts(&first);
+        assert_eq!(
+            header,
+            serde_json::json!({"alg": "ES384", "typ": "JWT", "kid": "k-7"})
+        );
+        assert_eq!(claims["iss"], "svc-1");
+        assert_eq!(claims["sub"], "svc-1");
+        assert_eq!(claims["aud"], "https://auth.example/token");
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .expect("clock")
+            .as_secs();
+        let exp = claims["exp"].as_u64().expect("exp");
+        assert!(exp > now && exp <= now + 300, "{claims}");
+        assert_eq!(claims["jti"].as_str().expect("jti").len(), 32);
+        // ES384 in JWS is the raw r‖s pair.
+        assert_eq!(signature.len(), 96);
+        UnparsedPublicKey::new(&ECDSA_P384_SHA384_FIXED, &public)
+            .verify(input.as_bytes(), &signature)
+            .expect("the signature verifies");
+
+        // Each assertion has its own jti.
+        let (_, again, _, _) = parts(&auth.assertion().expect("signed"));
+        assert_ne!(claims["jti"], again["jti"]);
+    }
+
+    #[test]
+    fn rs384_assertions_verify_and_omit_an_absent_kid() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = RsaKeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048).expect("generate");
+        let pkcs8 =
+            aws_lc_rs::encoding::AsDer::<aws_lc_rs::encoding::Pkcs8V1Der<'static>>::as_der(&key)
+                .expect("pkcs8");
+        std::fs::write(dir.path().join("key.pem"), pem(pkcs8.as_ref())).expect("write");
+        let auth = auth(dir.path(), "scope = \"system/Bundle.write\"");
+        assert_eq!(auth.scope, "system/Bundle.write");
+        let (header, _, input, signature) = parts(&auth.assertion().expect("signed"));
+        assert_eq!(header, serde_json::json!({"alg": "RS384", "typ": "JWT"}));
+        UnparsedPublicKey::new(&RSA_PKCS1_2048_8192_SHA384, key.public_key().as_ref())
+            .verify(input.as_bytes(), &signature)
+            .expect("the signature verifies");
+        // Debug shows the configuration, not the key.
+        let debug = format!("{auth:?}");
+        assert!(
+            debug.contains("RS384") && debug.contains("svc-1"),
+            "{debug}"
+        );
+    }
 
     #[test]
     fn refusals_are_classified_and_carry_the_oauth_error() {

@@ -226,14 +226,23 @@ async fn a_second_401_is_not_retried_again(peers: &Peers) {
 
 async fn a_wrong_key_is_a_permanent_auth_failure_without_secrets(peers: &Peers) {
     // The server knows this client by the public half of rsa.pem.
-    let dest = peers.destination(
+    let dest = Arc::new(peers.destination(
         &peers.fhir.base_url(),
         "passerelle-wrong-key",
         "rsa-other.pem",
         "",
-    );
+    ));
     let refused_before = peers.fhir.unauthorized_count();
-    let report = dest.deliver(&item(&bundle("adt_a04_v28.hl7"))).await;
+    // Four deliveries at once share the one refused token request.
+    let bundle = Arc::new(bundle("adt_a04_v28.hl7"));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let (dest, bundle) = (Arc::clone(&dest), Arc::clone(&bundle));
+        tasks.spawn(async move { dest.deliver(&item(&bundle)).await });
+    }
+    let reports: Vec<AttemptReport> = tasks.join_all().await;
+    assert!(reports.iter().all(|r| r == &reports[0]), "{reports:?}");
+    let report = &reports[0];
     assert_eq!(report.outcome, AttemptOutcome::Permanent, "{report:?}");
     assert_eq!(report.error_class, "auth");
     assert_eq!(report.status, None);
