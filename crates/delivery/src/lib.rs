@@ -79,7 +79,7 @@ impl Destination {
     /// Builds a destination from a route's `[[destinations]]` table: `kind` is its `type`
     /// and `settings` the table (a `type` key in it is ignored; any other key the kind does
     /// not know is an error naming it). Relative paths resolve against `base_dir` (the
-    /// directory of the route file). Files (CA, certificates) are read and environment
+    /// engine passes the directory of passerelle.toml). Files (CA, certificates) are read and environment
     /// variables looked up here, so a bad setting fails at start-up, not at the first
     /// message.
     pub fn from_settings(
