@@ -353,35 +353,12 @@ impl SmartAuth {
         if !status.is_success() {
             return Err(refused(status.as_u16(), retry_after, &body, &assertion));
         }
-        let unusable = |why: &str| {
+        let (header, lifetime) = read_token_answer(&body).map_err(|why| {
             with_detail(
                 AttemptReport::permanent(CLASS),
                 format!("token endpoint: HTTP {}, but {why}", status.as_u16()),
             )
-        };
-        let answer: serde_json::Value =
-            serde_json::from_slice(&body).map_err(|_| unusable("the answer is not JSON"))?;
-        let access_token = answer
-            .get("access_token")
-            .and_then(|t| t.as_str())
-            .filter(|t| !t.is_empty())
-            .ok_or_else(|| unusable("the answer has no access_token"))?;
-        let token_type = answer
-            .get("token_type")
-            .and_then(|t| t.as_str())
-            .unwrap_or("");
-        if !token_type.eq_ignore_ascii_case("bearer") {
-            return Err(unusable("the token_type is not Bearer"));
-        }
-        let lifetime = match answer.get("expires_in").and_then(|e| e.as_f64()) {
-            Some(secs) if secs.is_finite() && secs >= 0.0 => {
-                Duration::from_secs_f64(secs).min(MAX_LIFETIME)
-            }
-            _ => DEFAULT_LIFETIME,
-        };
-        let mut header = HeaderValue::from_str(&format!("Bearer {access_token}"))
-            .map_err(|_| unusable("the access token holds characters not allowed in a header"))?;
-        header.set_sensitive(true);
+        })?;
         let margin = (lifetime / 10).min(MAX_MARGIN);
         tracing::debug!(
             client_id = %self.client_id,
@@ -467,6 +444,41 @@ fn read_signer(pem: &[u8]) -> Result<Signer, SettingsError> {
         key,
         "holds a key that is neither RSA (2048 to 8192 bits) nor EC P-384",
     ))
+}
+
+/// A successful token answer (RFC 6749 §5.1): the `Authorization` header to send (marked
+/// sensitive) and the token's lifetime; or why the answer cannot be used.
+fn read_token_answer(body: &[u8]) -> Result<(HeaderValue, Duration), &'static str> {
+    let answer: serde_json::Value =
+        serde_json::from_slice(body).map_err(|_| "the answer is not JSON")?;
+    let access_token = answer
+        .get("access_token")
+        .and_then(|t| t.as_str())
+        .filter(|t| !t.is_empty())
+        .ok_or("the answer has no access_token")?;
+    let token_type = answer
+        .get("token_type")
+        .and_then(|t| t.as_str())
+        .unwrap_or("");
+    if !token_type.eq_ignore_ascii_case("bearer") {
+        return Err("the token_type is not Bearer");
+    }
+    // A number, though some servers send it as a string.
+    let expires_in = answer.get("expires_in").and_then(|e| {
+        e.as_f64()
+            .or_else(|| e.as_str().and_then(|s| s.trim().parse().ok()))
+    });
+    let lifetime = match expires_in {
+        // Clamped before converting: from_secs_f64 cannot take any f64.
+        Some(secs) if secs.is_finite() && secs >= 0.0 => {
+            Duration::from_secs_f64(secs.min(MAX_LIFETIME.as_secs_f64()))
+        }
+        _ => DEFAULT_LIFETIME,
+    };
+    let mut header = HeaderValue::from_str(&format!("Bearer {access_token}"))
+        .map_err(|_| "the access token holds characters not allowed in a header")?;
+    header.set_sensitive(true);
+    Ok((header, lifetime))
 }
 
 /// A token endpoint's refusal (non-2xx), classified.
@@ -629,6 +641,45 @@ mod tests {
             debug.contains("RS384") && debug.contains("svc-1"),
             "{debug}"
         );
+    }
+
+    #[test]
+    fn token_answers_are_read_or_refused() {
+        let read = |body: &str| read_token_answer(body.as_bytes());
+        let (header, lifetime) =
+            read(r#"{"access_token":"abc","token_type":"bearer","expires_in":3600}"#)
+                .expect("usable");
+        assert_eq!(header.to_str().expect("ascii"), "Bearer abc");
+        assert!(header.is_sensitive());
+        assert_eq!(lifetime, Duration::from_secs(3600));
+        let lifetime = |body: &str| read(body).expect("usable").1;
+        assert_eq!(
+            lifetime(r#"{"access_token":"a","token_type":"Bearer","expires_in":"90"}"#),
+            Duration::from_secs(90)
+        );
+        assert_eq!(
+            lifetime(r#"{"access_token":"a","token_type":"Bearer"}"#),
+            DEFAULT_LIFETIME
+        );
+        assert_eq!(
+            lifetime(r#"{"access_token":"a","token_type":"Bearer","expires_in":-5}"#),
+            DEFAULT_LIFETIME
+        );
+        // Absurd lifetimes are capped, not a panic.
+        assert_eq!(
+            lifetime(r#"{"access_token":"a","token_type":"Bearer","expires_in":1e300}"#),
+            MAX_LIFETIME
+        );
+        assert_eq!(read("<html>").unwrap_err(), "the answer is not JSON");
+        assert_eq!(
+            read(r#"{"token_type":"Bearer"}"#).unwrap_err(),
+            "the answer has no access_token"
+        );
+        assert_eq!(
+            read(r#"{"access_token":"a","token_type":"mac"}"#).unwrap_err(),
+            "the token_type is not Bearer"
+        );
+        assert!(read(r#"{"access_token":"a\nb","token_type":"Bearer"}"#).is_err());
     }
 
     #[test]
