@@ -18,6 +18,7 @@
 //! | no answer within `timeout_s` | transient | `timeout` |
 //! | the connection broke mid-exchange | transient | `http_io` |
 //! | the message has no bundle | permanent | `no_bundle` |
+//! | no access token (`smart_backend`): token endpoint unreachable, 408, 429, 5xx / refused | transient / permanent | `auth` |
 //!
 //! A transient answer's `Retry-After` (delta-seconds or HTTP date) becomes the report's
 //! `retry_after_ms`. A refused answer's `detail` is an excerpt of its OperationOutcome
@@ -25,11 +26,23 @@
 //! characters); a body that is not an OperationOutcome is not echoed.
 //!
 //! Authentication: `auth = { type = "none" }` (default), `{ type = "basic", username,
-//! password_env }` or `{ type = "bearer", token_env }`: the `*_env` keys name environment
-//! variables, read once when the destination is built. Server certificates are checked
-//! against the system's roots, or only against the PEM file `ca` when given; `client_cert`
-//! and `client_key` (PEM) present a client certificate (mutual TLS). SMART Backend Services
-//! (OAuth2 client credentials with a JWT assertion) is not implemented yet.
+//! password_env }`, `{ type = "bearer", token_env }`, or SMART Backend Services. The `*_env`
+//! keys name environment variables, read once when the destination is built. Server
+//! certificates are checked against the system's roots, or only against the PEM file `ca`
+//! when given; `client_cert` and `client_key` (PEM) present a client certificate (mutual
+//! TLS).
+//!
+//! SMART Backend Services (OAuth 2.0 client credentials with a signed JWT assertion, see
+//! the `smart` module): `{ type = "smart_backend", token_url, client_id, private_key_file,
+//! algorithm, scope, kid }`. `private_key_file` (unencrypted PKCS#8 PEM, RSA or EC P-384,
+//! relative to the base dir) is read and checked when the destination is built;
+//! `algorithm` (`RS384` or `ES384`) defaults to the key's, `scope` to `system/*.write`, and
+//! `kid`, when given, goes in the JWT header. The token endpoint is reached with the same
+//! HTTP client (timeouts, `ca`, client certificate) as the FHIR server. Access tokens are
+//! cached and shared; a 401 from the FHIR server makes the attempt fetch a new token once
+//! and POST once more. Failing to get a token gives `error_class` `auth`: transient when the
+//! token endpoint is unreachable or answers 408, 429 or 5xx, permanent when it refuses the
+//! client (its OAuth `error` code in `detail`).
 
 use std::fmt;
 use std::path::Path;
@@ -40,6 +53,7 @@ use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValu
 use reqwest::{Certificate, Client, Identity, StatusCode, Url};
 
 use crate::settings::{Reader, invalid, read_file};
+use crate::smart::{AccessToken, SmartAuth};
 use crate::{Item, SettingsError, truncate, with_detail};
 
 /// The most of an error answer's body that is read (to excerpt an OperationOutcome).
@@ -52,8 +66,29 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct FhirDestination {
     url: Url,
     client: Client,
-    auth: Option<HeaderValue>,
-    auth_kind: &'static str,
+    auth: Auth,
+}
+
+/// How requests are authenticated.
+enum Auth {
+    None,
+    /// Basic or bearer: one header value, built once.
+    Static {
+        header: HeaderValue,
+        kind: &'static str,
+    },
+    /// SMART Backend Services: tokens fetched and renewed.
+    Smart(Box<SmartAuth>),
+}
+
+impl Auth {
+    fn kind(&self) -> &'static str {
+        match self {
+            Auth::None => "none",
+            Auth::Static { kind, .. } => kind,
+            Auth::Smart(_) => "smart_backend",
+        }
+    }
 }
 
 impl fmt::Debug for FhirDestination {
@@ -61,7 +96,7 @@ impl fmt::Debug for FhirDestination {
         // The credentials stay out.
         f.debug_struct("FhirDestination")
             .field("url", &self.url.as_str())
-            .field("auth", &self.auth_kind)
+            .field("auth", &self.auth.kind())
             .finish_non_exhaustive()
     }
 }
@@ -104,9 +139,9 @@ impl FhirDestination {
         }
         let timeout = r.seconds("timeout_s")?.unwrap_or(DEFAULT_TIMEOUT);
 
-        let (auth, auth_kind) = match r.table("auth")? {
-            None => (None, "none"),
-            Some(table) => read_auth(table)?,
+        let auth = match r.table("auth")? {
+            None => Auth::None,
+            Some(table) => read_auth(table, base_dir)?,
         };
 
         // rustls needs one process-wide crypto provider; the workspace uses aws-lc-rs.
@@ -157,12 +192,7 @@ impl FhirDestination {
         let client = builder
             .build()
             .map_err(|e| invalid("url", format!("cannot build the HTTP client: {e}")))?;
-        Ok(FhirDestination {
-            url,
-            client,
-            auth,
-            auth_kind,
-        })
+        Ok(FhirDestination { url, client, auth })
     }
 
     /// The base URL.
@@ -178,6 +208,51 @@ impl FhirDestination {
                 "the message has no FHIR bundle (its route maps nothing) for a FHIR destination",
             );
         };
+        let mut token = match &self.auth {
+            Auth::Smart(smart) => match smart.token(&self.client).await {
+                Ok(token) => Some(token),
+                Err(report) => return report,
+            },
+            _ => None,
+        };
+        let mut response = match self.post(bundle, token.as_deref()).await {
+            Ok(response) => response,
+            Err(e) => return transport_failure(&e),
+        };
+        if response.status() == StatusCode::UNAUTHORIZED
+            && let (Auth::Smart(smart), Some(refused)) = (&self.auth, &token)
+        {
+            // Revoked, or expired sooner than announced: one fresh token, one more try.
+            smart.forget(refused);
+            drain(response).await;
+            token = match smart.token(&self.client).await {
+                Ok(token) => Some(token),
+                Err(report) => return report,
+            };
+            response = match self.post(bundle, token.as_deref()).await {
+                Ok(response) => response,
+                Err(e) => return transport_failure(&e),
+            };
+        }
+        let status = response.status();
+        if status.is_success() {
+            // Drain the answer (without keeping it) so the connection goes back to the pool.
+            drain(response).await;
+            let mut report = AttemptReport::delivered();
+            report.status = Some(status.as_u16());
+            return report;
+        }
+        let retry_after = retry_after_ms(response.headers(), SystemTime::now());
+        let body = read_bounded(response, MAX_ERROR_BODY).await;
+        classify(status, retry_after, &body)
+    }
+
+    /// POSTs the bundle, with the configured credentials (`token` for SMART).
+    async fn post(
+        &self,
+        bundle: &str,
+        token: Option<&AccessToken>,
+    ) -> Result<reqwest::Response, reqwest::Error> {
         let mut request = self
             .client
             .post(self.url.clone())
@@ -186,50 +261,44 @@ impl FhirDestination {
             // The transaction-response need not repeat the resources.
             .header("Prefer", "return=minimal")
             .body(bundle.to_owned());
-        if let Some(auth) = &self.auth {
-            request = request.header(AUTHORIZATION, auth.clone());
+        if let Auth::Static { header, .. } = &self.auth {
+            request = request.header(AUTHORIZATION, header.clone());
         }
-        let response = match request.send().await {
-            Ok(response) => response,
-            Err(e) => return transport_failure(&e),
-        };
-        let status = response.status();
-        if status.is_success() {
-            // Drain the answer (without keeping it) so the connection goes back to the pool.
-            let mut response = response;
-            while let Ok(Some(_)) = response.chunk().await {}
-            let mut report = AttemptReport::delivered();
-            report.status = Some(status.as_u16());
-            return report;
+        if let Some(token) = token {
+            request = request.header(AUTHORIZATION, token.header());
         }
-        let retry_after = retry_after_ms(response.headers(), SystemTime::now());
-        let body = read_bounded(response).await;
-        classify(status, retry_after, &body)
+        request.send().await
     }
 }
 
-fn read_auth(table: &toml::Table) -> Result<(Option<HeaderValue>, &'static str), SettingsError> {
+/// Reads an answer to its end without keeping it, so the connection can be reused.
+async fn drain(mut response: reqwest::Response) {
+    while let Ok(Some(_)) = response.chunk().await {}
+}
+
+fn read_auth(table: &toml::Table, base_dir: &Path) -> Result<Auth, SettingsError> {
+    const EXPECTED: &str = "expected \"none\", \"basic\", \"bearer\" or \"smart_backend\"";
     let kind = table
         .get("type")
         .ok_or_else(|| SettingsError::Missing {
             key: "auth.type".to_owned(),
         })?
         .as_str()
-        .ok_or_else(|| invalid("auth.type", "expected \"none\", \"basic\" or \"bearer\""))?;
-    let secret_header = |text: String| {
-        let mut value = HeaderValue::from_str(&text).map_err(|_| {
+        .ok_or_else(|| invalid("auth.type", EXPECTED))?;
+    let secret_header = |text: String, kind: &'static str| {
+        let mut header = HeaderValue::from_str(&text).map_err(|_| {
             invalid(
                 "auth",
                 "the credentials hold characters not allowed in a header",
             )
         })?;
-        value.set_sensitive(true);
-        Ok::<_, SettingsError>(Some(value))
+        header.set_sensitive(true);
+        Ok::<_, SettingsError>(Auth::Static { header, kind })
     };
     match kind {
         "none" => {
             Reader::new(table, "auth", &["type"])?;
-            Ok((None, "none"))
+            Ok(Auth::None)
         }
         "basic" => {
             let r = Reader::new(table, "auth", &["type", "username", "password_env"])?;
@@ -238,24 +307,30 @@ fn read_auth(table: &toml::Table) -> Result<(Option<HeaderValue>, &'static str),
                 return Err(invalid("auth.username", "must not contain ':'"));
             }
             let password = r.secret_from_env("password_env")?;
-            let token = base64(format!("{username}:{password}").as_bytes());
-            Ok((secret_header(format!("Basic {token}"))?, "basic"))
+            let token = base64_encode(format!("{username}:{password}").as_bytes(), false);
+            secret_header(format!("Basic {token}"), "basic")
         }
         "bearer" => {
             let r = Reader::new(table, "auth", &["type", "token_env"])?;
             let token = r.secret_from_env("token_env")?;
-            Ok((secret_header(format!("Bearer {token}"))?, "bearer"))
+            secret_header(format!("Bearer {token}"), "bearer")
         }
-        other => Err(invalid(
-            "auth.type",
-            format!("{other:?}: expected \"none\", \"basic\" or \"bearer\""),
-        )),
+        "smart_backend" => {
+            let r = Reader::new(table, "auth", SmartAuth::KEYS)?;
+            Ok(Auth::Smart(Box::new(SmartAuth::from_settings(
+                &r, base_dir,
+            )?)))
+        }
+        other => Err(invalid("auth.type", format!("{other:?}: {EXPECTED}"))),
     }
 }
 
-/// Standard base64 with padding (RFC 4648), for Basic authentication.
-fn base64(input: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+/// Base64 (RFC 4648): the standard alphabet with padding (Basic authentication), or with
+/// `url_safe` the URL-safe alphabet without padding (JWS, RFC 7515).
+pub(crate) fn base64_encode(input: &[u8], url_safe: bool) -> String {
+    const STANDARD: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    const URL_SAFE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let alphabet = if url_safe { URL_SAFE } else { STANDARD };
     let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
     for chunk in input.chunks(3) {
         let b = [
@@ -266,8 +341,8 @@ fn base64(input: &[u8]) -> String {
         let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         for i in 0..4 {
             if i <= chunk.len() {
-                out.push(char::from(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize]));
-            } else {
+                out.push(char::from(alphabet[((n >> (18 - 6 * i)) & 63) as usize]));
+            } else if !url_safe {
                 out.push('=');
             }
         }
@@ -276,7 +351,7 @@ fn base64(input: &[u8]) -> String {
 }
 
 /// A request that got no HTTP answer.
-fn transport_failure(e: &reqwest::Error) -> AttemptReport {
+pub(crate) fn transport_failure(e: &reqwest::Error) -> AttemptReport {
     let class = if e.is_timeout() {
         "timeout"
     } else if e.is_connect() {
@@ -295,16 +370,16 @@ fn transport_failure(e: &reqwest::Error) -> AttemptReport {
     with_detail(AttemptReport::transient(class), text)
 }
 
-/// Reads at most [`MAX_ERROR_BODY`] bytes of an answer; a broken body reads as empty.
-async fn read_bounded(mut response: reqwest::Response) -> Vec<u8> {
+/// Reads at most `max` bytes of an answer; a broken body reads as empty.
+pub(crate) async fn read_bounded(mut response: reqwest::Response, max: usize) -> Vec<u8> {
     let mut body = Vec::new();
-    while body.len() < MAX_ERROR_BODY {
+    while body.len() < max {
         match response.chunk().await {
             Ok(Some(chunk)) => body.extend_from_slice(&chunk),
             Ok(None) | Err(_) => break,
         }
     }
-    body.truncate(MAX_ERROR_BODY);
+    body.truncate(max);
     body
 }
 
@@ -399,8 +474,15 @@ mod tests {
             ("fooba", "Zm9vYmE="),
             ("foobar", "Zm9vYmFy"),
         ] {
-            assert_eq!(base64(input.as_bytes()), want);
+            assert_eq!(base64_encode(input.as_bytes(), false), want);
+            // base64url: another alphabet, no padding.
+            assert_eq!(
+                base64_encode(input.as_bytes(), true),
+                want.trim_end_matches('=')
+            );
         }
+        assert_eq!(base64_encode(&[0xfb, 0xff], false), "+/8=");
+        assert_eq!(base64_encode(&[0xfb, 0xff], true), "-_8");
     }
 
     #[test]

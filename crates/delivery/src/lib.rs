@@ -11,7 +11,7 @@
 //! | `type`   | what an attempt does | settings |
 //! |----------|----------------------|----------|
 //! | `ndjson` | appends each `entry[].resource` of the bundle as one line to `<dir>/<resourceType>.ndjson` (FHIR Bulk Data layout), then `fdatasync`; rotates a file that would grow past `max_file_bytes` to `<resourceType>.<n>.ndjson` | `dir`, `max_file_bytes` (default 256 MiB) |
-//! | `fhir`   | POSTs the transaction bundle to the FHIR base URL (`application/fhir+json`) | `url`, `timeout_s` (30), `auth` (`none` / `basic` / `bearer`, secrets from environment variables), `ca`, `client_cert` + `client_key` (mutual TLS) |
+//! | `fhir`   | POSTs the transaction bundle to the FHIR base URL (`application/fhir+json`) | `url`, `timeout_s` (30), `auth` (`none` / `basic` / `bearer`, secrets from environment variables; `smart_backend`: OAuth 2.0 client credentials with a JWT signed by a key file), `ca`, `client_cert` + `client_key` (mutual TLS) |
 //! | `mllp`   | sends the raw message over one persistent MLLP connection and waits for its ACK | `peer` (`host:port`), `ack_timeout_s` (30), `connect_timeout_s` (10), `tls` (`ca`, `client_cert`, `client_key`, `server_name`) |
 //!
 //! See each module for the details: [`ndjson`], [`fhir`], [`mllp`].
@@ -23,9 +23,10 @@
 //! - **Every failure is classified**: [`AttemptOutcome::Transient`] when the same attempt
 //!   may succeed later (network, timeouts, HTTP 408/429/5xx, disk errors, an MLLP peer that
 //!   does not answer), [`AttemptOutcome::Permanent`] when it cannot (a refused bundle, an
-//!   MLLP AE/AR, a message without a bundle for a bundle destination). The report's
-//!   `error_class` is a short stable label (`connect`, `timeout`, `http_5xx`, `http_4xx`,
-//!   `nak_ae`, `io`…) fit for metrics.
+//!   MLLP AE/AR, a message without a bundle for a bundle destination, a client the OAuth
+//!   token endpoint refuses). The report's `error_class` is a short stable label
+//!   (`connect`, `timeout`, `http_5xx`, `http_4xx`, `auth`, `nak_ae`, `io`…) fit for
+//!   metrics.
 //! - **No patient data in `detail` or logs.** `detail` holds error texts of the transport
 //!   (which name configured addresses, never content), an excerpt of a server's
 //!   OperationOutcome (`severity`, `code`, diagnostics, truncated to about 300 characters)
@@ -33,18 +34,15 @@
 //!   kind, the message id, sizes and classes.
 //! - **Secrets never sit in configuration files.** Passwords and tokens are read from
 //!   environment variables whose *names* the file gives, once, when the destination is
-//!   built; `Debug` does not print them.
-//!
-//! ## Not yet
-//!
-//! SMART Backend Services (OAuth2 client-credentials with a signed JWT assertion) for FHIR
-//! servers is not implemented: `auth.type = "bearer"` with a token from the environment is
-//! the stop-gap.
+//!   built; a SMART private key sits in its own file, which the configuration names.
+//!   `Debug` prints none of them, and neither do logs or reports: access tokens and signed
+//!   assertions stay inside the HTTP requests.
 
 pub mod fhir;
 pub mod mllp;
 pub mod ndjson;
 mod settings;
+mod smart;
 
 use std::path::Path;
 
@@ -81,7 +79,7 @@ impl Destination {
     /// Builds a destination from a route's `[[destinations]]` table: `kind` is its `type`
     /// and `settings` the table (a `type` key in it is ignored; any other key the kind does
     /// not know is an error naming it). Relative paths resolve against `base_dir` (the
-    /// directory of the route file). Files (CA, certificates) are read and environment
+    /// engine passes the directory of passerelle.toml). Files (CA, certificates) are read and environment
     /// variables looked up here, so a bad setting fails at start-up, not at the first
     /// message.
     pub fn from_settings(

@@ -8,6 +8,8 @@ use std::path::Path;
 use passerelle_delivery::{AttemptOutcome, Destination, Item, SettingsError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+mod common;
+
 /// An environment variable no test machine sets.
 const UNSET: &str = "PASSERELLE_DELIVERY_TEST_SURELY_UNSET";
 
@@ -206,6 +208,165 @@ fn fhir_auth_settings() {
         &with("{ type = \"none\", token_env = \"PATH\" }"),
         "auth.token_env",
     );
+}
+
+#[test]
+fn fhir_smart_backend_settings() {
+    let keys = common::Keys::new();
+    // Relative key files resolve against the base dir (the keys' directory here).
+    let build = |auth: &str| {
+        let settings: toml::Table = toml::from_str(&format!(
+            "url = \"https://fhir.example.org/fhir/R4\"\nauth = {{ type = \"smart_backend\", {auth} }}"
+        ))
+        .unwrap();
+        Destination::from_settings("fhir", &settings, keys.dir())
+    };
+    let base = "token_url = \"https://auth.example.org/token\", client_id = \"passerelle\"";
+    let with = |rest: &str| format!("{base}, {rest}");
+    let fails = |auth: &str| match build(auth) {
+        Ok(d) => panic!("{auth:?} was accepted: {d:?}"),
+        Err(e) => e,
+    };
+    let fails_on = |auth: &str, key: &str, reason: &str| {
+        let e = fails(auth);
+        match &e {
+            SettingsError::Invalid { key: k, reason: r } => {
+                assert_eq!(k, key, "{auth}: {e}");
+                assert!(r.contains(reason), "{auth}: {e}");
+            }
+            other => panic!("{auth}: expected Invalid({key}), got {other:?}"),
+        }
+    };
+
+    // Good: the algorithm follows the key, or is stated and matches it.
+    let rsa = build(&with("private_key_file = \"rsa.pem\"")).unwrap();
+    let debug = format!("{rsa:?}");
+    assert!(debug.contains("smart_backend"), "{debug}");
+    assert!(!debug.contains("PRIVATE"), "{debug}");
+    build(&with(
+        "private_key_file = \"rsa.pem\", algorithm = \"RS384\", scope = \"system/Patient.write system/Encounter.write\", kid = \"2024-1\"",
+    ))
+    .unwrap();
+    build(&with(
+        "private_key_file = \"ec384.pem\", algorithm = \"ES384\"",
+    ))
+    .unwrap();
+    // An absolute path too.
+    let absolute = keys.dir().join("ec384.pem");
+    build(&with(&format!("private_key_file = {absolute:?}"))).unwrap();
+
+    // Missing keys.
+    for (auth, key) in [
+        (
+            "client_id = \"p\", private_key_file = \"rsa.pem\"",
+            "auth.token_url",
+        ),
+        (
+            "token_url = \"https://a/token\", private_key_file = \"rsa.pem\"",
+            "auth.client_id",
+        ),
+        (base, "auth.private_key_file"),
+    ] {
+        assert_eq!(
+            fails(auth),
+            SettingsError::Missing {
+                key: key.to_owned()
+            },
+            "{auth}"
+        );
+    }
+    // Unknown keys: a typo, a key of another kind, a secret in the file.
+    for (extra, key) in [
+        ("audience = \"x\"", "auth.audience"),
+        ("token_env = \"PATH\"", "auth.token_env"),
+        ("client_secret = \"s3cret\"", "auth.client_secret"),
+    ] {
+        assert_eq!(
+            fails(&with(&format!("private_key_file = \"rsa.pem\", {extra}"))),
+            SettingsError::Unknown {
+                key: key.to_owned()
+            }
+        );
+    }
+    let key = "private_key_file = \"rsa.pem\"";
+    // The token URL.
+    for (url, reason) in [
+        ("not a url", "not a URL"),
+        ("ftp://auth.example.org/token", "http or https"),
+        ("https://u:p@auth.example.org/token", "credentials"),
+        ("https://auth.example.org/token#x", "fragment"),
+    ] {
+        fails_on(
+            &format!("token_url = {url:?}, client_id = \"p\", {key}"),
+            "auth.token_url",
+            reason,
+        );
+    }
+    // The client id, scope and kid.
+    fails_on(
+        &format!("token_url = \"https://a/token\", client_id = \"\", {key}"),
+        "auth.client_id",
+        "empty",
+    );
+    fails_on(
+        &format!("token_url = \"https://a/token\", client_id = 7, {key}"),
+        "auth.client_id",
+        "string",
+    );
+    fails_on(
+        &with(&format!("{key}, scope = \"\"")),
+        "auth.scope",
+        "empty",
+    );
+    fails_on(
+        &with(&format!("{key}, scope = \"system/*.write  system/*.read\"")),
+        "auth.scope",
+        "single spaces",
+    );
+    fails_on(
+        &with(&format!("{key}, scope = 'system/\"x\".write'")),
+        "auth.scope",
+        "quote",
+    );
+    fails_on(&with(&format!("{key}, kid = \"\"")), "auth.kid", "empty");
+    // The algorithm: a known one, and the one the key can make.
+    fails_on(
+        &with(&format!("{key}, algorithm = \"HS256\"")),
+        "auth.algorithm",
+        "\"RS384\" or \"ES384\"",
+    );
+    fails_on(
+        &with(&format!("{key}, algorithm = \"RS256\"")),
+        "auth.algorithm",
+        "\"RS256\"",
+    );
+    fails_on(
+        &with("private_key_file = \"rsa.pem\", algorithm = \"ES384\""),
+        "auth.algorithm",
+        "an RSA key: use RS384",
+    );
+    fails_on(
+        &with("private_key_file = \"ec384.pem\", algorithm = \"RS384\""),
+        "auth.algorithm",
+        "an EC P-384 key: use ES384",
+    );
+    // The key file, read and parsed now.
+    for (file, reason) in [
+        ("nowhere.pem", "cannot read"),
+        ("not-a-key.pem", "no unencrypted PKCS#8 private key"),
+        ("rsa.pub", "no unencrypted PKCS#8 private key"),
+        ("rsa-pkcs1.pem", "PKCS#1"),
+        ("ec256.pem", "P-256"),
+    ] {
+        fails_on(
+            &with(&format!("private_key_file = {file:?}")),
+            "auth.private_key_file",
+            reason,
+        );
+    }
+    // The error names the file, never the key's content.
+    let e = fails(&with("private_key_file = \"ec256.pem\""));
+    assert!(!e.to_string().contains("BEGIN"), "{e}");
 }
 
 #[test]

@@ -10,8 +10,10 @@
 //! its first N requests with STATUS and an OperationOutcome (503 and 429 with
 //! `Retry-After`, 2 s, as seconds and as an HTTP date respectively), then behaves like
 //! `/fhir/R4`. [`FhirServer::start_tls`] serves HTTPS and requires a client certificate
-//! (mutual TLS). The server starts in a few seconds; it is killed when the [`FhirServer`]
-//! is dropped.
+//! (mutual TLS). [`FhirServer::start_behind`] requires a bearer token on every request and
+//! asks a [`SmartAuthServer`](crate::smart_auth::SmartAuthServer) whether it is active
+//! (token introspection); 401 otherwise, counted by [`FhirServer::unauthorized_count`]. The server starts in a few seconds; it is killed
+//! when the [`FhirServer`] is dropped.
 
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
@@ -86,6 +88,28 @@ impl FhirServer {
         )
     }
 
+    /// Like [`FhirServer::start`], as a resource server of an authorization server: a
+    /// request without a bearer token that `introspection_url` (a
+    /// [`SmartAuthServer::introspection_url`](crate::smart_auth::SmartAuthServer::introspection_url))
+    /// says is active, asked on every request, gets 401.
+    pub fn start_behind(introspection_url: &str) -> FhirServer {
+        let dir = server_dir();
+        FhirServer::spawn(
+            Command::new("node")
+                .env("FHIR_SERVER_INTROSPECT_URL", introspection_url)
+                .env(
+                    "FHIR_SERVER_INTROSPECT_CLIENT_ID",
+                    crate::smart_auth::INTROSPECTOR_ID,
+                )
+                .env(
+                    "FHIR_SERVER_INTROSPECT_CLIENT_SECRET",
+                    crate::smart_auth::INTROSPECTOR_SECRET,
+                ),
+            &dir,
+            "http",
+        )
+    }
+
     fn spawn(command: &mut Command, dir: &Path, scheme: &'static str) -> FhirServer {
         let mut process = PeerProcess::spawn(
             "FHIR server (@medplum/fhir-router)",
@@ -97,6 +121,15 @@ impl FhirServer {
             scheme,
             _process: process,
         }
+    }
+
+    /// How many requests a server started with [`FhirServer::start_behind`] refused with
+    /// 401 so far.
+    pub fn unauthorized_count(&self) -> u32 {
+        let body = crate::smart_auth::test_hook(self.port, "GET", "/test/unauthorized");
+        body.trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("unexpected answer {body:?}"))
     }
 
     /// The port it listens on (127.0.0.1).

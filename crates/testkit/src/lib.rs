@@ -13,6 +13,7 @@
 pub mod fhir;
 pub mod fhir_server;
 pub mod mllp;
+pub mod smart_auth;
 
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};

@@ -14,6 +14,14 @@
 // `/fail/STATUS/N/fhir/R4` answers its first N requests with STATUS and an
 // OperationOutcome (503 and 429 carry `Retry-After: 2`, 429 as an HTTP date), then behaves
 // like `/fhir/R4`; each such prefix counts on its own.
+//
+// Bearer tokens (opt-in; off unless FHIR_SERVER_INTROSPECT_URL is set): every request must
+// carry `Authorization: Bearer TOKEN`, and the server asks the authorization server's
+// RFC 7662 introspection endpoint FHIR_SERVER_INTROSPECT_URL (authenticating as
+// FHIR_SERVER_INTROSPECT_CLIENT_ID / FHIR_SERVER_INTROSPECT_CLIENT_SECRET with HTTP Basic)
+// whether the token is active, on every request (so a revoked token is refused at once).
+// Missing or inactive: 401 with `WWW-Authenticate: Bearer` and an OperationOutcome.
+// `GET /test/unauthorized` (no token needed) answers how many 401s were sent, as text.
 'use strict';
 
 const fs = require('node:fs');
@@ -49,7 +57,48 @@ function outcome(code, diagnostics) {
   };
 }
 
+const introspection = process.env.FHIR_SERVER_INTROSPECT_URL
+  ? {
+      url: process.env.FHIR_SERVER_INTROSPECT_URL,
+      authorization: 'Basic ' + Buffer.from(
+        `${process.env.FHIR_SERVER_INTROSPECT_CLIENT_ID}:${process.env.FHIR_SERVER_INTROSPECT_CLIENT_SECRET}`,
+      ).toString('base64'),
+    }
+  : null;
+
+// Whether the request carries a bearer token the authorization server says is active.
+async function bearerIsActive(req) {
+  const match = /^Bearer\s+(\S+)$/i.exec(req.headers.authorization || '');
+  if (!match) return false;
+  const answer = await fetch(introspection.url, {
+    method: 'POST',
+    headers: {
+      authorization: introspection.authorization,
+      'content-type': 'application/x-www-form-urlencoded',
+      accept: 'application/json',
+    },
+    body: new URLSearchParams({ token: match[1], token_type_hint: 'access_token' }),
+  });
+  if (!answer.ok) throw new Error(`introspection answered HTTP ${answer.status}`);
+  const result = await answer.json();
+  return result.active === true;
+}
+
+let unauthorized = 0; // 401s answered so far
+
 async function handle(req, res, text) {
+  if (introspection && req.url === '/test/unauthorized') {
+    res.writeHead(200, { 'Content-Type': 'text/plain' });
+    res.end(`${unauthorized}\n`);
+    return;
+  }
+  if (introspection && !(await bearerIsActive(req))) {
+    unauthorized += 1;
+    send(res, 401, outcome('login', 'no active bearer token'), {
+      'WWW-Authenticate': 'Bearer error="invalid_token"',
+    });
+    return;
+  }
   const url = new URL(req.url, 'http://localhost');
   let path = url.pathname;
   const fail = /^\/fail\/(\d{3})\/(\d+)(\/.*)$/.exec(path);

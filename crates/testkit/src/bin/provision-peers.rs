@@ -13,6 +13,10 @@ fn main() {
         passerelle_testkit::fhir_server::server_dir().display()
     );
     println!(
+        "OAuth authorization server ready: {}",
+        passerelle_testkit::smart_auth::server_dir().display()
+    );
+    println!(
         "MLLP node peers ready: {}",
         passerelle_testkit::mllp::node_dir().display()
     );
