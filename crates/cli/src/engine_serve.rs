@@ -18,6 +18,10 @@ use passerelle_mllp::{Cidr, Listener, ListenerConfig, ServerTls, ServerTlsConfig
 use passerelle_store::{Store, SystemClock, spawn_retention};
 use tracing::{error, info};
 
+/// How long delivery attempts under way at shutdown may take to finish (within the 45 s
+/// stop timeout of deploy/: 30 s listener drain, this, the final flush).
+const DELIVERY_GRACE: Duration = Duration::from_secs(10);
+
 fn fail(code: u8, lines: impl IntoIterator<Item = String>) -> ExitCode {
     for line in lines {
         eprintln!("passerelle serve: {line}");
@@ -204,16 +208,21 @@ pub(crate) async fn run(path: &Path, shutdown: impl std::future::Future<Output =
             return ExitCode::FAILURE;
         }
     };
-    // All listeners drain at once, so the stop takes one drain timeout, not one each.
+    // All listeners drain at once, so the stop takes one drain timeout, not one each;
+    // meanwhile the delivery workers finish and record the attempts they have under way.
     let drains: Vec<_> = running
         .into_iter()
         .map(|listener| tokio::spawn(listener.shutdown()))
         .collect();
-    for drain in drains {
-        if let Ok(stats) = drain.await {
-            info!(frames = stats.frames, acks = stats.acks, "listener stopped");
+    let workers = pipeline.shutdown(DELIVERY_GRACE);
+    let listeners = async {
+        for drain in drains {
+            if let Ok(stats) = drain.await {
+                info!(frames = stats.frames, acks = stats.acks, "listener stopped");
+            }
         }
-    }
+    };
+    tokio::join!(workers, listeners);
     retention.abort();
     if let Err(e) = store.flush().await {
         error!(error = %e, "final flush failed");

@@ -129,6 +129,9 @@ struct Inner<S> {
     /// Where each queue delivers.
     targets: HashMap<String, Arc<Target>>,
     pressure: Pressure,
+    /// Set by [`Pipeline::shutdown`]: workers finish their attempts and take no more.
+    stopping: std::sync::atomic::AtomicBool,
+    workers: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 /// The MLLP handler and the handle on the background tasks.
@@ -224,6 +227,8 @@ impl<S: Store> Pipeline<S> {
                 wake,
                 targets,
                 pressure: Pressure::default(),
+                stopping: std::sync::atomic::AtomicBool::new(false),
+                workers: std::sync::Mutex::new(Vec::new()),
             }),
         };
         // Recovery first, in journal order, so that old messages keep their place.
@@ -252,7 +257,13 @@ impl<S: Store> Pipeline<S> {
         }
         for route in &pipeline.inner.config.routes.routes {
             for d in &route.destinations {
-                tokio::spawn(pipeline.clone().run_worker(route.clone(), d.clone()));
+                let worker = tokio::spawn(pipeline.clone().run_worker(route.clone(), d.clone()));
+                pipeline
+                    .inner
+                    .workers
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(worker);
             }
         }
         Ok(pipeline)
@@ -270,6 +281,31 @@ impl<S: Store> Pipeline<S> {
             &message,
             listener,
         ))
+    }
+
+    /// Stops the delivery workers: each finishes the attempts it has under way and records
+    /// them (so that a delivered message is not delivered again after a restart), then
+    /// takes no more. Attempts still running after `grace` are abandoned: their leases
+    /// return to ready at the next start (at-least-once).
+    pub async fn shutdown(&self, grace: Duration) {
+        self.inner.stopping.store(true, Relaxed);
+        for wake in self.inner.wake.values() {
+            wake.notify_one();
+        }
+        let workers =
+            std::mem::take(&mut *self.inner.workers.lock().unwrap_or_else(|p| p.into_inner()));
+        let deadline = tokio::time::Instant::now() + grace;
+        for mut worker in workers {
+            if tokio::time::timeout_at(deadline, &mut worker)
+                .await
+                .is_err()
+            {
+                warn!(
+                    "a delivery worker did not finish in time; its leases return at the next start"
+                );
+                worker.abort();
+            }
+        }
     }
 
     /// Whether the engine is over one of its limits (new frames get backpressure).
@@ -427,6 +463,9 @@ impl<S: Store> Pipeline<S> {
             .metrics
             .queue(&route.name, &destination.name);
         loop {
+            if self.inner.stopping.load(Relaxed) {
+                return;
+            }
             if let Err(e) = store.requeue_expired().await {
                 warn!(queue, error = %e, "cannot return expired leases");
             }
