@@ -1,10 +1,11 @@
 //! Group commit: many writers, one flush.
 //!
-//! A writer inserts its record (in memory), takes a ticket, and waits until a flush that
-//! started after its insert has finished. One committer thread runs the flushes: it waits
-//! for a ticket, lingers a little to let more writers join (up to `max_batch`), then flushes
-//! once for all of them. A ticket is taken only *after* the insert, and the committer reads
-//! the last ticket *before* it flushes, so a flush covers every ticket it announces.
+//! A writer appends its record (to the journal's log), takes a ticket, and waits until a
+//! flush that started after its append has finished. One committer thread runs the
+//! flushes (a `sync` given at start: the log's `fdatasync`): it waits for a ticket, lingers
+//! a little to let more writers join (up to `max_batch`), then flushes once for all of
+//! them. A ticket is taken only *after* the append, and the committer reads the last
+//! ticket *before* it flushes, so a flush covers every ticket it announces.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -56,7 +57,10 @@ pub(crate) struct GroupCommit {
 const FAILED: u64 = u64::MAX;
 
 impl GroupCommit {
-    pub(crate) fn start(db: sled::Db, config: GroupCommitConfig) -> Self {
+    pub(crate) fn start(
+        sync: impl Fn() -> std::io::Result<()> + Send + 'static,
+        config: GroupCommitConfig,
+    ) -> Self {
         let shared = Arc::new(Shared {
             issued: AtomicU64::new(0),
             wake: Mutex::new(()),
@@ -68,7 +72,7 @@ impl GroupCommit {
         let thread_shared = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name("passerelle-group-commit".into())
-            .spawn(move || committer(&db, &thread_shared, &tx, config))
+            .spawn(move || committer(&sync, &thread_shared, &tx, config))
             .expect("spawn the group-commit thread");
         GroupCommit {
             shared,
@@ -118,7 +122,7 @@ impl Drop for GroupCommit {
 }
 
 fn committer(
-    db: &sled::Db,
+    sync: &dyn Fn() -> std::io::Result<()>,
     shared: &Shared,
     durable: &watch::Sender<u64>,
     config: GroupCommitConfig,
@@ -149,7 +153,7 @@ fn committer(
         }
         let target = shared.issued.load(Ordering::SeqCst);
         last_batch = target - done;
-        match db.flush() {
+        match sync() {
             Ok(_) => {
                 done = target;
                 shared.flushes.fetch_add(1, Ordering::Relaxed);

@@ -47,14 +47,18 @@
 //! atomically, so a crash leaves either the old or the new state. Writers hold a lock
 //! while they read and write (a few in-memory B-tree operations), never across a flush.
 //!
-//! **Durability, honestly.** `journal` returns after `sled::Db::flush`. On Linux, sled
-//! 0.34 makes its log durable with `sync_file_range`, not `fsync`/`fdatasync`: the data
-//! pages are written out, which survives a crash of passerelle (`kill -9`, panic, OOM
-//! kill) and of the kernel, but a power loss can still lose recent writes on file systems
-//! and disks that need a metadata or cache flush (sled issues #1351, #1452). Where power
-//! loss matters, run on a battery-backed or write-through disk, or use the PostgreSQL
-//! store. The crash test in `tests/crash.rs` proves the first claim with `SIGKILL`; the
-//! second cannot be proven from a test.
+//! **Durability, honestly.** `journal` appends the frame and its record to the journal's
+//! write-ahead log (`journal-wal/` in the store's folder, see the `wal` module) and returns
+//! after group commit has `fdatasync`ed it: an acknowledged frame survives a crash of
+//! passerelle (`kill -9`, panic, OOM kill), of the kernel, and a power loss on a disk that
+//! honours cache flushes. The rest of the store (routing outcomes, delivery states) lives
+//! in sled, flushed in the background (`flush_every`) and at checkpoints; on Linux sled
+//! 0.34 makes its log durable with `sync_file_range`, not `fsync` (sled issues #1351,
+//! #1452), so a power loss can take those later states back to an earlier point: a
+//! message then routes again or a delivery goes out again (at least once), but none is
+//! lost. On open, every logged record sled lacks is applied again before anything else.
+//! The crash test in `tests/crash.rs` proves the `kill -9` claim and counts the records
+//! the log gave back; a power loss cannot be proven from a test.
 //!
 //! Memory is bounded by sled's page cache ([`StoreConfig::cache_capacity`]), not by queue
 //! length: nothing here keeps a queue in memory.
@@ -66,6 +70,7 @@ mod retry;
 mod sled_store;
 mod space;
 mod types;
+mod wal;
 
 use std::future::Future;
 

@@ -2,6 +2,7 @@
 //! the durability guarantee.
 
 use std::fmt;
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -13,6 +14,7 @@ use crate::codec::{be, decode, encode, open, read_be, seal};
 use crate::commit::{GroupCommit, GroupCommitConfig};
 use crate::space::{Space, Writes};
 use crate::types::*;
+use crate::wal::{Wal, WalRecord};
 use crate::{Store, StoreError};
 
 const SCHEMA_VERSION: &str = "1";
@@ -106,8 +108,14 @@ pub struct SledStore {
     index: Space,
     quarantine: Tree,
     /// Serialises changes: each reads (scans, counters) then writes one atomic batch.
-    queue_lock: Mutex<()>,
+    queue_lock: Arc<Mutex<()>>,
+    /// The journal's write-ahead log (what group commit syncs).
+    wal: Arc<Wal>,
     commit: GroupCommit,
+    /// Stops (and joins) the checkpoint thread when the store is dropped.
+    _checkpointer: Checkpointer,
+    /// Journal records the log gave back to sled on open.
+    recovered: usize,
     config: StoreConfig,
     jitter_state: AtomicU64,
     /// Per destination, a sequence number below which every delivery is final, so that
@@ -165,6 +173,134 @@ fn index_key(kind: u8, value: &str, id: MessageId) -> Vec<u8> {
     k
 }
 
+/// The spaces a journal record touches (for recovery, before the store exists).
+struct JournalSpaces {
+    messages: Space,
+    raw: Space,
+    index: Space,
+    counts: Space,
+}
+
+impl JournalSpaces {
+    /// Applies a record from the log again, unless sled already has its message.
+    fn recover(&self, data: &Tree, r: WalRecord) -> Result<(), StoreError> {
+        if self.messages.get(be(r.id))?.is_some() {
+            return Ok(());
+        }
+        let Some(record) = decode::<MessageRecord>(&r.record) else {
+            tracing::error!(id = r.id, "a journal log record does not decode; skipped");
+            return Ok(());
+        };
+        let control = record
+            .msh
+            .as_ref()
+            .map(|m| index_key(b'c', &m.control_id, r.id));
+        let raw = seal(r.frame);
+        journal_writes(
+            &self.messages,
+            &self.raw,
+            &self.index,
+            &self.counts,
+            (r.id, &r.record, &raw),
+            control.as_deref(),
+            record.state,
+        )
+        .commit(data)?;
+        Ok(())
+    }
+}
+
+/// The batch that journals a message: its record, its frame, its control-id index entry
+/// and its state's counter. `entry` is (id, encoded record, sealed frame).
+fn journal_writes(
+    messages: &Space,
+    raw_space: &Space,
+    index: &Space,
+    counts: &Space,
+    entry: (MessageId, &[u8], &[u8]),
+    control: Option<&[u8]>,
+    state: MessageState,
+) -> Writes {
+    let (id, value, raw) = entry;
+    let key = be(id);
+    let mut w = Writes::default();
+    w.insert(messages, key, value);
+    w.insert(raw_space, key, raw);
+    if let Some(c) = control {
+        w.insert(index, c, &[][..]);
+    }
+    w.bump(counts, &message_counter(state), 1);
+    w
+}
+
+/// Starts a new log segment, flushes sled (which then holds every record of the older
+/// segments), and deletes the older segments.
+fn checkpoint(db: &sled::Db, wal: &Wal, queue_lock: &Mutex<()>) -> Result<(), StoreError> {
+    let keep_from = {
+        let _guard = queue_lock.lock().unwrap_or_else(|p| p.into_inner());
+        wal.switch().map_err(sled::Error::Io)?
+    };
+    db.flush()?;
+    wal.retire_before(keep_from).map_err(sled::Error::Io)?;
+    Ok(())
+}
+
+/// Checkpoints in the background: when the log passes [`CHECKPOINT_BYTES`], or holds
+/// records older than [`CHECKPOINT_EVERY`], so that it stays small and a restart quick.
+#[derive(Debug)]
+struct Checkpointer {
+    stop: Arc<(Mutex<bool>, std::sync::Condvar)>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+const CHECKPOINT_BYTES: u64 = 64 * 1024 * 1024;
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(30);
+
+impl Checkpointer {
+    fn start(db: sled::Db, wal: Arc<Wal>, queue_lock: Arc<Mutex<()>>) -> Checkpointer {
+        let stop = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+        let thread_stop = Arc::clone(&stop);
+        let thread = std::thread::Builder::new()
+            .name("passerelle-checkpoint".into())
+            .spawn(move || {
+                let mut last = std::time::Instant::now();
+                loop {
+                    let (lock, signal) = &*thread_stop;
+                    let stopped = lock.lock().unwrap_or_else(|p| p.into_inner());
+                    let (stopped, _) = signal
+                        .wait_timeout(stopped, Duration::from_millis(200))
+                        .unwrap_or_else(|p| p.into_inner());
+                    if *stopped {
+                        return;
+                    }
+                    drop(stopped);
+                    let pending = wal.pending_bytes();
+                    let due = pending >= CHECKPOINT_BYTES
+                        || (pending > 0 && last.elapsed() >= CHECKPOINT_EVERY);
+                    if due {
+                        if let Err(e) = checkpoint(&db, &wal, &queue_lock) {
+                            tracing::error!(error = %e, "journal checkpoint failed; retrying");
+                        }
+                        last = std::time::Instant::now();
+                    }
+                }
+            })
+            .ok();
+        Checkpointer { stop, thread }
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        let (lock, signal) = &*self.stop;
+        *lock.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        signal.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 fn message_counter(state: MessageState) -> Vec<u8> {
     format!("m/{}", state.name()).into_bytes()
 }
@@ -210,8 +346,36 @@ impl SledStore {
                 });
             }
         }
-        let commit = GroupCommit::start(db.clone(), config.group_commit);
         let data = db.open_tree("data")?;
+        let spaces = JournalSpaces {
+            messages: Space::new(&data, b'm'),
+            raw: Space::new(&data, b'r'),
+            index: Space::new(&data, b'i'),
+            counts: Space::new(&data, b'c'),
+        };
+        let (wal, recovered) = Wal::recover(
+            &config.path,
+            |r| spaces.recover(&data, r).map_err(io::Error::other),
+            || db.flush().map(|_| ()).map_err(io::Error::other),
+        )
+        .map_err(sled::Error::Io)?;
+        if recovered > 0 {
+            tracing::info!(
+                records = recovered,
+                "journal log replayed: acknowledged frames sled had not flushed"
+            );
+        }
+        let wal = Arc::new(wal);
+        let commit = GroupCommit::start(
+            {
+                let wal = Arc::clone(&wal);
+                move || wal.sync()
+            },
+            config.group_commit,
+        );
+        let queue_lock = Arc::new(Mutex::new(()));
+        let checkpointer =
+            Checkpointer::start(db.clone(), Arc::clone(&wal), Arc::clone(&queue_lock));
         let seed = config.clock.now_ms() | 1;
         let store = SledStore {
             messages: Space::new(&data, b'm'),
@@ -226,8 +390,11 @@ impl SledStore {
             quarantine: db.open_tree("quarantine")?,
             path: config.path.clone(),
             db,
-            queue_lock: Mutex::new(()),
+            queue_lock,
+            wal,
             commit,
+            _checkpointer: checkpointer,
+            recovered,
             config,
             jitter_state: AtomicU64::new(seed),
             low_water: Mutex::new(std::collections::HashMap::new()),
@@ -245,6 +412,12 @@ impl SledStore {
     /// The store's folder.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Journal records replayed from the log on open (acknowledged frames sled had not
+    /// flushed before the previous run ended).
+    pub fn recovered_on_open(&self) -> usize {
+        self.recovered
     }
 
     /// Flushes done by group commit so far.
@@ -496,25 +669,29 @@ impl Store for SledStore {
                 detail,
             }],
         };
-        let key = be(id);
         let value = encode(&record);
         let raw = seal(frame.to_vec());
         let control = record
             .msh
             .as_ref()
             .map(|m| index_key(b'c', &m.control_id, id));
-        let mut w = Writes::default();
-
-        w.insert(&self.messages, key, value.as_slice());
-        w.insert(&self.raw, key, raw.as_slice());
-        if let Some(c) = &control {
-            w.insert(&self.index, c.as_slice(), &[][..]);
-        }
-        w.bump(&self.counts, &message_counter(state), 1);
+        let w = journal_writes(
+            &self.messages,
+            &self.raw,
+            &self.index,
+            &self.counts,
+            (id, &value, &raw),
+            control.as_deref(),
+            state,
+        );
         {
-            // The counter update reads then writes: under the lock, which is held only
-            // for this in-memory batch, never across the flush.
+            // The counter update reads then writes, and the log and sled must see records
+            // in the same order (see the wal module): under the lock, which is held only
+            // for an append and an in-memory batch, never across the flush.
             let _guard = self.lock();
+            self.wal
+                .append(id, &value, frame)
+                .map_err(sled::Error::Io)?;
             w.commit(&self.data)?;
         }
         self.commit.wait_durable().await?;
@@ -931,7 +1108,7 @@ impl Store for SledStore {
     }
 
     async fn purge(&self, id: MessageId) -> Result<bool, StoreError> {
-        let _guard = self.lock();
+        let guard = self.lock();
         let Some(record) = self.read_message(id)? else {
             return Ok(false);
         };
@@ -981,6 +1158,12 @@ impl Store for SledStore {
         }
 
         w.commit(&self.data)?;
+        drop(guard);
+        // While the log still holds the journal record, a crash would bring the purged
+        // message back: flush sled and retire the log first.
+        if self.wal.oldest_id().is_some_and(|oldest| oldest <= id) {
+            checkpoint(&self.db, &self.wal, &self.queue_lock)?;
+        }
         Ok(true)
     }
 
@@ -1105,6 +1288,7 @@ impl Store for SledStore {
 
     async fn flush(&self) -> Result<(), StoreError> {
         self.commit.wait_durable().await?;
+        checkpoint(&self.db, &self.wal, &self.queue_lock)?;
         Ok(())
     }
 }

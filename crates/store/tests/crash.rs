@@ -198,6 +198,7 @@ fn crash_safety_under_sigkill() {
     let mut rng = seed;
     let mut acked: BTreeMap<MessageId, String> = BTreeMap::new();
     let mut delivered: Vec<(MessageId, String)> = Vec::new();
+    let mut replayed_in_all = 0;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -233,9 +234,11 @@ fn crash_safety_under_sigkill() {
                 assert_eq!(&key_of(&raw), key, "message {id} is the one acknowledged");
             }
         });
+        let replayed = store.recovered_on_open();
+        replayed_in_all += replayed;
         drop(store);
         println!(
-            "cycle {cycle}: killed after {kill_after:?}, {acked_this_cycle} acknowledged, {} in all",
+            "cycle {cycle}: killed after {kill_after:?}, {acked_this_cycle} acknowledged, {replayed} replayed from the journal log, {} in all",
             acked.len()
         );
     }
@@ -306,7 +309,7 @@ fn crash_safety_under_sigkill() {
     }
     let redelivered = delivered.len() - seen.len();
     println!(
-        "crash test: {CYCLES} SIGKILL cycles, {} acknowledged, {} stored, {} delivered ({redelivered} repeats after crashes or retries)",
+        "crash test: {CYCLES} SIGKILL cycles, {} acknowledged, {replayed_in_all} replayed from the journal log, {} stored, {} delivered ({redelivered} repeats after crashes or retries)",
         acked.len(),
         stored.len(),
         seen.len()
