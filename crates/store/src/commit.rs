@@ -1,169 +1,206 @@
 //! Group commit: many writers, one flush.
 //!
 //! A writer appends its record (to the journal's log), takes a ticket, and waits until a
-//! flush that started after its append has finished. One committer thread runs the
-//! flushes (a `sync` given at start: the log's `fdatasync`): it waits for a ticket, lingers
-//! a little to let more writers join (up to `max_batch`), then flushes once for all of
-//! them. A ticket is taken only *after* the append, and the committer reads the last
-//! ticket *before* it flushes, so a flush covers every ticket it announces.
+//! flush that started after its append has finished. There is no flushing thread: the
+//! first waiting writer that finds no flush running becomes the leader and flushes (the
+//! `sync` given at start: the log's `fdatasync`) for everyone whose ticket was taken by
+//! then; the others wait for its result, and those it did not cover elect the next
+//! leader. A lone writer thus flushes in its own thread, with no hand-off, and under load
+//! each flush covers every writer that arrived during the previous one.
+//!
+//! Invariants: a ticket is taken only *after* the append, and the leader reads the last
+//! ticket *before* it flushes, so a flush covers every ticket it announces; the durable
+//! mark only grows; after a failed flush it is [`FAILED`] for good (nothing written since
+//! the last good flush can be acknowledged).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
 /// Group commit tuning.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct GroupCommitConfig {
-    /// Flush as soon as this many writers wait.
-    pub max_batch: u64,
-    /// How long the first waiting writer may wait for others to join.
-    pub linger: Duration,
-}
-
-impl Default for GroupCommitConfig {
-    fn default() -> Self {
-        GroupCommitConfig {
-            max_batch: 256,
-            linger: Duration::ZERO,
-        }
-    }
-}
-
-#[derive(Debug)]
-struct Shared {
-    /// Last ticket handed out.
-    issued: AtomicU64,
-    /// Wakes the committer.
-    wake: Mutex<()>,
-    signal: Condvar,
-    stop: AtomicBool,
-    /// Flushes done, and flush errors (a failed flush fails its writers).
-    flushes: AtomicU64,
-}
-
-/// The committer and the writers' side of it.
-#[derive(Debug)]
-pub(crate) struct GroupCommit {
-    shared: Arc<Shared>,
-    /// The last ticket known durable; `u64::MAX` after a fatal flush error.
-    durable: watch::Receiver<u64>,
-    thread: Option<JoinHandle<()>>,
+    /// Before flushing, a leader yields this many times to let writers that are about
+    /// to append join its flush (0: flush at once, the default: under load, writers
+    /// that arrive during a flush share the next one anyway).
+    pub gather_yields: u32,
 }
 
 /// Marks a flush failure: no ticket will ever be durable.
 const FAILED: u64 = u64::MAX;
 
+type Sync = Box<dyn Fn() -> std::io::Result<()> + Send + std::marker::Sync>;
+
+/// The writers' side of group commit.
+pub(crate) struct GroupCommit {
+    sync: Sync,
+    config: GroupCommitConfig,
+    /// Last ticket handed out.
+    issued: AtomicU64,
+    /// Whether a leader is flushing.
+    flushing: AtomicBool,
+    /// The last ticket known durable ([`FAILED`] after a failed flush); every change
+    /// wakes the waiting writers.
+    durable: watch::Sender<u64>,
+    flushes: AtomicU64,
+}
+
+impl std::fmt::Debug for GroupCommit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GroupCommit")
+            .field("issued", &self.issued.load(Ordering::Relaxed))
+            .field("durable", &*self.durable.borrow())
+            .finish()
+    }
+}
+
 impl GroupCommit {
     pub(crate) fn start(
-        sync: impl Fn() -> std::io::Result<()> + Send + 'static,
+        sync: impl Fn() -> std::io::Result<()> + Send + std::marker::Sync + 'static,
         config: GroupCommitConfig,
     ) -> Self {
-        let shared = Arc::new(Shared {
-            issued: AtomicU64::new(0),
-            wake: Mutex::new(()),
-            signal: Condvar::new(),
-            stop: AtomicBool::new(false),
-            flushes: AtomicU64::new(0),
-        });
-        let (tx, rx) = watch::channel(0u64);
-        let thread_shared = Arc::clone(&shared);
-        let thread = std::thread::Builder::new()
-            .name("passerelle-group-commit".into())
-            .spawn(move || committer(&sync, &thread_shared, &tx, config))
-            .expect("spawn the group-commit thread");
         GroupCommit {
-            shared,
-            durable: rx,
-            thread: Some(thread),
+            sync: Box::new(sync),
+            config,
+            issued: AtomicU64::new(0),
+            flushing: AtomicBool::new(false),
+            durable: watch::Sender::new(0),
+            flushes: AtomicU64::new(0),
         }
     }
 
-    /// Waits until everything written before this call is durable.
+    /// Waits until everything written before this call is durable. The leader flushes
+    /// in the calling thread (a blocking `fdatasync`, well under a millisecond on a
+    /// healthy disk).
     pub(crate) async fn wait_durable(&self) -> Result<(), sled::Error> {
-        let ticket = self.shared.issued.fetch_add(1, Ordering::SeqCst) + 1;
-        {
-            let _guard = self.shared.wake.lock().unwrap_or_else(|p| p.into_inner());
-            self.shared.signal.notify_one();
+        let ticket = self.issued.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut rx = self.durable.subscribe();
+        loop {
+            let durable = *rx.borrow_and_update();
+            if durable == FAILED {
+                return Err(sled::Error::ReportableBug(
+                    "a flush failed: writes since the last good flush are not durable".into(),
+                ));
+            }
+            if durable >= ticket {
+                return Ok(());
+            }
+            if self
+                .flushing
+                .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                // On a multi-threaded runtime, the worker thread hands its other tasks over
+                // while this one blocks in the flush.
+                let multi_thread = tokio::runtime::Handle::try_current().is_ok_and(|h| {
+                    h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
+                });
+                if multi_thread {
+                    tokio::task::block_in_place(|| self.lead());
+                } else {
+                    self.lead();
+                }
+                continue;
+            }
+            // A leader is flushing: its result (or the next leader's) wakes us. A change
+            // made since borrow_and_update above is not missed.
+            if rx.changed().await.is_err() {
+                return Err(sled::Error::ReportableBug("group commit stopped".into()));
+            }
         }
-        let mut rx = self.durable.clone();
-        let reached = rx
-            .wait_for(|&durable| durable >= ticket)
-            .await
-            .map(|v| *v)
-            .unwrap_or(FAILED);
-        if reached == FAILED {
-            return Err(sled::Error::ReportableBug(
-                "a flush failed: writes since the last good flush are not durable".into(),
-            ));
+    }
+
+    /// One flush, as leader, for every ticket taken so far.
+    fn lead(&self) {
+        for _ in 0..self.config.gather_yields {
+            std::thread::yield_now();
         }
-        Ok(())
+        let target = self.issued.load(Ordering::SeqCst);
+        let covered = *self.durable.borrow();
+        if covered != FAILED && covered < target {
+            let result = (self.sync)();
+            self.flushes.fetch_add(1, Ordering::Relaxed);
+            self.durable.send_modify(|durable| {
+                *durable = match &result {
+                    Ok(()) if *durable != FAILED => (*durable).max(target),
+                    _ => FAILED,
+                }
+            });
+            if let Err(e) = result {
+                tracing::error!(error = %e, "journal flush failed; refusing further acknowledgements");
+            }
+        }
+        self.flushing.store(false, Ordering::Release);
+        // Writers that found the flag set and have not been covered wait on `durable`:
+        // wake them so that one of them leads next.
+        self.durable.send_modify(|_| {});
     }
 
     /// How many flushes ran (for tests and metrics).
     pub(crate) fn flush_count(&self) -> u64 {
-        self.shared.flushes.load(Ordering::Relaxed)
+        self.flushes.load(Ordering::Relaxed)
     }
 }
 
-impl Drop for GroupCommit {
-    fn drop(&mut self) {
-        self.shared.stop.store(true, Ordering::SeqCst);
-        {
-            let _guard = self.shared.wake.lock().unwrap_or_else(|p| p.into_inner());
-            self.shared.signal.notify_all();
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
 
-fn committer(
-    sync: &dyn Fn() -> std::io::Result<()>,
-    shared: &Shared,
-    durable: &watch::Sender<u64>,
-    config: GroupCommitConfig,
-) {
-    let mut done = 0u64;
-    let mut last_batch = 0u64;
-    loop {
-        // Wait for a ticket beyond what is durable.
-        {
-            let mut guard = shared.wake.lock().unwrap_or_else(|p| p.into_inner());
-            while shared.issued.load(Ordering::SeqCst) == done
-                && !shared.stop.load(Ordering::SeqCst)
-            {
-                guard = shared.signal.wait(guard).unwrap_or_else(|p| p.into_inner());
-            }
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_writer_returns_after_a_flush_and_writers_share_them() {
+        let syncs = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&syncs);
+        let commit = Arc::new(GroupCommit::start(
+            move || {
+                counted.fetch_add(1, Ordering::SeqCst);
+                std::thread::sleep(std::time::Duration::from_millis(2));
+                Ok(())
+            },
+            GroupCommitConfig::default(),
+        ));
+        let tasks: Vec<_> = (0..64)
+            .map(|_| {
+                let commit = Arc::clone(&commit);
+                tokio::spawn(async move {
+                    for _ in 0..10 {
+                        commit.wait_durable().await.unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
         }
-        if shared.issued.load(Ordering::SeqCst) == done && shared.stop.load(Ordering::SeqCst) {
-            return;
-        }
-        // Linger so that concurrent writers share this flush, when they are concurrent.
-        if last_batch > 1 {
-            let deadline = Instant::now() + config.linger;
-            while shared.issued.load(Ordering::SeqCst) - done < config.max_batch
-                && Instant::now() < deadline
-            {
-                std::thread::yield_now();
-            }
-        }
-        let target = shared.issued.load(Ordering::SeqCst);
-        last_batch = target - done;
-        match sync() {
-            Ok(_) => {
-                done = target;
-                shared.flushes.fetch_add(1, Ordering::Relaxed);
-                let _ = durable.send(done);
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "store flush failed; refusing further acknowledgements");
-                let _ = durable.send(FAILED);
-                return;
-            }
-        }
+        let syncs = syncs.load(Ordering::SeqCst);
+        assert!(syncs >= 1 && syncs < 640, "{syncs} flushes for 640 waits");
+        assert_eq!(commit.flush_count() as usize, syncs);
+    }
+
+    #[tokio::test]
+    async fn a_failed_flush_fails_every_later_wait() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&calls);
+        let commit = GroupCommit::start(
+            move || {
+                if counted.fetch_add(1, Ordering::SeqCst) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::other("disk gone"))
+                }
+            },
+            GroupCommitConfig::default(),
+        );
+        commit.wait_durable().await.unwrap();
+        assert!(commit.wait_durable().await.is_err());
+        assert!(
+            commit.wait_durable().await.is_err(),
+            "no acknowledgement after a failed flush, even if the disk recovers"
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
     }
 }
