@@ -177,7 +177,7 @@ mod tests {
             t.await.unwrap();
         }
         let syncs = syncs.load(Ordering::SeqCst);
-        assert!(syncs >= 1 && syncs < 640, "{syncs} flushes for 640 waits");
+        assert!((1..640).contains(&syncs), "{syncs} flushes for 640 waits");
         assert_eq!(commit.flush_count() as usize, syncs);
     }
 
