@@ -104,11 +104,13 @@ fn check_passes_on_the_repository_and_locates_problems() {
         "{}",
         String::from_utf8_lossy(&ok.stderr)
     );
-    assert!(
-        String::from_utf8(ok.stdout)
-            .unwrap()
-            .starts_with("ok mappings/v2-to-fhir: ")
-    );
+    let stdout = String::from_utf8(ok.stdout).unwrap();
+    let packs: Vec<&str> = stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("ok mappings/"))
+        .filter_map(|l| l.split(':').next())
+        .collect();
+    assert_eq!(packs, ["fr", "v2-to-fhir"], "every pack checked: {stdout}");
 
     let dir = std::env::temp_dir().join(format!("passerelle-check-cli-{}", std::process::id()));
     fs::create_dir_all(&dir).unwrap();
