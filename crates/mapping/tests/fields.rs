@@ -136,6 +136,31 @@ fn pv1_to_encounter_with_participants_and_location() {
 }
 
 #[test]
+fn pid_18_to_account_of_the_patient_and_the_visit() {
+    let b = common::map_fixture("adt_a01_admit.hl7");
+    let account = of_type(&b, "Account")[0];
+    assert_eq!(text(account, "identifier.0.value"), "A240311-0042");
+    assert_eq!(text(account, "identifier.0.system"), "urn:oid:2.999.1.10.3");
+    assert_eq!(text(account, "identifier.0.type.coding.0.code"), "AN");
+    assert_eq!(text(account, "status"), "active");
+    assert_eq!(text(account, "subject.0.reference"), url_of(&b, "Patient"));
+    let encounter = of_type(&b, "Encounter")[0];
+    assert_eq!(
+        text(encounter, "account.0.reference"),
+        url_of(&b, "Account")
+    );
+    assert!(
+        b.to_json(false)
+            .contains(r#""url":"Account?identifier=urn:oid:2.999.1.10.3|A240311-0042""#),
+        "every message of the stay updates one Account"
+    );
+    // No account number, no Account.
+    let minimal = common::map_fixture("adt_a01_minimal.hl7");
+    assert!(of_type(&minimal, "Account").is_empty());
+    assert!(at(of_type(&minimal, "Encounter")[0], "account").is_none());
+}
+
+#[test]
 fn discharge_and_cancel_set_the_encounter_status() {
     let discharged = common::map_fixture("adt_a03_discharge.hl7");
     let e = of_type(&discharged, "Encounter")[0];
