@@ -257,7 +257,7 @@ const CHECKPOINT_BYTES: u64 = 64 * 1024 * 1024;
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(30);
 
 impl Checkpointer {
-    fn start(db: sled::Db, wal: Arc<Wal>, queue_lock: Arc<Mutex<()>>) -> Checkpointer {
+    fn start(db: sled::Db, wal: Arc<Wal>, queue_lock: Arc<Mutex<()>>) -> io::Result<Checkpointer> {
         let stop = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
         let thread_stop = Arc::clone(&stop);
         let thread = std::thread::Builder::new()
@@ -284,9 +284,11 @@ impl Checkpointer {
                         last = std::time::Instant::now();
                     }
                 }
-            })
-            .ok();
-        Checkpointer { stop, thread }
+            })?;
+        Ok(Checkpointer {
+            stop,
+            thread: Some(thread),
+        })
     }
 }
 
@@ -375,7 +377,8 @@ impl SledStore {
         );
         let queue_lock = Arc::new(Mutex::new(()));
         let checkpointer =
-            Checkpointer::start(db.clone(), Arc::clone(&wal), Arc::clone(&queue_lock));
+            Checkpointer::start(db.clone(), Arc::clone(&wal), Arc::clone(&queue_lock))
+                .map_err(sled::Error::Io)?;
         let seed = config.clock.now_ms() | 1;
         let store = SledStore {
             messages: Space::new(&data, b'm'),

@@ -40,7 +40,11 @@ pub(crate) struct WalRecord {
 struct Current {
     number: u64,
     file: Arc<File>,
+    /// Bytes in the segment (= since the last checkpoint: a checkpoint starts a segment).
     bytes: u64,
+    /// A failed append could not be cut off: nothing more may go into this segment, or
+    /// recovery, which stops at the damage, would miss it.
+    damaged: bool,
     /// The first id appended to a segment still on disk (`None`: none since the last
     /// checkpoint).
     oldest_id: Option<MessageId>,
@@ -126,6 +130,7 @@ impl Wal {
                     number: next,
                     file: Arc::new(file),
                     bytes: 0,
+                    damaged: false,
                     oldest_id: None,
                 }),
             },
@@ -152,7 +157,18 @@ impl Wal {
         out.extend_from_slice(&crc32fast::hash(&payload).to_be_bytes());
         out.extend_from_slice(&payload);
         let mut current = self.current();
-        (&*current.file).write_all(&out)?;
+        if current.damaged {
+            return Err(io::Error::other(
+                "the journal log is damaged until the next checkpoint",
+            ));
+        }
+        if let Err(e) = (&*current.file).write_all(&out) {
+            // A partial record would hide every later one from recovery: cut it off.
+            if current.file.set_len(current.bytes).is_err() {
+                current.damaged = true;
+            }
+            return Err(e);
+        }
         current.bytes += out.len() as u64;
         current.oldest_id.get_or_insert(id);
         Ok(())
@@ -185,6 +201,7 @@ impl Wal {
         current.number = next;
         current.file = Arc::new(file);
         current.bytes = 0;
+        current.damaged = false;
         current.oldest_id = None;
         Ok(next)
     }
