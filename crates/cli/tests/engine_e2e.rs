@@ -227,28 +227,8 @@ fn admin_api_health_ready_metrics_with_token() {
         ),
     )
     .unwrap();
-    let mut engine = passerelle_testkit::mllp::PeerProcess::spawn(
-        "passerelle serve",
-        std::process::Command::new(env!("CARGO_BIN_EXE_passerelle"))
-            .args(["serve", "--config", config.to_str().unwrap()])
-            .env("PASSERELLE_TEST_TOKEN", "s3cret"),
-    );
-    let listening = engine.wait_for_line("listening on", Duration::from_secs(60));
-    let mllp = listening
-        .split("listening on ")
-        .nth(1)
-        .unwrap()
-        .split(' ')
-        .next()
-        .unwrap()
-        .to_owned();
-    let admin_line = engine.wait_for_line("admin API on http://", Duration::from_secs(30));
-    let admin = admin_line
-        .split("http://")
-        .nth(1)
-        .unwrap()
-        .trim()
-        .to_owned();
+    let (engine, mllp, admin) =
+        common::start_with_env(&config, &[("PASSERELLE_TEST_TOKEN", "s3cret")]);
 
     assert_eq!(http_get(&admin, "/health", None).0, 200);
     assert_eq!(http_get(&admin, "/ready", None).0, 200);
@@ -274,7 +254,7 @@ fn admin_api_health_ready_metrics_with_token() {
         metrics.contains("passerelle_listener_events_total{listener=\"main\",event=\"acks\"} 1"),
         "{metrics}"
     );
-    for name in passerelle_engine::admin::METRIC_NAMES {
+    for name in passerelle_engine::admin::metric_names() {
         assert!(metrics.contains(&format!("\n{name}")), "{name} exported");
     }
     for line in [
@@ -349,22 +329,7 @@ fn messages_commands_go_through_the_running_engine() {
     )
     .unwrap();
     let patients = dir.path().join("out/Patient.ndjson");
-    let mut engine = passerelle_testkit::mllp::PeerProcess::spawn(
-        "passerelle serve",
-        Command::new(env!("CARGO_BIN_EXE_passerelle"))
-            .args(["serve", "--config", config.to_str().unwrap()])
-            .env("PASSERELLE_OPS_TOKEN", "t0ken"),
-    );
-    let line = engine.wait_for_line("listening on", Duration::from_secs(60));
-    let mllp = line
-        .split("listening on ")
-        .nth(1)
-        .unwrap()
-        .split(' ')
-        .next()
-        .unwrap()
-        .to_owned();
-    engine.wait_for_line("admin API on http://", Duration::from_secs(30));
+    let (engine, mllp, _) = common::start_with_env(&config, &[("PASSERELLE_OPS_TOKEN", "t0ken")]);
     for fixture in ["adt_a01_admit.hl7", "oru_r01_v23.hl7"] {
         let path = workspace_root().join("fixtures/hl7").join(fixture);
         assert!(

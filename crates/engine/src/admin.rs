@@ -4,7 +4,7 @@
 //! |---------------------------------|---------------------------------------------------|
 //! | `GET /health`                   | `ok` while the process runs (liveness)            |
 //! | `GET /ready`                    | 200 once the pipeline runs and listeners accept   |
-//! | `GET /metrics`                  | Prometheus text format ([`METRIC_NAMES`])         |
+//! | `GET /metrics`                  | Prometheus text format ([`metric_names`])         |
 //! | `GET /api/messages?filters`     | a page of records ([`ops::ListFilter`] fields)    |
 //! | `GET /api/messages/{id}`        | one message in full: raw HL7, bundle, attempts    |
 //! | `POST /api/messages/replay`     | `{"ids":[…]` or `"filter":{…}`, `"remap"`, `"dry_run"}` |
@@ -83,29 +83,26 @@ impl<S> Clone for Admin<S> {
     }
 }
 
-/// The metric names `/metrics` exports (dashboards and alert rules may use only these;
-/// histograms also export `_bucket`, `_sum` and `_count`).
-pub const METRIC_NAMES: [&str; 19] = [
+/// The gauges `/metrics` reads from the store and the listeners at each scrape; the
+/// engine's counters and histograms are [`crate::metrics::ENGINE_METRIC_NAMES`].
+pub const STORE_METRIC_NAMES: [&str; 8] = [
     "passerelle_up",
     "passerelle_ready",
-    "passerelle_backpressure",
     "passerelle_messages",
     "passerelle_deliveries",
     "passerelle_queue_oldest_age_seconds",
     "passerelle_quarantined_records",
     "passerelle_store_disk_bytes",
     "passerelle_listener_events_total",
-    "passerelle_received_total",
-    "passerelle_acks_total",
-    "passerelle_rejected_total",
-    "passerelle_unrouted_total",
-    "passerelle_ack_latency_seconds",
-    "passerelle_mapped_total",
-    "passerelle_mapping_failures_total",
-    "passerelle_delivery_attempts_total",
-    "passerelle_delivery_latency_seconds",
-    "passerelle_delivery_attempt_duration_seconds",
 ];
+
+/// Every metric name `/metrics` exports (dashboards and alert rules may use only these;
+/// histograms also export `_bucket`, `_sum` and `_count`).
+pub fn metric_names() -> impl Iterator<Item = &'static str> {
+    STORE_METRIC_NAMES
+        .into_iter()
+        .chain(crate::metrics::ENGINE_METRIC_NAMES)
+}
 
 /// The router, to serve with `axum::serve`.
 pub fn router<S: Store>(admin: Admin<S>) -> Router {

@@ -30,16 +30,21 @@ pub(crate) fn setup(dir: &Path, route: &str, defaults: &str) -> PathBuf {
 
 /// Starts the engine; returns it and its MLLP address once it listens.
 pub(crate) fn start(config: &Path) -> (PeerProcess, String) {
-    let mut engine = PeerProcess::spawn(
-        "passerelle serve",
-        Command::new(env!("CARGO_BIN_EXE_passerelle")).args([
-            "serve",
-            "--config",
-            config.to_str().unwrap(),
-        ]),
-    );
+    let (engine, mllp, _) = start_with_env(config, &[]);
+    (engine, mllp)
+}
+
+/// Starts the engine with extra environment variables; returns it, its MLLP address and
+/// its admin API address (`host:port`) once both are announced.
+pub(crate) fn start_with_env(config: &Path, env: &[(&str, &str)]) -> (PeerProcess, String, String) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_passerelle"));
+    command.args(["serve", "--config", config.to_str().unwrap()]);
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    let mut engine = PeerProcess::spawn("passerelle serve", &mut command);
     let line = engine.wait_for_line("listening on", Duration::from_secs(60));
-    let addr = line
+    let mllp = line
         .split("listening on ")
         .nth(1)
         .unwrap()
@@ -47,7 +52,9 @@ pub(crate) fn start(config: &Path) -> (PeerProcess, String) {
         .next()
         .unwrap()
         .to_owned();
-    (engine, addr)
+    let line = engine.wait_for_line("admin API on http://", Duration::from_secs(30));
+    let admin = line.split("http://").nth(1).unwrap().trim().to_owned();
+    (engine, mllp, admin)
 }
 
 /// Sends a signal (`-TERM`, `-KILL`) to the engine.
