@@ -67,9 +67,7 @@ struct Engine {
 }
 
 fn start_engine(config: &Path) -> Engine {
-    let (mut process, mllp) = common::start(config);
-    let line = process.wait_for_line("admin API on http://", Duration::from_secs(30));
-    let admin = line.split("http://").nth(1).unwrap().trim().to_owned();
+    let (process, mllp, admin) = common::start_with_env(config, &[]);
     Engine {
         process,
         mllp,
