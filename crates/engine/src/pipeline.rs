@@ -638,17 +638,23 @@ impl<S: Store> Handler for Pipeline<S> {
         let metrics = self.inner.config.metrics.listener(&peer.listener);
         let answer = self.answer(frame, peer, &metrics).await;
         metrics.ack_latency.observe(started.elapsed());
-        metrics.ack(&ack_code(&answer));
-        Some(Bytes::from(answer))
+        metrics.ack(answer.code);
+        Some(Bytes::from(answer.bytes))
     }
 }
 
-/// MSA-1 of an answer this pipeline built ("" if it has none).
-fn ack_code(answer: &[u8]) -> String {
-    Message::parse(answer)
-        .ok()
-        .and_then(|m| m.text("MSA-1").ok().flatten())
-        .unwrap_or_default()
+/// An ACK or NAK, and its MSA-1 code (for the metrics, without reading the bytes back).
+struct Answer {
+    bytes: Vec<u8>,
+    code: &'static str,
+}
+
+/// Builds the answer to a message with this header (`None`: an unreadable header).
+fn reply(header: Option<&HeaderSummary>, outcome: AckOutcome, errors: &[AckError]) -> Answer {
+    Answer {
+        bytes: ack::build(header, outcome, errors, &AckOptions::default()),
+        code: outcome.code(header.is_some_and(HeaderSummary::is_enhanced_mode)),
+    }
 }
 
 impl<S: Store> Pipeline<S> {
@@ -658,9 +664,8 @@ impl<S: Store> Pipeline<S> {
         frame: Bytes,
         peer: &PeerInfo,
         metrics: &crate::metrics::ListenerMetrics,
-    ) -> Vec<u8> {
+    ) -> Answer {
         let store = &self.inner.store;
-        let options = AckOptions::default();
         let meta = |msh: Option<MshSummary>, rejected: Option<String>| JournalMeta {
             listener: peer.listener.to_string(),
             peer: peer.addr.to_string(),
@@ -682,9 +687,13 @@ impl<S: Store> Pipeline<S> {
                         metrics.received.fetch_add(1, Relaxed);
                         metrics.rejected.fetch_add(1, Relaxed);
                         info!(id, size = frame.len(), error = e.kind.name(), "rejected");
-                        ack::for_parse_error(&frame, &e, &options)
+                        reply(
+                            salvaged.as_ref(),
+                            ack::parse_error_outcome(salvaged.as_ref(), &e),
+                            &[AckError::from_parse_error(&frame, &e)],
+                        )
                     }
-                    Err(store_error) => storage_nak(salvaged.as_ref(), &store_error, &options),
+                    Err(store_error) => storage_nak(salvaged.as_ref(), &store_error),
                 };
             }
         };
@@ -700,7 +709,7 @@ impl<S: Store> Pipeline<S> {
                         text: "passerelle is over its queue or disk limit; send it again later"
                             .into(),
                     };
-                    return ack::build(Some(&header), AckOutcome::Error, &[err], &options);
+                    return reply(Some(&header), AckOutcome::Error, &[err]);
                 }
                 Backpressure::StopReading => {
                     debug!(control_id = %header.control_id, "over a limit: holding the answer");
@@ -723,7 +732,7 @@ impl<S: Store> Pipeline<S> {
             .await
         {
             Ok(id) => id,
-            Err(e) => return storage_nak(Some(&header), &e, &options),
+            Err(e) => return storage_nak(Some(&header), &e),
         };
         metrics.received.fetch_add(1, Relaxed);
         let answer = match route {
@@ -735,7 +744,7 @@ impl<S: Store> Pipeline<S> {
                         "the mapper has stopped; the message stays received and is mapped on restart"
                     );
                 }
-                ack::build(Some(&header), AckOutcome::Accept, &[], &options)
+                reply(Some(&header), AckOutcome::Accept, &[])
             }
             None => {
                 metrics.unrouted.fetch_add(1, Relaxed);
@@ -750,15 +759,9 @@ impl<S: Store> Pipeline<S> {
                     text: format!("no route for {} from this sender", header.kind()),
                 };
                 match self.inner.config.unrouted {
-                    UnroutedAnswer::Accept => {
-                        ack::build(Some(&header), AckOutcome::Accept, &[], &options)
-                    }
-                    UnroutedAnswer::Error => {
-                        ack::build(Some(&header), AckOutcome::Error, &[err], &options)
-                    }
-                    UnroutedAnswer::Reject => {
-                        ack::build(Some(&header), AckOutcome::Reject, &[err], &options)
-                    }
+                    UnroutedAnswer::Accept => reply(Some(&header), AckOutcome::Accept, &[]),
+                    UnroutedAnswer::Error => reply(Some(&header), AckOutcome::Error, &[err]),
+                    UnroutedAnswer::Reject => reply(Some(&header), AckOutcome::Reject, &[err]),
                 }
             }
         };
@@ -768,11 +771,7 @@ impl<S: Store> Pipeline<S> {
 }
 
 /// The answer when the store cannot take a frame: AE, so that the sender keeps it.
-fn storage_nak(
-    header: Option<&HeaderSummary>,
-    error: &StoreError,
-    options: &AckOptions,
-) -> Vec<u8> {
+fn storage_nak(header: Option<&HeaderSummary>, error: &StoreError) -> Answer {
     error!(error = %error, "cannot journal a frame; answering AE");
     let err = AckError {
         code: ErrorCode::ApplicationInternalError,
@@ -780,5 +779,5 @@ fn storage_nak(
         location: None,
         text: "the message could not be stored; send it again later".into(),
     };
-    ack::build(header, AckOutcome::Error, &[err], options)
+    reply(header, AckOutcome::Error, &[err])
 }

@@ -245,17 +245,22 @@ pub fn build(
 /// names the message.
 pub fn for_parse_error(bytes: &[u8], error: &ParseError, options: &AckOptions) -> Vec<u8> {
     let header = HeaderSummary::salvage(bytes);
-    let outcome = if error.kind.is_reject() || header.is_none() {
-        Outcome::Reject
-    } else {
-        Outcome::Error
-    };
     build(
         header.as_ref(),
-        outcome,
+        parse_error_outcome(header.as_ref(), error),
         &[AckError::from_parse_error(bytes, error)],
         options,
     )
+}
+
+/// How a frame that failed to parse is answered: AR when the error is one of rejection or
+/// no header could be salvaged (the sender cannot fix it by resending), AE otherwise.
+pub fn parse_error_outcome(salvaged: Option<&HeaderSummary>, error: &ParseError) -> Outcome {
+    if error.kind.is_reject() || salvaged.is_none() {
+        Outcome::Reject
+    } else {
+        Outcome::Error
+    }
 }
 
 /// MSH-18 of the ACK: the original's, when passerelle knows it. The ACK's own text is
