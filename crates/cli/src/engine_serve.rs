@@ -80,7 +80,7 @@ pub(crate) async fn run(path: &Path, shutdown: impl std::future::Future<Output =
         },
         unrouted,
         base_dir: path.parent().map(Path::to_path_buf).unwrap_or_default(),
-        metrics: Arc::clone(&metrics),
+        metrics,
         limits: Limits {
             max_queue_depth: Some(config.store.max_queue_depth).filter(|&n| n > 0),
             max_disk_bytes: Some(config.store.max_disk_mb.saturating_mul(1 << 20))
@@ -89,16 +89,6 @@ pub(crate) async fn run(path: &Path, shutdown: impl std::future::Future<Output =
             check_every: None,
         },
     };
-    let queues: Vec<(String, String)> = pipeline_config
-        .routes
-        .routes
-        .iter()
-        .flat_map(|r| {
-            r.destinations
-                .iter()
-                .map(move |d| (r.name.clone(), d.name.clone()))
-        })
-        .collect();
     let pipeline = match Pipeline::start(Arc::clone(&store), pipeline_config).await {
         Ok(p) => p,
         Err(e) => return fail(1, [e.to_string()]),
@@ -162,10 +152,7 @@ pub(crate) async fn run(path: &Path, shutdown: impl std::future::Future<Output =
         })
     };
     let admin = passerelle_engine::admin::Admin {
-        store: Arc::clone(&store),
         pipeline: pipeline.clone(),
-        metrics,
-        queues,
         listeners: stats_of,
         ready: Arc::clone(&ready),
         token: std::env::var(&config.admin.token_env)

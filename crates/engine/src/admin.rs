@@ -30,7 +30,7 @@ use passerelle_mllp::Stats;
 use passerelle_store::{DeliveryState, MessageState, Store};
 use serde::Deserialize;
 
-use crate::metrics::{Metrics, label};
+use crate::metrics::label;
 use crate::ops::{self, ListFilter};
 use crate::pipeline::Pipeline;
 
@@ -46,13 +46,9 @@ pub type ListenerStats = Arc<dyn Fn() -> Vec<(String, Stats)> + Send + Sync>;
 
 /// What the API reads.
 pub struct Admin<S> {
-    pub store: Arc<S>,
-    /// For replays: re-mapping with the running configuration, waking the workers.
+    /// The store, the counters and the queues it reads; for replays, re-mapping with the
+    /// running configuration and waking the workers.
     pub pipeline: Pipeline<S>,
-    /// The pipeline's counters and histograms.
-    pub metrics: Arc<Metrics>,
-    /// The configured queues, as (route, destination).
-    pub queues: Vec<(String, String)>,
     pub listeners: ListenerStats,
     /// Set once the pipeline runs and the listeners accept.
     pub ready: Arc<AtomicBool>,
@@ -72,10 +68,7 @@ impl<S> std::fmt::Debug for Admin<S> {
 impl<S> Clone for Admin<S> {
     fn clone(&self) -> Self {
         Admin {
-            store: Arc::clone(&self.store),
             pipeline: self.pipeline.clone(),
-            metrics: Arc::clone(&self.metrics),
-            queues: self.queues.clone(),
             listeners: Arc::clone(&self.listeners),
             ready: Arc::clone(&self.ready),
             token: self.token.clone(),
@@ -140,7 +133,7 @@ async fn metrics<S: Store>(State(admin): State<Admin<S>>, headers: HeaderMap) ->
     if !authorised(&admin, &headers) {
         return StatusCode::UNAUTHORIZED.into_response();
     }
-    let counts = match admin.store.counts().await {
+    let counts = match admin.pipeline.store().counts().await {
         Ok(c) => c,
         Err(e) => {
             return (StatusCode::SERVICE_UNAVAILABLE, format!("store: {e}\n")).into_response();
@@ -171,9 +164,9 @@ async fn metrics<S: Store>(State(admin): State<Admin<S>>, headers: HeaderMap) ->
     // The configured queues, every state (zeros included), then what the store still
     // holds for queues no longer configured (split at the first dot).
     let mut queues: Vec<(String, String, String)> = admin
-        .queues
-        .iter()
-        .map(|(r, d)| (format!("{r}.{d}"), r.clone(), d.clone()))
+        .pipeline
+        .queues()
+        .map(|(q, r, d)| (q, r.to_owned(), d.to_owned()))
         .collect();
     for (queue, _) in counts.deliveries.keys() {
         if !queues.iter().any(|(q, _, _)| q == queue) {
@@ -203,7 +196,7 @@ async fn metrics<S: Store>(State(admin): State<Admin<S>>, headers: HeaderMap) ->
     );
     let now = now_ms();
     for (queue, route, destination) in &queues {
-        let age = match admin.store.oldest_unfinished_ms(queue).await {
+        let age = match admin.pipeline.store().oldest_unfinished_ms(queue).await {
             Ok(Some(at)) => now.saturating_sub(at) as f64 / 1_000.0,
             Ok(None) => 0.0,
             Err(e) => {
@@ -222,7 +215,7 @@ async fn metrics<S: Store>(State(admin): State<Admin<S>>, headers: HeaderMap) ->
         "# HELP passerelle_quarantined_records Damaged records moved aside.\n# TYPE passerelle_quarantined_records gauge\npasserelle_quarantined_records {}",
         counts.quarantined
     );
-    if let Ok(bytes) = admin.store.disk_bytes().await {
+    if let Ok(bytes) = admin.pipeline.store().disk_bytes().await {
         let _ = writeln!(
             out,
             "# HELP passerelle_store_disk_bytes Bytes the store takes on disk.\n# TYPE passerelle_store_disk_bytes gauge\npasserelle_store_disk_bytes {bytes}"
@@ -254,7 +247,7 @@ async fn metrics<S: Store>(State(admin): State<Admin<S>>, headers: HeaderMap) ->
             );
         }
     }
-    admin.metrics.render(&mut out);
+    admin.pipeline.metrics().render(&mut out);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 
@@ -269,7 +262,7 @@ async fn messages<S: Store>(
     if let Err(e) = filter.query() {
         return (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response();
     }
-    match ops::list(admin.store.as_ref(), &filter).await {
+    match ops::list(admin.pipeline.store().as_ref(), &filter).await {
         Ok(doc) => axum::Json(doc).into_response(),
         Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("store: {e}\n")).into_response(),
     }
@@ -283,7 +276,7 @@ async fn show<S: Store>(
     if !authorised(&admin, &headers) {
         return StatusCode::UNAUTHORIZED.into_response();
     }
-    match ops::show(admin.store.as_ref(), id).await {
+    match ops::show(admin.pipeline.store().as_ref(), id).await {
         Ok(Some(doc)) => axum::Json(doc).into_response(),
         Ok(None) => (StatusCode::NOT_FOUND, format!("no message {id}\n")).into_response(),
         Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("store: {e}\n")).into_response(),
@@ -319,7 +312,7 @@ async fn replay<S: Store>(
             )
                 .into_response();
         }
-        match ops::select_ids(admin.store.as_ref(), filter).await {
+        match ops::select_ids(admin.pipeline.store().as_ref(), filter).await {
             Ok(selected) => ids.extend(selected),
             Err(e) => return (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
         }
@@ -329,7 +322,7 @@ async fn replay<S: Store>(
     let mut results = Vec::with_capacity(ids.len());
     for id in ids {
         let result = ops::replay(
-            admin.store.as_ref(),
+            admin.pipeline.store().as_ref(),
             &remap,
             id,
             request.remap,
@@ -365,7 +358,7 @@ async fn purge<S: Store>(
     }
     let mut results = Vec::with_capacity(request.ids.len());
     for id in request.ids {
-        let (ok, message) = match ops::purge(admin.store.as_ref(), id).await {
+        let (ok, message) = match ops::purge(admin.pipeline.store().as_ref(), id).await {
             Ok(m) => (true, m),
             Err(m) => (false, m),
         };

@@ -115,6 +115,14 @@ pub struct PipelineConfig {
     pub limits: Limits,
 }
 
+/// Every (route, destination) pair of a route table, in route order.
+fn queues_of(routes: &RouteTable) -> impl Iterator<Item = (&Route, &Destination)> {
+    routes
+        .routes
+        .iter()
+        .flat_map(|r| r.destinations.iter().map(move |d| (r, d)))
+}
+
 /// The queue of a route's destination in the store.
 pub fn queue_name(route: &Route, destination: &Destination) -> String {
     format!("{}.{}", route.name, destination.name)
@@ -206,17 +214,11 @@ impl<S: Store> Pipeline<S> {
                 wake.insert(queue, Arc::new(Notify::new()));
             }
         }
+        // Listeners are registered by whoever opens them (they are in the engine's
+        // configuration, not in the routes).
         config.metrics.register(
-            config
-                .routes
-                .routes
-                .iter()
-                .flat_map(|r| r.listeners.iter().map(String::as_str)),
-            config.routes.routes.iter().flat_map(|r| {
-                r.destinations
-                    .iter()
-                    .map(move |d| (r.name.as_str(), d.name.as_str()))
-            }),
+            [],
+            queues_of(&config.routes).map(|(r, d)| (r.name.as_str(), d.name.as_str())),
         );
         let (tx, rx) = mpsc::channel(1024);
         let pipeline = Pipeline {
@@ -267,6 +269,22 @@ impl<S: Store> Pipeline<S> {
             }
         }
         Ok(pipeline)
+    }
+
+    /// The store the pipeline journals into.
+    pub fn store(&self) -> &Arc<S> {
+        &self.inner.store
+    }
+
+    /// The pipeline's counters and histograms.
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.config.metrics
+    }
+
+    /// The configured queues, as (queue name in the store, route, destination).
+    pub fn queues(&self) -> impl Iterator<Item = (String, &str, &str)> {
+        queues_of(&self.inner.config.routes)
+            .map(|(r, d)| (queue_name(r, d), r.name.as_str(), d.name.as_str()))
     }
 
     /// Routes and maps a stored frame with the running configuration (for a replay
