@@ -173,15 +173,34 @@ fn index_key(kind: u8, value: &str, id: MessageId) -> Vec<u8> {
     k
 }
 
-/// The spaces a journal record touches (for recovery, before the store exists).
-struct JournalSpaces {
-    messages: Space,
-    raw: Space,
-    index: Space,
-    counts: Space,
+/// The spaces a journal record touches: borrowed from the store, or during recovery from
+/// the spaces the store is about to own.
+struct JournalSpaces<'a> {
+    messages: &'a Space,
+    raw: &'a Space,
+    index: &'a Space,
+    counts: &'a Space,
 }
 
-impl JournalSpaces {
+impl JournalSpaces<'_> {
+    /// The batch that journals a message: its record (`value`, encoded), its frame
+    /// (`raw`, sealed), its control-id index entry and its state's counter.
+    fn writes(&self, record: &MessageRecord, value: &[u8], raw: &[u8]) -> Writes {
+        let key = be(record.id);
+        let mut w = Writes::default();
+        w.insert(self.messages, key, value);
+        w.insert(self.raw, key, raw);
+        if let Some(m) = &record.msh {
+            w.insert(
+                self.index,
+                index_key(b'c', &m.control_id, record.id).as_slice(),
+                &[][..],
+            );
+        }
+        w.bump(self.counts, &message_counter(record.state), 1);
+        w
+    }
+
     /// Applies a record from the log again, unless sled already has its message.
     fn recover(&self, data: &Tree, r: WalRecord) -> Result<(), StoreError> {
         if self.messages.get(be(r.id))?.is_some() {
@@ -191,46 +210,10 @@ impl JournalSpaces {
             tracing::error!(id = r.id, "a journal log record does not decode; skipped");
             return Ok(());
         };
-        let control = record
-            .msh
-            .as_ref()
-            .map(|m| index_key(b'c', &m.control_id, r.id));
-        let raw = seal(r.frame);
-        journal_writes(
-            &self.messages,
-            &self.raw,
-            &self.index,
-            &self.counts,
-            (r.id, &r.record, &raw),
-            control.as_deref(),
-            record.state,
-        )
-        .commit(data)?;
+        self.writes(&record, &r.record, &seal(r.frame))
+            .commit(data)?;
         Ok(())
     }
-}
-
-/// The batch that journals a message: its record, its frame, its control-id index entry
-/// and its state's counter. `entry` is (id, encoded record, sealed frame).
-fn journal_writes(
-    messages: &Space,
-    raw_space: &Space,
-    index: &Space,
-    counts: &Space,
-    entry: (MessageId, &[u8], &[u8]),
-    control: Option<&[u8]>,
-    state: MessageState,
-) -> Writes {
-    let (id, value, raw) = entry;
-    let key = be(id);
-    let mut w = Writes::default();
-    w.insert(messages, key, value);
-    w.insert(raw_space, key, raw);
-    if let Some(c) = control {
-        w.insert(index, c, &[][..]);
-    }
-    w.bump(counts, &message_counter(state), 1);
-    w
 }
 
 /// Starts a new log segment, flushes sled (which then holds every record of the older
@@ -349,11 +332,15 @@ impl SledStore {
             }
         }
         let data = db.open_tree("data")?;
+        let messages = Space::new(&data, b'm');
+        let raw = Space::new(&data, b'r');
+        let index = Space::new(&data, b'i');
+        let counts = Space::new(&data, b'c');
         let spaces = JournalSpaces {
-            messages: Space::new(&data, b'm'),
-            raw: Space::new(&data, b'r'),
-            index: Space::new(&data, b'i'),
-            counts: Space::new(&data, b'c'),
+            messages: &messages,
+            raw: &raw,
+            index: &index,
+            counts: &counts,
         };
         let (wal, recovered) = Wal::recover(
             &config.path,
@@ -381,14 +368,14 @@ impl SledStore {
                 .map_err(sled::Error::Io)?;
         let seed = config.clock.now_ms() | 1;
         let store = SledStore {
-            messages: Space::new(&data, b'm'),
-            raw: Space::new(&data, b'r'),
+            messages,
+            raw,
             deliveries: Space::new(&data, b'd'),
             keys: Space::new(&data, b'k'),
             ready: Space::new(&data, b'q'),
             inflight: Space::new(&data, b'f'),
-            counts: Space::new(&data, b'c'),
-            index: Space::new(&data, b'i'),
+            counts,
+            index,
             data,
             quarantine: db.open_tree("quarantine")?,
             path: config.path.clone(),
@@ -674,19 +661,13 @@ impl Store for SledStore {
         };
         let value = encode(&record);
         let raw = seal(frame.to_vec());
-        let control = record
-            .msh
-            .as_ref()
-            .map(|m| index_key(b'c', &m.control_id, id));
-        let w = journal_writes(
-            &self.messages,
-            &self.raw,
-            &self.index,
-            &self.counts,
-            (id, &value, &raw),
-            control.as_deref(),
-            state,
-        );
+        let w = JournalSpaces {
+            messages: &self.messages,
+            raw: &self.raw,
+            index: &self.index,
+            counts: &self.counts,
+        }
+        .writes(&record, &value, &raw);
         {
             // The counter update reads then writes, and the log and sled must see records
             // in the same order (see the wal module): under the lock, which is held only
