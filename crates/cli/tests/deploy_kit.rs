@@ -75,27 +75,6 @@ fn start_engine(config: &Path) -> Engine {
     }
 }
 
-/// A GET over plain HTTP/1.1; returns (status, body).
-fn http_get(addr: &str, path: &str) -> (u16, String) {
-    let mut stream = std::net::TcpStream::connect(addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let status = response.split(' ').nth(1).unwrap().parse().unwrap();
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
-}
-
 /// Whether `/metrics` has a sample of `family` with `label_value` (e.g. `state="dead"`)
 /// and a value above zero. Independent of the family's other labels.
 fn has_positive_sample(metrics: &str, family: &str, label_value: &str) -> bool {
@@ -344,7 +323,7 @@ fn dashboard_and_alerts_use_only_metrics_a_running_engine_exports() {
     // The store's gauges say when all of that has happened.
     let deadline = Instant::now() + Duration::from_secs(30);
     let metrics = loop {
-        let (status, body) = http_get(&engine.admin, "/metrics");
+        let (status, body) = common::http_get(&engine.admin, "/metrics", None);
         assert_eq!(status, 200);
         if has_positive_sample(&body, "passerelle_deliveries", "state=\"delivered\"")
             && has_positive_sample(&body, "passerelle_deliveries", "state=\"dead\"")
@@ -816,7 +795,7 @@ fn kubernetes_manifests_agree_with_the_engine() {
     let route = "name = \"r\"\nmapping = \"v2-to-fhir\"\ndefault = true\n[[destinations]]\nname = \"files\"\ntype = \"ndjson\"\ndir = \"out\"\n";
     let engine = start_engine(&common::setup(dir.path(), route, ""));
     for path in &probe_paths {
-        assert_eq!(http_get(&engine.admin, path).0, 200, "{path}");
+        assert_eq!(common::http_get(&engine.admin, path, None).0, 200, "{path}");
     }
     common::stop(engine.process);
 }

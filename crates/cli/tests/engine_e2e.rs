@@ -190,31 +190,6 @@ fn check_reports_configuration_routes_and_destinations() {
     );
 }
 
-/// A GET over plain HTTP/1.1 on loopback; returns (status, body).
-fn http_get(addr: &str, path: &str, token: Option<&str>) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let status = response.split(' ').nth(1).unwrap().parse().unwrap();
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
-}
-
 #[test]
 fn admin_api_health_ready_metrics_with_token() {
     let dir = tempfile::tempdir().unwrap();
@@ -230,19 +205,19 @@ fn admin_api_health_ready_metrics_with_token() {
     let (engine, mllp, admin) =
         common::start_with_env(&config, &[("PASSERELLE_TEST_TOKEN", "s3cret")]);
 
-    assert_eq!(http_get(&admin, "/health", None).0, 200);
-    assert_eq!(http_get(&admin, "/ready", None).0, 200);
+    assert_eq!(common::http_get(&admin, "/health", None).0, 200);
+    assert_eq!(common::http_get(&admin, "/ready", None).0, 200);
     assert_eq!(
-        http_get(&admin, "/metrics", None).0,
+        common::http_get(&admin, "/metrics", None).0,
         401,
         "metrics need the token"
     );
-    assert_eq!(http_get(&admin, "/metrics", Some("wrong")).0, 401);
+    assert_eq!(common::http_get(&admin, "/metrics", Some("wrong")).0, 401);
 
     let adt = workspace_root().join("fixtures/hl7/adt_a01_admit.hl7");
     let sent = passerelle(&["send", adt.to_str().unwrap(), "--to", &mllp]);
     assert!(sent.status.success());
-    let (status, metrics) = http_get(&admin, "/metrics", Some("s3cret"));
+    let (status, metrics) = common::http_get(&admin, "/metrics", Some("s3cret"));
     assert_eq!(status, 200);
     assert!(metrics.contains("passerelle_up 1"), "{metrics}");
     assert!(
@@ -274,7 +249,7 @@ fn admin_api_health_ready_metrics_with_token() {
     let delivered = "passerelle_delivery_attempts_total{route=\"adt\",destination=\"files\",outcome=\"delivered\"} 1";
     let deadline = Instant::now() + Duration::from_secs(30);
     let metrics = loop {
-        let (_, metrics) = http_get(&admin, "/metrics", Some("s3cret"));
+        let (_, metrics) = common::http_get(&admin, "/metrics", Some("s3cret"));
         if metrics.contains(delivered) {
             break metrics;
         }
@@ -296,7 +271,7 @@ fn admin_api_health_ready_metrics_with_token() {
             && metrics.contains("\npasserelle_store_disk_bytes "),
         "{metrics}"
     );
-    let (status, list) = http_get(&admin, "/api/messages", Some("s3cret"));
+    let (status, list) = common::http_get(&admin, "/api/messages", Some("s3cret"));
     assert_eq!(status, 200);
     let doc: serde_json::Value = serde_json::from_str(&list).unwrap();
     assert_eq!(doc["items"].as_array().unwrap().len(), 1);
@@ -304,20 +279,11 @@ fn admin_api_health_ready_metrics_with_token() {
     common::stop(engine);
 }
 
-/// A free loopback port (bound, then released for the engine to take).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[test]
 fn messages_commands_go_through_the_running_engine() {
     let dir = tempfile::tempdir().unwrap();
     let config = common::setup(dir.path(), ROUTE, "");
-    let admin_port = free_port();
+    let admin_port = passerelle_testkit::free_port();
     std::fs::write(
         &config,
         std::fs::read_to_string(&config).unwrap().replace(

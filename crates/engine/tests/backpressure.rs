@@ -18,14 +18,6 @@ use passerelle_testkit::python;
 mod common;
 use common::{Harness, fixture, wait_until};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// ADT messages forwarded over MLLP to `port`, retried every 50 to 200 ms.
 fn route(port: u16) -> String {
     format!(
@@ -60,22 +52,11 @@ async fn start_downstream(port: u16) -> PeerProcess {
     .unwrap()
 }
 
-async fn journaled(store: &impl Store) -> usize {
+/// How many messages the store lists: all of them, or those with a delivery in `state`.
+async fn count(store: &impl Store, state: Option<DeliveryState>) -> usize {
     store
         .list(&Query {
-            limit: 100,
-            ..Query::default()
-        })
-        .await
-        .unwrap()
-        .items
-        .len()
-}
-
-async fn delivered(store: &impl Store) -> usize {
-    store
-        .list(&Query {
-            delivery_state: Some(DeliveryState::Delivered),
+            delivery_state: state,
             limit: 100,
             ..Query::default()
         })
@@ -88,7 +69,7 @@ async fn delivered(store: &impl Store) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn error_mode_answers_ae_and_keeps_nothing_until_the_queue_drains() {
     python(); // the downstream peer, installed on first use
-    let port = free_port();
+    let port = passerelle_testkit::free_port();
     let engine = Harness::new(&route(port));
     let store = Arc::clone(&engine.store);
     let (listener, pipeline) = engine
@@ -116,7 +97,7 @@ async fn error_mode_answers_ae_and_keeps_nothing_until_the_queue_drains() {
         "{second:?}"
     );
     assert_eq!(
-        journaled(store.as_ref()).await,
+        count(store.as_ref(), None).await,
         1,
         "the refused frame is not kept"
     );
@@ -134,7 +115,7 @@ async fn error_mode_answers_ae_and_keeps_nothing_until_the_queue_drains() {
     assert!(again.is_accept(), "under the limit again: {again:?}");
     wait_until("both to be delivered", || {
         let store = Arc::clone(&store);
-        async move { delivered(store.as_ref()).await == 2 }
+        async move { count(store.as_ref(), Some(DeliveryState::Delivered)).await == 2 }
     })
     .await;
 }
@@ -142,7 +123,7 @@ async fn error_mode_answers_ae_and_keeps_nothing_until_the_queue_drains() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_reading_mode_holds_the_answer_until_the_queue_drains() {
     python();
-    let port = free_port();
+    let port = passerelle_testkit::free_port();
     let engine = Harness::new(&route(port));
     let store = Arc::clone(&engine.store);
     let (listener, pipeline) = engine
@@ -180,7 +161,7 @@ async fn stop_reading_mode_holds_the_answer_until_the_queue_drains() {
         "no answer while over the limit"
     );
     assert_eq!(
-        journaled(store.as_ref()).await,
+        count(store.as_ref(), None).await,
         1,
         "and the frame is not journaled yet"
     );
@@ -193,7 +174,7 @@ async fn stop_reading_mode_holds_the_answer_until_the_queue_drains() {
     assert!(answer.is_accept(), "{answer:?}");
     wait_until("both to be delivered, in order", || {
         let store = Arc::clone(&store);
-        async move { delivered(store.as_ref()).await == 2 }
+        async move { count(store.as_ref(), Some(DeliveryState::Delivered)).await == 2 }
     })
     .await;
 }
