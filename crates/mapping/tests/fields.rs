@@ -3,6 +3,7 @@
 //! fixture per segment family.
 
 mod common;
+use common::{at, text};
 
 use passerelle_mapping::{Bundle, Node};
 
@@ -12,21 +13,6 @@ fn of_type<'b>(bundle: &'b Bundle, t: &str) -> Vec<&'b Node> {
         .resources()
         .filter(|r| r.get("resourceType").and_then(Node::as_str) == Some(t))
         .collect()
-}
-
-/// Follows a dotted path with numeric indexes: `name.0.given.1`.
-fn at<'n>(node: &'n Node, path: &str) -> Option<&'n Node> {
-    path.split('.')
-        .try_fold(node, |n, step| match step.parse::<usize>() {
-            Ok(i) => n.items().get(i),
-            Err(_) => n.get(step),
-        })
-}
-
-fn text<'n>(node: &'n Node, path: &str) -> &'n str {
-    at(node, path)
-        .and_then(Node::as_str)
-        .unwrap_or_else(|| panic!("no string at {path} in {}", node.to_json(false)))
 }
 
 fn json(node: &Node, path: &str) -> String {

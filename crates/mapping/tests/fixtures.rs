@@ -24,19 +24,7 @@ fn every_fixture_maps_and_validates() {
         failures.join("\n")
     );
     assert!(bundles.len() >= 45, "only {} bundles", bundles.len());
-    let reports = passerelle_testkit::fhir::validate(&bundles);
-    assert_eq!(reports.len(), bundles.len());
-    let invalid: Vec<String> = reports
-        .iter()
-        .filter(|r| !r.errors.is_empty())
-        .map(|r| format!("{}:\n  {}", r.name, r.errors.join("\n  ")))
-        .collect();
-    assert!(
-        invalid.is_empty(),
-        "{} invalid bundles:\n{}",
-        invalid.len(),
-        invalid.join("\n")
-    );
+    common::assert_all_valid(&bundles);
 }
 
 /// The validators are not vacuous: a bundle broken in ways each of them catches is refused.

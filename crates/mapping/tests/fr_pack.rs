@@ -4,9 +4,12 @@
 //! checks of identifiers (INS only for a qualified identity), identity reliability,
 //! names, movements and their cancellations, merges, documents and character sets.
 
+mod common;
+
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
+use common::{at, text};
 use passerelle_mapping::{Bundle, MapOptions, Node, Pack};
 
 fn pack() -> &'static Pack {
@@ -47,34 +50,7 @@ fn every_french_fixture_maps_and_validates() {
         }
         bundles.push((name, json));
     }
-    let reports = passerelle_testkit::fhir::validate(&bundles);
-    assert_eq!(reports.len(), bundles.len());
-    let invalid: Vec<String> = reports
-        .iter()
-        .filter(|r| !r.errors.is_empty())
-        .map(|r| format!("{}:\n  {}", r.name, r.errors.join("\n  ")))
-        .collect();
-    assert!(
-        invalid.is_empty(),
-        "{} invalid bundles:\n{}",
-        invalid.len(),
-        invalid.join("\n")
-    );
-}
-
-/// Follows a dotted path with numeric indexes: `name.0.given.1`.
-fn at<'n>(node: &'n Node, path: &str) -> Option<&'n Node> {
-    path.split('.')
-        .try_fold(node, |n, step| match step.parse::<usize>() {
-            Ok(i) => n.items().get(i),
-            Err(_) => n.get(step),
-        })
-}
-
-fn text<'n>(node: &'n Node, path: &str) -> &'n str {
-    at(node, path)
-        .and_then(Node::as_str)
-        .unwrap_or_else(|| panic!("no string at {path} in {}", node.to_json(false)))
+    common::assert_all_valid(&bundles);
 }
 
 /// The bundle entries whose resource has this type.

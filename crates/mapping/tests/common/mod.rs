@@ -6,7 +6,7 @@ use std::sync::OnceLock;
 
 use passerelle_hl7::ParseOptions;
 use passerelle_hl7::batch::parse_all;
-use passerelle_mapping::{Bundle, MapOptions, Pack};
+use passerelle_mapping::{Bundle, MapOptions, Node, Pack};
 
 pub fn pack_dir() -> PathBuf {
     passerelle_testkit::workspace_root()
@@ -55,4 +55,38 @@ pub fn map_fixture(name: &str) -> Bundle {
 pub fn map_bytes(bytes: &[u8]) -> Result<Bundle, passerelle_mapping::MapError> {
     let message = passerelle_hl7::Message::parse(bytes).unwrap();
     pack().map(&message, &MapOptions::default())
+}
+
+/// Follows a dotted path with numeric indexes: `name.0.given.1`.
+pub fn at<'n>(node: &'n Node, path: &str) -> Option<&'n Node> {
+    path.split('.')
+        .try_fold(node, |n, step| match step.parse::<usize>() {
+            Ok(i) => n.items().get(i),
+            Err(_) => n.get(step),
+        })
+}
+
+/// The string at `path`; panics, showing the node, when there is none.
+pub fn text<'n>(node: &'n Node, path: &str) -> &'n str {
+    at(node, path)
+        .and_then(Node::as_str)
+        .unwrap_or_else(|| panic!("no string at {path} in {}", node.to_json(false)))
+}
+
+/// Runs both FHIR R4 validators over (name, bundle JSON) pairs and fails with every
+/// error of every invalid bundle.
+pub fn assert_all_valid(bundles: &[(String, String)]) {
+    let reports = passerelle_testkit::fhir::validate(bundles);
+    assert_eq!(reports.len(), bundles.len());
+    let invalid: Vec<String> = reports
+        .iter()
+        .filter(|r| !r.errors.is_empty())
+        .map(|r| format!("{}:\n  {}", r.name, r.errors.join("\n  ")))
+        .collect();
+    assert!(
+        invalid.is_empty(),
+        "{} invalid bundles:\n{}",
+        invalid.len(),
+        invalid.join("\n")
+    );
 }
