@@ -9,7 +9,6 @@
 //! `validate.js` validates many resources per node process, so a test suite pays the
 //! start-up cost (about a second) once.
 
-use std::fs::{self, File};
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -18,35 +17,11 @@ use std::process::{Command, Stdio};
 /// lock file changed or nothing is installed yet. Panics with npm's output on failure: a
 /// validation test must not pass without its validator.
 pub fn validator_dir() -> PathBuf {
-    let source = crate::peers_source_dir().join("fhir-validate");
-    let root = crate::peers_dir();
-    fs::create_dir_all(&root).expect("create peers dir");
-    let dir = root.join("fhir-validate");
-    let lock = File::create(root.join(".fhir-validate.lock")).expect("create lock file");
-    lock.lock().expect("lock peers dir");
-    let mut wanted = String::new();
-    for name in ["package.json", "package-lock.json", "validate.js"] {
-        let text = fs::read_to_string(source.join(name))
-            .unwrap_or_else(|e| panic!("read fhir-validate/{name}: {e}"));
-        wanted.push_str(&text);
-    }
-    let stamp = dir.join(".passerelle-stamp");
-    if fs::read_to_string(&stamp).ok().as_deref() != Some(wanted.as_str()) {
-        fs::create_dir_all(&dir).expect("create fhir-validate dir");
-        for name in ["package.json", "package-lock.json", "validate.js"] {
-            fs::copy(source.join(name), dir.join(name))
-                .unwrap_or_else(|e| panic!("copy fhir-validate/{name}: {e}"));
-        }
-        crate::run(
-            Command::new("npm")
-                .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
-                .current_dir(&dir),
-            "npm ci the FHIR validators",
-        );
-        fs::write(&stamp, &wanted).expect("write stamp");
-    }
-    lock.unlock().expect("unlock peers dir");
-    dir
+    crate::npm_peer(
+        "fhir-validate",
+        &["package.json", "package-lock.json", "validate.js"],
+        "the FHIR validators",
+    )
 }
 
 /// What the validators said about one resource: its name and every error-level finding

@@ -15,7 +15,6 @@
 //! (token introspection); 401 otherwise, counted by [`FhirServer::unauthorized_count`]. The server starts in a few seconds; it is killed
 //! when the [`FhirServer`] is dropped.
 
-use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -27,35 +26,7 @@ const FILES: [&str; 3] = ["package.json", "package-lock.json", "server.js"];
 /// The folder holding `server.js` and its `node_modules`, installing it when the pinned
 /// files changed or nothing is installed yet. Panics with npm's output on failure.
 pub fn server_dir() -> PathBuf {
-    let source = crate::peers_source_dir().join("fhir-server");
-    let root = crate::peers_dir();
-    fs::create_dir_all(&root).expect("create peers dir");
-    let dir = root.join("fhir-server");
-    let lock = File::create(root.join(".fhir-server.lock")).expect("create lock file");
-    lock.lock().expect("lock peers dir");
-    let mut wanted = String::new();
-    for name in FILES {
-        let text = fs::read_to_string(source.join(name))
-            .unwrap_or_else(|e| panic!("read fhir-server/{name}: {e}"));
-        wanted.push_str(&text);
-    }
-    let stamp = dir.join(".passerelle-stamp");
-    if fs::read_to_string(&stamp).ok().as_deref() != Some(wanted.as_str()) {
-        fs::create_dir_all(&dir).expect("create fhir-server dir");
-        for name in FILES {
-            fs::copy(source.join(name), dir.join(name))
-                .unwrap_or_else(|e| panic!("copy fhir-server/{name}: {e}"));
-        }
-        crate::run(
-            Command::new("npm")
-                .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
-                .current_dir(&dir),
-            "npm ci the FHIR server",
-        );
-        fs::write(&stamp, &wanted).expect("write stamp");
-    }
-    lock.unlock().expect("unlock peers dir");
-    dir
+    crate::npm_peer("fhir-server", &FILES, "the FHIR server")
 }
 
 /// A running FHIR server on a loopback port, killed on drop.

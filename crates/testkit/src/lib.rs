@@ -103,6 +103,43 @@ pub fn python() -> PathBuf {
     python
 }
 
+/// The folder `peers/<name>` is installed into (`npm ci`), with `files` (its package.json,
+/// package-lock.json and scripts) copied from the sources. It is installed again only when
+/// those files changed (a stamp holds their text), under a lock file so that concurrent
+/// tests install once. Panics with npm's output on failure: a test must not pass without
+/// its peer.
+fn npm_peer(name: &str, files: &[&str], what: &str) -> PathBuf {
+    let source = peers_source_dir().join(name);
+    let root = peers_dir();
+    fs::create_dir_all(&root).expect("create peers dir");
+    let dir = root.join(name);
+    let lock = File::create(root.join(format!(".{name}.lock"))).expect("create lock file");
+    lock.lock().expect("lock peers dir");
+    let mut wanted = String::new();
+    for file in files {
+        let text = fs::read_to_string(source.join(file))
+            .unwrap_or_else(|e| panic!("read {name}/{file}: {e}"));
+        wanted.push_str(&text);
+    }
+    let stamp = dir.join(".passerelle-stamp");
+    if fs::read_to_string(&stamp).ok().as_deref() != Some(wanted.as_str()) {
+        fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("create {name} dir: {e}"));
+        for file in files {
+            fs::copy(source.join(file), dir.join(file))
+                .unwrap_or_else(|e| panic!("copy {name}/{file}: {e}"));
+        }
+        run(
+            Command::new("npm")
+                .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
+                .current_dir(&dir),
+            &format!("npm ci {what}"),
+        );
+        fs::write(&stamp, &wanted).expect("write stamp");
+    }
+    lock.unlock().expect("unlock peers dir");
+    dir
+}
+
 fn run(command: &mut Command, what: &str) {
     let output = command
         .output()

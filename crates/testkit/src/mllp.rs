@@ -11,7 +11,6 @@
 //! Peers run as child processes on loopback, are killed when their [`PeerProcess`] is
 //! dropped, and are waited for by a line they print, never by sleeping.
 
-use std::fs::{self, File};
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
@@ -22,36 +21,11 @@ use std::time::{Duration, Instant};
 /// `target/peers/mllp-node`, with `@medplum/hl7` installed (reinstalled when the pinned
 /// files change). Panics with npm's output on failure.
 pub fn node_dir() -> PathBuf {
-    let source = crate::peers_source_dir().join("mllp-node");
-    let root = crate::peers_dir();
-    fs::create_dir_all(&root).expect("create peers dir");
-    let dir = root.join("mllp-node");
-    let lock = File::create(root.join(".mllp-node.lock")).expect("create lock file");
-    lock.lock().expect("lock peers dir");
-    let files = ["package.json", "package-lock.json", "medplum_send.mjs"];
-    let mut wanted = String::new();
-    for name in files {
-        let text = fs::read_to_string(source.join(name))
-            .unwrap_or_else(|e| panic!("read mllp-node/{name}: {e}"));
-        wanted.push_str(&text);
-    }
-    let stamp = dir.join(".passerelle-stamp");
-    if fs::read_to_string(&stamp).ok().as_deref() != Some(wanted.as_str()) {
-        fs::create_dir_all(&dir).expect("create mllp-node dir");
-        for name in files {
-            fs::copy(source.join(name), dir.join(name))
-                .unwrap_or_else(|e| panic!("copy mllp-node/{name}: {e}"));
-        }
-        crate::run(
-            Command::new("npm")
-                .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
-                .current_dir(&dir),
-            "npm ci the MLLP node peers",
-        );
-        fs::write(&stamp, &wanted).expect("write stamp");
-    }
-    lock.unlock().expect("unlock peers dir");
-    dir
+    crate::npm_peer(
+        "mllp-node",
+        &["package.json", "package-lock.json", "medplum_send.mjs"],
+        "the MLLP node peers",
+    )
 }
 
 /// A program of the peers' virtualenv (`mllp_send`, `twistd`…), installing it if needed.

@@ -18,7 +18,6 @@
 //! [`SmartAuthServer::revoke_tokens`] (forget a client's tokens, as a server-side
 //! revocation would). The server is killed when the [`SmartAuthServer`] is dropped.
 
-use std::fs::{self, File};
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
@@ -37,35 +36,7 @@ pub const INTROSPECTOR_SECRET: &str = "introspector-secret-for-tests-only-012345
 /// The folder holding `server.mjs` and its `node_modules`, installing it when the pinned
 /// files changed or nothing is installed yet. Panics with npm's output on failure.
 pub fn server_dir() -> PathBuf {
-    let source = crate::peers_source_dir().join("smart-auth");
-    let root = crate::peers_dir();
-    fs::create_dir_all(&root).expect("create peers dir");
-    let dir = root.join("smart-auth");
-    let lock = File::create(root.join(".smart-auth.lock")).expect("create lock file");
-    lock.lock().expect("lock peers dir");
-    let mut wanted = String::new();
-    for name in FILES {
-        let text = fs::read_to_string(source.join(name))
-            .unwrap_or_else(|e| panic!("read smart-auth/{name}: {e}"));
-        wanted.push_str(&text);
-    }
-    let stamp = dir.join(".passerelle-stamp");
-    if fs::read_to_string(&stamp).ok().as_deref() != Some(wanted.as_str()) {
-        fs::create_dir_all(&dir).expect("create smart-auth dir");
-        for name in FILES {
-            fs::copy(source.join(name), dir.join(name))
-                .unwrap_or_else(|e| panic!("copy smart-auth/{name}: {e}"));
-        }
-        crate::run(
-            Command::new("npm")
-                .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
-                .current_dir(&dir),
-            "npm ci the authorization server",
-        );
-        fs::write(&stamp, &wanted).expect("write stamp");
-    }
-    lock.unlock().expect("unlock peers dir");
-    dir
+    crate::npm_peer("smart-auth", &FILES, "the authorization server")
 }
 
 /// A client registered with the server: it authenticates with a JWT signed by the private
