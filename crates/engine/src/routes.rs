@@ -169,8 +169,21 @@ fn field_of<'a>(header: &'a HeaderSummary, field: &str) -> &'a str {
         "message_type" => &header.message_type,
         "trigger_event" => &header.trigger_event,
         "internationalization_code" => &header.version_internationalization,
-        "profile" => &header.profiles,
         _ => &header.version,
+    }
+}
+
+/// The values a route's globs for `field` are tried against: each repetition of MSH-21,
+/// whole (`2.11^IHE_FRANCE-2.11-PAM`); for every other field, its first component.
+fn candidates(header: &HeaderSummary, field: &str) -> Vec<String> {
+    if field == "profile" {
+        header
+            .profiles
+            .split(header.separators.repetition as char)
+            .map(str::to_owned)
+            .collect()
+    } else {
+        vec![first_component(field_of(header, field), &header.separators)]
     }
 }
 
@@ -190,15 +203,9 @@ impl Route {
             return false;
         }
         self.matches.iter().all(|(field, globs)| {
-            if field == "profile" {
-                // MSH-21 repeats: any repetition, matched whole (`2.11^IHE_FRANCE-2.11-PAM`).
-                return header
-                    .profiles
-                    .split(header.separators.repetition as char)
-                    .any(|p| globs.iter().any(|g| g.matches(p)));
-            }
-            let value = first_component(field_of(header, field), &header.separators);
-            globs.iter().any(|g| g.matches(&value))
+            candidates(header, field)
+                .iter()
+                .any(|value| globs.iter().any(|g| g.matches(value)))
         })
     }
 
