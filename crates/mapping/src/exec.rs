@@ -9,7 +9,7 @@ use passerelle_hl7::{Level, Message, Segment, Selector, Value};
 
 use crate::error::{MapError, MapErrorKind};
 use crate::expr::{Cmp, Cond, Index, Source, SrcPath, Target};
-use crate::json::Node;
+use crate::json::{Node, Text};
 use crate::model::FastHash;
 use crate::model::*;
 use crate::sha256;
@@ -108,26 +108,31 @@ fn has_content(v: &Value<'_>) -> bool {
         .any(|&b| b != s.component && b != s.subcomponent && b != s.repetition && b != b' ')
 }
 
-fn leaf_text(v: Value<'_>) -> String {
+/// The trimmed text of a value's first leaf; short texts are kept inline (no allocation).
+fn leaf_text(v: Value<'_>) -> Text {
     let l = leaf(v);
     if l.is_null() {
-        return String::new();
+        return Text::default();
     }
-    l.text().trim().to_owned()
+    Text::from(l.text().trim())
 }
 
 /// An empty resource of this type, with room for its members.
 fn resource_body(resource_type: &str) -> Node {
     let mut members = Vec::with_capacity(16);
-    members.push(("resourceType".into(), Node::Str(resource_type.to_owned())));
+    members.push(("resourceType".into(), Node::Str(resource_type.into())));
     Node::Obj(members)
 }
 
-fn reference(id: &str) -> Node {
+fn urn_uuid(id: &str) -> String {
     let mut r = String::with_capacity(9 + id.len());
     r.push_str("urn:uuid:");
     r.push_str(id);
-    Node::Obj(vec![("reference".into(), Node::Str(r))])
+    r
+}
+
+fn reference(id: &str) -> Node {
+    Node::Obj(vec![("reference".into(), Node::Str(urn_uuid(id).into()))])
 }
 
 /// FHIR `dateTime` text (as [`DateTime::to_fhir_datetime`], written in one buffer).
@@ -214,10 +219,10 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
                 for t in targets.into_iter().take(take) {
                     let mut node = reference(&self.resources[t].id);
                     if let Some(at) = &r.at {
-                        node = Node::Obj(vec![(at.clone(), node)]);
+                        node = Node::Obj(vec![(*at, node)]);
                     }
                     for (k, v) in &r.with {
-                        node.insert(k.clone(), v.clone());
+                        node.insert(*k, v.clone());
                     }
                     set(&mut self.resources[idx].body, &r.to, node);
                 }
@@ -250,13 +255,13 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
                 None => format!("{}/{}", res.resource_type, res.id),
             };
             entries.push(Node::Obj(vec![
-                ("fullUrl".into(), Node::Str(format!("urn:uuid:{}", res.id))),
+                ("fullUrl".into(), Node::Str(urn_uuid(&res.id).into())),
                 ("resource".into(), body),
                 (
                     "request".into(),
                     Node::Obj(vec![
                         ("method".into(), Node::Str("PUT".into())),
-                        ("url".into(), Node::Str(url)),
+                        ("url".into(), Node::Str(url.into())),
                     ]),
                 ),
             ]));
@@ -310,7 +315,7 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
             }
         }
         if let Node::Obj(o) = &mut body {
-            o.insert(1.min(o.len()), ("id".into(), Node::Str(id.clone())));
+            o.insert(1.min(o.len()), ("id".into(), Node::Str(id.as_str().into())));
         }
         self.by_id.insert(id.clone(), self.resources.len());
         self.resources.push(Res {
@@ -433,7 +438,7 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
                     });
                 }
                 if !text.is_empty() {
-                    set(out, &rule.to, Node::Str(text));
+                    set(out, &rule.to, Node::Str(text.into()));
                 }
                 continue;
             }
@@ -489,10 +494,12 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
                 if code.is_empty() {
                     return Ok(None);
                 }
-                match vocab.map.get(&code) {
-                    Some(c) => Ok(Some(Node::Str(c.clone()))),
+                match vocab.map.get(code.as_str()) {
+                    Some(c) => Ok(Some(Node::Str(c.as_str().into()))),
                     None => match vocab.unknown {
-                        Unknown::Default => Ok(vocab.default.clone().map(Node::Str)),
+                        Unknown::Default => {
+                            Ok(vocab.default.as_deref().map(|d| Node::Str(d.into())))
+                        }
                         Unknown::Omit => Ok(None),
                         Unknown::Pass => Ok(Some(Node::Str(code))),
                         Unknown::Error => Err(self.error(
@@ -548,8 +555,9 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
     fn primitive(&self, f: Func, v: Value<'a>) -> Result<Option<Node>, MapErrorKind> {
         let conversion = |what: &str| MapErrorKind::Conversion { what: what.into() };
         if f == Func::Raw {
-            let t = v.text().trim().to_owned();
-            return Ok((!t.is_empty()).then_some(Node::Str(t)));
+            let text = v.text();
+            let t = text.trim();
+            return Ok((!t.is_empty()).then(|| Node::Str(t.into())));
         }
         let text = leaf_text(v);
         if text.is_empty() {
@@ -560,7 +568,8 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
             Func::Date => Node::Str(
                 DateTime::parse(&text)
                     .map_err(|_| conversion("date (DTM)"))?
-                    .to_fhir_date(),
+                    .to_fhir_date()
+                    .into(),
             ),
             Func::DateTime | Func::Instant => {
                 let dt = DateTime::parse(&text).map_err(|_| conversion("date/time (DTM)"))?;
@@ -571,13 +580,13 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
                     match self.pack.settings.naive_timestamps {
                         NaiveTimestamps::Reject => return Err(MapErrorKind::NoOffset),
                         NaiveTimestamps::DateOnly if f == Func::DateTime => {
-                            return Ok(Some(Node::Str(dt.to_fhir_date())));
+                            return Ok(Some(Node::Str(dt.to_fhir_date().into())));
                         }
                         _ => {}
                     }
                 }
                 if !dt.has_time() {
-                    Node::Str(dt.to_fhir_date())
+                    Node::Str(dt.to_fhir_date().into())
                 } else {
                     let offset = match dt.offset_minutes {
                         Some(o) => o,
@@ -586,22 +595,23 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
                             crate::tz::offset_at(&dt, standard, self.pack.settings.summer_time)
                         }
                     };
-                    Node::Str(fhir_datetime(&dt, offset))
+                    Node::Str(fhir_datetime(&dt, offset).into())
                 }
             }
             Func::Decimal => Node::Num(
                 Number::parse(&text)
                     .map_err(|_| conversion("number (NM)"))?
                     .as_str()
-                    .to_owned(),
+                    .into(),
             ),
             Func::Integer => Node::Num(
                 text.parse::<i64>()
                     .map_err(|_| conversion("integer"))?
-                    .to_string(),
+                    .to_string()
+                    .into(),
             ),
             Func::PositiveInt => match text.parse::<u64>() {
-                Ok(n) if n > 0 => Node::Num(n.to_string()),
+                Ok(n) if n > 0 => Node::Num(n.to_string().into()),
                 _ => return Err(conversion("positive integer")),
             },
             Func::Boolean => match text.as_str() {
@@ -609,7 +619,9 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
                 "N" | "n" | "false" | "0" => Node::Bool(false),
                 _ => return Err(conversion("boolean (Y/N)")),
             },
-            Func::SystemUri => Node::Str(system_uri(&text, &self.pack.settings.local_system_base)),
+            Func::SystemUri => {
+                Node::Str(system_uri(&text, &self.pack.settings.local_system_base).into())
+            }
             Func::Base64 => {
                 let b: String = text.chars().filter(|c| !c.is_whitespace()).collect();
                 if !b
@@ -618,13 +630,13 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
                 {
                     return Err(conversion("base64 text"));
                 }
-                Node::Str(b)
+                Node::Str(b.into())
             }
             Func::RangeLow | Func::RangeHigh => {
                 let (low, high) = range(&text);
                 let bound = if f == Func::RangeLow { low } else { high };
                 match bound.and_then(|b| Number::parse(b).ok()) {
-                    Some(n) => Node::Num(n.as_str().to_owned()),
+                    Some(n) => Node::Num(n.as_str().into()),
                     None => return Ok(None),
                 }
             }
@@ -802,7 +814,7 @@ pub(crate) fn set(out: &mut Node, target: &Target, node: Node) {
                 if last {
                     match cur.get_mut(step.key.as_str()) {
                         Some(existing) => existing.merge(node),
-                        None => cur.insert(step.key.clone(), node),
+                        None => cur.insert(step.key, node),
                     }
                     return;
                 }
@@ -853,12 +865,15 @@ fn system_uri(text: &str, base: &str) -> String {
 }
 
 fn url_encode(s: &str) -> String {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || b"-._~:/".contains(&b) {
             out.push(b as char);
         } else {
-            out.push_str(&format!("%{b:02X}"));
+            out.push('%');
+            out.push(char::from(HEX[usize::from(b >> 4)]));
+            out.push(char::from(HEX[usize::from(b & 0x0f)]));
         }
     }
     out

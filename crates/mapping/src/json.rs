@@ -3,28 +3,42 @@
 //! wrote them), and decimals keep the digits the sender sent.
 
 use std::fmt;
-use std::sync::Arc;
 
 use serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
 
-/// An object member's name: a literal, or a name shared with the compiled pack, so that
-/// building a resource copies no strings for its keys.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Key(KeyText);
+/// Text in the output tree. Short values (codes, names, dates, most identifiers) are
+/// stored inline, so that most leaves of a bundle cost no allocation of their own.
+pub type Text = compact_str::CompactString;
 
-#[derive(Clone, PartialEq, Eq)]
-enum KeyText {
-    Static(&'static str),
-    Shared(Arc<str>),
-}
+/// An object member's name. Names come from the compiled pack and the FHIR element
+/// names the executor writes; they are interned once per process, so building and
+/// dropping a resource never copies or counts a key.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Key(&'static str);
 
 impl Key {
-    pub fn as_str(&self) -> &str {
-        match &self.0 {
-            KeyText::Static(s) => s,
-            KeyText::Shared(s) => s,
-        }
+    pub fn as_str(&self) -> &'static str {
+        self.0
     }
+}
+
+/// The process-wide set of member names. It only grows with names no pack used before,
+/// so it is bounded by the distinct element names of the packs a process loads (a few
+/// hundred), however often they are reloaded.
+fn intern(name: &str) -> &'static str {
+    use std::collections::HashSet;
+    use std::sync::{Mutex, OnceLock};
+    static NAMES: OnceLock<Mutex<HashSet<&'static str>>> = OnceLock::new();
+    let mut names = NAMES
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some(&known) = names.get(name) {
+        return known;
+    }
+    let leaked: &'static str = Box::leak(name.to_owned().into_boxed_str());
+    names.insert(leaked);
+    leaked
 }
 
 impl fmt::Debug for Key {
@@ -35,13 +49,13 @@ impl fmt::Debug for Key {
 
 impl From<&'static str> for Key {
     fn from(s: &'static str) -> Key {
-        Key(KeyText::Static(s))
+        Key(s)
     }
 }
 
 impl From<String> for Key {
     fn from(s: String) -> Key {
-        Key(KeyText::Shared(Arc::from(s)))
+        Key(intern(&s))
     }
 }
 
@@ -60,9 +74,9 @@ impl PartialEq<&str> for Key {
 /// A JSON value whose objects keep insertion order.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Node {
-    Str(String),
+    Str(Text),
     /// A number as canonical decimal text (`-1.50`): FHIR decimals keep their precision.
-    Num(String),
+    Num(Text),
     Bool(bool),
     Obj(Vec<(Key, Node)>),
     Arr(Vec<Node>),
@@ -129,7 +143,7 @@ impl Node {
         let pos = match o.iter().position(|(k, _)| k == key) {
             Some(p) => p,
             None => {
-                o.push((key.clone(), default()));
+                o.push((*key, default()));
                 o.len() - 1
             }
         };
@@ -275,7 +289,7 @@ impl Serialize for Node {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         match self {
             Node::Str(s) => serializer.serialize_str(s),
-            Node::Num(n) => match serde_json::value::RawValue::from_string(n.clone()) {
+            Node::Num(n) => match serde_json::value::RawValue::from_string(n.to_string()) {
                 Ok(raw) => raw.serialize(serializer),
                 Err(_) => serializer.serialize_str(n),
             },

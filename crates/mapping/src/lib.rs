@@ -105,7 +105,7 @@ mod tz;
 use std::path::Path;
 
 pub use error::{LoadError, LoadErrorKind, LoadErrors, MapError, MapErrorKind};
-pub use json::Node;
+pub use json::{Node, Text};
 pub use model::{Loc, NaiveTimestamps, Pack};
 pub use tz::SummerTime;
 

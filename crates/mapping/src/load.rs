@@ -802,9 +802,9 @@ fn compile_rules(
             }
         });
         let value = r.value.as_ref().and_then(|v| match v.get_ref() {
-            toml::Value::String(s) => Some(Node::Str(s.clone())),
+            toml::Value::String(s) => Some(Node::Str(s.as_str().into())),
             toml::Value::Boolean(b) => Some(Node::Bool(*b)),
-            toml::Value::Integer(n) => Some(Node::Num(n.to_string())),
+            toml::Value::Integer(n) => Some(Node::Num(n.to_string().into())),
             _ => {
                 loader.error(
                     K::Invalid,
@@ -1147,7 +1147,7 @@ fn compile_rows(
                 with: x
                     .with_
                     .iter()
-                    .map(|(k, v)| (k.clone().into(), Node::Str(v.clone())))
+                    .map(|(k, v)| (k.clone().into(), Node::Str(v.as_str().into())))
                     .collect(),
             });
         }
