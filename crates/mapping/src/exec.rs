@@ -42,6 +42,9 @@ struct Exec<'p, 'm, 'a> {
     by_id: HashMap<String, usize, FastHash>,
     /// Resources made by pure datatype maps, by (map, input bytes).
     built: HashMap<(usize, &'a [u8]), usize, FastHash>,
+    /// Emptied value lists, reused by appending rules (rules nest through datatype maps,
+    /// so one list per level) instead of allocating one per rule.
+    spare_lists: Vec<Vec<Value<'a>>>,
 }
 
 pub(crate) fn map(
@@ -75,6 +78,7 @@ pub(crate) fn map(
         resources: Vec::new(),
         by_id: HashMap::default(),
         built: HashMap::default(),
+        spare_lists: Vec::new(),
     };
     exec.run(mm)
 }
@@ -284,21 +288,24 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
         instance: usize,
         label: Option<String>,
     ) -> Result<usize, MapError> {
-        let mut key = spec.resource_type.clone();
+        // The id hashes "type␟key1␟key2…" (or "type␟…␞content" when no key is sent),
+        // fed piece by piece.
+        let mut key = sha256::KeyHasher::default();
+        key.update(spec.resource_type.as_bytes());
         let mut any = false;
         for src in &spec.id {
-            key.push('\u{1f}');
+            key.update(b"\x1f");
             if let Some((v, _)) = self.first(src, here) {
                 any = true;
-                key.push_str(&v.text());
+                key.update(v.text().as_bytes());
             }
         }
         if !any {
             // No key sent: the content itself identifies the resource.
-            key.push('\u{1e}');
-            key.push_str(&body.to_json(false));
+            key.update(b"\x1e");
+            key.update(body.to_json(false).as_bytes());
         }
-        let mut id = sha256::uuid(key.as_bytes());
+        let mut id = key.clone().uuid();
         if let Some(&existing) = self.by_id.get(&id) {
             if spec.merge {
                 body.remove("resourceType");
@@ -310,7 +317,9 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
             }
             let mut n = 2;
             while self.by_id.contains_key(&id) {
-                id = sha256::uuid(format!("{key}#{n}").as_bytes());
+                let mut numbered = key.clone();
+                numbered.update(format!("#{n}").as_bytes());
+                id = numbered.uuid();
                 n += 1;
             }
         }
@@ -456,22 +465,35 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
                 }
                 continue;
             }
-            let mut values = Vec::new();
+            let mut values = self.spare_lists.pop().unwrap_or_default();
             let i = self.all(src, here, &mut values);
-            if values.is_empty() {
-                continue;
-            }
-            if let Some(constant) = &rule.value {
-                set(out, &rule.to, constant.clone());
-                continue;
-            }
-            for v in values {
-                if let Some(node) = self
-                    .convert(rule, v, here, &src.0[i])?
-                    .filter(|n| !n.is_empty())
-                {
-                    set(out, &rule.to, node);
-                }
+            let result = self.append_all(rule, &values, here, &src.0[i], out);
+            values.clear();
+            self.spare_lists.push(values);
+            result?;
+        }
+        Ok(())
+    }
+
+    /// Writes every value of an appending rule (`to = "x[]"`).
+    fn append_all(
+        &mut self,
+        rule: &Rule,
+        values: &[Value<'a>],
+        here: Here<'m, 'a>,
+        path: &SrcPath,
+        out: &mut Node,
+    ) -> Result<(), MapError> {
+        if values.is_empty() {
+            return Ok(());
+        }
+        if let Some(constant) = &rule.value {
+            set(out, &rule.to, constant.clone());
+            return Ok(());
+        }
+        for &v in values {
+            if let Some(node) = self.convert(rule, v, here, path)?.filter(|n| !n.is_empty()) {
+                set(out, &rule.to, node);
             }
         }
         Ok(())
