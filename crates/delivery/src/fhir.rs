@@ -22,8 +22,10 @@
 //!
 //! A transient answer's `Retry-After` (delta-seconds or HTTP date) becomes the report's
 //! `retry_after_ms`. A refused answer's `detail` is an excerpt of its OperationOutcome
-//! (`severity`, `code`, `diagnostics` or `details.text` of each issue, about 300
-//! characters); a body that is not an OperationOutcome is not echoed.
+//! (`severity`, `code`, `diagnostics` or `details.text`, and the first `expression` of each
+//! issue, about 300 characters), with every value of the bundle sent and anything quoted
+//! masked as `…` (servers echo the values they refuse); a body that is not an
+//! OperationOutcome is not echoed.
 //!
 //! Authentication: `auth = { type = "none" }` (default), `{ type = "basic", username,
 //! password_env }`, `{ type = "bearer", token_env }`, or SMART Backend Services. The `*_env`
@@ -244,7 +246,7 @@ impl FhirDestination {
         }
         let retry_after = retry_after_ms(response.headers(), SystemTime::now());
         let body = read_bounded(response, MAX_ERROR_BODY).await;
-        classify(status, retry_after, &body)
+        classify(status, retry_after, &body, bundle)
     }
 
     /// POSTs the bundle, with the configured credentials (`token` for SMART).
@@ -383,8 +385,13 @@ pub(crate) async fn read_bounded(mut response: reqwest::Response, max: usize) ->
     body
 }
 
-/// Classifies a non-2xx answer.
-fn classify(status: StatusCode, retry_after_ms: Option<u64>, body: &[u8]) -> AttemptReport {
+/// Classifies a non-2xx answer to the POST of `sent`.
+fn classify(
+    status: StatusCode,
+    retry_after_ms: Option<u64>,
+    body: &[u8],
+    sent: &str,
+) -> AttemptReport {
     let code = status.as_u16();
     let mut report = match code {
         408 => AttemptReport::transient("http_408"),
@@ -398,21 +405,28 @@ fn classify(status: StatusCode, retry_after_ms: Option<u64>, body: &[u8]) -> Att
     if report.outcome == passerelle_store::AttemptOutcome::Transient {
         report.retry_after_ms = retry_after_ms;
     }
-    report.detail = match outcome_excerpt(body) {
+    report.detail = match outcome_excerpt(body, sent) {
         Some(excerpt) => truncate(format!("HTTP {code}: {excerpt}"), 300),
         None => format!("HTTP {code} (no OperationOutcome in the answer)"),
     };
     report
 }
 
-/// `severity code: diagnostics` of each issue of an OperationOutcome, joined by `; `;
-/// `None` when the body is not an OperationOutcome.
-pub fn outcome_excerpt(body: &[u8]) -> Option<String> {
+/// `severity code: diagnostics at expression` of each issue of an OperationOutcome, joined
+/// by `; `; `None` when the body is not an OperationOutcome.
+///
+/// Servers echo the values they refuse (`Invalid date "1980-13-01"`), and a delivery's
+/// detail must hold no patient data, so the diagnostics (or `details.text`) are kept with
+/// every value of the bundle `sent` masked as `…` wherever it stands as a whole word, and
+/// anything in quotes masked too (a server may echo a value transformed). Severity, code
+/// and the FHIRPath expression name elements, never content, and are kept as they are.
+pub fn outcome_excerpt(body: &[u8], sent: &str) -> Option<String> {
     let value: serde_json::Value = serde_json::from_slice(body).ok()?;
     if value.get("resourceType")?.as_str()? != "OperationOutcome" {
         return None;
     }
     let issues = value.get("issue")?.as_array()?;
+    let sent_values = bundle_values(sent);
     let mut parts = Vec::new();
     for issue in issues {
         let field = |name: &str| issue.get(name).and_then(|v| v.as_str()).unwrap_or("?");
@@ -428,7 +442,7 @@ pub fn outcome_excerpt(body: &[u8]) -> Option<String> {
             });
         if let Some(text) = text {
             part.push_str(": ");
-            part.push_str(text);
+            part.push_str(&mask_quoted(&mask_values(text, &sent_values)));
         }
         if let Some(expr) = issue
             .get("expression")
@@ -442,6 +456,94 @@ pub fn outcome_excerpt(body: &[u8]) -> Option<String> {
         parts.push(part);
     }
     Some(truncate(parts.join("; "), 300))
+}
+
+/// Every string and number of a bundle (two characters or more), longest first, so that
+/// a value is masked before a shorter one inside it. Resource type names are left out:
+/// they are schema, not data, and diagnostics name them (`Patient.birthDate`).
+fn bundle_values(bundle: &str) -> Vec<String> {
+    fn walk(value: &serde_json::Value, out: &mut Vec<String>) {
+        match value {
+            serde_json::Value::String(s) => out.push(s.clone()),
+            serde_json::Value::Number(n) => out.push(n.to_string()),
+            serde_json::Value::Array(items) => items.iter().for_each(|v| walk(v, out)),
+            serde_json::Value::Object(members) => members
+                .iter()
+                .filter(|(key, _)| key.as_str() != "resourceType")
+                .for_each(|(_, v)| walk(v, out)),
+            serde_json::Value::Bool(_) | serde_json::Value::Null => {}
+        }
+    }
+    let mut out = Vec::new();
+    if let Ok(value) = serde_json::from_str::<serde_json::Value>(bundle) {
+        walk(&value, &mut out);
+    }
+    out.retain(|v| v.chars().count() >= 2);
+    out.sort_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
+    out.dedup();
+    out
+}
+
+/// `text` with each of `values` replaced by `…` where it stands as a whole word (not
+/// inside a longer word: a code `en` must not eat the middle of `transient`).
+fn mask_values(text: &str, values: &[String]) -> String {
+    let is_word = |c: char| c.is_alphanumeric();
+    let mut text = text.to_owned();
+    for value in values {
+        let mut from = 0;
+        while let Some(pos) = text[from..].find(value.as_str()).map(|p| p + from) {
+            let end = pos + value.len();
+            let before = text[..pos].chars().next_back();
+            let after = text[end..].chars().next();
+            let starts_word = value.starts_with(is_word) && before.is_some_and(is_word);
+            let ends_word = value.ends_with(is_word) && after.is_some_and(is_word);
+            if starts_word || ends_word {
+                from = end;
+            } else {
+                text.replace_range(pos..end, "…");
+                from = pos + "…".len();
+            }
+        }
+    }
+    text
+}
+
+/// `text` with what stands between quotes replaced by `…`: `"…"`, `“…”`, `«…»`, and
+/// `'…'` when the quotes are not apostrophes (`can't` is left alone).
+fn mask_quoted(text: &str) -> String {
+    let chars: Vec<char> = text.chars().collect();
+    let mut out = String::with_capacity(text.len());
+    let mut i = 0;
+    while i < chars.len() {
+        let c = chars[i];
+        let close = match c {
+            '"' => Some('"'),
+            '“' => Some('”'),
+            '«' => Some('»'),
+            '\'' if i == 0 || !chars[i - 1].is_alphanumeric() => Some('\''),
+            _ => None,
+        };
+        let end = close.and_then(|close| {
+            (i + 1..chars.len()).find(|&j| {
+                chars[j] == close
+                    && (close != '\''
+                        || chars.get(j + 1).is_none_or(|next| !next.is_alphanumeric()))
+            })
+        });
+        match end {
+            Some(j) => {
+                out.push(c);
+                out.push('…');
+                out.push(chars[j]);
+                i = j + 1;
+            }
+            None => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    out
 }
 
 /// `Retry-After` as milliseconds from `now`: delta-seconds or an HTTP date (a date in the
@@ -508,27 +610,27 @@ mod tests {
     #[test]
     fn classifies_statuses() {
         let oo = br#"{"resourceType":"OperationOutcome","issue":[{"severity":"error","code":"invalid","diagnostics":"bad","expression":["Patient.name"]}]}"#;
-        let r = classify(StatusCode::UNPROCESSABLE_ENTITY, Some(5), oo);
+        let r = classify(StatusCode::UNPROCESSABLE_ENTITY, Some(5), oo, "{}");
         assert_eq!(r.outcome, passerelle_store::AttemptOutcome::Permanent);
         assert_eq!(r.error_class, "http_4xx");
         assert_eq!(r.status, Some(422));
         assert_eq!(r.retry_after_ms, None);
         assert_eq!(r.detail, "HTTP 422: error invalid: bad at Patient.name");
-        let r = classify(StatusCode::SERVICE_UNAVAILABLE, Some(5), b"<html>");
+        let r = classify(StatusCode::SERVICE_UNAVAILABLE, Some(5), b"<html>", "{}");
         assert_eq!(r.outcome, passerelle_store::AttemptOutcome::Transient);
         assert_eq!(r.error_class, "http_5xx");
         assert_eq!(r.retry_after_ms, Some(5));
         assert_eq!(r.detail, "HTTP 503 (no OperationOutcome in the answer)");
         assert_eq!(
-            classify(StatusCode::REQUEST_TIMEOUT, None, b"").error_class,
+            classify(StatusCode::REQUEST_TIMEOUT, None, b"", "{}").error_class,
             "http_408"
         );
         assert_eq!(
-            classify(StatusCode::TOO_MANY_REQUESTS, None, b"").error_class,
+            classify(StatusCode::TOO_MANY_REQUESTS, None, b"", "{}").error_class,
             "http_429"
         );
         assert_eq!(
-            classify(StatusCode::FOUND, None, b"").outcome,
+            classify(StatusCode::FOUND, None, b"", "{}").outcome,
             passerelle_store::AttemptOutcome::Permanent
         );
         let long = format!(
@@ -536,10 +638,43 @@ mod tests {
             "é".repeat(400)
         );
         assert!(
-            classify(StatusCode::BAD_REQUEST, None, long.as_bytes())
+            classify(StatusCode::BAD_REQUEST, None, long.as_bytes(), "{}")
                 .detail
                 .len()
                 <= 304
         );
+    }
+
+    /// What a server echoes of the bundle never reaches the stored detail.
+    #[test]
+    fn excerpts_mask_what_the_bundle_carried() {
+        let sent = r#"{"resourceType":"Bundle","entry":[{"resource":{"resourceType":"Patient",
+            "name":[{"family":"DUPONT","given":["Jean Marc"]}],"birthDate":"1980-13-01",
+            "gender":"male","communication":[{"language":{"coding":[{"code":"en"}]}}],
+            "multipleBirthInteger":12}}]}"#;
+        let outcome = |diagnostics: &str| {
+            let body = serde_json::json!({
+                "resourceType": "OperationOutcome",
+                "issue": [{"severity": "error", "code": "invalid", "diagnostics": diagnostics,
+                           "expression": ["Patient.birthDate"]}]
+            });
+            outcome_excerpt(body.to_string().as_bytes(), sent).unwrap()
+        };
+        assert_eq!(
+            outcome("Invalid date 1980-13-01 for DUPONT, Jean Marc (male, 12 births)"),
+            "error invalid: Invalid date … for …, … (…, … births) at Patient.birthDate"
+        );
+        // Whole words only: the code `en` stays inside `transient` and `Gender`; resource
+        // type names are not data.
+        assert_eq!(
+            outcome("Patient.communication: transient Gender en"),
+            "error invalid: Patient.communication: transient Gender … at Patient.birthDate"
+        );
+        // Quoted text goes too, even when the server changed it; apostrophes stay.
+        assert_eq!(
+            outcome(r#"Value "13/01/1980" can't be parsed as 'date' (« Dupont »)"#),
+            "error invalid: Value \"…\" can't be parsed as '…' («…») at Patient.birthDate"
+        );
+        assert_eq!(outcome_excerpt(b"<html>", sent), None);
     }
 }

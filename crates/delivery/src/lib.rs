@@ -29,7 +29,8 @@
 //!   metrics.
 //! - **No patient data in `detail` or logs.** `detail` holds error texts of the transport
 //!   (which name configured addresses, never content), an excerpt of a server's
-//!   OperationOutcome (`severity`, `code`, diagnostics, truncated to about 300 characters)
+//!   OperationOutcome (`severity`, `code`, expression, and diagnostics with every value of
+//!   the bundle sent and anything quoted masked, truncated to about 300 characters)
 //!   or an MLLP ACK's code; never the bundle nor the message. Logs name the destination
 //!   kind, the message id, sizes and classes.
 //! - **Secrets never sit in configuration files.** Passwords and tokens are read from
