@@ -9,6 +9,8 @@ use std::borrow::Cow;
 
 use memchr::memchr;
 
+use crate::value::find_byte;
+
 use crate::Separators;
 
 /// Decodes the escape sequences in `raw`. Borrows when there are none.
@@ -16,7 +18,7 @@ pub fn unescape<'a>(raw: &'a [u8], separators: &Separators) -> Cow<'a, [u8]> {
     let Some(esc) = separators.escape else {
         return Cow::Borrowed(raw);
     };
-    let Some(first) = memchr(esc, raw) else {
+    let Some(first) = find_byte(esc, raw) else {
         return Cow::Borrowed(raw);
     };
     let mut out = Vec::with_capacity(raw.len());

@@ -199,6 +199,29 @@ impl Path {
         }
     }
 
+    /// The one value this path selects in one segment when it names a single repetition
+    /// (`PID-5.1`, `PID-3[2].4`): what [`Path::values_in`] yields, found without building
+    /// an iterator. `None` when the path selects every repetition or names no field.
+    pub fn single_value_in<'a>(&self, segment: Segment<'_, 'a>) -> Option<Option<Value<'a>>> {
+        let (Some(field), Selector::Nth(rep)) = (self.field, self.repetition()) else {
+            return None;
+        };
+        let value = segment
+            .field(field as usize)
+            .and_then(|f| f.repetitions().nth(rep as usize - 1))
+            .and_then(|rep| match self.component {
+                None => Some(rep),
+                Some(c) => rep
+                    .child(c as usize)
+                    .and_then(|comp| match self.subcomponent {
+                        None => Some(comp),
+                        Some(s) => comp.child(s as usize),
+                    }),
+            })
+            .filter(|v| !v.is_empty());
+        Some(value)
+    }
+
     /// The values this path selects in one segment (whatever the segment's id), ignoring
     /// the occurrence part: used to read paths relative to a segment of a group.
     pub fn values_in<'a>(
@@ -362,5 +385,35 @@ OBX|1|ST|NOTE||a\\F\\b\r";
         assert!(!m.is_valued(&p("PID-7")));
         assert!(m.is_valued(&p("PID-5")));
         assert!(!m.is_valued(&p("PID-6")));
+    }
+
+    /// The direct read gives what the iterator gives, for every shape of single path.
+    #[test]
+    fn single_value_matches_values_in() {
+        let m = Message::parse(ORU).unwrap();
+        for seg in m.segments() {
+            for path in [
+                "PID-3",
+                "PID-3.1",
+                "PID-3[2].1",
+                "PID-3.4.2",
+                "PID-3[3]",
+                "PID-5.1.1",
+                "PID-6",
+                "PID-7",
+                "PID-99",
+                "OBX-5",
+                "MSH-2",
+                "MSH-9.2",
+                "MSH-1",
+            ] {
+                let path = p(path);
+                let single = path.single_value_in(seg).unwrap().map(|v| v.raw());
+                let iterated = path.values_in(seg).next().map(|v| v.raw());
+                assert_eq!(single, iterated, "{path} in {}", seg.id());
+            }
+            assert!(p("PID-3[*].1").single_value_in(seg).is_none());
+            assert!(p("PID").single_value_in(seg).is_none());
+        }
     }
 }

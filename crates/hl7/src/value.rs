@@ -3,8 +3,6 @@
 use std::borrow::Cow;
 use std::fmt;
 
-use memchr::memchr;
-
 use crate::{Charset, Separators, escape};
 
 /// Which level of the field hierarchy a [`Value`] is, so that it knows which delimiter
@@ -189,7 +187,7 @@ impl<'a> Iterator for Children<'a> {
 
     fn next(&mut self) -> Option<Value<'a>> {
         let rest = self.rest?;
-        let piece = match self.delimiter.and_then(|d| memchr(d, rest)) {
+        let piece = match self.delimiter.and_then(|d| find_byte(d, rest)) {
             Some(pos) => {
                 self.rest = Some(&rest[pos + 1..]);
                 &rest[..pos]
@@ -200,6 +198,17 @@ impl<'a> Iterator for Children<'a> {
             }
         };
         Some(Value::new(piece, self.level, self.encoding))
+    }
+}
+
+/// The first `needle` in `haystack`. Components and subcomponents are mostly a few bytes
+/// long, where a plain loop beats `memchr`'s vectorised search and its set-up; long
+/// pieces (text, encapsulated data) still get `memchr`.
+pub(crate) fn find_byte(needle: u8, haystack: &[u8]) -> Option<usize> {
+    if haystack.len() < 32 {
+        haystack.iter().position(|&b| b == needle)
+    } else {
+        memchr::memchr(needle, haystack)
     }
 }
 

@@ -45,6 +45,9 @@ struct Exec<'p, 'm, 'a> {
     /// Emptied value lists, reused by appending rules (rules nest through datatype maps,
     /// so one list per level) instead of allocating one per rule.
     spare_lists: Vec<Vec<Value<'a>>>,
+    /// Whether some write may have left an empty member (see [`set`]); until one does,
+    /// nothing needs pruning.
+    left_empty: bool,
 }
 
 pub(crate) fn map(
@@ -79,6 +82,7 @@ pub(crate) fn map(
         by_id: HashMap::default(),
         built: HashMap::default(),
         spare_lists: Vec::new(),
+        left_empty: false,
     };
     exec.run(mm)
 }
@@ -228,7 +232,7 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
                     for (k, v) in &r.with {
                         node.insert(*k, v.clone());
                     }
-                    set(&mut self.resources[idx].body, &r.to, node);
+                    self.left_empty |= set(&mut self.resources[idx].body, &r.to, node);
                 }
             }
         }
@@ -239,7 +243,9 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
         let mut entries = Vec::with_capacity(self.resources.len());
         for res in self.resources.drain(..) {
             let mut body = res.body;
-            body.prune();
+            if self.left_empty {
+                body.prune();
+            }
             let condition = if res.conditional {
                 body.get("identifier").and_then(|ids| {
                     ids.items().iter().find_map(|i| {
@@ -425,7 +431,7 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
             }
             let Some(src) = &rule.from else {
                 if let Some(v) = &rule.value {
-                    set(out, &rule.to, v.clone());
+                    self.left_empty |= set(out, &rule.to, v.clone());
                 }
                 continue;
             };
@@ -447,7 +453,7 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
                     });
                 }
                 if !text.is_empty() {
-                    set(out, &rule.to, Node::Str(text.into()));
+                    self.left_empty |= set(out, &rule.to, Node::Str(text.into()));
                 }
                 continue;
             }
@@ -460,8 +466,8 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
                     Some(constant) => Some(constant.clone()),
                     None => self.convert(rule, v, here, &src.0[i])?,
                 };
-                if let Some(node) = node.filter(|n| !n.is_empty()) {
-                    set(out, &rule.to, node);
+                if let Some(node) = node {
+                    self.left_empty |= set(out, &rule.to, node);
                 }
                 continue;
             }
@@ -488,12 +494,12 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
             return Ok(());
         }
         if let Some(constant) = &rule.value {
-            set(out, &rule.to, constant.clone());
+            self.left_empty |= set(out, &rule.to, constant.clone());
             return Ok(());
         }
         for &v in values {
-            if let Some(node) = self.convert(rule, v, here, path)?.filter(|n| !n.is_empty()) {
-                set(out, &rule.to, node);
+            if let Some(node) = self.convert(rule, v, here, path)? {
+                self.left_empty |= set(out, &rule.to, node);
             }
         }
         Ok(())
@@ -553,7 +559,9 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
                     None => Node::obj(),
                 };
                 self.apply(&dt.rules, inner, &mut node)?;
-                node.prune();
+                if self.left_empty {
+                    node.prune();
+                }
                 match &dt.resource {
                     Some(spec) if node.get("resourceType").is_some() => {
                         if let Node::Obj(o) = &node
@@ -730,6 +738,13 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
                     self.find_segment(id, here.seg)
                 };
                 if let Some(seg) = seg {
+                    // Most paths name one repetition: read it straight.
+                    if let Some(single) = path.single_value_in(seg) {
+                        if let Some(v) = single {
+                            f(v);
+                        }
+                        return;
+                    }
                     for v in path.values_in(seg) {
                         if !f(v) {
                             return;
@@ -825,10 +840,19 @@ fn path_name(p: &SrcPath, here: Here<'_, '_>) -> String {
 }
 
 /// Writes `node` at `target`: plain members are set once (the first rule to write wins,
-/// objects merge), `[]` appends, `[n]` addresses an element.
-pub(crate) fn set(out: &mut Node, target: &Target, node: Node) {
+/// objects merge), `[]` appends, `[n]` addresses an element. An empty node writes nothing.
+///
+/// Returns whether the write may have left an empty member behind (an element `[2]`
+/// written before `[1]`, or a path that met a member of another shape): the executor
+/// prunes empties only then, so a bundle that never had any is not walked for them.
+#[must_use]
+pub(crate) fn set(out: &mut Node, target: &Target, node: Node) -> bool {
+    if node.is_empty() {
+        return false;
+    }
     let steps = &target.0;
     let mut cur = out;
+    let mut left_empty = false;
     for (i, step) in steps.iter().enumerate() {
         let last = i + 1 == steps.len();
         match step.index {
@@ -838,16 +862,16 @@ pub(crate) fn set(out: &mut Node, target: &Target, node: Node) {
                         Some(existing) => existing.merge(node),
                         None => cur.insert(step.key, node),
                     }
-                    return;
+                    return left_empty;
                 }
                 cur = cur.entry(&step.key, Node::obj);
             }
             Index::Append => {
                 let arr = cur.entry(&step.key, || Node::Arr(Vec::new()));
-                let Node::Arr(a) = arr else { return };
+                let Node::Arr(a) = arr else { return true };
                 if last {
                     a.push(node);
-                    return;
+                    return left_empty;
                 }
                 a.push(Node::obj());
                 let n = a.len() - 1;
@@ -855,7 +879,8 @@ pub(crate) fn set(out: &mut Node, target: &Target, node: Node) {
             }
             Index::At(n) => {
                 let arr = cur.entry(&step.key, || Node::Arr(Vec::new()));
-                let Node::Arr(a) = arr else { return };
+                let Node::Arr(a) = arr else { return true };
+                left_empty |= a.len() < n;
                 while a.len() <= n {
                     a.push(Node::obj());
                 }
@@ -865,12 +890,13 @@ pub(crate) fn set(out: &mut Node, target: &Target, node: Node) {
                     } else {
                         a[n].merge(node);
                     }
-                    return;
+                    return left_empty;
                 }
                 cur = &mut a[n];
             }
         }
     }
+    left_empty
 }
 
 fn system_uri(text: &str, base: &str) -> String {
@@ -986,6 +1012,57 @@ resources = [{ label = "Patient", for = "PID", map = "PID" }]
         assert_eq!(tags("VALI~DOUB"), ["any", "in"]);
         assert_eq!(tags("PROV"), ["none"]);
         assert_eq!(tags("\"\"~DOUB~QUAL"), ["any", "none"]);
+    }
+
+    /// Empties are pruned only after a write that may leave one; when one does, none stays.
+    #[test]
+    fn gaps_left_by_indexed_writes_are_pruned() {
+        let pack = crate::Pack::from_texts(&[(
+            "p.toml",
+            r#"
+[pack]
+name = "t"
+fhir_version = "4.0.1"
+
+[[structure]]
+name = "FLAT"
+
+[[segment]]
+name = "PID"
+segment = "PID"
+resource = "Patient"
+id = ["PID-3.1"]
+rules = [
+  { from = "PID-5.1", to = "name[2].family" },
+  { from = "PID-5.2", to = "name[2].given[]" },
+  { from = "PID-6.1", to = "name[0].family" },
+  { value = "", to = "gender" },
+]
+
+[[message]]
+name = "ADT"
+events = ["ADT^A01"]
+structure = "FLAT"
+resources = [{ label = "Patient", for = "PID", map = "PID" }]
+"#,
+        )])
+        .unwrap();
+        let json = |pid: &str| {
+            let text = format!("MSH|^~\\&|A|B|||20240101||ADT^A01|1|P|2.5\rPID|1||42||{pid}\r");
+            let message = passerelle_hl7::Message::parse(text.as_bytes()).unwrap();
+            let bundle = crate::exec::map(&pack, &message, &crate::MapOptions::default()).unwrap();
+            let patient = bundle.resources().next().unwrap().to_json(false);
+            patient[patient.find("\"name\"").unwrap()..].to_owned()
+        };
+        // name[0] and name[1] were never written: pruned, so the name moves to the front.
+        assert_eq!(
+            json("DOE^JANE"),
+            r#""name":[{"family":"DOE","given":["JANE"]}]}"#
+        );
+        assert_eq!(
+            json("DOE^JANE|ROE"),
+            r#""name":[{"family":"ROE"},{"family":"DOE","given":["JANE"]}]}"#
+        );
     }
 
     #[test]
