@@ -246,24 +246,31 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
             if self.left_empty {
                 body.prune();
             }
-            let condition = if res.conditional {
+            // `Type?identifier=system|value` for a conditional update, else `Type/id`.
+            let identifier = if res.conditional {
                 body.get("identifier").and_then(|ids| {
-                    ids.items().iter().find_map(|i| {
-                        let system = i.get("system")?.as_str()?;
-                        let value = i.get("value")?.as_str()?;
-                        Some(format!("{}|{}", url_encode(system), url_encode(value)))
-                    })
+                    ids.items()
+                        .iter()
+                        .find_map(|i| Some((i.get("system")?.as_str()?, i.get("value")?.as_str()?)))
                 })
             } else {
                 None
             };
-            let url = match condition {
-                Some(c) => {
+            let mut url = String::with_capacity(64);
+            url.push_str(&res.resource_type);
+            match identifier {
+                Some((system, value)) => {
+                    url.push_str("?identifier=");
+                    url_encode_into(&mut url, system);
+                    url.push('|');
+                    url_encode_into(&mut url, value);
                     body.remove("id");
-                    format!("{}?identifier={c}", res.resource_type)
                 }
-                None => format!("{}/{}", res.resource_type, res.id),
-            };
+                None => {
+                    url.push('/');
+                    url.push_str(&res.id);
+                }
+            }
             entries.push(Node::Obj(vec![
                 ("fullUrl".into(), Node::Str(urn_uuid(&res.id).into())),
                 ("resource".into(), body),
@@ -913,8 +920,14 @@ fn system_uri(text: &str, base: &str) -> String {
 }
 
 fn url_encode(s: &str) -> String {
-    const HEX: &[u8; 16] = b"0123456789ABCDEF";
     let mut out = String::with_capacity(s.len());
+    url_encode_into(&mut out, s);
+    out
+}
+
+/// Percent-encodes `s` onto `out`, leaving unreserved characters and `:` `/` as they are.
+fn url_encode_into(out: &mut String, s: &str) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || b"-._~:/".contains(&b) {
             out.push(b as char);
@@ -924,7 +937,6 @@ fn url_encode(s: &str) -> String {
             out.push(char::from(HEX[usize::from(b & 0x0f)]));
         }
     }
-    out
 }
 
 /// Splits a reference range: `3.5-5.1`, `<5`, `<=5`, `>10`, `>=10`, `-1-1`.
