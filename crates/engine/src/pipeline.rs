@@ -128,10 +128,25 @@ pub fn queue_name(route: &Route, destination: &Destination) -> String {
     format!("{}.{}", route.name, destination.name)
 }
 
+/// Frames up to this size go to the mapper with their id; larger ones are read back from
+/// the store. The mapper's channel holds at most [`MAPPER_QUEUE`] jobs, so this bounds
+/// the memory it takes (16 MiB).
+const MAPPER_FRAME_MAX: usize = 16 * 1024;
+/// Jobs waiting for the mapper; when it is full, ACKs wait (backpressure).
+const MAPPER_QUEUE: usize = 1024;
+
+/// A journaled message for the mapper: its id and, when small enough, its frame and its
+/// listener, so that the mapper need not read back what the handler just wrote.
+#[derive(Debug)]
+struct MapJob {
+    id: MessageId,
+    journaled: Option<(Bytes, Arc<str>)>,
+}
+
 struct Inner<S> {
     store: Arc<S>,
     config: PipelineConfig,
-    mapper: mpsc::Sender<MessageId>,
+    mapper: mpsc::Sender<MapJob>,
     /// Wakes a queue's worker when something was queued for it.
     wake: HashMap<String, Arc<Notify>>,
     /// Where each queue delivers.
@@ -220,7 +235,7 @@ impl<S: Store> Pipeline<S> {
             [],
             queues_of(&config.routes).map(|(r, d)| (r.name.as_str(), d.name.as_str())),
         );
-        let (tx, rx) = mpsc::channel(1024);
+        let (tx, rx) = mpsc::channel(MAPPER_QUEUE);
         let pipeline = Pipeline {
             inner: Arc::new(Inner {
                 store,
@@ -241,7 +256,12 @@ impl<S: Store> Pipeline<S> {
                 break;
             }
             for id in ids {
-                pipeline.map_one(id).await;
+                pipeline
+                    .map_one(MapJob {
+                        id,
+                        journaled: None,
+                    })
+                    .await;
                 recovered += 1;
             }
         }
@@ -406,22 +426,26 @@ impl<S: Store> Pipeline<S> {
         }
     }
 
-    async fn run_mapper(self, mut rx: mpsc::Receiver<MessageId>) {
-        while let Some(id) = rx.recv().await {
-            self.map_one(id).await;
+    async fn run_mapper(self, mut rx: mpsc::Receiver<MapJob>) {
+        while let Some(job) = rx.recv().await {
+            self.map_one(job).await;
         }
     }
 
     /// Routes and maps one journaled message, and queues its deliveries.
-    async fn map_one(&self, id: MessageId) {
+    async fn map_one(&self, job: MapJob) {
         let store = &self.inner.store;
-        let raw = match store.raw(id).await {
-            Ok(Some(raw)) => raw,
-            Ok(None) => return,
-            Err(e) => {
-                error!(id, error = %e, "cannot read a journaled message");
-                return;
-            }
+        let id = job.id;
+        let (raw, listener) = match job.journaled {
+            Some((frame, listener)) => (frame, Some(listener)),
+            None => match store.raw(id).await {
+                Ok(Some(raw)) => (Bytes::from(raw), None),
+                Ok(None) => return,
+                Err(e) => {
+                    error!(id, error = %e, "cannot read a journaled message");
+                    return;
+                }
+            },
         };
         let outcome = match Message::parse(&raw) {
             // Journaled as received, so it parsed then; a failure now is a bug worth a record.
@@ -430,13 +454,16 @@ impl<S: Store> Pipeline<S> {
                 error: e.to_string(),
             },
             Ok(message) => {
-                let listener = store
-                    .get(id)
-                    .await
-                    .ok()
-                    .flatten()
-                    .map(|r| r.listener)
-                    .unwrap_or_default();
+                let listener = match listener {
+                    Some(l) => l,
+                    None => store
+                        .get(id)
+                        .await
+                        .ok()
+                        .flatten()
+                        .map(|r| Arc::from(r.listener))
+                        .unwrap_or_else(|| Arc::from("")),
+                };
                 let c = &self.inner.config;
                 route_and_map(&c.routes, &c.packs, &c.map_options, &message, &listener)
             }
@@ -756,7 +783,18 @@ impl<S: Store> Pipeline<S> {
         let answer = match route {
             Some(_) => {
                 // Mapping happens after the ACK; a full queue holds the ACK back (backpressure).
-                if self.inner.mapper.send(id).await.is_err() {
+                let journaled = (frame.len() <= MAPPER_FRAME_MAX).then(|| {
+                    // A copy of its own, so that the job does not keep the connection's
+                    // read buffer alive.
+                    (Bytes::copy_from_slice(&frame), Arc::clone(&peer.listener))
+                });
+                if self
+                    .inner
+                    .mapper
+                    .send(MapJob { id, journaled })
+                    .await
+                    .is_err()
+                {
                     warn!(
                         id,
                         "the mapper has stopped; the message stays received and is mapped on restart"
