@@ -132,6 +132,8 @@ pub fn queue_name(route: &Route, destination: &Destination) -> String {
 /// the store. The mapper's channel holds at most [`MAPPER_QUEUE`] jobs, so this bounds
 /// the memory it takes (16 MiB).
 const MAPPER_FRAME_MAX: usize = 16 * 1024;
+/// Deliveries leased per store call (see [`Pipeline::lease_batch`]).
+const LEASE_CHUNK: usize = 16;
 /// Jobs waiting for the mapper; when it is full, ACKs wait (backpressure).
 const MAPPER_QUEUE: usize = 1024;
 
@@ -429,6 +431,10 @@ impl<S: Store> Pipeline<S> {
     async fn run_mapper(self, mut rx: mpsc::Receiver<MapJob>) {
         while let Some(job) = rx.recv().await {
             self.map_one(job).await;
+            // The store's calls and the mapping run without awaiting anything, and a full
+            // channel never makes recv wait: without this, the mapper would hold a
+            // worker thread for many messages in a row while connections wait for ACKs.
+            tokio::task::yield_now().await;
         }
     }
 
@@ -514,7 +520,7 @@ impl<S: Store> Pipeline<S> {
             if let Err(e) = store.requeue_expired().await {
                 warn!(queue, error = %e, "cannot return expired leases");
             }
-            let leases = match store.lease(&queue, destination.concurrency).await {
+            let leases = match self.lease_batch(&queue, destination.concurrency).await {
                 Ok(l) => l,
                 Err(e) => {
                     error!(queue, error = %e, "cannot lease deliveries");
@@ -543,6 +549,33 @@ impl<S: Store> Pipeline<S> {
         }
     }
 
+    /// Leases up to `max` deliveries of `queue`, [`LEASE_CHUNK`] at a time. The store
+    /// holds its write lock for a whole `lease` call, one batch write per delivery, and
+    /// journaling a frame needs that lock: in small calls, with a yield in between, ACKs
+    /// are not held up behind a large lease.
+    async fn lease_batch(&self, queue: &str, max: usize) -> Result<Vec<Lease>, StoreError> {
+        let mut leases: Vec<Lease> = Vec::new();
+        while leases.len() < max {
+            let want = (max - leases.len()).min(LEASE_CHUNK);
+            let got = match self.inner.store.lease(queue, want).await {
+                Ok(got) => got,
+                // What was leased already goes out; its leases would only expire.
+                Err(e) if !leases.is_empty() => {
+                    warn!(queue, error = %e, "cannot lease more deliveries");
+                    break;
+                }
+                Err(e) => return Err(e),
+            };
+            let last = got.len() < want;
+            leases.extend(got);
+            if last {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        Ok(leases)
+    }
+
     /// One attempt of one leased delivery, and its record.
     async fn deliver_one(
         &self,
@@ -554,7 +587,11 @@ impl<S: Store> Pipeline<S> {
     ) {
         let store = &self.inner.store;
         let record = store.get(lease.message_id).await;
-        let raw = store.raw(lease.message_id).await;
+        // Only an MLLP forward sends the frame itself; the others send the bundle.
+        let raw = match target {
+            Target::Mllp(_) => store.raw(lease.message_id).await,
+            Target::Ndjson(_) | Target::Fhir(_) => Ok(Some(Vec::new())),
+        };
         let mut received_at_ms = None;
         let report = match (record, raw) {
             (Ok(Some(record)), Ok(Some(raw))) => {
@@ -578,6 +615,9 @@ impl<S: Store> Pipeline<S> {
         };
         let outcome = report.outcome;
         let (error_class, status) = (report.error_class.clone(), report.status);
+        // A batch of attempts often finishes together (NDJSON answers a group at once):
+        // let ACKs through between their records rather than after all of them.
+        tokio::task::yield_now().await;
         match store.complete(&lease, report, &destination.retry).await {
             Ok(state) => {
                 match state {
