@@ -137,13 +137,17 @@ pub(crate) async fn run(path: &Path, shutdown: impl std::future::Future<Output =
         running.push(listener.spawn(pipeline.clone()));
         println!("listening on {addr} ({scheme}, listener {})", l.name);
     }
-    // The admin API: probes, metrics and the message list.
-    let running = Arc::new(running);
+    // The admin API: probes, metrics and the message list. It reads the listeners'
+    // counters through the mutex; shutdown takes the listeners out of it, so that an
+    // admin connection still open then (a scrape on a kept-alive connection) cannot keep
+    // them from draining.
+    let running = Arc::new(std::sync::Mutex::new(running));
     let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stats_of = {
         let running = Arc::clone(&running);
         let names: Vec<String> = config.listeners.iter().map(|l| l.name.clone()).collect();
         Arc::new(move || {
+            let running = running.lock().unwrap_or_else(|p| p.into_inner());
             names
                 .iter()
                 .cloned()
@@ -186,15 +190,8 @@ pub(crate) async fn run(path: &Path, shutdown: impl std::future::Future<Output =
     shutdown.await;
     ready.store(false, std::sync::atomic::Ordering::SeqCst);
     admin_task.abort();
-    // Once the admin task is gone, nothing else holds the listeners.
     let _ = admin_task.await;
-    let running = match Arc::try_unwrap(running) {
-        Ok(r) => r,
-        Err(_) => {
-            error!("listeners still shared at shutdown; exiting without draining them");
-            return ExitCode::FAILURE;
-        }
-    };
+    let running = std::mem::take(&mut *running.lock().unwrap_or_else(|p| p.into_inner()));
     // All listeners drain at once, so the stop takes one drain timeout, not one each;
     // meanwhile the delivery workers finish and record the attempts they have under way.
     let drains: Vec<_> = running

@@ -171,7 +171,13 @@ impl<K: Ord + Clone, V> Family<K, V> {
         }
     }
 
-    fn get(&self, key: &K, make: impl FnOnce() -> V) -> Arc<V> {
+    /// The series of `key`, created on first use. Looked up by a borrowed key (a `&str`
+    /// for a `String`), so that a hit allocates nothing.
+    fn get<Q>(&self, key: &Q, make: impl FnOnce() -> V) -> Arc<V>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Ord + ToOwned<Owned = K> + ?Sized,
+    {
         if let Some(v) = self
             .series
             .read()
@@ -183,7 +189,7 @@ impl<K: Ord + Clone, V> Family<K, V> {
         let mut series = self.series.write().unwrap_or_else(|p| p.into_inner());
         Arc::clone(
             series
-                .entry(key.clone())
+                .entry(key.to_owned())
                 .or_insert_with(|| Arc::new(make())),
         )
     }
@@ -238,11 +244,11 @@ pub const ENGINE_METRIC_NAMES: [&str; 11] = [
 
 impl Metrics {
     pub fn listener(&self, name: &str) -> Arc<ListenerMetrics> {
-        self.listeners.get(&name.to_owned(), ListenerMetrics::new)
+        self.listeners.get(name, ListenerMetrics::new)
     }
 
     pub fn route(&self, name: &str) -> Arc<RouteMetrics> {
-        self.routes.get(&name.to_owned(), RouteMetrics::default)
+        self.routes.get(name, RouteMetrics::default)
     }
 
     pub fn queue(&self, route: &str, destination: &str) -> Arc<QueueMetrics> {

@@ -128,10 +128,27 @@ pub fn queue_name(route: &Route, destination: &Destination) -> String {
     format!("{}.{}", route.name, destination.name)
 }
 
+/// Frames up to this size go to the mapper with their id; larger ones are read back from
+/// the store. The mapper's channel holds at most [`MAPPER_QUEUE`] jobs, so this bounds
+/// the memory it takes (16 MiB).
+const MAPPER_FRAME_MAX: usize = 16 * 1024;
+/// Deliveries leased per store call (see [`Pipeline::lease_batch`]).
+const LEASE_CHUNK: usize = 16;
+/// Jobs waiting for the mapper; when it is full, ACKs wait (backpressure).
+const MAPPER_QUEUE: usize = 1024;
+
+/// A journaled message for the mapper: its id and, when small enough, its frame and its
+/// listener, so that the mapper need not read back what the handler just wrote.
+#[derive(Debug)]
+struct MapJob {
+    id: MessageId,
+    journaled: Option<(Bytes, Arc<str>)>,
+}
+
 struct Inner<S> {
     store: Arc<S>,
     config: PipelineConfig,
-    mapper: mpsc::Sender<MessageId>,
+    mapper: mpsc::Sender<MapJob>,
     /// Wakes a queue's worker when something was queued for it.
     wake: HashMap<String, Arc<Notify>>,
     /// Where each queue delivers.
@@ -220,7 +237,7 @@ impl<S: Store> Pipeline<S> {
             [],
             queues_of(&config.routes).map(|(r, d)| (r.name.as_str(), d.name.as_str())),
         );
-        let (tx, rx) = mpsc::channel(1024);
+        let (tx, rx) = mpsc::channel(MAPPER_QUEUE);
         let pipeline = Pipeline {
             inner: Arc::new(Inner {
                 store,
@@ -241,7 +258,12 @@ impl<S: Store> Pipeline<S> {
                 break;
             }
             for id in ids {
-                pipeline.map_one(id).await;
+                pipeline
+                    .map_one(MapJob {
+                        id,
+                        journaled: None,
+                    })
+                    .await;
                 recovered += 1;
             }
         }
@@ -406,22 +428,30 @@ impl<S: Store> Pipeline<S> {
         }
     }
 
-    async fn run_mapper(self, mut rx: mpsc::Receiver<MessageId>) {
-        while let Some(id) = rx.recv().await {
-            self.map_one(id).await;
+    async fn run_mapper(self, mut rx: mpsc::Receiver<MapJob>) {
+        while let Some(job) = rx.recv().await {
+            self.map_one(job).await;
+            // The store's calls and the mapping run without awaiting anything, and a full
+            // channel never makes recv wait: without this, the mapper would hold a
+            // worker thread for many messages in a row while connections wait for ACKs.
+            tokio::task::yield_now().await;
         }
     }
 
     /// Routes and maps one journaled message, and queues its deliveries.
-    async fn map_one(&self, id: MessageId) {
+    async fn map_one(&self, job: MapJob) {
         let store = &self.inner.store;
-        let raw = match store.raw(id).await {
-            Ok(Some(raw)) => raw,
-            Ok(None) => return,
-            Err(e) => {
-                error!(id, error = %e, "cannot read a journaled message");
-                return;
-            }
+        let id = job.id;
+        let (raw, listener) = match job.journaled {
+            Some((frame, listener)) => (frame, Some(listener)),
+            None => match store.raw(id).await {
+                Ok(Some(raw)) => (Bytes::from(raw), None),
+                Ok(None) => return,
+                Err(e) => {
+                    error!(id, error = %e, "cannot read a journaled message");
+                    return;
+                }
+            },
         };
         let outcome = match Message::parse(&raw) {
             // Journaled as received, so it parsed then; a failure now is a bug worth a record.
@@ -430,13 +460,16 @@ impl<S: Store> Pipeline<S> {
                 error: e.to_string(),
             },
             Ok(message) => {
-                let listener = store
-                    .get(id)
-                    .await
-                    .ok()
-                    .flatten()
-                    .map(|r| r.listener)
-                    .unwrap_or_default();
+                let listener = match listener {
+                    Some(l) => l,
+                    None => store
+                        .get(id)
+                        .await
+                        .ok()
+                        .flatten()
+                        .map(|r| Arc::from(r.listener))
+                        .unwrap_or_else(|| Arc::from("")),
+                };
                 let c = &self.inner.config;
                 route_and_map(&c.routes, &c.packs, &c.map_options, &message, &listener)
             }
@@ -487,7 +520,7 @@ impl<S: Store> Pipeline<S> {
             if let Err(e) = store.requeue_expired().await {
                 warn!(queue, error = %e, "cannot return expired leases");
             }
-            let leases = match store.lease(&queue, destination.concurrency).await {
+            let leases = match self.lease_batch(&queue, destination.concurrency).await {
                 Ok(l) => l,
                 Err(e) => {
                     error!(queue, error = %e, "cannot lease deliveries");
@@ -516,6 +549,33 @@ impl<S: Store> Pipeline<S> {
         }
     }
 
+    /// Leases up to `max` deliveries of `queue`, [`LEASE_CHUNK`] at a time. The store
+    /// holds its write lock for a whole `lease` call, one batch write per delivery, and
+    /// journaling a frame needs that lock: in small calls, with a yield in between, ACKs
+    /// are not held up behind a large lease.
+    async fn lease_batch(&self, queue: &str, max: usize) -> Result<Vec<Lease>, StoreError> {
+        let mut leases: Vec<Lease> = Vec::new();
+        while leases.len() < max {
+            let want = (max - leases.len()).min(LEASE_CHUNK);
+            let got = match self.inner.store.lease(queue, want).await {
+                Ok(got) => got,
+                // What was leased already goes out; its leases would only expire.
+                Err(e) if !leases.is_empty() => {
+                    warn!(queue, error = %e, "cannot lease more deliveries");
+                    break;
+                }
+                Err(e) => return Err(e),
+            };
+            let last = got.len() < want;
+            leases.extend(got);
+            if last {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        Ok(leases)
+    }
+
     /// One attempt of one leased delivery, and its record.
     async fn deliver_one(
         &self,
@@ -527,7 +587,11 @@ impl<S: Store> Pipeline<S> {
     ) {
         let store = &self.inner.store;
         let record = store.get(lease.message_id).await;
-        let raw = store.raw(lease.message_id).await;
+        // Only an MLLP forward sends the frame itself; the others send the bundle.
+        let raw = match target {
+            Target::Mllp(_) => store.raw(lease.message_id).await,
+            Target::Ndjson(_) | Target::Fhir(_) => Ok(Some(Vec::new())),
+        };
         let mut received_at_ms = None;
         let report = match (record, raw) {
             (Ok(Some(record)), Ok(Some(raw))) => {
@@ -551,6 +615,9 @@ impl<S: Store> Pipeline<S> {
         };
         let outcome = report.outcome;
         let (error_class, status) = (report.error_class.clone(), report.status);
+        // A batch of attempts often finishes together (NDJSON answers a group at once):
+        // let ACKs through between their records rather than after all of them.
+        tokio::task::yield_now().await;
         match store.complete(&lease, report, &destination.retry).await {
             Ok(state) => {
                 match state {
@@ -756,7 +823,18 @@ impl<S: Store> Pipeline<S> {
         let answer = match route {
             Some(_) => {
                 // Mapping happens after the ACK; a full queue holds the ACK back (backpressure).
-                if self.inner.mapper.send(id).await.is_err() {
+                let journaled = (frame.len() <= MAPPER_FRAME_MAX).then(|| {
+                    // A copy of its own, so that the job does not keep the connection's
+                    // read buffer alive.
+                    (Bytes::copy_from_slice(&frame), Arc::clone(&peer.listener))
+                });
+                if self
+                    .inner
+                    .mapper
+                    .send(MapJob { id, journaled })
+                    .await
+                    .is_err()
+                {
                     warn!(
                         id,
                         "the mapper has stopped; the message stays received and is mapped on restart"

@@ -345,3 +345,27 @@ fn default_ordering_key_is_facility_and_patient_identifier() {
     let message = Message::parse(bytes).unwrap();
     assert_eq!(table.routes[0].ordering_key(&message), "FAC|123|HOSP");
 }
+
+#[test]
+fn concurrency_defaults_by_destination_kind_and_a_route_can_set_it() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "10-r.toml",
+        "name = \"r\"\nmapping = \"v2-to-fhir\"\ndefault = true\n\
+         [[destinations]]\nname = \"files\"\ntype = \"ndjson\"\ndir = \"out\"\n\
+         [[destinations]]\nname = \"few-files\"\ntype = \"ndjson\"\ndir = \"out2\"\nconcurrency = 4\n\
+         [[destinations]]\nname = \"fhir\"\ntype = \"fhir\"\nurl = \"http://127.0.0.1:1/fhir\"\n\
+         [[destinations]]\nname = \"peer\"\ntype = \"mllp\"\npeer = \"127.0.0.1:1\"\n",
+    );
+    let table = RouteTable::load(dir.path(), &packs(), &listeners()).unwrap();
+    let concurrency: Vec<(&str, usize)> = table.routes[0]
+        .destinations
+        .iter()
+        .map(|d| (d.name.as_str(), d.concurrency))
+        .collect();
+    assert_eq!(
+        concurrency,
+        [("files", 128), ("few-files", 4), ("fhir", 16), ("peer", 1)]
+    );
+}

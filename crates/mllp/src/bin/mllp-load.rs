@@ -7,6 +7,10 @@
 //! stops after `--count` messages or `--duration` seconds, whichever comes first, waits
 //! (bounded) for the ACKs in flight, and prints msgs/s and ACK latency percentiles.
 //!
+//! `--patients N` spreads the messages over N patient identifiers (PID-3), message `i`
+//! naming patient `i mod N`: an engine that keeps order per patient can deliver N of
+//! them side by side. The default, 1, puts every message in one ordering key.
+//!
 //! `--spawn CMD ARGS...` (last option) starts the receiver itself, reads the port from
 //! the first line it prints containing `listening on` or `starting on`, runs the load,
 //! and kills it.
@@ -30,7 +34,8 @@ use tokio::net::TcpStream;
 use tokio_util::codec::{Decoder, Encoder};
 
 const USAGE: &str = "usage: mllp-load [--to HOST:PORT] [--connections N] [--window W] \
-[--count N] [--duration SECS] [--ack-timeout SECS] [--label NAME] [--json] [--spawn CMD ARGS...]";
+[--count N] [--duration SECS] [--ack-timeout SECS] [--patients N] [--label NAME] [--json] \
+[--spawn CMD ARGS...]";
 
 #[derive(Debug, Clone)]
 struct Options {
@@ -40,6 +45,7 @@ struct Options {
     count: u64,
     duration: Duration,
     ack_timeout: Duration,
+    patients: u64,
     label: Option<String>,
     json: bool,
     spawn: Vec<String>,
@@ -53,6 +59,7 @@ fn parse_args() -> Result<Options, String> {
         count: 20_000,
         duration: Duration::from_secs(20),
         ack_timeout: Duration::from_secs(10),
+        patients: 1,
         label: None,
         json: false,
         spawn: Vec::new(),
@@ -68,6 +75,7 @@ fn parse_args() -> Result<Options, String> {
             "--count" => o.count = number(value()?)?.max(1.0) as u64,
             "--duration" => o.duration = Duration::from_secs_f64(number(value()?)?),
             "--ack-timeout" => o.ack_timeout = Duration::from_secs_f64(number(value()?)?),
+            "--patients" => o.patients = number(value()?)?.max(1.0) as u64,
             "--label" => o.label = Some(value()?),
             "--json" => o.json = true,
             "--spawn" => {
@@ -157,12 +165,13 @@ fn spawn(command: &[String]) -> Result<(Spawned, String), String> {
     }
 }
 
-fn message(id: &str) -> Vec<u8> {
+fn message(id: &str, patient: u64) -> Vec<u8> {
     format!(
         "MSH|^~\\&|LOAD|HOSP|PASSERELLE|HOSP|20240101120000||ADT^A01^ADT_A01|{id}|P|2.5\r\
          EVN|A01|20240101120000\r\
-         PID|1||123456^^^HOSP^PI||DOE^JANE^Q||19800101|F|||1 RUE DE LA PAIX^^PARIS^^75001^FRA\r\
-         PV1|1|I|WARD^101^A|||||||MED\r"
+         PID|1||{}^^^HOSP^PI||DOE^JANE^Q||19800101|F|||1 RUE DE LA PAIX^^PARIS^^75001^FRA\r\
+         PV1|1|I|WARD^101^A|||||||MED\r",
+        123_456 + patient
     )
     .into_bytes()
 }
@@ -176,6 +185,7 @@ struct Outcome {
 struct Shared {
     issued: AtomicU64,
     count: u64,
+    patients: u64,
     deadline: Instant,
 }
 
@@ -216,7 +226,8 @@ async fn connection(
             match shared.ticket() {
                 Some(seq) => {
                     let id = format!("L{n}-{seq}");
-                    let _ = codec.encode(&message(&id)[..], &mut wbuf);
+                    let patient = seq % shared.patients;
+                    let _ = codec.encode(&message(&id, patient)[..], &mut wbuf);
                     in_flight.push_back((id, Instant::now()));
                 }
                 None => done = true,
@@ -313,6 +324,7 @@ async fn run(o: Options, to: String) -> ExitCode {
     let shared = Arc::new(Shared {
         issued: AtomicU64::new(0),
         count: o.count,
+        patients: o.patients,
         deadline: Instant::now() + o.duration,
     });
     let started = Instant::now();
