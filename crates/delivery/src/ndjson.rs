@@ -3,14 +3,17 @@
 //!
 //! An attempt parses the bundle, appends every `entry[].resource` (compact JSON, one line
 //! each) to its type's file, and `fdatasync`s each file it wrote (and the directory when a
-//! file was created or renamed) before reporting `Delivered`. The blocking file work runs
-//! in `spawn_blocking`, under a lock per destination, so concurrent attempts never
+//! file was created or renamed) before reporting `Delivered`. One writer per destination
+//! does the blocking file work (in `spawn_blocking`), so concurrent attempts never
 //! interleave bytes or race a rotation.
 //!
-//! **Group write.** Concurrent attempts share the syncs: each queues its lines, and whichever
-//! attempt takes the lock writes everything queued so far (each message's lines together,
-//! in queue order) and syncs each file once for all of them. An attempt reports
-//! `Delivered` only after a sync that covers its lines.
+//! **Group write.** Concurrent attempts share the syncs: each queues its lines and waits
+//! for its answer without holding a thread. The attempt that finds no writer at work
+//! starts one, which writes everything queued so far (each message's lines together, in
+//! queue order), syncs each file once for all of them, answers them, and goes on while
+//! lines keep arriving. An attempt reports `Delivered` only after a sync that covers its
+//! lines; if the writer dies (a panic, the runtime shutting down), every attempt still
+//! waiting gets a transient failure, and the next attempt starts a new writer.
 //!
 //! **Rotation.** When appending a message's lines would grow a non-empty file past
 //! `max_file_bytes`, the file is first renamed to `<resourceType>.<n>.ndjson`, `n` being
@@ -45,19 +48,51 @@ pub struct NdjsonDestination {
     shared: Arc<Shared>,
 }
 
-/// Lines waiting to be written, and the writer's lock.
+/// Lines waiting to be written, and whether a writer is at work on them.
 #[derive(Debug, Default)]
 struct Shared {
-    queued: Mutex<Vec<Queued>>,
-    /// Held while writing and syncing: one writer at a time.
-    writing: Mutex<()>,
+    state: Mutex<WriterState>,
+}
+
+#[derive(Debug, Default)]
+struct WriterState {
+    queued: Vec<Queued>,
+    /// A writer is running; it takes whatever is queued before it stops.
+    writing: bool,
 }
 
 /// One attempt's lines and where to say how the write went.
 #[derive(Debug)]
 struct Queued {
     lines: BTreeMap<String, String>,
-    done: std::sync::mpsc::Sender<Result<(), String>>,
+    done: tokio::sync::oneshot::Sender<Result<(), String>>,
+}
+
+/// The writer's hold on [`WriterState::writing`]. A writer that ends any other way than by
+/// finding the queue empty (a panic, or a runtime that drops it unrun) lets go here:
+/// the attempts still queued are answered with a failure (their senders are dropped)
+/// and the next attempt starts a new writer.
+struct WriterTurn {
+    shared: Arc<Shared>,
+    finished: bool,
+}
+
+impl WriterTurn {
+    /// The writer stopped because the queue is empty (with `writing` cleared under the
+    /// lock): nothing to undo.
+    fn finish(mut self) {
+        self.finished = true;
+    }
+}
+
+impl Drop for WriterTurn {
+    fn drop(&mut self) {
+        if !self.finished {
+            let mut state = lock(&self.shared.state);
+            state.writing = false;
+            state.queued.clear();
+        }
+    }
 }
 
 impl NdjsonDestination {
@@ -110,33 +145,50 @@ impl NdjsonDestination {
             Ok(lines) => lines,
             Err(why) => return with_detail(AttemptReport::permanent("invalid_bundle"), why),
         };
-        let dir = self.dir.clone();
-        let max = self.max_file_bytes;
-        let shared = Arc::clone(&self.shared);
-        let result = tokio::task::spawn_blocking(move || {
-            let (done, outcome) = std::sync::mpsc::channel();
-            lock(&shared.queued).push(Queued { lines, done });
-            {
-                let _writer = lock(&shared.writing);
-                let batch = std::mem::take(&mut *lock(&shared.queued));
-                // Empty when an earlier writer took these lines along with its own.
-                if !batch.is_empty() {
-                    write_batch(&dir, max, batch);
-                }
-            }
-            outcome
-                .recv()
-                .unwrap_or_else(|_| Err("the writer stopped before answering".to_owned()))
-        })
-        .await;
-        match result {
+        let (done, outcome) = tokio::sync::oneshot::channel();
+        let start_writer = {
+            let mut state = lock(&self.shared.state);
+            state.queued.push(Queued { lines, done });
+            !std::mem::replace(&mut state.writing, true)
+        };
+        if start_writer {
+            self.start_writer();
+        }
+        match outcome.await {
             Ok(Ok(())) => AttemptReport::delivered(),
             Ok(Err(e)) => with_detail(AttemptReport::transient("io"), e),
-            Err(join) => with_detail(
+            Err(_) => with_detail(
                 AttemptReport::transient("io"),
-                format!("the writing task failed: {join}"),
+                "the NDJSON writer stopped before writing these lines",
             ),
         }
+    }
+
+    /// Runs a writer on the blocking pool until the queue is empty.
+    fn start_writer(&self) {
+        let dir = self.dir.clone();
+        let max = self.max_file_bytes;
+        let turn = WriterTurn {
+            shared: Arc::clone(&self.shared),
+            finished: false,
+        };
+        // Not awaited: the attempts wait on their own answers, and `turn` covers a writer
+        // that never runs or dies.
+        drop(tokio::task::spawn_blocking(move || {
+            let shared = Arc::clone(&turn.shared);
+            loop {
+                let batch = {
+                    let mut state = lock(&shared.state);
+                    if state.queued.is_empty() {
+                        state.writing = false;
+                        turn.finish();
+                        return;
+                    }
+                    std::mem::take(&mut state.queued)
+                };
+                write_batch(&dir, max, batch);
+            }
+        }));
     }
 }
 
