@@ -60,8 +60,16 @@
 //! The crash test in `tests/crash.rs` proves the `kill -9` claim and counts the records
 //! the log gave back; a power loss cannot be proven from a test.
 //!
-//! Memory is bounded by sled's page cache ([`StoreConfig::cache_capacity`]), not by queue
-//! length: nothing here keeps a queue in memory.
+//! **Memory, honestly.** Nothing here keeps a queue in memory, and sled keeps the pages it
+//! caches within [`StoreConfig::cache_capacity`]. But sled 0.34 also keeps, for every page
+//! of its tree (a leaf holds at most 16 keys, about 9 when keys arrive in order), an entry
+//! in its page table and its segment accounting, in memory whether the page is cached or
+//! not. A pending message has six keys (record, frame, control-id index, delivery, key
+//! queue entry, ordering-key index), so resident memory grows by about 200 bytes per
+//! stored message: measured, 191 MiB of live heap for 1 M pending messages after a cold
+//! reopen (empty cache). It grows with the number of messages kept, not with their size.
+//! A process that runs the store should use [`Allocator`]: with glibc's malloc, freed
+//! memory kept in per-thread arenas was as large again as the live heap.
 
 mod codec;
 mod commit;

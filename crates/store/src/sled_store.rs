@@ -64,8 +64,9 @@ impl Clock for ManualClock {
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
     pub path: PathBuf,
-    /// sled's page cache, which bounds memory (sled's default of 1 GiB is too much for a
-    /// small VM; RSS can reach a few times this figure).
+    /// sled's page cache (sled's default of 1 GiB is too much for a small VM). It bounds
+    /// the cached pages; sled's per-page bookkeeping comes on top and grows with the
+    /// number of stored messages (see the crate documentation).
     pub cache_capacity: u64,
     /// Background flush interval for what is not journaled (outcomes, attempts).
     pub flush_every: Duration,
