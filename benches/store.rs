@@ -1,6 +1,7 @@
 //! Store benchmarks (issue 4): journal throughput with durability on, against raw sled
-//! insert + flush in the same run; and resident memory as the number of pending messages
-//! grows past the page cache.
+//! insert + flush and a bare write+fdatasync loop in the same run; and resident memory
+//! (RSS, live heap, allocator) as the number of pending messages grows past the page
+//! cache, in a child process so that the throughput half leaves nothing behind in it.
 //!
 //! Run: `cargo bench -p passerelle-benches --bench store` (add `-- --quick` for a short run;
 //! `-- --throughput` or `-- --memory` for one half; `PASSERELLE_BENCH_PENDING=10000,50000`

@@ -66,8 +66,8 @@
 //! in its page table and its segment accounting, in memory whether the page is cached or
 //! not. A pending message has six keys (record, frame, control-id index, delivery, key
 //! queue entry, ordering-key index), so resident memory grows by about 200 bytes per
-//! stored message: measured, 191 MiB of live heap for 1 M pending messages after a cold
-//! reopen (empty cache). It grows with the number of messages kept, not with their size.
+//! stored message: measured, about 190 MiB of live heap for 1 M pending messages after a
+//! cold reopen (empty cache). It grows with the number of messages kept, not with their size.
 //! A process that runs the store should use [`Allocator`]: with glibc's malloc, freed
 //! memory kept in per-thread arenas was as large again as the live heap.
 
@@ -95,7 +95,7 @@ pub use sled_store::{Clock, ManualClock, SledStore, StoreConfig, SystemClock};
 /// Why: sled clones a B-tree node at every update, so a busy store frees and reallocates
 /// many small blocks from several threads. glibc's malloc keeps much of that freed memory
 /// in its per-thread arenas: with 1 M pending messages the bench measured 239 MiB live
-/// heap for 467 MiB resident. jemalloc returns it (see `benches/RESULTS.md`).
+/// heap for 468 MiB resident; with jemalloc, 254 MiB for 311 MiB (`benches/RESULTS.md`).
 pub use tikv_jemallocator::Jemalloc as Allocator;
 pub use types::*;
 
