@@ -60,8 +60,16 @@
 //! The crash test in `tests/crash.rs` proves the `kill -9` claim and counts the records
 //! the log gave back; a power loss cannot be proven from a test.
 //!
-//! Memory is bounded by sled's page cache ([`StoreConfig::cache_capacity`]), not by queue
-//! length: nothing here keeps a queue in memory.
+//! **Memory, honestly.** Nothing here keeps a queue in memory, and sled keeps the pages it
+//! caches within [`StoreConfig::cache_capacity`]. But sled 0.34 also keeps, for every page
+//! of its tree (a leaf holds at most 16 keys, about 9 when keys arrive in order), an entry
+//! in its page table and its segment accounting, in memory whether the page is cached or
+//! not. A pending message has six keys (record, frame, control-id index, delivery, key
+//! queue entry, ordering-key index), so resident memory grows by about 200 bytes per
+//! stored message: measured, about 190 MiB of live heap for 1 M pending messages after a
+//! cold reopen (empty cache). It grows with the number of messages kept, not with their size.
+//! A process that runs the store should use [`Allocator`]: with glibc's malloc, freed
+//! memory kept in per-thread arenas was as large again as the live heap.
 
 mod codec;
 mod commit;
@@ -76,6 +84,19 @@ use std::future::Future;
 
 pub use commit::GroupCommitConfig;
 pub use sled_store::{Clock, ManualClock, SledStore, StoreConfig, SystemClock};
+/// The memory allocator for a process that runs a [`SledStore`]: jemalloc. Install it in the
+/// binary with one line:
+///
+/// ```ignore
+/// #[global_allocator]
+/// static ALLOCATOR: passerelle_store::Allocator = passerelle_store::Allocator;
+/// ```
+///
+/// Why: sled clones a B-tree node at every update, so a busy store frees and reallocates
+/// many small blocks from several threads. glibc's malloc keeps much of that freed memory
+/// in its per-thread arenas: with 1 M pending messages the bench measured 239 MiB live
+/// heap for 468 MiB resident; with jemalloc, 254 MiB for 311 MiB (`benches/RESULTS.md`).
+pub use tikv_jemallocator::Jemalloc as Allocator;
 pub use types::*;
 
 /// Why a store operation failed. Messages name ids, trees and states, never content.

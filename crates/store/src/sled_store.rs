@@ -64,8 +64,9 @@ impl Clock for ManualClock {
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
     pub path: PathBuf,
-    /// sled's page cache, which bounds memory (sled's default of 1 GiB is too much for a
-    /// small VM; RSS can reach a few times this figure).
+    /// sled's page cache (sled's default of 1 GiB is too much for a small VM). It bounds
+    /// the cached pages; sled's per-page bookkeeping comes on top and grows with the
+    /// number of stored messages (see the crate documentation).
     pub cache_capacity: u64,
     /// Background flush interval for what is not journaled (outcomes, attempts).
     pub flush_every: Duration,
@@ -111,7 +112,7 @@ pub struct SledStore {
     queue_lock: Arc<Mutex<()>>,
     /// The journal's write-ahead log (what group commit syncs).
     wal: Arc<Wal>,
-    commit: GroupCommit,
+    commit: Arc<GroupCommit>,
     /// Stops (and joins) the checkpoint thread when the store is dropped.
     _checkpointer: Checkpointer,
     /// Journal records the log gave back to sled on open.
@@ -355,13 +356,13 @@ impl SledStore {
             );
         }
         let wal = Arc::new(wal);
-        let commit = GroupCommit::start(
+        let commit = Arc::new(GroupCommit::start(
             {
                 let wal = Arc::clone(&wal);
                 move || wal.sync()
             },
             config.group_commit,
-        );
+        ));
         let queue_lock = Arc::new(Mutex::new(()));
         let checkpointer =
             Checkpointer::start(db.clone(), Arc::clone(&wal), Arc::clone(&queue_lock))
@@ -668,7 +669,7 @@ impl Store for SledStore {
             counts: &self.counts,
         }
         .writes(&record, &value, &raw);
-        {
+        let ticket = {
             // The counter update reads then writes, and the log and sled must see records
             // in the same order (see the wal module): under the lock, which is held only
             // for an append and an in-memory batch, never across the flush.
@@ -676,9 +677,12 @@ impl Store for SledStore {
             self.wal
                 .append(id, &value, frame)
                 .map_err(sled::Error::Io)?;
+            // The log syncs (on the blocking pool) while sled takes the same record.
+            let ticket = self.commit.ticket_and_start();
             w.commit(&self.data)?;
-        }
-        self.commit.wait_durable().await?;
+            ticket
+        };
+        self.commit.wait(ticket).await?;
         Ok(id)
     }
 
