@@ -17,6 +17,11 @@ mod parse_cmd;
 mod send_cmd;
 mod serve_cmd;
 
+/// jemalloc: the store's B-tree frees and reallocates many small blocks from several
+/// threads, and glibc's malloc would keep much of that memory (see `passerelle_store`).
+#[global_allocator]
+static ALLOCATOR: passerelle_store::Allocator = passerelle_store::Allocator;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "passerelle",

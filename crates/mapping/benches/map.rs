@@ -8,6 +8,11 @@
 
 use std::hint::black_box;
 
+/// The allocator the `passerelle` binary runs with (`passerelle_store::Allocator`), so
+/// that both sides of the comparison allocate as they do in production.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use passerelle_hl7::Message;
 use passerelle_mapping::{MapOptions, Pack};

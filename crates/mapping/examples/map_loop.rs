@@ -6,6 +6,10 @@
 
 use std::hint::black_box;
 
+/// The `passerelle` binary's allocator, as in the bench.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 use passerelle_hl7::Message;
 use passerelle_mapping::{MapOptions, Pack};
 
