@@ -87,10 +87,16 @@ pub use sled_store::{Clock, ManualClock, SledStore, StoreConfig, SystemClock};
 /// The memory allocator for a process that runs a [`SledStore`]: jemalloc. Install it in the
 /// binary with one line:
 ///
-/// ```ignore
+/// ```
 /// #[global_allocator]
 /// static ALLOCATOR: passerelle_store::Allocator = passerelle_store::Allocator;
+/// # fn main() {
+/// #     let v = vec![1u8; 64]; // allocated by jemalloc
+/// #     assert_eq!(v.len(), 64);
+/// # }
 /// ```
+///
+/// The `passerelle` binary does (`crates/cli/src/main.rs`).
 ///
 /// Why: sled clones a B-tree node at every update, so a busy store frees and reallocates
 /// many small blocks from several threads. glibc's malloc keeps much of that freed memory
