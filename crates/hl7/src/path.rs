@@ -209,17 +209,23 @@ impl Path {
         let value = segment
             .field(field as usize)
             .and_then(|f| f.repetitions().nth(rep as usize - 1))
-            .and_then(|rep| match self.component {
-                None => Some(rep),
-                Some(c) => rep
-                    .child(c as usize)
-                    .and_then(|comp| match self.subcomponent {
-                        None => Some(comp),
-                        Some(s) => comp.child(s as usize),
-                    }),
-            })
+            .and_then(|rep| self.within_repetition(rep))
             .filter(|v| !v.is_empty());
         Some(value)
+    }
+
+    /// The component (and subcomponent) this path names inside one repetition, or the
+    /// repetition itself when the path names none.
+    fn within_repetition<'a>(&self, rep: Value<'a>) -> Option<Value<'a>> {
+        match self.component {
+            None => Some(rep),
+            Some(c) => rep
+                .child(c as usize)
+                .and_then(|comp| match self.subcomponent {
+                    None => Some(comp),
+                    Some(s) => comp.child(s as usize),
+                }),
+        }
     }
 
     /// The values this path selects in one segment (whatever the segment's id), ignoring
@@ -242,15 +248,7 @@ impl Path {
             .and_then(|n| segment.field(n as usize))
             .into_iter()
             .flat_map(move |field| select(field.repetitions(), path.repetition()))
-            .filter_map(move |rep| match path.component {
-                None => Some(rep),
-                Some(c) => rep
-                    .child(c as usize)
-                    .and_then(|comp| match path.subcomponent {
-                        None => Some(comp),
-                        Some(s) => comp.child(s as usize),
-                    }),
-            });
+            .filter_map(move |rep| path.within_repetition(rep));
         whole.into_iter().chain(fields).filter(|v| !v.is_empty())
     }
 }
