@@ -958,6 +958,38 @@ fn range(text: &str) -> (Option<&str>, Option<&str>) {
 mod tests {
     use super::*;
 
+    /// A pack with one message map, `event` → Patient from PID, whose rows are `rules`
+    /// (TOML inline tables, trailing commas included).
+    fn patient_pack(event: &str, rules: &[&str]) -> crate::Pack {
+        let text = format!(
+            r#"
+[pack]
+name = "t"
+fhir_version = "4.0.1"
+
+[[structure]]
+name = "FLAT"
+
+[[segment]]
+name = "PID"
+segment = "PID"
+resource = "Patient"
+id = ["PID-3.1"]
+rules = [
+{}
+]
+
+[[message]]
+name = "ADT"
+events = ["{event}"]
+structure = "FLAT"
+resources = [{{ label = "Patient", for = "PID", map = "PID" }}]
+"#,
+            rules.join("\n")
+        );
+        crate::Pack::from_texts(&[("p.toml", &text)]).unwrap()
+    }
+
     #[test]
     fn datetimes_match_the_parser_crate() {
         for (text, offset) in [
@@ -976,35 +1008,14 @@ mod tests {
     /// `any` reads every repetition; `in` only the first.
     #[test]
     fn any_matches_a_later_repetition() {
-        let pack = crate::Pack::from_texts(&[(
-            "p.toml",
-            r#"
-[pack]
-name = "t"
-fhir_version = "4.0.1"
-
-[[structure]]
-name = "FLAT"
-
-[[segment]]
-name = "PID"
-segment = "PID"
-resource = "Patient"
-id = ["PID-3.1"]
-rules = [
-  { value = "any", to = "meta.tag[].code", when = 'any(PID-32[*], ["VALI", "QUAL"])' },
-  { value = "in", to = "meta.tag[].code", when = 'in(PID-32[*], ["VALI"])' },
-  { value = "none", to = "meta.tag[].code", when = 'not any(PID-32[*], ["VALI"])' },
-]
-
-[[message]]
-name = "ADT"
-events = ["ADT^A28"]
-structure = "FLAT"
-resources = [{ label = "Patient", for = "PID", map = "PID" }]
-"#,
-        )])
-        .unwrap();
+        let pack = patient_pack(
+            "ADT^A28",
+            &[
+                r#"{ value = "any", to = "meta.tag[].code", when = 'any(PID-32[*], ["VALI", "QUAL"])' },"#,
+                r#"{ value = "in", to = "meta.tag[].code", when = 'in(PID-32[*], ["VALI"])' },"#,
+                r#"{ value = "none", to = "meta.tag[].code", when = 'not any(PID-32[*], ["VALI"])' },"#,
+            ],
+        );
         let tags = |pid32: &str| {
             // PID-3 = 42, then fields 4 to 31 empty, then PID-32.
             let text = format!(
@@ -1029,36 +1040,15 @@ resources = [{ label = "Patient", for = "PID", map = "PID" }]
     /// Empties are pruned only after a write that may leave one; when one does, none stays.
     #[test]
     fn gaps_left_by_indexed_writes_are_pruned() {
-        let pack = crate::Pack::from_texts(&[(
-            "p.toml",
-            r#"
-[pack]
-name = "t"
-fhir_version = "4.0.1"
-
-[[structure]]
-name = "FLAT"
-
-[[segment]]
-name = "PID"
-segment = "PID"
-resource = "Patient"
-id = ["PID-3.1"]
-rules = [
-  { from = "PID-5.1", to = "name[2].family" },
-  { from = "PID-5.2", to = "name[2].given[]" },
-  { from = "PID-6.1", to = "name[0].family" },
-  { value = "", to = "gender" },
-]
-
-[[message]]
-name = "ADT"
-events = ["ADT^A01"]
-structure = "FLAT"
-resources = [{ label = "Patient", for = "PID", map = "PID" }]
-"#,
-        )])
-        .unwrap();
+        let pack = patient_pack(
+            "ADT^A01",
+            &[
+                r#"{ from = "PID-5.1", to = "name[2].family" },"#,
+                r#"{ from = "PID-5.2", to = "name[2].given[]" },"#,
+                r#"{ from = "PID-6.1", to = "name[0].family" },"#,
+                r#"{ value = "", to = "gender" },"#,
+            ],
+        );
         let json = |pid: &str| {
             let text = format!("MSH|^~\\&|A|B|||20240101||ADT^A01|1|P|2.5\rPID|1||42||{pid}\r");
             let message = passerelle_hl7::Message::parse(text.as_bytes()).unwrap();

@@ -206,18 +206,25 @@ mod tests {
 
     use super::*;
 
+    /// A sync that counts its calls and then does `then(number of earlier calls)`.
+    fn counting(
+        then: impl Fn(usize) -> std::io::Result<()> + Send + std::marker::Sync + 'static,
+    ) -> (
+        Arc<AtomicUsize>,
+        impl Fn() -> std::io::Result<()> + Send + std::marker::Sync + 'static,
+    ) {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&calls);
+        (calls, move || then(counted.fetch_add(1, Ordering::SeqCst)))
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn every_writer_returns_after_a_flush_and_writers_share_them() {
-        let syncs = Arc::new(AtomicUsize::new(0));
-        let counted = Arc::clone(&syncs);
-        let commit = Arc::new(GroupCommit::start(
-            move || {
-                counted.fetch_add(1, Ordering::SeqCst);
-                std::thread::sleep(std::time::Duration::from_millis(2));
-                Ok(())
-            },
-            GroupCommitConfig::default(),
-        ));
+        let (syncs, sync) = counting(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            Ok(())
+        });
+        let commit = Arc::new(GroupCommit::start(sync, GroupCommitConfig::default()));
         let tasks: Vec<_> = (0..64)
             .map(|_| {
                 let commit = Arc::clone(&commit);
@@ -238,18 +245,14 @@ mod tests {
 
     #[tokio::test]
     async fn a_failed_flush_fails_every_later_wait() {
-        let calls = Arc::new(AtomicUsize::new(0));
-        let counted = Arc::clone(&calls);
-        let commit = GroupCommit::start(
-            move || {
-                if counted.fetch_add(1, Ordering::SeqCst) == 0 {
-                    Ok(())
-                } else {
-                    Err(std::io::Error::other("disk gone"))
-                }
-            },
-            GroupCommitConfig::default(),
-        );
+        let (calls, sync) = counting(|call| {
+            if call == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::other("disk gone"))
+            }
+        });
+        let commit = GroupCommit::start(sync, GroupCommitConfig::default());
         commit.wait_durable().await.unwrap();
         assert!(commit.wait_durable().await.is_err());
         assert!(
@@ -261,15 +264,8 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_flush_started_with_the_ticket_covers_it() {
-        let syncs = Arc::new(AtomicUsize::new(0));
-        let counted = Arc::clone(&syncs);
-        let commit = Arc::new(GroupCommit::start(
-            move || {
-                counted.fetch_add(1, Ordering::SeqCst);
-                Ok(())
-            },
-            GroupCommitConfig::default(),
-        ));
+        let (syncs, sync) = counting(|_| Ok(()));
+        let commit = Arc::new(GroupCommit::start(sync, GroupCommitConfig::default()));
         for round in 1..=3 {
             let ticket = commit.ticket_and_start();
             commit.wait(ticket).await.unwrap();
