@@ -8,11 +8,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use sled::Tree;
-
 use crate::codec::{be, decode, encode, open, read_be, seal};
 use crate::commit::{GroupCommit, GroupCommitConfig};
-use crate::space::{Space, Writes};
+use crate::space::{APPLY_EVERY, Layered, Space, Writes};
 use crate::types::*;
 use crate::wal::{Wal, WalRecord};
 use crate::{Store, StoreError};
@@ -97,8 +95,9 @@ impl StoreConfig {
 pub struct SledStore {
     db: sled::Db,
     path: PathBuf,
-    /// Every record, under one-byte prefixes (see [`Space`]): changes are atomic batches.
-    data: Tree,
+    /// Every record, under one-byte prefixes (see [`Space`]), behind the overlay that
+    /// hands changes to sled in atomic groups.
+    data: Arc<Layered>,
     messages: Space,
     raw: Space,
     deliveries: Space,
@@ -107,14 +106,18 @@ pub struct SledStore {
     inflight: Space,
     counts: Space,
     index: Space,
-    quarantine: Tree,
-    /// Serialises changes: each reads (scans, counters) then writes one atomic batch.
+    quarantine: sled::Tree,
+    /// Serialises changes: each reads (scans, counters) then commits one [`Writes`].
     queue_lock: Arc<Mutex<()>>,
+    /// Held while a generation of the overlay is applied to sled: one at a time, in order.
+    apply_lock: Arc<Mutex<()>>,
     /// The journal's write-ahead log (what group commit syncs).
     wal: Arc<Wal>,
     commit: Arc<GroupCommit>,
     /// Stops (and joins) the checkpoint thread when the store is dropped.
     _checkpointer: Checkpointer,
+    /// Stops the applier when the store is dropped, after a last apply.
+    _applier: Applier,
     /// Journal records the log gave back to sled on open.
     recovered: usize,
     config: StoreConfig,
@@ -203,7 +206,7 @@ impl JournalSpaces<'_> {
     }
 
     /// Applies a record from the log again, unless sled already has its message.
-    fn recover(&self, data: &Tree, r: WalRecord) -> Result<(), StoreError> {
+    fn recover(&self, data: &Layered, r: WalRecord) -> Result<(), StoreError> {
         if self.messages.get(be(r.id))?.is_some() {
             return Ok(());
         }
@@ -217,16 +220,45 @@ impl JournalSpaces<'_> {
     }
 }
 
-/// Starts a new log segment, flushes sled (which then holds every record of the older
-/// segments), and deletes the older segments.
-fn checkpoint(db: &sled::Db, wal: &Wal, queue_lock: &Mutex<()>) -> Result<(), StoreError> {
-    let keep_from = {
-        let _guard = queue_lock.lock().unwrap_or_else(|p| p.into_inner());
-        wal.switch().map_err(sled::Error::Io)?
-    };
-    db.flush()?;
-    wal.retire_before(keep_from).map_err(sled::Error::Io)?;
-    Ok(())
+/// What checkpoints and the applier share with the store.
+#[derive(Debug, Clone)]
+struct Shared {
+    db: sled::Db,
+    wal: Arc<Wal>,
+    data: Arc<Layered>,
+    queue_lock: Arc<Mutex<()>>,
+    apply_lock: Arc<Mutex<()>>,
+}
+
+fn lock(m: &Mutex<()>) -> MutexGuard<'_, ()> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Shared {
+    /// Hands the overlay to sled (one generation, atomically).
+    fn apply(&self) -> Result<(), sled::Error> {
+        let _apply = lock(&self.apply_lock);
+        self.data.apply()
+    }
+
+    /// Starts a new log segment, hands sled every change made so far and flushes it (sled
+    /// then holds every record of the older segments), and deletes the older segments.
+    fn checkpoint(&self) -> Result<(), StoreError> {
+        let keep_from = {
+            // The apply lock first: the generation sealed below is the only one in flight.
+            let _apply = lock(&self.apply_lock);
+            let keep_from = {
+                let _queue = lock(&self.queue_lock);
+                self.wal.switch().map_err(sled::Error::Io)?
+            };
+            // Every change committed before the switch is in the overlay: to sled with it.
+            self.data.apply()?;
+            keep_from
+        };
+        self.db.flush()?;
+        self.wal.retire_before(keep_from).map_err(sled::Error::Io)?;
+        Ok(())
+    }
 }
 
 /// Checkpoints in the background: when the log passes [`CHECKPOINT_BYTES`], or holds
@@ -241,7 +273,7 @@ const CHECKPOINT_BYTES: u64 = 64 * 1024 * 1024;
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(30);
 
 impl Checkpointer {
-    fn start(db: sled::Db, wal: Arc<Wal>, queue_lock: Arc<Mutex<()>>) -> io::Result<Checkpointer> {
+    fn start(shared: Shared) -> io::Result<Checkpointer> {
         let stop = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
         let thread_stop = Arc::clone(&stop);
         let thread = std::thread::Builder::new()
@@ -258,11 +290,11 @@ impl Checkpointer {
                         return;
                     }
                     drop(stopped);
-                    let pending = wal.pending_bytes();
+                    let pending = shared.wal.pending_bytes();
                     let due = pending >= CHECKPOINT_BYTES
                         || (pending > 0 && last.elapsed() >= CHECKPOINT_EVERY);
                     if due {
-                        if let Err(e) = checkpoint(&db, &wal, &queue_lock) {
+                        if let Err(e) = shared.checkpoint() {
                             tracing::error!(error = %e, "journal checkpoint failed; retrying");
                         }
                         last = std::time::Instant::now();
@@ -281,6 +313,53 @@ impl Drop for Checkpointer {
         let (lock, signal) = &*self.stop;
         *lock.lock().unwrap_or_else(|p| p.into_inner()) = true;
         signal.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Hands the overlay to sled every [`APPLY_EVERY`], or sooner when it has grown (see the
+/// `space` module); on drop, once more, so that a store closed in order keeps every change.
+#[derive(Debug)]
+struct Applier {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    data: Arc<Layered>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Applier {
+    fn start(shared: Shared) -> io::Result<Applier> {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let data = Arc::clone(&shared.data);
+        let thread_stop = Arc::clone(&stop);
+        let thread = std::thread::Builder::new()
+            .name("passerelle-apply".into())
+            .spawn(move || {
+                loop {
+                    let stopping = thread_stop.load(Ordering::SeqCst);
+                    if let Err(e) = shared.apply() {
+                        // The generation stays in the overlay (readable) and is tried again.
+                        tracing::error!(error = %e, "applying changes to sled failed; retrying");
+                    }
+                    if stopping {
+                        return;
+                    }
+                    shared.data.wait_for_growth(APPLY_EVERY);
+                }
+            })?;
+        Ok(Applier {
+            stop,
+            data,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Applier {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.data.wake();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -332,7 +411,7 @@ impl SledStore {
                 });
             }
         }
-        let data = db.open_tree("data")?;
+        let data = Layered::new(db.open_tree("data")?);
         let messages = Space::new(&data, b'm');
         let raw = Space::new(&data, b'r');
         let index = Space::new(&data, b'i');
@@ -346,7 +425,11 @@ impl SledStore {
         let (wal, recovered) = Wal::recover(
             &config.path,
             |r| spaces.recover(&data, r).map_err(io::Error::other),
-            || db.flush().map(|_| ()).map_err(io::Error::other),
+            || {
+                // The replayed records go to sled (recovery is single-threaded: no lock).
+                data.apply().map_err(io::Error::other)?;
+                db.flush().map(|_| ()).map_err(io::Error::other)
+            },
         )
         .map_err(sled::Error::Io)?;
         if recovered > 0 {
@@ -363,10 +446,15 @@ impl SledStore {
             },
             config.group_commit,
         ));
-        let queue_lock = Arc::new(Mutex::new(()));
-        let checkpointer =
-            Checkpointer::start(db.clone(), Arc::clone(&wal), Arc::clone(&queue_lock))
-                .map_err(sled::Error::Io)?;
+        let shared = Shared {
+            db: db.clone(),
+            wal: Arc::clone(&wal),
+            data: Arc::clone(&data),
+            queue_lock: Arc::new(Mutex::new(())),
+            apply_lock: Arc::new(Mutex::new(())),
+        };
+        let checkpointer = Checkpointer::start(shared.clone()).map_err(sled::Error::Io)?;
+        let applier = Applier::start(shared.clone()).map_err(sled::Error::Io)?;
         let seed = config.clock.now_ms() | 1;
         let store = SledStore {
             messages,
@@ -381,10 +469,12 @@ impl SledStore {
             quarantine: db.open_tree("quarantine")?,
             path: config.path.clone(),
             db,
-            queue_lock,
+            queue_lock: shared.queue_lock,
+            apply_lock: shared.apply_lock,
             wal,
             commit,
             _checkpointer: checkpointer,
+            _applier: applier,
             recovered,
             config,
             jitter_state: AtomicU64::new(seed),
@@ -437,7 +527,17 @@ impl SledStore {
     }
 
     fn lock(&self) -> MutexGuard<'_, ()> {
-        self.queue_lock.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.queue_lock)
+    }
+
+    fn shared(&self) -> Shared {
+        Shared {
+            db: self.db.clone(),
+            wal: Arc::clone(&self.wal),
+            data: Arc::clone(&self.data),
+            queue_lock: Arc::clone(&self.queue_lock),
+            apply_lock: Arc::clone(&self.apply_lock),
+        }
     }
 
     /// A number in [0, 1) for jitter (xorshift; no need for quality).
@@ -1150,7 +1250,7 @@ impl Store for SledStore {
         // While the log still holds the journal record, a crash would bring the purged
         // message back: flush sled and retire the log first.
         if self.wal.oldest_id().is_some_and(|oldest| oldest <= id) {
-            checkpoint(&self.db, &self.wal, &self.queue_lock)?;
+            self.shared().checkpoint()?;
         }
         Ok(true)
     }
@@ -1276,7 +1376,7 @@ impl Store for SledStore {
 
     async fn flush(&self) -> Result<(), StoreError> {
         self.commit.wait_durable().await?;
-        checkpoint(&self.db, &self.wal, &self.queue_lock)?;
+        self.shared().checkpoint()?;
         Ok(())
     }
 }

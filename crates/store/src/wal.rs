@@ -1,7 +1,8 @@
 //! The journal's write-ahead log: what makes an acknowledged frame durable.
 //!
-//! `journal` appends the frame and its record to a segment file here, applies the same
-//! record to sled in memory, and returns once group commit has `fdatasync`ed the segment.
+//! `journal` appends the frame and its record to a segment file here, commits the same
+//! record to the store's overlay (in memory, on its way to sled: see the `space` module),
+//! and returns once group commit has `fdatasync`ed the segment.
 //! sled's own flush (slow, and `sync_file_range` only) then runs in the background and at
 //! checkpoints; a record is in the log until a sled flush that covers it has finished.
 //!
@@ -16,9 +17,11 @@
 //!   while another process wrote). The zeros change nothing for a reader: a record's
 //!   length is never 0, so a zero length marks the end of the records.
 //! - **Segments**: `<n>.wal`, numbered from 1. A checkpoint starts a new segment (syncing
-//!   the old one first), flushes sled, then deletes the older segments. Appending and
-//!   applying a record to sled happen under the store's lock, and so does the switch, so
-//!   every record of a retired segment is in sled before the flush that retires it.
+//!   the old one first), hands the overlay to sled, flushes sled, then deletes the older
+//!   segments. Appending a record and committing it to the overlay happen under the
+//!   store's lock, and so does the switch, so every record of a retired segment is in the
+//!   overlay at the switch, in sled after the apply that follows, and durable after the
+//!   flush that retires the segment.
 //! - **Group commit and switches**: the committer reads the last ticket, then takes the
 //!   current segment, then syncs it. A record appended before the ticket was read is in
 //!   that segment, or in an older one that the switch synced before retiring it.
