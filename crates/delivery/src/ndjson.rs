@@ -231,19 +231,46 @@ fn lines_by_type(bundle: &str) -> Result<BTreeMap<String, String>, String> {
         let Some(resource) = entry.resource else {
             continue;
         };
-        let kind: ResourceType<'_> = serde_json::from_str(resource.get())
-            .map_err(|_| format!("entry {i}: the resource is not a JSON object"))?;
-        let kind = kind
-            .resource_type
-            .filter(|t| {
-                !t.is_empty() && t.len() <= 64 && t.bytes().all(|b| b.is_ascii_alphanumeric())
-            })
-            .ok_or_else(|| format!("entry {i}: the resource has no valid resourceType"))?;
-        let line = out.entry(kind.into_owned()).or_default();
-        compact_into(resource.get(), line);
+        let text = resource.get();
+        let kind = match leading_resource_type(text) {
+            Some(kind) => std::borrow::Cow::Borrowed(kind),
+            None => {
+                let kind: ResourceType<'_> = serde_json::from_str(text)
+                    .map_err(|_| format!("entry {i}: the resource is not a JSON object"))?;
+                kind.resource_type.unwrap_or_default()
+            }
+        };
+        if !valid_type_name(&kind) {
+            return Err(format!("entry {i}: the resource has no valid resourceType"));
+        }
+        let line = match out.get_mut(kind.as_ref()) {
+            Some(line) => line,
+            None => out.entry(kind.into_owned()).or_default(),
+        };
+        // Compact JSON (what the mapper writes) has no raw line breaks: copied as is.
+        if memchr::memchr2(b'\n', b'\r', text.as_bytes()).is_some() {
+            compact_into(text, line);
+        } else {
+            line.push_str(text);
+        }
         line.push('\n');
     }
     Ok(out)
+}
+
+/// The resource type when `resourceType` is the object's first member, written without
+/// blanks or escapes (as the mapper writes it): found without parsing the resource.
+fn leading_resource_type(resource: &str) -> Option<&str> {
+    let rest = resource.strip_prefix("{\"resourceType\":\"")?;
+    let end = rest.find('"')?;
+    // A backslash would be an escape to decode: the full parse handles that.
+    let kind = &rest[..end];
+    (!kind.contains('\\')).then_some(kind)
+}
+
+/// A resource type name as FHIR spells them, and safe as a file name.
+fn valid_type_name(kind: &str) -> bool {
+    !kind.is_empty() && kind.len() <= 64 && kind.bytes().all(|b| b.is_ascii_alphanumeric())
 }
 
 /// Appends valid JSON text without the blanks between its tokens (a pretty-printed
@@ -388,5 +415,25 @@ mod tests {
             lines_by_type(r#"{"entry":[{"resource":{"resourceType":"../etc"}}]}"#).is_err(),
             "a resourceType is a file name: only letters and digits"
         );
+    }
+
+    #[test]
+    fn resource_type_found_without_parsing_only_when_written_plainly() {
+        assert_eq!(
+            leading_resource_type(r#"{"resourceType":"Patient","id":"a"}"#),
+            Some("Patient")
+        );
+        // Not first, escaped, or with blanks: left to the full parse, which still works.
+        for resource in [
+            r#"{"id":"a","resourceType":"Patient"}"#,
+            r#"{"resourceType":"Pat\u0069ent"}"#,
+            r#"{ "resourceType": "Patient"}"#,
+        ] {
+            assert_eq!(leading_resource_type(resource), None, "{resource}");
+            let bundle = format!(r#"{{"entry":[{{"resource":{resource}}}]}}"#);
+            let lines = lines_by_type(&bundle).expect("valid");
+            assert_eq!(lines.keys().collect::<Vec<_>>(), ["Patient"], "{resource}");
+            assert_eq!(lines["Patient"], format!("{resource}\n"));
+        }
     }
 }

@@ -236,6 +236,11 @@ pub async fn exhausted_retries_go_dead_and_release_the_key<S: Store>(store: S) {
 
 pub async fn dead_letter_replays_with_a_new_bundle<S: Store>(store: S) {
     let id = journal_mapped(&store, "p", &[("fhir", "K")]).await;
+    assert_eq!(
+        store.get(id).await.unwrap().unwrap().bundle.as_deref(),
+        Some("{}"),
+        "the mapped bundle is kept"
+    );
     let lease = store.lease("fhir", 1).await.unwrap().pop().unwrap();
     let mut report = AttemptReport::permanent("http_422");
     report.status = Some(422);

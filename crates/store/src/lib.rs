@@ -34,6 +34,7 @@
 //! |-------|---------------------------------------|------------------------------|
 //! | `m`   | id                                    | [`MessageRecord`] (JSON)     |
 //! | `r`   | id                                    | the frame's bytes            |
+//! | `b`   | id                                    | the mapped bundle (JSON)     |
 //! | `d`   | destination, 0, seq                   | [`Delivery`] (JSON)          |
 //! | `k`   | destination, 0, key length, key, seq  | (empty): unfinished, by key  |
 //! | `q`   | destination, 0, due time, seq         | (empty): heads ready to go   |

@@ -100,6 +100,9 @@ pub struct SledStore {
     data: Arc<Layered>,
     messages: Space,
     raw: Space,
+    /// Bundles apart from their message records: a record is decoded and encoded at every
+    /// state change, and a bundle inside it was most of its bytes (escaped, as a string).
+    bundles: Space,
     deliveries: Space,
     keys: Space,
     ready: Space,
@@ -459,6 +462,7 @@ impl SledStore {
         let store = SledStore {
             messages,
             raw,
+            bundles: Space::new(&data, b'b'),
             deliveries: Space::new(&data, b'd'),
             keys: Space::new(&data, b'k'),
             ready: Space::new(&data, b'q'),
@@ -560,6 +564,7 @@ impl SledStore {
             match tree {
                 "messages" => self.messages.remove(key)?,
                 "raw" => self.raw.remove(key)?,
+                "bundles" => self.bundles.remove(key)?,
                 "deliveries" => self.deliveries.remove(key)?,
                 _ => {}
             }
@@ -803,6 +808,7 @@ impl Store for SledStore {
         }
         let now = self.now();
         let mut new_deliveries = Vec::new();
+        let mut new_bundle = None;
         let (state, detail) = match outcome {
             Outcome::Unrouted => (MessageState::Unrouted, "no route matched".to_owned()),
             Outcome::MappingFailed { route, error } => {
@@ -828,7 +834,8 @@ impl Store for SledStore {
                     }
                 }
                 record.route = Some(route.clone());
-                record.bundle = Some(bundle);
+                record.bundle = None;
+                new_bundle = Some(seal(bundle.into_bytes()));
                 record.error = None;
                 for e in deliveries {
                     let seq = self.db.generate_id()?;
@@ -863,6 +870,9 @@ impl Store for SledStore {
         let mut w = Writes::default();
 
         w.insert(&self.messages, key, value.as_slice());
+        if let Some(bundle) = &new_bundle {
+            w.insert(&self.bundles, key, bundle.as_slice());
+        }
         w.bump(&self.counts, &message_counter(before), -1);
         w.bump(&self.counts, &message_counter(state), 1);
         for (e, seq, is_head) in &new_deliveries {
@@ -1183,15 +1193,18 @@ impl Store for SledStore {
             w.commit(&self.data)?;
             count += 1;
         }
+        let mut w = Writes::default();
         if let Some(bundle) = bundle {
-            record.bundle = Some(bundle);
+            record.bundle = None;
+            w.insert(&self.bundles, be(id), seal(bundle.into_bytes()));
         }
         record.history.push(Transition {
             at_ms: now,
             state: "replayed".to_owned(),
             detail: format!("{count} deliveries queued again"),
         });
-        self.messages.insert(be(id), encode(&record))?;
+        w.insert(&self.messages, be(id), encode(&record));
+        w.commit(&self.data)?;
         Ok(count)
     }
 
@@ -1227,6 +1240,7 @@ impl Store for SledStore {
 
         w.remove(&self.messages, key);
         w.remove(&self.raw, key);
+        w.remove(&self.bundles, key);
         for k in &promote {
             w.insert(&self.ready, k.as_slice(), &[][..]);
         }
@@ -1294,7 +1308,19 @@ impl Store for SledStore {
     }
 
     async fn get(&self, id: MessageId) -> Result<Option<MessageRecord>, StoreError> {
-        self.read_message(id)
+        let Some(mut record) = self.read_message(id)? else {
+            return Ok(None);
+        };
+        // A record written before bundles had their own space keeps its bundle inside.
+        if record.bundle.is_none() {
+            let key = be(id);
+            if let Some(v) = self.bundles.get(key)? {
+                let bundle = open(&v).and_then(|b| String::from_utf8(b.to_vec()).ok());
+                record.bundle =
+                    Some(bundle.ok_or_else(|| self.quarantine_value("bundles", &key, &v))?);
+            }
+        }
+        Ok(Some(record))
     }
 
     async fn raw(&self, id: MessageId) -> Result<Option<Vec<u8>>, StoreError> {
