@@ -199,6 +199,22 @@ impl<'a> Iterator for Children<'a> {
         };
         Some(Value::new(piece, self.level, self.encoding))
     }
+
+    /// Skips `n` pieces by their delimiters alone, without making a value of each
+    /// (`child(n)` and `component(n)` are `nth`, on every field a mapping reads).
+    fn nth(&mut self, n: usize) -> Option<Value<'a>> {
+        for _ in 0..n {
+            let rest = self.rest?;
+            match self.delimiter.and_then(|d| find_byte(d, rest)) {
+                Some(pos) => self.rest = Some(&rest[pos + 1..]),
+                None => {
+                    self.rest = None;
+                    return None;
+                }
+            }
+        }
+        self.next()
+    }
 }
 
 /// The first `needle` in `haystack`. Components and subcomponents are mostly a few bytes
