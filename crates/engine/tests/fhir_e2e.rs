@@ -113,8 +113,8 @@ async fn retries_until_the_server_is_back_and_keeps_patient_order() {
     assert!(waited >= 2_000, "Retry-After: 2 was honoured ({waited} ms)");
 
     // One Patient, holding the last update: order per patient held through the outage.
-    let bundle: serde_json::Value =
-        serde_json::from_str(mapped.items[2].bundle.as_deref().unwrap()).unwrap();
+    let last = store.get(mapped.items[2].id).await.unwrap().unwrap();
+    let bundle: serde_json::Value = serde_json::from_str(last.bundle.as_deref().unwrap()).unwrap();
     let patient = bundle["entry"]
         .as_array()
         .unwrap()

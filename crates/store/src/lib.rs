@@ -233,6 +233,8 @@ pub trait Store: Send + Sync + 'static {
         &self,
         id: MessageId,
     ) -> impl Future<Output = Result<Vec<Delivery>, StoreError>> + Send;
+    /// A page of the messages a query selects. Their records may leave `bundle` out (a
+    /// page is for listing; [`Store::get`] has the bundle).
     fn list(&self, query: &Query) -> impl Future<Output = Result<Page, StoreError>> + Send;
     fn counts(&self) -> impl Future<Output = Result<Counts, StoreError>> + Send;
 
