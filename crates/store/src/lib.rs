@@ -33,8 +33,8 @@
 //! | space | key (after the prefix)                | value                        |
 //! |-------|---------------------------------------|------------------------------|
 //! | `m`   | id                                    | [`MessageRecord`] (JSON)     |
-//! | `r`   | id                                    | the frame's bytes            |
-//! | `b`   | id                                    | the mapped bundle (JSON)     |
+//! | `p`   | id                                    | the frame, then the bundle   |
+//! | `r`   | id                                    | a frame alone (older stores) |
 //! | `d`   | destination, 0, seq                   | [`Delivery`] (JSON)          |
 //! | `k`   | destination, 0, key length, key, seq  | (empty): unfinished, by key  |
 //! | `q`   | destination, 0, due time, seq         | (empty): heads ready to go   |

@@ -99,10 +99,12 @@ pub struct SledStore {
     /// hands changes to sled in atomic groups.
     data: Arc<Layered>,
     messages: Space,
-    raw: Space,
-    /// Bundles apart from their message records: a record is decoded and encoded at every
-    /// state change, and a bundle inside it was most of its bytes (escaped, as a string).
-    bundles: Space,
+    /// A message's frame, then its bundle once mapped (see [`payload`]). The bundle is not
+    /// in the record: a record is decoded and encoded at every state change, and a bundle
+    /// inside it was most of its bytes (escaped, as a string).
+    payloads: Space,
+    /// Frames alone, as stores written before `payloads` keep them (read, never written).
+    legacy_raw: Space,
     deliveries: Space,
     keys: Space,
     ready: Space,
@@ -184,19 +186,19 @@ fn index_key(kind: u8, value: &str, id: MessageId) -> Vec<u8> {
 /// the spaces the store is about to own.
 struct JournalSpaces<'a> {
     messages: &'a Space,
-    raw: &'a Space,
+    payloads: &'a Space,
     index: &'a Space,
     counts: &'a Space,
 }
 
 impl JournalSpaces<'_> {
     /// The batch that journals a message: its record (`value`, encoded), its frame
-    /// (`raw`, sealed), its control-id index entry and its state's counter.
-    fn writes(&self, record: &MessageRecord, value: &[u8], raw: &[u8]) -> Writes {
+    /// (`payload`, sealed), its control-id index entry and its state's counter.
+    fn writes(&self, record: &MessageRecord, value: &[u8], payload: &[u8]) -> Writes {
         let key = be(record.id);
         let mut w = Writes::default();
         w.insert(self.messages, key, value);
-        w.insert(self.raw, key, raw);
+        w.insert(self.payloads, key, payload);
         if let Some(m) = &record.msh {
             w.insert(
                 self.index,
@@ -217,7 +219,7 @@ impl JournalSpaces<'_> {
             tracing::error!(id = r.id, "a journal log record does not decode; skipped");
             return Ok(());
         };
-        self.writes(&record, &r.record, &seal(r.frame))
+        self.writes(&record, &r.record, &payload(&r.frame, None))
             .commit(data)?;
         Ok(())
     }
@@ -369,6 +371,35 @@ impl Drop for Applier {
     }
 }
 
+/// A message's payload, sealed: `[1 if a bundle follows, else 0][frame length u32]
+/// [frame][bundle]`. One value for both, so that a message costs sled one key less (sled
+/// keeps bookkeeping in memory for every page of keys: see the crate doc).
+fn payload(frame: &[u8], bundle: Option<&[u8]>) -> Vec<u8> {
+    let bundle_len = bundle.map_or(0, <[u8]>::len);
+    let mut out = Vec::with_capacity(1 + 4 + frame.len() + bundle_len + 4);
+    out.push(u8::from(bundle.is_some()));
+    // Frames are bounded far below 4 GiB by the listener (`max_frame_bytes`).
+    out.extend_from_slice(&u32::try_from(frame.len()).unwrap_or(u32::MAX).to_be_bytes());
+    out.extend_from_slice(frame);
+    if let Some(b) = bundle {
+        out.extend_from_slice(b);
+    }
+    seal(out)
+}
+
+/// The frame and the bundle (if any) of an opened payload; `None` if it is malformed.
+fn split_payload(payload: &[u8]) -> Option<(&[u8], Option<&[u8]>)> {
+    let (&flag, rest) = payload.split_first()?;
+    let len = u32::from_be_bytes(rest.get(..4)?.try_into().ok()?) as usize;
+    let frame = rest.get(4..4 + len)?;
+    let bundle = &rest[4 + len..];
+    match flag {
+        0 if bundle.is_empty() => Some((frame, None)),
+        1 => Some((frame, Some(bundle))),
+        _ => None,
+    }
+}
+
 fn message_counter(state: MessageState) -> Vec<u8> {
     format!("m/{}", state.name()).into_bytes()
 }
@@ -416,12 +447,12 @@ impl SledStore {
         }
         let data = Layered::new(db.open_tree("data")?);
         let messages = Space::new(&data, b'm');
-        let raw = Space::new(&data, b'r');
+        let payloads = Space::new(&data, b'p');
         let index = Space::new(&data, b'i');
         let counts = Space::new(&data, b'c');
         let spaces = JournalSpaces {
             messages: &messages,
-            raw: &raw,
+            payloads: &payloads,
             index: &index,
             counts: &counts,
         };
@@ -461,8 +492,8 @@ impl SledStore {
         let seed = config.clock.now_ms() | 1;
         let store = SledStore {
             messages,
-            raw,
-            bundles: Space::new(&data, b'b'),
+            payloads,
+            legacy_raw: Space::new(&data, b'r'),
             deliveries: Space::new(&data, b'd'),
             keys: Space::new(&data, b'k'),
             ready: Space::new(&data, b'q'),
@@ -563,8 +594,8 @@ impl SledStore {
             self.quarantine.insert(qkey, value)?;
             match tree {
                 "messages" => self.messages.remove(key)?,
-                "raw" => self.raw.remove(key)?,
-                "bundles" => self.bundles.remove(key)?,
+                "payloads" => self.payloads.remove(key)?,
+                "raw" => self.legacy_raw.remove(key)?,
                 "deliveries" => self.deliveries.remove(key)?,
                 _ => {}
             }
@@ -593,6 +624,24 @@ impl SledStore {
             Some(v) => decode(&v)
                 .map(Some)
                 .ok_or_else(|| self.quarantine_value("messages", &key, &v)),
+        }
+    }
+
+    /// A message's frame: from its payload, or alone in a store written before payloads.
+    fn read_frame(&self, id: MessageId) -> Result<Option<Vec<u8>>, StoreError> {
+        let key = be(id);
+        if let Some(v) = self.payloads.get(key)? {
+            return match open(&v).and_then(split_payload) {
+                Some((frame, _)) => Ok(Some(frame.to_vec())),
+                None => Err(self.quarantine_value("payloads", &key, &v)),
+            };
+        }
+        match self.legacy_raw.get(key)? {
+            None => Ok(None),
+            Some(v) => match open(&v) {
+                Some(frame) => Ok(Some(frame.to_vec())),
+                None => Err(self.quarantine_value("raw", &key, &v)),
+            },
         }
     }
 
@@ -696,6 +745,48 @@ impl SledStore {
         Ok(())
     }
 
+    /// Test support: disagreements between delivery records and the ready and lease
+    /// indexes (a delivery ready or leased twice, an index entry whose delivery is in
+    /// another state). Empty when the store is consistent.
+    #[doc(hidden)]
+    pub fn debug_check_indexes(&self) -> Result<Vec<String>, StoreError> {
+        let mut problems = Vec::new();
+        let mut seen: std::collections::HashMap<(String, u64), u8> = Default::default();
+        for (space, name, wanted) in [
+            (
+                &self.ready,
+                "ready",
+                &[DeliveryState::Pending, DeliveryState::RetryWait][..],
+            ),
+            (&self.inflight, "leased", &[DeliveryState::InFlight][..]),
+        ] {
+            for entry in space.iter() {
+                let (k, _) = entry?;
+                let Some(zero) = k.iter().position(|&b| b == 0) else {
+                    continue;
+                };
+                let destination = String::from_utf8_lossy(&k[..zero]).into_owned();
+                let Some(seq) = k.get(zero + 9..).and_then(read_be) else {
+                    continue;
+                };
+                *seen.entry((destination.clone(), seq)).or_default() += 1;
+                match self.read_delivery(&destination, seq)? {
+                    Some(d) if wanted.contains(&d.state) => {}
+                    Some(d) => {
+                        problems.push(format!("{destination}#{seq} {name} but {}", d.state.name()))
+                    }
+                    None => problems.push(format!("{destination}#{seq} {name} but missing")),
+                }
+            }
+        }
+        for ((destination, seq), n) in seen {
+            if n > 1 {
+                problems.push(format!("{destination}#{seq} indexed {n} times"));
+            }
+        }
+        Ok(problems)
+    }
+
     fn validate_destination(destination: &str) -> Result<(), StoreError> {
         if destination.is_empty() || destination.contains('\0') || destination.contains('/') {
             return Err(StoreError::InvalidDestination(destination.to_owned()));
@@ -766,14 +857,14 @@ impl Store for SledStore {
             }],
         };
         let value = encode(&record);
-        let raw = seal(frame.to_vec());
+        let payload = payload(frame, None);
         let w = JournalSpaces {
             messages: &self.messages,
-            raw: &self.raw,
+            payloads: &self.payloads,
             index: &self.index,
             counts: &self.counts,
         }
-        .writes(&record, &value, &raw);
+        .writes(&record, &value, &payload);
         let ticket = {
             // The counter update reads then writes, and the log and sled must see records
             // in the same order (see the wal module): under the lock, which is held only
@@ -835,7 +926,7 @@ impl Store for SledStore {
                 }
                 record.route = Some(route.clone());
                 record.bundle = None;
-                new_bundle = Some(seal(bundle.into_bytes()));
+                new_bundle = Some(bundle);
                 record.error = None;
                 for e in deliveries {
                     let seq = self.db.generate_id()?;
@@ -871,7 +962,12 @@ impl Store for SledStore {
 
         w.insert(&self.messages, key, value.as_slice());
         if let Some(bundle) = &new_bundle {
-            w.insert(&self.bundles, key, bundle.as_slice());
+            let frame = self.read_frame(id)?.unwrap_or_default();
+            w.insert(
+                &self.payloads,
+                key,
+                payload(&frame, Some(bundle.as_bytes())),
+            );
         }
         w.bump(&self.counts, &message_counter(before), -1);
         w.bump(&self.counts, &message_counter(state), 1);
@@ -1196,7 +1292,12 @@ impl Store for SledStore {
         let mut w = Writes::default();
         if let Some(bundle) = bundle {
             record.bundle = None;
-            w.insert(&self.bundles, be(id), seal(bundle.into_bytes()));
+            let frame = self.read_frame(id)?.unwrap_or_default();
+            w.insert(
+                &self.payloads,
+                be(id),
+                payload(&frame, Some(bundle.as_bytes())),
+            );
         }
         record.history.push(Transition {
             at_ms: now,
@@ -1239,8 +1340,8 @@ impl Store for SledStore {
         let mut w = Writes::default();
 
         w.remove(&self.messages, key);
-        w.remove(&self.raw, key);
-        w.remove(&self.bundles, key);
+        w.remove(&self.payloads, key);
+        w.remove(&self.legacy_raw, key);
         for k in &promote {
             w.insert(&self.ready, k.as_slice(), &[][..]);
         }
@@ -1311,27 +1412,23 @@ impl Store for SledStore {
         let Some(mut record) = self.read_message(id)? else {
             return Ok(None);
         };
-        // A record written before bundles had their own space keeps its bundle inside.
+        // A record written before payloads existed keeps its bundle inside.
         if record.bundle.is_none() {
             let key = be(id);
-            if let Some(v) = self.bundles.get(key)? {
-                let bundle = open(&v).and_then(|b| String::from_utf8(b.to_vec()).ok());
-                record.bundle =
-                    Some(bundle.ok_or_else(|| self.quarantine_value("bundles", &key, &v))?);
+            if let Some(v) = self.payloads.get(key)? {
+                match open(&v).and_then(split_payload) {
+                    Some((_, bundle)) => {
+                        record.bundle = bundle.map(|b| String::from_utf8_lossy(b).into_owned());
+                    }
+                    None => return Err(self.quarantine_value("payloads", &key, &v)),
+                }
             }
         }
         Ok(Some(record))
     }
 
     async fn raw(&self, id: MessageId) -> Result<Option<Vec<u8>>, StoreError> {
-        let key = be(id);
-        match self.raw.get(key)? {
-            None => Ok(None),
-            Some(v) => match open(&v) {
-                Some(payload) => Ok(Some(payload.to_vec())),
-                None => Err(self.quarantine_value("raw", &key, &v)),
-            },
-        }
+        self.read_frame(id)
     }
 
     async fn deliveries(&self, id: MessageId) -> Result<Vec<Delivery>, StoreError> {
@@ -1430,5 +1527,83 @@ impl SledStore {
         // A message queued for several destinations with one key is indexed once per delivery.
         ids.dedup_by(|a, b| matches!((a, b), (Ok(x), Ok(y)) if x == y));
         ids.into_iter()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn a_payload_gives_back_its_frame_and_bundle() {
+        let frame = b"MSH|^~\\&|A\rPID|1\r";
+        for bundle in [None, Some(&b""[..]), Some(&b"{\"entry\":[]}"[..])] {
+            let sealed = payload(frame, bundle);
+            let (f, b) = split_payload(open(&sealed).unwrap()).unwrap();
+            assert_eq!(f, frame);
+            assert_eq!(b, bundle);
+        }
+    }
+
+    #[test]
+    fn a_malformed_payload_is_refused() {
+        let good = open(&payload(b"MSH|", Some(b"{}"))).unwrap().to_vec();
+        let mut bad_flag = good.clone();
+        bad_flag[0] = 7;
+        let mut long_frame = good.clone();
+        long_frame[1..5].copy_from_slice(&1000u32.to_be_bytes());
+        let mut trailing = open(&payload(b"MSH|", None)).unwrap().to_vec();
+        trailing.push(b'x');
+        for bad in [&bad_flag[..], &long_frame, &trailing, &[], &[0, 0]] {
+            assert_eq!(split_payload(bad), None, "{bad:?}");
+        }
+    }
+
+    /// A store written before payloads existed: frame alone under `r`, bundle inside the
+    /// record. Both are still read.
+    #[tokio::test]
+    async fn a_message_stored_the_older_way_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(StoreConfig::new(dir.path())).unwrap();
+        let id = 42;
+        let record = MessageRecord {
+            id,
+            received_at_ms: 1,
+            listener: "l".into(),
+            peer: "p".into(),
+            size: 4,
+            msh: None,
+            route: Some("r".into()),
+            state: MessageState::Mapped,
+            error: None,
+            bundle: Some("{\"old\":true}".into()),
+            deliveries: Vec::new(),
+            history: Vec::new(),
+        };
+        store.messages.insert(be(id), encode(&record)).unwrap();
+        store
+            .legacy_raw
+            .insert(be(id), seal(b"MSH|".to_vec()))
+            .unwrap();
+        assert_eq!(store.raw(id).await.unwrap().unwrap(), b"MSH|");
+        let read = store.get(id).await.unwrap().unwrap();
+        assert_eq!(read.bundle.as_deref(), Some("{\"old\":true}"));
+        // A replay with a new bundle moves both into a payload.
+        assert_eq!(
+            store
+                .replay(id, Some("{\"new\":true}".into()))
+                .await
+                .unwrap(),
+            0
+        );
+        assert_eq!(
+            store.get(id).await.unwrap().unwrap().bundle.as_deref(),
+            Some("{\"new\":true}")
+        );
+        assert_eq!(store.raw(id).await.unwrap().unwrap(), b"MSH|");
+        assert!(store.purge(id).await.unwrap());
+        assert_eq!(store.raw(id).await.unwrap(), None);
     }
 }

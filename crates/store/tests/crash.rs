@@ -7,6 +7,9 @@
 //! cycle, and after each kill checks that every acknowledged message is in the store. A
 //! last run drains the queue; then every acknowledged message must have been delivered at
 //! least once, and for each ordering key the first deliveries must follow journal order.
+//! The child also checks, on every open, that the ready and lease indexes agree with the
+//! delivery records, and stops at once if a lease it holds is lost (a delivery leased
+//! twice); either makes the parent fail.
 
 #![allow(clippy::unwrap_used)] // tests: a panic is a failure with its message
 
@@ -67,6 +70,9 @@ fn crash_child() {
         .unwrap();
     runtime.block_on(async move {
         let store = Arc::new(SledStore::open(config(&dir)).unwrap());
+        for problem in store.debug_check_indexes().unwrap() {
+            println!("INCONSISTENT {problem}");
+        }
         // Recovery, as the engine does it: route what was journaled but not yet queued,
         // oldest first, before taking new messages.
         for id in store.unprocessed(usize::MAX).await.unwrap() {
@@ -100,7 +106,11 @@ fn crash_child() {
                         println!("DLV {} {}", lease.message_id, lease.ordering_key);
                         n = n.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
                         let report = if n >> 60 == 0 { AttemptReport::transient("http_503") } else { AttemptReport::delivered() };
-                        store.complete(&lease, report, &policy()).await.unwrap();
+                        if let Err(e) = store.complete(&lease, report, &policy()).await {
+                            // A panic would end this task only: tell the parent.
+                            println!("FAILED completing {}: {e}", lease.seq);
+                            std::process::exit(3);
+                        }
                     }
                 }
             })
@@ -211,6 +221,10 @@ fn crash_safety_under_sigkill() {
         let lines = run_child(&path, "run", cycle as u64 + 1, Some(kill_after));
         let mut acked_this_cycle = 0;
         for line in &lines {
+            assert!(
+                !line.starts_with("FAILED") && !line.starts_with("INCONSISTENT"),
+                "cycle {cycle}: {line}"
+            );
             let parts: Vec<&str> = line.split(' ').collect();
             match parts.as_slice() {
                 ["ACK", id, key] => {
@@ -248,6 +262,10 @@ fn crash_safety_under_sigkill() {
         "drain run completed"
     );
     for line in &lines {
+        assert!(
+            !line.starts_with("FAILED") && !line.starts_with("INCONSISTENT"),
+            "drain: {line}"
+        );
         if let ["DLV", id, key] = line.split(' ').collect::<Vec<_>>().as_slice() {
             delivered.push((id.parse().unwrap(), (*key).to_owned()));
         }
