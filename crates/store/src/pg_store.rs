@@ -150,6 +150,27 @@ impl PgConfig {
     }
 }
 
+impl PgConfig {
+    /// `host:port/database` of a connection string, for messages (no user, no password);
+    /// `(unreadable connection string)` when it does not parse.
+    pub fn describe_url(url: &str) -> String {
+        url.parse::<tokio_postgres::Config>()
+            .map(|pg| describe_target(&pg))
+            .unwrap_or_else(|_| "(unreadable connection string)".into())
+    }
+
+    /// Whether `url` reads as a connection string; the error says what is wrong without
+    /// repeating the string (which may hold a password).
+    pub fn check_url(url: &str) -> Result<(), String> {
+        if url.trim().is_empty() {
+            return Err("no connection string".into());
+        }
+        url.parse::<tokio_postgres::Config>()
+            .map(|_| ())
+            .map_err(|e| format!("not a PostgreSQL connection string: {e}"))
+    }
+}
+
 impl fmt::Debug for PgConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PgConfig")
