@@ -13,7 +13,7 @@ use serde::Deserialize;
 
 use crate::location::{ConfigError, ConfigErrors, SourceFile, Step};
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreSection {
     /// `sled` (embedded, one node: the default) or `postgres` (a database several nodes
@@ -40,6 +40,24 @@ pub struct StoreSection {
     pub max_queue_depth: u64,
     /// Backpressure once the store takes more than this on disk (0: no limit).
     pub max_disk_mb: u64,
+}
+
+/// By hand, so that a connection string's password never reaches a log.
+impl std::fmt::Debug for StoreSection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreSection")
+            .field("backend", &self.backend)
+            .field("path", &self.path)
+            .field("url", &if self.url.is_empty() { "" } else { "(hidden)" })
+            .field("pool_size", &self.pool_size)
+            .field("cache_capacity_mb", &self.cache_capacity_mb)
+            .field("flush_every_ms", &self.flush_every_ms)
+            .field("visibility_timeout_s", &self.visibility_timeout_s)
+            .field("retention_days", &self.retention_days)
+            .field("max_queue_depth", &self.max_queue_depth)
+            .field("max_disk_mb", &self.max_disk_mb)
+            .finish()
+    }
 }
 
 impl Default for StoreSection {
