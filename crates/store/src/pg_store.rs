@@ -47,8 +47,10 @@
 //!   [`PgStore`] holds a session-level advisory lock on its own node number on a
 //!   connection of its own for as long as it lives; the leases of a node number whose
 //!   lock can be taken belong to a node whose session ended (crash, stop). A node that
-//!   lost only its database connection looks gone too; its leases are then given again
-//!   and its completions refused: a delivery may go out twice, never be lost.
+//!   lost its liveness connection connects again and takes its lock again at its next
+//!   [`Store::requeue_expired`]; until then it looks gone, and a store opened meanwhile
+//!   gives its leases again and refuses its completions: a delivery may go out twice,
+//!   never be lost.
 //!
 //! Time comes from the injected [`Clock`], never from the database's `now()`, so that
 //! tests drive it and every node decides with the same rules as the sled backend.
@@ -190,8 +192,11 @@ pub struct PgStore {
     target: String,
     /// This store's node number: the owner of its leases.
     node: i32,
-    /// The connection that holds this node's liveness lock, for as long as the store lives.
-    liveness: tokio_postgres::Client,
+    /// The connection that holds this node's liveness lock, for as long as the store lives
+    /// (connected again, and the lock taken again, when it breaks: see `keep_liveness`).
+    liveness: tokio::sync::Mutex<tokio_postgres::Client>,
+    /// How to connect, for the liveness connection.
+    pg: tokio_postgres::Config,
     jitter: Jitter,
 }
 
@@ -532,12 +537,7 @@ impl PgStore {
         drop(conn);
 
         // The liveness connection and this node's number.
-        let (liveness, connection) = pg.connect(NoTls).await.map_err(|e| unreachable(&e))?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::warn!(error = %e, "the store's liveness connection ended");
-            }
-        });
+        let liveness = connect_liveness(&pg).await.map_err(|e| unreachable(&e))?;
         let mut node = None;
         for _ in 0..16 {
             let candidate = (random_u64() >> 33) as i32;
@@ -559,7 +559,8 @@ impl PgStore {
             config,
             target,
             node,
-            liveness,
+            liveness: tokio::sync::Mutex::new(liveness),
+            pg,
             jitter: Jitter::new(seed),
         };
         let returned = store.release_orphaned_leases().await?;
@@ -692,12 +693,12 @@ impl PgStore {
             Ok(rows.iter().map(|r| r.get::<_, i32>(0)).collect())
         })?;
         let mut returned = 0;
+        let liveness = self.liveness.lock().await;
         for owner in owners {
             if owner == self.node {
                 continue;
             }
-            let gone = self
-                .liveness
+            let gone = liveness
                 .query_one(
                     "SELECT pg_try_advisory_lock($1, $2)",
                     &[&LIVENESS_SPACE, &owner],
@@ -706,7 +707,7 @@ impl PgStore {
                 .get::<_, bool>(0);
             if gone {
                 let n = self.requeue_where("lease_owner = $2", &owner).await;
-                self.liveness
+                liveness
                     .execute(
                         "SELECT pg_advisory_unlock($1, $2)",
                         &[&LIVENESS_SPACE, &owner],
@@ -716,6 +717,45 @@ impl PgStore {
             }
         }
         Ok(returned)
+    }
+
+    /// Connects the liveness connection again and takes this node's lock again when the
+    /// connection broke (the database restarted, the network failed), so that a store
+    /// opened later does not take this live node for gone. Called by `requeue_expired`,
+    /// which every delivery worker calls in its loop.
+    async fn keep_liveness(&self) {
+        let mut liveness = self.liveness.lock().await;
+        if !liveness.is_closed() {
+            return;
+        }
+        let again = async {
+            let client = connect_liveness(&self.pg).await?;
+            let locked: bool = client
+                .query_one(
+                    "SELECT pg_try_advisory_lock($1, $2)",
+                    &[&LIVENESS_SPACE, &self.node],
+                )
+                .await?
+                .get(0);
+            Ok::<_, tokio_postgres::Error>((client, locked))
+        };
+        match tokio::time::timeout(self.config.op_timeout, again).await {
+            Ok(Ok((client, true))) => {
+                *liveness = client;
+                tracing::info!(node = self.node, "liveness connection re-established");
+            }
+            Ok(Ok((client, false))) => {
+                *liveness = client;
+                tracing::error!(
+                    node = self.node,
+                    "another store holds this node's number; its leases may be given again"
+                );
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %db_error(e), "liveness connection: cannot reconnect yet")
+            }
+            Err(_) => tracing::warn!("liveness connection: reconnecting timed out"),
+        }
     }
 
     /// The delivery refs of these messages, by message.
@@ -803,6 +843,19 @@ impl PgStore {
         self.apply(tx, deltas).await?;
         Ok(true)
     }
+}
+
+/// A connection of its own (not from the pool), its driver on a task.
+async fn connect_liveness(
+    pg: &tokio_postgres::Config,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (client, connection) = pg.connect(NoTls).await?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::warn!(error = %db_error(e), "the store's liveness connection ended");
+        }
+    });
+    Ok(client)
 }
 
 /// `host:port/database`, for messages.
@@ -1207,6 +1260,7 @@ impl Store for PgStore {
     }
 
     async fn requeue_expired(&self) -> Result<usize, StoreError> {
+        self.keep_liveness().await;
         let now = self.now();
         self.requeue_where("lease_until_ms <= $2", &now).await
     }

@@ -325,6 +325,38 @@ async fn leases_of_a_node_that_is_gone_return_on_open() {
     );
 }
 
+/// A node whose liveness connection breaks (here: the server ends that session) takes its
+/// lock again at its next `requeue_expired`, so that it is not taken for gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_takes_its_liveness_lock_again_after_losing_its_connection() {
+    let server = server().await;
+    let url = server.create_database("liveness");
+    let db = client(&url).await;
+    let store = PgStore::open(config(url, Arc::new(ManualClock::new(1))))
+        .await
+        .unwrap();
+    assert!(node_alive(&db, store.node()).await);
+    db.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' \
+         AND classid::bigint = 1346458451 AND objid::bigint = $1::integer AND objsubid = 2",
+        &[&store.node()],
+    )
+    .await
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while node_alive(&db, store.node()).await {
+        assert!(Instant::now() < deadline, "the session did not end");
+        tokio::task::yield_now().await;
+    }
+    while !node_alive(&db, store.node()).await {
+        assert!(
+            Instant::now() < deadline,
+            "the node never took its lock again"
+        );
+        store.requeue_expired().await.unwrap();
+    }
+}
+
 /// With the database gone, journal fails (so the listener answers AE) within the operation
 /// timeout: no hang, no panic.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
