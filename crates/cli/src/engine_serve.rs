@@ -1,5 +1,6 @@
 //! `passerelle serve --config passerelle.toml`: the engine. Listeners from the file, every
-//! frame journaled in the sled store before it is acknowledged, routed by `routes.d/`,
+//! frame journaled in the store (`[store] backend`: sled, or PostgreSQL shared by several
+//! nodes) before it is acknowledged, routed by `routes.d/`,
 //! mapped with the routes' packs, and delivered by the pipeline's workers.
 
 use std::io::Write;
@@ -9,13 +10,13 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use passerelle_engine::Loaded;
 use passerelle_engine::config::ListenerSection;
 use passerelle_engine::metrics::Metrics;
 use passerelle_engine::pipeline::{Backpressure, Limits, Pipeline, PipelineConfig, UnroutedAnswer};
+use passerelle_engine::{Loaded, StoreBackend};
 use passerelle_mapping::MapOptions;
 use passerelle_mllp::{Cidr, Listener, ListenerConfig, ServerTls, ServerTlsConfig};
-use passerelle_store::{Store, SystemClock, spawn_retention};
+use passerelle_store::{Store, StoreError, SystemClock, spawn_retention};
 use tracing::{error, info};
 
 /// How long delivery attempts under way at shutdown may take to finish (within the 45 s
@@ -56,13 +57,30 @@ pub(crate) async fn run(path: &Path, shutdown: impl std::future::Future<Output =
         Ok(l) => l,
         Err(lines) => return fail(2, lines),
     };
-    let store = match loaded.open_store() {
-        Ok(s) => Arc::new(s),
-        Err(e) => {
-            let where_ = loaded.config.store.path.display().to_string();
-            return fail(1, [format!("cannot open the store at {where_}: {e}")]);
-        }
+    let cannot_open = |loaded: &Loaded, e: StoreError| {
+        let where_ = loaded.store_location();
+        fail(1, [format!("cannot open the store at {where_}: {e}")])
     };
+    match loaded.store_backend() {
+        StoreBackend::Sled => match loaded.open_store() {
+            Ok(store) => serve(path, loaded, Arc::new(store), shutdown).await,
+            Err(e) => cannot_open(&loaded, e),
+        },
+        StoreBackend::Postgres => match loaded.open_pg_store().await {
+            Ok(store) => serve(path, loaded, Arc::new(store), shutdown).await,
+            Err(e) => cannot_open(&loaded, e),
+        },
+    }
+}
+
+/// The engine on an open store, whichever backend.
+async fn serve<S: Store>(
+    path: &Path,
+    loaded: Loaded,
+    store: Arc<S>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> ExitCode {
+    let location = loaded.store_location();
     let Loaded {
         config,
         routes,
@@ -186,7 +204,7 @@ pub(crate) async fn run(path: &Path, shutdown: impl std::future::Future<Output =
     ready.store(true, std::sync::atomic::Ordering::SeqCst);
     println!("admin API on http://{admin_addr}");
     let _ = std::io::stdout().flush();
-    info!(store = %config.store.path.display(), "engine started");
+    info!(store = %location, "engine started");
     shutdown.await;
     ready.store(false, std::sync::atomic::Ordering::SeqCst);
     admin_task.abort();

@@ -45,7 +45,7 @@ enum Command {
     Map(map_cmd::MapArgs),
     /// Load every mapping pack and report each problem (file:line:column and field).
     Check(check_cmd::CheckArgs),
-    /// List, show, replay and purge stored messages (with the engine stopped).
+    /// List, show, replay and purge stored messages (through the running engine, or on the store).
     Messages(messages_cmd::MessagesArgs),
 }
 

@@ -4,9 +4,10 @@
 //! - **through a running engine**: its admin API (the address in `[admin] bind`, or
 //!   `--admin URL`; the token from the variable named in `[admin] token_env`). A replay
 //!   then wakes the engine's delivery workers at once;
-//! - **on the store itself** when no engine answers there (sled allows one process at a
-//!   time, so this needs the engine stopped; the engine delivers what was queued when it
-//!   starts).
+//! - **on the store itself** when no engine answers there: sled allows one process at a
+//!   time, so this needs the engine stopped (the engine delivers what was queued when it
+//!   starts); a PostgreSQL store is shared, so this works beside running nodes (which
+//!   see a replay at their workers' next poll).
 //!
 //! Output is a text table or, with `--json`, the API's JSON documents, whichever the
 //! place. Replays and purges print one line per message and exit non-zero if any failed.
@@ -18,11 +19,11 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use passerelle_engine::ops::{self, ListFilter, ReplayResult};
-use passerelle_engine::{Loaded, pipeline};
+use passerelle_engine::{Loaded, StoreBackend, pipeline};
 use passerelle_hl7::Message;
 use passerelle_hl7::types::DateTime;
 use passerelle_mapping::MapOptions;
-use passerelle_store::{MessageId, Outcome, SledStore, Store};
+use passerelle_store::{MessageId, Outcome, SledStore, Store, StoreError};
 use serde_json::{Value, json};
 
 #[derive(Debug, Args)]
@@ -124,12 +125,10 @@ impl FilterArgs {
 /// Ids per replay request to a running engine: small enough to show progress.
 const REPLAY_BATCH: usize = 100;
 
-/// Where the operations run.
-enum Backend {
-    Local {
-        store: Box<SledStore>,
-        loaded: Box<Loaded>,
-    },
+/// Where the operations run: a running engine's API, or a store opened here (either
+/// backend, hence the type parameter; unused for `Remote`).
+enum Backend<S> {
+    Local { store: Box<S>, loaded: Box<Loaded> },
     Remote(Remote),
 }
 
@@ -152,25 +151,66 @@ pub(crate) fn run(args: &MessagesArgs) -> ExitCode {
         Err(e) => return fail(1, &format!("cannot start the runtime: {e}")),
     };
     runtime.block_on(async {
-        let backend = match connect(args, loaded).await {
-            Ok(b) => b,
+        let remote = match remote_if_running(args, &loaded).await {
+            Ok(r) => r,
             Err(e) => return fail(1, &e),
         };
-        let result = execute(&backend, &args.command).await;
-        let flushed = match &backend {
-            Backend::Local { store, .. } => store.flush().await.map_err(|e| e.to_string()),
-            Backend::Remote(_) => Ok(()),
+        let remote = match remote {
+            Ok(remote) => return finish(Backend::<SledStore>::Remote(remote), args).await,
+            Err(remote) => remote,
         };
-        match (result, flushed) {
-            (Ok(code), Ok(())) => code,
-            (Err(e), _) => fail(1, &e),
-            (Ok(_), Err(e)) => fail(1, &format!("cannot flush the store: {e}")),
+        let cannot_open = |loaded: &Loaded, e: StoreError| {
+            fail(
+                1,
+                &format!(
+                    "no engine answers at {} and the store at {} cannot be opened ({e})",
+                    remote.base,
+                    loaded.store_location()
+                ),
+            )
+        };
+        match loaded.store_backend() {
+            StoreBackend::Sled => match loaded.open_store() {
+                Ok(store) => local(store, loaded, args).await,
+                Err(e) => cannot_open(&loaded, e),
+            },
+            StoreBackend::Postgres => match loaded.open_pg_store().await {
+                Ok(store) => local(store, loaded, args).await,
+                Err(e) => cannot_open(&loaded, e),
+            },
         }
     })
 }
 
-/// The running engine's API if it answers, else the store.
-async fn connect(args: &MessagesArgs, loaded: Loaded) -> Result<Backend, String> {
+async fn local<S: Store>(store: S, loaded: Loaded, args: &MessagesArgs) -> ExitCode {
+    let backend = Backend::Local {
+        store: Box::new(store),
+        loaded: Box::new(loaded),
+    };
+    finish(backend, args).await
+}
+
+/// Runs the command, then makes the store's writes durable.
+async fn finish<S: Store>(backend: Backend<S>, args: &MessagesArgs) -> ExitCode {
+    let result = execute(&backend, &args.command).await;
+    let flushed = match &backend {
+        Backend::Local { store, .. } => store.flush().await.map_err(|e| e.to_string()),
+        Backend::Remote(_) => Ok(()),
+    };
+    match (result, flushed) {
+        (Ok(code), Ok(())) => code,
+        (Err(e), _) => fail(1, &e),
+        (Ok(_), Err(e)) => fail(1, &format!("cannot flush the store: {e}")),
+    }
+}
+
+/// The running engine's API if it answers (`Ok(Ok(remote))`); otherwise the client that
+/// did not get an answer (`Ok(Err(remote))`), and the store is to be opened here. An error
+/// when `--admin` named an API that does not answer.
+async fn remote_if_running(
+    args: &MessagesArgs,
+    loaded: &Loaded,
+) -> Result<Result<Remote, Remote>, String> {
     let token = std::env::var(&loaded.config.admin.token_env)
         .ok()
         .filter(|t| !t.is_empty());
@@ -190,7 +230,7 @@ async fn connect(args: &MessagesArgs, loaded: Loaded) -> Result<Backend, String>
     };
     if !args.local {
         match remote.health().await {
-            Ok(()) => return Ok(Backend::Remote(remote)),
+            Ok(()) => return Ok(Ok(remote)),
             Err(e) if args.admin.is_some() => {
                 return Err(format!(
                     "the admin API at {} does not answer: {e}",
@@ -200,17 +240,7 @@ async fn connect(args: &MessagesArgs, loaded: Loaded) -> Result<Backend, String>
             Err(_) => {}
         }
     }
-    match loaded.open_store() {
-        Ok(store) => Ok(Backend::Local {
-            store: Box::new(store),
-            loaded: Box::new(loaded),
-        }),
-        Err(e) => Err(format!(
-            "no engine answers at {} and the store at {} cannot be opened ({e})",
-            remote.base,
-            loaded.config.store.path.display()
-        )),
-    }
+    Ok(Err(remote))
 }
 
 /// Where to reach a server bound to `bind`: a wildcard address means this host.
@@ -272,7 +302,7 @@ impl Remote {
     }
 }
 
-impl Backend {
+impl<S: Store> Backend<S> {
     async fn list(&self, filter: &ListFilter) -> Result<Value, String> {
         match self {
             Backend::Local { store, .. } => ops::list(store.as_ref(), filter).await,
@@ -392,7 +422,10 @@ impl Backend {
     }
 }
 
-async fn execute(backend: &Backend, command: &MessagesCommand) -> Result<ExitCode, String> {
+async fn execute<S: Store>(
+    backend: &Backend<S>,
+    command: &MessagesCommand,
+) -> Result<ExitCode, String> {
     match command {
         MessagesCommand::List {
             filter,

@@ -13,10 +13,21 @@ use serde::Deserialize;
 
 use crate::location::{ConfigError, ConfigErrors, SourceFile, Step};
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreSection {
+    /// `sled` (embedded, one node: the default) or `postgres` (a database several nodes
+    /// share).
+    pub backend: String,
+    /// The sled store's folder.
     pub path: PathBuf,
+    /// The PostgreSQL connection string (`postgres://user@host:5432/db`, or
+    /// `host=/run/postgresql dbname=passerelle`), for `backend = "postgres"`. Better given
+    /// by `PASSERELLE__STORE__URL` than written in the file when it holds a password
+    /// (`PGPASSWORD` is also read).
+    pub url: String,
+    /// PostgreSQL connections per node.
+    pub pool_size: usize,
     /// sled's page cache, which bounds memory.
     pub cache_capacity_mb: u64,
     pub flush_every_ms: u64,
@@ -31,10 +42,31 @@ pub struct StoreSection {
     pub max_disk_mb: u64,
 }
 
+/// By hand, so that a connection string's password never reaches a log.
+impl std::fmt::Debug for StoreSection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreSection")
+            .field("backend", &self.backend)
+            .field("path", &self.path)
+            .field("url", &if self.url.is_empty() { "" } else { "(hidden)" })
+            .field("pool_size", &self.pool_size)
+            .field("cache_capacity_mb", &self.cache_capacity_mb)
+            .field("flush_every_ms", &self.flush_every_ms)
+            .field("visibility_timeout_s", &self.visibility_timeout_s)
+            .field("retention_days", &self.retention_days)
+            .field("max_queue_depth", &self.max_queue_depth)
+            .field("max_disk_mb", &self.max_disk_mb)
+            .finish()
+    }
+}
+
 impl Default for StoreSection {
     fn default() -> Self {
         StoreSection {
+            backend: "sled".into(),
             path: PathBuf::from("./data"),
+            url: String::new(),
+            pool_size: 16,
             cache_capacity_mb: 64,
             flush_every_ms: 500,
             visibility_timeout_s: 120,
@@ -374,6 +406,32 @@ impl EngineConfig {
                 "defaults.site_utc_offset_minutes",
                 "must be within ±840 minutes".into(),
             );
+        }
+        match self.store.backend.as_str() {
+            "sled" => {}
+            "postgres" => {
+                if let Err(e) = passerelle_store::PgConfig::check_url(&self.store.url) {
+                    report(
+                        &[Step::Key("store"), Step::Key("url")],
+                        "store.url",
+                        format!(
+                            "{e} (set it, or PASSERELLE__STORE__URL, for the postgres backend)"
+                        ),
+                    );
+                }
+                if self.store.pool_size == 0 {
+                    report(
+                        &[Step::Key("store"), Step::Key("pool_size")],
+                        "store.pool_size",
+                        "must be at least 1".into(),
+                    );
+                }
+            }
+            other => report(
+                &[Step::Key("store"), Step::Key("backend")],
+                "store.backend",
+                format!("{other:?} is not a store backend: \"sled\" or \"postgres\""),
+            ),
         }
         if self.store.cache_capacity_mb == 0 {
             report(

@@ -37,6 +37,16 @@ pub fn known_packs(mappings_dir: &std::path::Path) -> Vec<String> {
     packs
 }
 
+/// The store backends `[store] backend` names. The engine is generic over
+/// [`passerelle_store::Store`]; the binary opens the one named and runs with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreBackend {
+    /// The embedded sled store (one node).
+    Sled,
+    /// A PostgreSQL database that several nodes share.
+    Postgres,
+}
+
 /// Everything `passerelle.toml` points to, loaded and checked.
 #[derive(Debug)]
 pub struct Loaded {
@@ -72,7 +82,40 @@ impl Loaded {
         })
     }
 
-    /// Opens the store the configuration names.
+    /// Which store the configuration names (`[store] backend`, checked on load).
+    pub fn store_backend(&self) -> StoreBackend {
+        match self.config.store.backend.as_str() {
+            "postgres" => StoreBackend::Postgres,
+            _ => StoreBackend::Sled,
+        }
+    }
+
+    /// Where the store is, for messages: the sled folder, or the PostgreSQL server and
+    /// database (never the user or password).
+    pub fn store_location(&self) -> String {
+        match self.store_backend() {
+            StoreBackend::Sled => self.config.store.path.display().to_string(),
+            StoreBackend::Postgres => {
+                format!(
+                    "PostgreSQL ({})",
+                    passerelle_store::PgConfig::describe_url(&self.config.store.url)
+                )
+            }
+        }
+    }
+
+    /// Opens the PostgreSQL store the configuration names (`backend = "postgres"`).
+    pub async fn open_pg_store(
+        &self,
+    ) -> Result<passerelle_store::PgStore, passerelle_store::StoreError> {
+        let s = &self.config.store;
+        let mut store_config = passerelle_store::PgConfig::new(s.url.clone());
+        store_config.pool_size = s.pool_size;
+        store_config.visibility_timeout = std::time::Duration::from_secs(s.visibility_timeout_s);
+        passerelle_store::PgStore::open(store_config).await
+    }
+
+    /// Opens the sled store the configuration names (`backend = "sled"`, the default).
     pub fn open_store(&self) -> Result<passerelle_store::SledStore, passerelle_store::StoreError> {
         let s = &self.config.store;
         let mut store_config = passerelle_store::StoreConfig::new(&s.path);

@@ -105,6 +105,33 @@ fn defaults_without_a_file_and_environment_overrides() {
     assert_eq!(config.store.path, Path::new("/var/lib/passerelle"));
     assert_eq!(config.logging.format, "json");
     assert_eq!(config.store.cache_capacity_mb, 128);
+    // The PostgreSQL store, its connection string from the environment.
+    let env = HashMap::from([
+        (
+            "PASSERELLE__STORE__BACKEND".to_owned(),
+            "postgres".to_owned(),
+        ),
+        (
+            "PASSERELLE__STORE__URL".to_owned(),
+            "postgres://passerelle:secret@db.internal:5433/passerelle".to_owned(),
+        ),
+    ]);
+    let config =
+        EngineConfig::load_with_env(Some(&workspace_root().join("passerelle.toml")), Some(env))
+            .unwrap();
+    assert_eq!(config.store.backend, "postgres");
+    assert!(config.store.url.starts_with("postgres://"));
+    let no_url = HashMap::from([(
+        "PASSERELLE__STORE__BACKEND".to_owned(),
+        "postgres".to_owned(),
+    )]);
+    let errors = EngineConfig::load_with_env(None, Some(no_url)).unwrap_err();
+    assert_eq!(errors.0[0].field.as_deref(), Some("store.url"));
+    assert!(
+        errors.0[0].message.contains("PASSERELLE__STORE__URL"),
+        "{}",
+        errors.0[0].message
+    );
     let bad = HashMap::from([("PASSERELLE__LOGGING__FORMAT".to_owned(), "xml".to_owned())]);
     let errors = EngineConfig::load_with_env(None, Some(bad)).unwrap_err();
     assert_eq!(errors.0[0].field.as_deref(), Some("logging.format"));
@@ -113,10 +140,18 @@ fn defaults_without_a_file_and_environment_overrides() {
 #[test]
 fn configuration_errors_are_located() {
     let dir = tempfile::tempdir().unwrap();
-    let cases: [(&str, &str); 6] = [
+    let cases: [(&str, &str); 8] = [
         (
             "[store]\npath = \"./data\"\nsize = 3\n",
             "passerelle.toml:3:1",
+        ),
+        (
+            "[store]\npath = \"./data\"\nbackend = \"mysql\"\n",
+            "passerelle.toml:3:11 store.backend",
+        ),
+        (
+            "[store]\nbackend = \"postgres\"\nurl = \"host=/run/postgresql sslmode=maybe\"\n",
+            "passerelle.toml:3:7 store.url",
         ),
         (
             "[admin]\nbind = \"localhost\"\n",

@@ -7,6 +7,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed contract check is a panic by design
 
+use std::future::Future;
 use std::sync::Arc;
 
 use crate::types::*;
@@ -72,28 +73,31 @@ async fn journal_mapped<S: Store>(
     id
 }
 
-/// Runs every contract check, each on a fresh store.
-pub async fn run_all<S: Store>(mut make: impl FnMut(Arc<ManualClock>) -> S) {
-    journal_keeps_frames_and_orders_ids(make(clock())).await;
-    fifo_per_key_and_parallel_keys(make(clock())).await;
-    retry_waits_for_its_backoff(make_with(&mut make)).await;
-    exhausted_retries_go_dead_and_release_the_key(make(clock())).await;
-    dead_letter_replays_with_a_new_bundle(make(clock())).await;
-    expired_leases_return_and_stale_completions_are_refused(make_with(&mut make)).await;
-    counts_follow_states(make(clock())).await;
-    list_filters_and_pages(make(clock())).await;
-    unprocessed_and_outcomes(make(clock())).await;
-    purge_and_retention(make_with(&mut make)).await;
-    oldest_unfinished_follows_the_queue(make_with(&mut make)).await;
+/// Runs every contract check, each on a fresh store. `make` opens the store; it is async
+/// so that a backend which opens over the network (PostgreSQL) runs the checks unchanged.
+pub async fn run_all<S: Store, F: Future<Output = S>>(mut make: impl FnMut(Arc<ManualClock>) -> F) {
+    journal_keeps_frames_and_orders_ids(make(clock()).await).await;
+    fifo_per_key_and_parallel_keys(make(clock()).await).await;
+    retry_waits_for_its_backoff(make_with(&mut make).await).await;
+    exhausted_retries_go_dead_and_release_the_key(make(clock()).await).await;
+    dead_letter_replays_with_a_new_bundle(make(clock()).await).await;
+    expired_leases_return_and_stale_completions_are_refused(make_with(&mut make).await).await;
+    counts_follow_states(make(clock()).await).await;
+    list_filters_and_pages(make(clock()).await).await;
+    unprocessed_and_outcomes(make(clock()).await).await;
+    purge_and_retention(make_with(&mut make).await).await;
+    oldest_unfinished_follows_the_queue(make_with(&mut make).await).await;
 }
 
 fn clock() -> Arc<ManualClock> {
     Arc::new(ManualClock::new(T0))
 }
 
-fn make_with<S: Store>(make: &mut impl FnMut(Arc<ManualClock>) -> S) -> (S, Arc<ManualClock>) {
+async fn make_with<S: Store, F: Future<Output = S>>(
+    make: &mut impl FnMut(Arc<ManualClock>) -> F,
+) -> (S, Arc<ManualClock>) {
     let c = clock();
-    (make(Arc::clone(&c)), c)
+    (make(Arc::clone(&c)).await, c)
 }
 
 pub async fn journal_keeps_frames_and_orders_ids<S: Store>(store: S) {

@@ -24,6 +24,29 @@
 //! - Counts per state are counters updated in the same transaction as the state change:
 //!   reading them scans nothing.
 //!
+//! Two backends keep this contract and pass the same contract tests: [`SledStore`],
+//! embedded (one node, the default), and [`PgStore`], on a PostgreSQL database that several
+//! nodes share (scale-out).
+//!
+//! ## The PostgreSQL backend ([`PgStore`])
+//!
+//! Tables `passerelle_messages`, `passerelle_frames`, `passerelle_deliveries` and
+//! `passerelle_counters` (schema in `src/pg_schema.sql`, version 1, created on open). In
+//! short (the `pg_store` module's documentation has the details and the reasons):
+//!
+//! - **durability** is a committed transaction: `journal` returns after `COMMIT`, durable
+//!   when the server runs with `synchronous_commit` on (the default; checked at open);
+//! - **several nodes** lease with `FOR UPDATE SKIP LOCKED` on the key heads, and serialise
+//!   every change of a key's head under a transaction-level advisory lock per (destination,
+//!   ordering key): no delivery is leased twice, no key has two deliveries in flight,
+//!   whichever node leases;
+//! - a node that is gone (its session ended) has its leases returned on the next open;
+//!   otherwise leases expire after the visibility timeout, as with sled;
+//! - **an unreachable database** makes every call fail within `op_timeout` (the listener
+//!   then answers AE, and the sender keeps the message), never hang;
+//! - counters are sharded rows updated in each transaction and summed on read;
+//! - not yet: TLS to the database.
+//!
 //! ## The sled backend ([`SledStore`])
 //!
 //! Layout: one sled tree, `data`, holds every record under a one-byte key prefix (a key
@@ -80,6 +103,7 @@
 mod codec;
 mod commit;
 pub mod contract;
+mod pg_store;
 mod retry;
 mod sled_store;
 mod space;
@@ -89,6 +113,7 @@ mod wal;
 use std::future::Future;
 
 pub use commit::GroupCommitConfig;
+pub use pg_store::{COUNTER_SHARDS, PgConfig, PgStore};
 pub use sled_store::{Clock, ManualClock, SledStore, StoreConfig, SystemClock};
 /// The memory allocator for a process that runs a [`SledStore`]: jemalloc. Install it in the
 /// binary with one line:
@@ -140,9 +165,20 @@ pub enum StoreError {
     LeaseLost { destination: String, seq: u64 },
     #[error("invalid destination name {0:?}")]
     InvalidDestination(String),
+    /// PostgreSQL failed or could not be reached (SQLSTATE and message, never row values).
+    #[error("database error: {0}")]
+    Database(String),
+    /// A row the PostgreSQL store cannot read back (an unknown state, JSON that does not
+    /// decode…). The row stays as it is, for an operator to look at.
+    #[error("row {key} in {table} cannot be read: {problem}")]
+    BadRow {
+        table: &'static str,
+        key: String,
+        problem: String,
+    },
 }
 
-/// The store the engine uses. The sled backend implements it; a PostgreSQL backend must
+/// The store the engine uses. Both backends ([`SledStore`], [`PgStore`]) implement it and
 /// pass the same contract tests ([`contract`]).
 pub trait Store: Send + Sync + 'static {
     /// Stores a received frame and returns once it is durable.

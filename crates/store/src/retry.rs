@@ -1,7 +1,11 @@
 //! Backoff: exponential, capped, with jitter so that many failing deliveries do not retry
 //! in lockstep against a server that is coming back.
 
-use crate::types::RetryPolicy;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::types::{
+    Attempt, AttemptOutcome, AttemptReport, Delivery, DeliveryState, Millis, RetryPolicy,
+};
 
 impl RetryPolicy {
     /// The delay before attempt `attempt + 1`, after `attempt` failures (1-based), with
@@ -22,6 +26,71 @@ impl RetryPolicy {
             && self
                 .max_age_ms
                 .is_none_or(|age| next_ms.saturating_sub(enqueued_at_ms) <= age)
+    }
+}
+
+/// Where a delivery goes after an attempt, as every backend decides it: the attempt joins
+/// the history; delivered and permanent failures are final; a transient failure waits its
+/// backoff (or a longer Retry-After) while the policy allows, and is dead otherwise. The
+/// caller stores the result and moves the key on.
+pub(crate) fn settle(
+    d: &mut Delivery,
+    report: &AttemptReport,
+    policy: &RetryPolicy,
+    now: Millis,
+    unit: f64,
+) -> DeliveryState {
+    d.attempts += 1;
+    d.history.push(Attempt {
+        at_ms: now,
+        outcome: report.outcome,
+        status: report.status,
+        error_class: report.error_class.clone(),
+        detail: report.detail.chars().take(512).collect(),
+    });
+    let next_state = match report.outcome {
+        AttemptOutcome::Delivered => DeliveryState::Delivered,
+        AttemptOutcome::Permanent => {
+            d.dead_reason = Some(format!("permanent failure: {}", report.error_class));
+            DeliveryState::Dead
+        }
+        AttemptOutcome::Transient => {
+            let backoff = policy.backoff_ms(d.attempts, unit);
+            let wait = backoff.max(report.retry_after_ms.unwrap_or(0));
+            let next = now + wait;
+            if policy.allows(d.attempts, d.enqueued_at_ms, next) {
+                d.next_attempt_ms = next;
+                DeliveryState::RetryWait
+            } else {
+                d.dead_reason = Some(format!(
+                    "retries exhausted after {} attempts: {}",
+                    d.attempts, report.error_class
+                ));
+                DeliveryState::Dead
+            }
+        }
+    };
+    d.state = next_state;
+    d.lease_until_ms = 0;
+    next_state
+}
+
+/// Numbers in [0, 1) for jitter (xorshift: no need for quality, only for spread).
+#[derive(Debug)]
+pub(crate) struct Jitter(AtomicU64);
+
+impl Jitter {
+    pub(crate) fn new(seed: u64) -> Self {
+        Jitter(AtomicU64::new(seed | 1))
+    }
+
+    pub(crate) fn unit(&self) -> f64 {
+        let mut x = self.0.load(Ordering::Relaxed);
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0.store(x, Ordering::Relaxed);
+        (x >> 11) as f64 / (1u64 << 53) as f64
     }
 }
 

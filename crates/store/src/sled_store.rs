@@ -10,6 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::codec::{be, decode, encode, open, read_be, seal};
 use crate::commit::{GroupCommit, GroupCommitConfig};
+use crate::retry::{Jitter, settle};
 use crate::space::{APPLY_EVERY, Layered, Space, Writes};
 use crate::types::*;
 use crate::wal::{Wal, WalRecord};
@@ -126,7 +127,7 @@ pub struct SledStore {
     /// Journal records the log gave back to sled on open.
     recovered: usize,
     config: StoreConfig,
-    jitter_state: AtomicU64,
+    jitter: Jitter,
     /// Per destination, a sequence number below which every delivery is final, so that
     /// finding the oldest unfinished one scans only what finished since the last look.
     /// Only an optimisation: it lives in memory and restarts at 0. Replay lowers it
@@ -489,7 +490,7 @@ impl SledStore {
         };
         let checkpointer = Checkpointer::start(shared.clone()).map_err(sled::Error::Io)?;
         let applier = Applier::start(shared.clone()).map_err(sled::Error::Io)?;
-        let seed = config.clock.now_ms() | 1;
+        let seed = config.clock.now_ms();
         let store = SledStore {
             messages,
             payloads,
@@ -512,7 +513,7 @@ impl SledStore {
             _applier: applier,
             recovered,
             config,
-            jitter_state: AtomicU64::new(seed),
+            jitter: Jitter::new(seed),
             low_water: Mutex::new(std::collections::HashMap::new()),
         };
         let returned = store.release_all_leases()?;
@@ -573,16 +574,6 @@ impl SledStore {
             queue_lock: Arc::clone(&self.queue_lock),
             apply_lock: Arc::clone(&self.apply_lock),
         }
-    }
-
-    /// A number in [0, 1) for jitter (xorshift; no need for quality).
-    fn unit_random(&self) -> f64 {
-        let mut x = self.jitter_state.load(Ordering::Relaxed);
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.jitter_state.store(x, Ordering::Relaxed);
-        (x >> 11) as f64 / (1u64 << 53) as f64
     }
 
     /// Moves a damaged value out of the way and reports it.
@@ -1106,38 +1097,7 @@ impl Store for SledStore {
         if d.state != DeliveryState::InFlight || d.lease_until_ms != lease.lease_until_ms {
             return Err(lost());
         }
-        d.attempts += 1;
-        d.history.push(Attempt {
-            at_ms: now,
-            outcome: report.outcome,
-            status: report.status,
-            error_class: report.error_class.clone(),
-            detail: report.detail.chars().take(512).collect(),
-        });
-        let next_state = match report.outcome {
-            AttemptOutcome::Delivered => DeliveryState::Delivered,
-            AttemptOutcome::Permanent => {
-                d.dead_reason = Some(format!("permanent failure: {}", report.error_class));
-                DeliveryState::Dead
-            }
-            AttemptOutcome::Transient => {
-                let backoff = policy.backoff_ms(d.attempts, self.unit_random());
-                let wait = backoff.max(report.retry_after_ms.unwrap_or(0));
-                let next = now + wait;
-                if policy.allows(d.attempts, d.enqueued_at_ms, next) {
-                    d.next_attempt_ms = next;
-                    DeliveryState::RetryWait
-                } else {
-                    d.dead_reason = Some(format!(
-                        "retries exhausted after {} attempts: {}",
-                        d.attempts, report.error_class
-                    ));
-                    DeliveryState::Dead
-                }
-            }
-        };
-        d.state = next_state;
-        d.lease_until_ms = 0;
+        let next_state = settle(&mut d, &report, policy, now, self.jitter.unit());
         let releases_key = next_state == DeliveryState::Delivered
             || next_state == DeliveryState::Dead && self.config.dead_letter_releases_key;
         let successor = if releases_key {

@@ -26,7 +26,7 @@ async fn sled_passes_the_store_contract() {
         let dir = tempfile::tempdir().unwrap();
         let store = SledStore::open(config(dir.path(), clock)).unwrap();
         dirs.borrow_mut().push(dir);
-        store
+        std::future::ready(store)
     })
     .await;
 }

@@ -8,11 +8,15 @@
 //! serialises concurrent test processes, and a stamp holding the requirements' content
 //! makes a changed pin reinstall.
 //!
+//! [`postgres::PgServer`] starts a throwaway PostgreSQL server (from the system's
+//! PostgreSQL binaries) for the PostgreSQL store's tests.
+//!
 //! Nothing here is a mock: tests drive the real programs.
 
 pub mod fhir;
 pub mod fhir_server;
 pub mod mllp;
+pub mod postgres;
 pub mod smart_auth;
 
 use std::fs::{self, File};

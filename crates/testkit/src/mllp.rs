@@ -134,6 +134,26 @@ impl PeerProcess {
     }
 }
 
+impl PeerProcess {
+    /// Waits (up to `timeout`) for the process to exit, without panicking: for a stop
+    /// requested from a `Drop`. Returns whether it exited.
+    pub fn wait_exit_quietly(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            // Lines it prints while stopping; also paces the loop.
+            if let Ok(line) = self.lines.recv_timeout(Duration::from_millis(50)) {
+                self.seen.push(line);
+            }
+        }
+    }
+}
+
 impl Drop for PeerProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();

@@ -1,0 +1,208 @@
+//! A throwaway PostgreSQL server for the store's and the engine's tests.
+//!
+//! [`PgServer::start`] runs `initdb` into a fresh temporary folder and starts `postgres`
+//! on a Unix socket in that folder only (no TCP port, so parallel tests never collide),
+//! with trust authentication for the `postgres` role. The server is stopped (immediate
+//! shutdown) and its folder deleted when the [`PgServer`] is dropped.
+//!
+//! The binaries are looked for in `PATH`, then in `/usr/lib/postgresql/*/bin` (Debian's
+//! layout, highest version first). Without them the test **fails** with a message saying
+//! what to install: a PostgreSQL test must never pass by not running. PostgreSQL refuses
+//! to run as root; when the tests run as root, the server runs as the `postgres` OS user
+//! (through `setpriv`), which then owns the folder.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use crate::mllp::PeerProcess;
+
+/// The folder holding `initdb` and `postgres`. Panics, saying what to install, without them.
+pub fn bin_dir() -> PathBuf {
+    let in_path = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default();
+    let mut debian: Vec<PathBuf> = fs::read_dir("/usr/lib/postgresql")
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+                .collect()
+        })
+        .unwrap_or_default();
+    // Highest major version first.
+    debian.sort_by_key(|p| {
+        std::cmp::Reverse(
+            p.parent()
+                .and_then(Path::file_name)
+                .and_then(|v| v.to_str())
+                .and_then(|v| v.parse::<u32>().ok())
+                .unwrap_or(0),
+        )
+    });
+    in_path
+        .into_iter()
+        .chain(debian)
+        .find(|dir| dir.join("initdb").is_file() && dir.join("postgres").is_file())
+        // `initdb` may be a symbolic link (into /usr/lib/postgresql/N/bin): the folder it
+        // points into holds the other programs (createdb).
+        .map(|dir| {
+            fs::canonicalize(dir.join("initdb"))
+                .ok()
+                .and_then(|p| p.parent().map(Path::to_path_buf))
+                .unwrap_or(dir)
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "PostgreSQL server binaries (initdb, postgres) are not in PATH nor in \
+                 /usr/lib/postgresql/*/bin: install them (Debian/Ubuntu: apt-get install -y \
+                 postgresql) to run the PostgreSQL store tests"
+            )
+        })
+}
+
+fn output_of(command: &mut Command, what: &str) -> String {
+    let output = command
+        .output()
+        .unwrap_or_else(|e| panic!("{what}: cannot start {command:?}: {e}"));
+    assert!(
+        output.status.success(),
+        "{what} failed ({}):\n{}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).trim().to_owned()
+}
+
+/// Whether this process runs as root (PostgreSQL then needs another user).
+fn is_root() -> bool {
+    output_of(Command::new("id").arg("-u"), "id -u") == "0"
+}
+
+/// A running throwaway PostgreSQL server, stopped and deleted on drop.
+#[derive(Debug)]
+pub struct PgServer {
+    dir: PathBuf,
+    bin: PathBuf,
+    port: u16,
+    process: Option<PeerProcess>,
+}
+
+impl PgServer {
+    /// Creates a cluster in a temporary folder and starts it; returns once it accepts
+    /// connections. Blocking: from async code, call it in `spawn_blocking`.
+    pub fn start() -> PgServer {
+        static STARTED: AtomicUsize = AtomicUsize::new(0);
+        let bin = bin_dir();
+        let dir = std::env::temp_dir().join(format!(
+            "passerelle-pg-{}-{}",
+            std::process::id(),
+            STARTED.fetch_add(1, Ordering::SeqCst)
+        ));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
+        let as_postgres = is_root();
+        if as_postgres {
+            output_of(
+                Command::new("chown").arg("postgres:postgres").arg(&dir),
+                "give the PostgreSQL folder to the postgres user",
+            );
+        }
+        let command = |program: &str| {
+            let mut c = if as_postgres {
+                let mut c = Command::new("setpriv");
+                c.args([
+                    "--reuid=postgres",
+                    "--regid=postgres",
+                    "--init-groups",
+                    "--",
+                ])
+                .arg(bin.join(program));
+                c
+            } else {
+                Command::new(bin.join(program))
+            };
+            c.current_dir(&dir).env("LC_ALL", "C");
+            c
+        };
+        let data = dir.join("data");
+        output_of(
+            command("initdb").arg("-D").arg(&data).args([
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ]),
+            "initdb",
+        );
+        let port = 5432;
+        let mut process = PeerProcess::spawn(
+            "PostgreSQL server",
+            command("postgres")
+                .arg("-D")
+                .arg(&data)
+                .arg("-k")
+                .arg(&dir)
+                .args(["-p", &port.to_string(), "-c", "listen_addresses="]),
+        );
+        process.wait_for_line(
+            "database system is ready to accept connections",
+            Duration::from_secs(60),
+        );
+        PgServer {
+            dir,
+            bin,
+            port,
+            process: Some(process),
+        }
+    }
+
+    /// A connection string for the `postgres` database (key=value form, Unix socket).
+    pub fn url(&self) -> String {
+        self.url_for("postgres")
+    }
+
+    /// A connection string for the database `name`.
+    pub fn url_for(&self, name: &str) -> String {
+        format!(
+            "host={} port={} user=postgres dbname={name}",
+            self.dir.display(),
+            self.port
+        )
+    }
+
+    /// Creates an empty database and returns its connection string.
+    pub fn create_database(&self, name: &str) -> String {
+        output_of(
+            Command::new(self.bin.join("createdb"))
+                .arg("-h")
+                .arg(&self.dir)
+                .args(["-p", &self.port.to_string(), "-U", "postgres", name]),
+            "createdb",
+        );
+        self.url_for(name)
+    }
+
+    /// Stops the server now (immediate shutdown, as after a crash), for tests of an
+    /// unreachable database. Dropping the server stops it too.
+    pub fn stop(&mut self) {
+        if let Some(mut process) = self.process.take() {
+            // SIGQUIT: the postmaster stops its backends and exits at once.
+            let _ = Command::new("kill")
+                .args(["-QUIT", &process.id().to_string()])
+                .status();
+            process.wait_exit_quietly(Duration::from_secs(20));
+        }
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
