@@ -344,14 +344,21 @@ impl Applier {
             .spawn(move || {
                 loop {
                     let stopping = thread_stop.load(Ordering::SeqCst);
-                    if let Err(e) = shared.apply() {
-                        // The generation stays in the overlay (readable) and is tried again.
-                        tracing::error!(error = %e, "applying changes to sled failed; retrying");
+                    match shared.apply() {
+                        Ok(()) if stopping => return,
+                        Ok(()) => shared.data.wait_for_growth(APPLY_EVERY),
+                        Err(e) if stopping => {
+                            // Closing: the journal log still has every acknowledged frame.
+                            tracing::error!(error = %e, "applying the last changes to sled failed; they will be redone");
+                            return;
+                        }
+                        Err(e) => {
+                            // The generation stays in the overlay (readable) and is tried
+                            // again, a second later: a full disk is not fixed in 10 ms.
+                            tracing::error!(error = %e, "applying changes to sled failed; retrying in 1 s");
+                            std::thread::sleep(Duration::from_secs(1));
+                        }
                     }
-                    if stopping {
-                        return;
-                    }
-                    shared.data.wait_for_growth(APPLY_EVERY);
                 }
             })?;
         Ok(Applier {
