@@ -250,14 +250,19 @@ impl<S: Store> Pipeline<S> {
                 workers: std::sync::Mutex::new(Vec::new()),
             }),
         };
-        // Recovery first, in journal order, so that old messages keep their place.
+        // Recovery first, in journal order, so that old messages keep their place. Each
+        // message is tried once: one that stays `received` (its frame unreadable, the
+        // store refusing its outcome) is logged by `map_one` and must not make this loop
+        // fetch it again for ever.
         let mut recovered = 0;
+        let mut tried = std::collections::HashSet::new();
         loop {
             let ids = pipeline.inner.store.unprocessed(1_000).await?;
-            if ids.is_empty() {
+            let fresh: Vec<MessageId> = ids.into_iter().filter(|id| tried.insert(*id)).collect();
+            if fresh.is_empty() {
                 break;
             }
-            for id in ids {
+            for id in fresh {
                 pipeline
                     .map_one(MapJob {
                         id,
@@ -494,6 +499,10 @@ impl<S: Store> Pipeline<S> {
         };
         match store.record_outcome(id, outcome).await {
             Ok(()) => debug!(id, state, "routed"),
+            // Routed meanwhile: by another node sharing the store, or by an earlier pass.
+            Err(StoreError::WrongState { state, .. }) => {
+                debug!(id, state, "already routed; this outcome is dropped");
+            }
             Err(e) => error!(id, error = %e, "cannot record the routing outcome"),
         }
         for q in queued {

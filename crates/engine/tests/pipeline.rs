@@ -136,3 +136,58 @@ async fn journaled_but_unmapped_messages_are_mapped_on_start() {
     .await;
     assert!(out.join("Patient.ndjson").exists());
 }
+
+/// A journaled message whose frame can no longer be read stays `received` (listed, not
+/// dropped), and the start does not spin on it for ever: the others are mapped and the
+/// engine starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_that_cannot_be_mapped_on_start_does_not_stop_the_start() {
+    let engine = Harness::new(ROUTE);
+    let store = Arc::clone(&engine.store);
+    let meta = passerelle_store::JournalMeta::default;
+    let damaged = store
+        .journal(&fixture("adt_a01_admit.hl7"), meta())
+        .await
+        .unwrap();
+    let healthy = store
+        .journal(&fixture("adt_a08_update_nulls_v231.hl7"), meta())
+        .await
+        .unwrap();
+    store
+        .debug_overwrite_payload(damaged, b"not a payload")
+        .unwrap();
+    // On a thread and runtime of its own: a start that spun without yielding would hold
+    // every worker of a shared runtime, and no timeout could fire.
+    let (started, ended) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let _listener = engine.start(UnroutedAnswer::Accept).await;
+            started.send(()).unwrap();
+        });
+    });
+    assert!(
+        ended
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .is_ok(),
+        "the start ended"
+    );
+    assert_eq!(
+        store.get(healthy).await.unwrap().unwrap().state,
+        MessageState::Mapped
+    );
+    assert_eq!(
+        store.get(damaged).await.unwrap().unwrap().state,
+        MessageState::Received,
+        "kept and listable as received"
+    );
+    assert_eq!(
+        store.counts().await.unwrap().quarantined,
+        1,
+        "the damage is reported"
+    );
+}

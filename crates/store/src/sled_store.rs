@@ -743,6 +743,14 @@ impl SledStore {
         Ok(())
     }
 
+    /// Test support: overwrite a message's frame and bundle with raw bytes (to simulate
+    /// damage).
+    #[doc(hidden)]
+    pub fn debug_overwrite_payload(&self, id: MessageId, bytes: &[u8]) -> Result<(), StoreError> {
+        self.payloads.insert(be(id), bytes)?;
+        Ok(())
+    }
+
     /// Test support: disagreements between delivery records and the ready and lease
     /// indexes (a delivery ready or leased twice, an index entry whose delivery is in
     /// another state). Empty when the store is consistent.
