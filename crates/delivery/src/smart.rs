@@ -21,7 +21,10 @@
 //!   without `expires_in` is taken as five minutes.
 //! - **One fetch at a time.** Concurrent deliveries that find no valid token queue behind
 //!   one fetch and share its result, success or failure: a burst of deliveries makes one
-//!   token request, not one each.
+//!   token request, not one each. A refusal (a permanent failure, below) is also given
+//!   without asking again to the deliveries of the next [`REFUSAL_MEMORY`], however they
+//!   are spread in time, so that a queue of messages behind a wrong key does not send
+//!   the token endpoint one doomed request each.
 //! - **A 401 from the FHIR server** drops the token it was given (unless a newer one already
 //!   replaced it); the destination then fetches once more and retries the POST once.
 //!
@@ -111,6 +114,9 @@ impl Signer {
         }
     }
 }
+
+/// How long a refused token request answers for the next ones (see the module doc).
+pub(crate) const REFUSAL_MEMORY: Duration = Duration::from_secs(10);
 
 /// An access token ready to send, and when to stop using it.
 pub(crate) struct AccessToken {
@@ -268,7 +274,9 @@ impl SmartAuth {
             return Ok(token);
         }
         if let Some((failed_at, report)) = last_failure.as_ref()
-            && *failed_at >= asked_at
+            && (*failed_at >= asked_at
+                || report.outcome == AttemptOutcome::Permanent
+                    && failed_at.elapsed() < REFUSAL_MEMORY)
         {
             return Err(report.clone());
         }

@@ -233,7 +233,8 @@ async fn a_wrong_key_is_a_permanent_auth_failure_without_secrets(peers: &Peers) 
         "",
     ));
     let refused_before = peers.fhir.unauthorized_count();
-    // Four deliveries at once share the one refused token request.
+    // Four deliveries at once share the one refused token request (those that come
+    // after the refusal, within seconds, are answered by it too).
     let bundle = Arc::new(bundle("adt_a04_v28.hl7"));
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..4 {
@@ -263,6 +264,10 @@ async fn a_wrong_key_is_a_permanent_auth_failure_without_secrets(peers: &Peers) 
     let stats = peers.auth.stats("passerelle-wrong-key");
     assert_eq!((stats.requests, stats.issued), (1, 0), "{stats:?}");
     assert_eq!(stats.error, "invalid_client");
+    // A fifth delivery, after the refusal: answered from it, no new request.
+    let fifth = dest.deliver(&item(&bundle)).await;
+    assert_eq!(&fifth, report);
+    assert_eq!(peers.auth.stats("passerelle-wrong-key").requests, 1);
     // Nothing reached the FHIR server.
     assert_eq!(peers.fhir.unauthorized_count(), refused_before);
 }
