@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use passerelle_engine::config::ListenerSection;
 use passerelle_engine::metrics::Metrics;
-use passerelle_engine::pipeline::{Backpressure, Limits, Pipeline, PipelineConfig, UnroutedAnswer};
+use passerelle_engine::pipeline::{
+    Backpressure, Limits, Pipeline, PipelineConfig, Recheck, UnroutedAnswer,
+};
 use passerelle_engine::{Loaded, StoreBackend};
 use passerelle_mapping::MapOptions;
 use passerelle_mllp::{Cidr, Listener, ListenerConfig, ServerTls, ServerTlsConfig};
@@ -106,6 +108,7 @@ async fn serve<S: Store>(
             backpressure: Backpressure::parse(&config.defaults.backpressure).unwrap_or_default(),
             check_every: None,
         },
+        recheck: Recheck::default(),
     };
     let pipeline = match Pipeline::start(Arc::clone(&store), pipeline_config).await {
         Ok(p) => p,

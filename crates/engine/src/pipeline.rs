@@ -30,8 +30,8 @@ use passerelle_hl7::{ErrorCode, HeaderSummary, Message};
 use passerelle_mapping::{MapOptions, Pack};
 use passerelle_mllp::{Handler, PeerInfo};
 use passerelle_store::{
-    AttemptReport, DeliveryState, Enqueue, JournalMeta, Lease, MessageId, MshSummary, Outcome,
-    Store, StoreError,
+    AttemptReport, DeliveryState, Enqueue, JournalMeta, Lease, MessageId, MessageState, MshSummary,
+    Outcome, Store, StoreError,
 };
 use tokio::sync::{Notify, mpsc};
 use tracing::{debug, error, info, warn};
@@ -100,6 +100,26 @@ struct Pressure {
     relieved: Notify,
 }
 
+/// How the engine finds messages left `received` while it runs: acknowledged, but whose
+/// routing outcome was not recorded (a store error at that moment, or, with a shared
+/// PostgreSQL store, a node that stopped after the ACK and has not come back). When the
+/// mapper is idle, every `every`, those received more than `stuck_after` ago are mapped
+/// again (through the mapper's queue, behind nothing). Start-up maps them too.
+#[derive(Debug, Clone)]
+pub struct Recheck {
+    pub every: Duration,
+    pub stuck_after: Duration,
+}
+
+impl Default for Recheck {
+    fn default() -> Self {
+        Recheck {
+            every: Duration::from_secs(60),
+            stuck_after: Duration::from_secs(60),
+        }
+    }
+}
+
 /// Everything the pipeline needs, loaded and checked beforehand.
 #[derive(Debug)]
 pub struct PipelineConfig {
@@ -113,6 +133,7 @@ pub struct PipelineConfig {
     /// Where the pipeline counts what it does (the admin API renders it).
     pub metrics: Arc<Metrics>,
     pub limits: Limits,
+    pub recheck: Recheck,
 }
 
 /// Every (route, destination) pair of a route table, in route order.
@@ -137,6 +158,9 @@ const LEASE_CHUNK: usize = 16;
 /// Jobs waiting for the mapper; when it is full, ACKs wait (backpressure).
 const MAPPER_QUEUE: usize = 1024;
 
+/// Messages a recheck looks at, at most (the oldest received).
+const RECHECK_BATCH: usize = 256;
+
 /// A journaled message for the mapper: its id and, when small enough, its frame and its
 /// listener, so that the mapper need not read back what the handler just wrote.
 #[derive(Debug)]
@@ -149,6 +173,8 @@ struct Inner<S> {
     store: Arc<S>,
     config: PipelineConfig,
     mapper: mpsc::Sender<MapJob>,
+    /// The mapper holds a job (received, not finished): with an empty queue, it is idle.
+    mapping: std::sync::atomic::AtomicBool,
     /// Wakes a queue's worker when something was queued for it.
     wake: HashMap<String, Arc<Notify>>,
     /// Where each queue delivers.
@@ -243,6 +269,7 @@ impl<S: Store> Pipeline<S> {
                 store,
                 config,
                 mapper: tx,
+                mapping: std::sync::atomic::AtomicBool::new(false),
                 wake,
                 targets,
                 pressure: Pressure::default(),
@@ -279,6 +306,7 @@ impl<S: Store> Pipeline<S> {
             );
         }
         tokio::spawn(pipeline.clone().run_mapper(rx));
+        tokio::spawn(pipeline.clone().run_recheck());
         let limits = &pipeline.inner.config.limits;
         if limits.max_queue_depth.is_some() || limits.max_disk_bytes.is_some() {
             pipeline.check_limits().await;
@@ -435,7 +463,9 @@ impl<S: Store> Pipeline<S> {
 
     async fn run_mapper(self, mut rx: mpsc::Receiver<MapJob>) {
         while let Some(job) = rx.recv().await {
+            self.inner.mapping.store(true, Relaxed);
             self.map_one(job).await;
+            self.inner.mapping.store(false, Relaxed);
             // The store's calls and the mapping run without awaiting anything, and a full
             // channel never makes recv wait: without this, the mapper would hold a
             // worker thread for many messages in a row while connections wait for ACKs.
@@ -443,15 +473,101 @@ impl<S: Store> Pipeline<S> {
         }
     }
 
+    /// Records a message's routing outcome; whether it was recorded.
+    async fn record(&self, id: MessageId, outcome: Outcome) -> bool {
+        match self.inner.store.record_outcome(id, outcome).await {
+            Ok(()) => true,
+            // Routed meanwhile: by another node sharing the store, or by an earlier pass.
+            Err(StoreError::WrongState { state, .. }) => {
+                debug!(id, state, "already routed; this outcome is dropped");
+                false
+            }
+            // Left received: the next recheck (or start) maps it again.
+            Err(e) => {
+                error!(id, error = %e, "cannot record the routing outcome");
+                false
+            }
+        }
+    }
+
+    /// Maps again, now and then, the messages left `received` (see [`Recheck`]).
+    async fn run_recheck(self) {
+        let recheck = self.inner.config.recheck.clone();
+        let mut tick = tokio::time::interval(recheck.every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await; // the first tick is immediate: start-up has just done this
+        loop {
+            tick.tick().await;
+            if self.inner.stopping.load(Relaxed) || self.inner.mapper.is_closed() {
+                return;
+            }
+            let idle = self.inner.mapper.capacity() == self.inner.mapper.max_capacity()
+                && !self.inner.mapping.load(Relaxed);
+            if !idle {
+                // What is queued may be these very messages: look again next time.
+                continue;
+            }
+            let store = &self.inner.store;
+            let ids = match store.unprocessed(RECHECK_BATCH).await {
+                Ok(ids) => ids,
+                Err(e) => {
+                    warn!(error = %e, "cannot list the messages still received");
+                    continue;
+                }
+            };
+            let stuck_before = now_ms().saturating_sub(recheck.stuck_after.as_millis() as u64);
+            let mut queued = 0;
+            for id in ids {
+                let stuck = matches!(
+                    store.get(id).await,
+                    Ok(Some(r)) if r.state == MessageState::Received && r.received_at_ms <= stuck_before
+                );
+                if stuck
+                    && self
+                        .inner
+                        .mapper
+                        .try_send(MapJob {
+                            id,
+                            journaled: None,
+                        })
+                        .is_ok()
+                {
+                    queued += 1;
+                }
+            }
+            if queued > 0 {
+                warn!(
+                    messages = queued,
+                    "messages acknowledged but still not routed: mapping them again"
+                );
+            }
+        }
+    }
+
     /// Routes and maps one journaled message, and queues its deliveries.
     async fn map_one(&self, job: MapJob) {
         let store = &self.inner.store;
         let id = job.id;
+        let unreadable = |error: String| Outcome::MappingFailed {
+            route: String::new(),
+            error,
+        };
         let (raw, listener) = match job.journaled {
             Some((frame, listener)) => (frame, Some(listener)),
             None => match store.raw(id).await {
                 Ok(Some(raw)) => (Bytes::from(raw), None),
-                Ok(None) => return,
+                // Kept as mapping_failed, with the reason, for an operator to see.
+                Ok(None) => {
+                    self.record(id, unreadable("the frame is missing from the store".into()))
+                        .await;
+                    return;
+                }
+                Err(e @ StoreError::Corrupt { .. }) => {
+                    self.record(id, unreadable(format!("the frame cannot be read: {e}")))
+                        .await;
+                    return;
+                }
+                // Perhaps passing (the store unreachable): left received, tried again.
                 Err(e) => {
                     error!(id, error = %e, "cannot read a journaled message");
                     return;
@@ -497,13 +613,8 @@ impl<S: Store> Pipeline<S> {
                 "mapped"
             }
         };
-        match store.record_outcome(id, outcome).await {
-            Ok(()) => debug!(id, state, "routed"),
-            // Routed meanwhile: by another node sharing the store, or by an earlier pass.
-            Err(StoreError::WrongState { state, .. }) => {
-                debug!(id, state, "already routed; this outcome is dropped");
-            }
-            Err(e) => error!(id, error = %e, "cannot record the routing outcome"),
+        if self.record(id, outcome).await {
+            debug!(id, state, "routed");
         }
         for q in queued {
             if let Some(n) = self.inner.wake.get(&q) {

@@ -43,6 +43,7 @@ fn repository_engine() -> Harness {
         store,
         routes,
         packs,
+        recheck: Default::default(),
     }
 }
 

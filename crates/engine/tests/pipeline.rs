@@ -137,9 +137,9 @@ async fn journaled_but_unmapped_messages_are_mapped_on_start() {
     assert!(out.join("Patient.ndjson").exists());
 }
 
-/// A journaled message whose frame can no longer be read stays `received` (listed, not
-/// dropped), and the start does not spin on it for ever: the others are mapped and the
-/// engine starts.
+/// A journaled message whose frame can no longer be read does not stop the start (it was
+/// fetched again for ever): it is kept as mapping_failed with the reason, and the others
+/// are mapped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_that_cannot_be_mapped_on_start_does_not_stop_the_start() {
     let engine = Harness::new(ROUTE);
@@ -180,14 +180,70 @@ async fn a_message_that_cannot_be_mapped_on_start_does_not_stop_the_start() {
         store.get(healthy).await.unwrap().unwrap().state,
         MessageState::Mapped
     );
+    let damaged = store.get(damaged).await.unwrap().unwrap();
     assert_eq!(
-        store.get(damaged).await.unwrap().unwrap().state,
-        MessageState::Received,
-        "kept and listable as received"
+        damaged.state,
+        MessageState::MappingFailed,
+        "kept, for an operator"
+    );
+    assert!(
+        damaged
+            .error
+            .as_deref()
+            .is_some_and(|e| e.starts_with("the frame cannot be read")),
+        "{:?}",
+        damaged.error
     );
     assert_eq!(
         store.counts().await.unwrap().quarantined,
         1,
         "the damage is reported"
     );
+}
+
+/// A message acknowledged while the engine runs but never routed (as when a store error
+/// kept its outcome out, or another node journaled it and stopped) is mapped by the
+/// recheck, without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_left_received_while_running_is_mapped_by_the_recheck() {
+    let mut engine = Harness::new(ROUTE);
+    engine.recheck = passerelle_engine::pipeline::Recheck {
+        every: std::time::Duration::from_millis(50),
+        stuck_after: std::time::Duration::from_millis(200),
+    };
+    let store = Arc::clone(&engine.store);
+    let _listener = engine.start(UnroutedAnswer::Accept).await;
+    // Journaled behind the engine's back: nothing queues it for the mapper.
+    let journaled_at = std::time::Instant::now();
+    let id = store
+        .journal(
+            &fixture("adt_a01_admit.hl7"),
+            passerelle_store::JournalMeta::default(),
+        )
+        .await
+        .unwrap();
+    wait_until("the recheck to map it", || {
+        let store = Arc::clone(&store);
+        async move { store.get(id).await.unwrap().unwrap().state == MessageState::Mapped }
+    })
+    .await;
+    // Not before it counts as stuck (200 ms; times in the store are whole milliseconds,
+    // and a recheck runs every 50 ms, so a recheck ignoring the age would be far below).
+    assert!(
+        journaled_at.elapsed() >= std::time::Duration::from_millis(190),
+        "mapped after {:?}",
+        journaled_at.elapsed()
+    );
+    wait_until("its delivery", || {
+        let store = Arc::clone(&store);
+        async move {
+            store
+                .deliveries(id)
+                .await
+                .unwrap()
+                .first()
+                .is_some_and(|d| d.state == DeliveryState::Delivered)
+        }
+    })
+    .await;
 }

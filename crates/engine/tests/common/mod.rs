@@ -8,7 +8,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use passerelle_engine::pipeline::{Limits, Pipeline, PipelineConfig, UnroutedAnswer};
+use passerelle_engine::pipeline::{Limits, Pipeline, PipelineConfig, Recheck, UnroutedAnswer};
 use passerelle_engine::routes::RouteTable;
 use passerelle_mapping::{MapOptions, Pack};
 use passerelle_mllp::{Listener, ListenerConfig, RunningListener};
@@ -20,6 +20,9 @@ pub(crate) struct Harness {
     pub(crate) store: Arc<SledStore>,
     pub(crate) routes: RouteTable,
     pub(crate) packs: HashMap<String, Pack>,
+    /// How the pipeline rechecks messages left received (the engine's default unless a
+    /// test sets it).
+    pub(crate) recheck: Recheck,
 }
 
 impl Harness {
@@ -42,6 +45,7 @@ impl Harness {
             store,
             routes,
             packs: HashMap::from([("v2-to-fhir".to_owned(), pack)]),
+            recheck: Recheck::default(),
         }
     }
 
@@ -64,6 +68,7 @@ impl Harness {
             base_dir: self.work.path().to_path_buf(),
             metrics: Default::default(),
             limits,
+            recheck: self.recheck.clone(),
         };
         let pipeline = Pipeline::start(Arc::clone(&self.store), config)
             .await
