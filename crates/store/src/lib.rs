@@ -8,8 +8,9 @@
 //! - [`Store::journal`] returns only once the frame is durable. Concurrent callers share one
 //!   flush (group commit, see [`GroupCommitConfig`]); ids are monotonic in journal order.
 //!   The listener sends its ACK after `journal` returns, never before.
-//! - Every frame ends in a state an operator can list: `received` (to be routed, redone on
-//!   restart: see [`Store::unprocessed`]), `rejected`, `unrouted`, `mapping_failed`, or
+//! - Every frame ends in a state an operator can list: `received` (to be routed; the
+//!   engine routes what [`Store::unprocessed`] lists at start and, while it runs, what
+//!   stays there too long), `rejected`, `unrouted`, `mapping_failed`, or
 //!   `mapped` with one delivery per destination: `pending`, `in_flight`, `retry_wait`,
 //!   `delivered` or `dead`. Every transition is recorded with its time.
 //! - **Order per key.** Within a destination, deliveries with the same ordering key are
