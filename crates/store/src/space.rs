@@ -22,7 +22,10 @@
 //!   store's apply lock), and while it is applied it stays readable in the overlay
 //!   (`sealed`), so a reader never misses a write between the overlay and sled.
 //! - Reads: the newest generation (`active`) first, then `sealed`, then sled. Scans merge
-//!   the overlay's entries (removals included) with sled's, in key order.
+//!   a snapshot of the overlay's entries (removals included) with sled's, in key order,
+//!   and give each key once: sled's iterator is live, and a generation applied during
+//!   the scan would otherwise bring back keys the snapshot already gave (that leased one
+//!   delivery twice, once).
 //!
 //! What a crash loses: the writes not yet applied to sled, at most [`APPLY_EVERY`] of
 //! them (plus what sled had not flushed, as before). The journal does not depend on this:
