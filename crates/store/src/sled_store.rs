@@ -297,8 +297,11 @@ impl Checkpointer {
                     }
                     drop(stopped);
                     let pending = shared.wal.pending_bytes();
+                    // A damaged segment takes no more records (every journal call fails)
+                    // until a checkpoint starts a new one: at once, then.
                     let due = pending >= CHECKPOINT_BYTES
-                        || (pending > 0 && last.elapsed() >= CHECKPOINT_EVERY);
+                        || (pending > 0 && last.elapsed() >= CHECKPOINT_EVERY)
+                        || shared.wal.is_damaged();
                     if due {
                         if let Err(e) = shared.checkpoint() {
                             tracing::error!(error = %e, "journal checkpoint failed; retrying");
@@ -1534,6 +1537,38 @@ mod tests {
         for bad in [&bad_flag[..], &long_frame, &trailing, &[], &[0, 0]] {
             assert_eq!(split_payload(bad), None, "{bad:?}");
         }
+    }
+
+    /// The journal log refuses an append (a failing disk): that journal call fails, and
+    /// the checkpointer starts a new segment at once, so that the next calls succeed,
+    /// even when the refused record was the segment's first (nothing pending, no timer).
+    #[tokio::test]
+    async fn a_damaged_journal_log_heals_at_the_next_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(StoreConfig::new(dir.path())).unwrap();
+        let segment = crate::wal::tests_support::refuse_writes(&store.wal);
+        assert!(
+            store
+                .journal(b"MSH|^~\\&|A\r", JournalMeta::default())
+                .await
+                .is_err()
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let id = loop {
+            match store
+                .journal(b"MSH|^~\\&|B\r", JournalMeta::default())
+                .await
+            {
+                Ok(id) => break id,
+                Err(e) => {
+                    assert!(std::time::Instant::now() < deadline, "still refused: {e}");
+                    // Polls the checkpointer's work, which signals nothing.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        };
+        assert!(crate::wal::tests_support::segment_number(&store.wal) > segment);
+        assert_eq!(store.raw(id).await.unwrap().unwrap(), b"MSH|^~\\&|B\r");
     }
 
     /// A store written before payloads existed: frame alone under `r`, bundle inside the

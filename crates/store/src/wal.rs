@@ -229,6 +229,12 @@ impl Wal {
         file.sync_data()
     }
 
+    /// Whether the current segment refused a record it could not cut off again: it takes
+    /// no more until a checkpoint starts a new one.
+    pub(crate) fn is_damaged(&self) -> bool {
+        self.current().damaged
+    }
+
     /// Bytes appended since the last checkpoint.
     pub(crate) fn pending_bytes(&self) -> u64 {
         self.current().bytes
@@ -306,6 +312,27 @@ fn next_record(bytes: &[u8]) -> Option<(usize, WalRecord)> {
     let record = payload.get(12..12 + record_len)?.to_vec();
     let frame = payload.get(12 + record_len..)?.to_vec();
     Some((len, WalRecord { id, record, frame }))
+}
+
+/// For the store's tests: a log whose disk refuses writes.
+#[cfg(test)]
+pub(crate) mod tests_support {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    /// Makes the current segment's file refuse writes and truncation (a read-only
+    /// handle), as a failing disk would; returns the segment's number.
+    pub(crate) fn refuse_writes(wal: &Wal) -> u64 {
+        let mut current = wal.current();
+        let path = segment_path(&wal.dir, current.number);
+        current.file = Arc::new(File::open(path).unwrap());
+        current.number
+    }
+
+    pub(crate) fn segment_number(wal: &Wal) -> u64 {
+        wal.current().number
+    }
 }
 
 #[cfg(test)]
@@ -426,5 +453,39 @@ mod tests {
         let (records, torn) = parse(&damaged);
         assert!(torn);
         assert_eq!(records.len(), 3);
+    }
+
+    /// An append the disk refuses: the journal call fails (its frame is NAKed, never
+    /// acknowledged), nothing more goes into that segment while it cannot be cut back to
+    /// its last whole record, and the next checkpoint's new segment takes records again.
+    /// Recovery then gives back every record acknowledged before and after, and not the
+    /// failed one.
+    #[test]
+    fn a_refused_append_fails_and_the_next_segment_takes_records_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let (wal, _) = recover_all(dir.path());
+        wal.append(1, b"{}", b"before").unwrap();
+        let good = wal.pending_bytes();
+        // The segment's file as one that refuses writes, and truncation too (a read-only
+        // handle: writes fail with EBADF, set_len with EINVAL), as a failing disk would.
+        tests_support::refuse_writes(&wal);
+        assert!(!wal.is_damaged());
+        assert!(wal.append(2, b"{}", b"refused").is_err());
+        assert!(wal.is_damaged());
+        assert_eq!(
+            wal.pending_bytes(),
+            good,
+            "the failed record is not counted"
+        );
+        let again = wal.append(3, b"{}", b"while damaged").unwrap_err();
+        assert!(again.to_string().contains("damaged"), "{again}");
+        // A checkpoint starts a new segment: records go in again.
+        wal.switch().unwrap();
+        wal.append(4, b"{}", b"after").unwrap();
+        wal.sync().unwrap();
+        drop(wal);
+        let (_, got) = recover_all(dir.path());
+        let ids: Vec<u64> = got.iter().map(|r| r.id).collect();
+        assert_eq!(ids, [1, 4]);
     }
 }
