@@ -54,6 +54,38 @@ fn listener_config(l: &ListenerSection) -> Result<ListenerConfig, String> {
     Ok(config)
 }
 
+/// On SIGHUP, reads the configuration again and puts its routes and mapping packs in
+/// force ([`Pipeline::reload`]): a new route match, an edited mapping or a new mapping
+/// file, without dropping a connection. A configuration with errors, or one that changes
+/// the destinations, is refused with the reason in the log, and the running routes stay.
+/// Listeners, the store and the admin API are read at start only.
+#[cfg(unix)]
+async fn reload_on_hangup<S: Store>(
+    path: std::path::PathBuf,
+    pipeline: Pipeline<S>,
+    mut hangups: tokio::signal::unix::Signal,
+) {
+    while hangups.recv().await.is_some() {
+        info!("SIGHUP received; reloading routes and mappings");
+        match Loaded::load(&path) {
+            Err(lines) => {
+                for line in lines {
+                    error!(problem = %line, "reload refused; the running routes stay");
+                }
+            }
+            Ok(loaded) => {
+                let routes = loaded.routes.routes.len();
+                match pipeline.reload(loaded.routes, loaded.packs) {
+                    Ok(()) => info!(routes, "routes and mappings reloaded"),
+                    Err(reason) => {
+                        error!(%reason, "reload refused; the running routes stay");
+                    }
+                }
+            }
+        }
+    }
+}
+
 pub(crate) async fn run(path: &Path, shutdown: impl std::future::Future<Output = ()>) -> ExitCode {
     let loaded = match Loaded::load(path) {
         Ok(l) => l,
@@ -203,12 +235,30 @@ async fn serve<S: Store>(
     let admin_task = tokio::spawn(async move {
         let _ = axum::serve(admin_listener, passerelle_engine::admin::router(admin)).await;
     });
+    // SIGHUP handled before the engine says it is up: until then, its default action
+    // would end the process.
+    #[cfg(unix)]
+    let reloader = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(hangups) => Some(tokio::spawn(reload_on_hangup(
+            path.to_path_buf(),
+            pipeline.clone(),
+            hangups,
+        ))),
+        Err(e) => {
+            error!(error = %e, "cannot listen for SIGHUP: reloading routes needs a restart");
+            None
+        }
+    };
     // Ready before it is announced: whoever reads the line may probe /ready at once.
     ready.store(true, std::sync::atomic::Ordering::SeqCst);
     println!("admin API on http://{admin_addr}");
     let _ = std::io::stdout().flush();
     info!(store = %location, "engine started");
     shutdown.await;
+    #[cfg(unix)]
+    if let Some(reloader) = reloader {
+        reloader.abort();
+    }
     ready.store(false, std::sync::atomic::Ordering::SeqCst);
     admin_task.abort();
     let _ = admin_task.await;

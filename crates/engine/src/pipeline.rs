@@ -169,9 +169,19 @@ struct MapJob {
     journaled: Option<(Bytes, Arc<str>)>,
 }
 
+/// What routing and mapping read, swapped whole by [`Pipeline::reload`].
+#[derive(Debug)]
+struct Routing {
+    routes: RouteTable,
+    packs: HashMap<String, Pack>,
+}
+
 struct Inner<S> {
     store: Arc<S>,
+    /// The configuration the pipeline started with. Its routes fix the queues and their
+    /// workers; which route a message takes and how it is mapped come from `routing`.
     config: PipelineConfig,
+    routing: std::sync::RwLock<Arc<Routing>>,
     mapper: mpsc::Sender<MapJob>,
     /// The mapper holds a job (received, not finished): with an empty queue, it is idle.
     mapping: std::sync::atomic::AtomicBool,
@@ -235,7 +245,10 @@ fn msh_summary(h: &HeaderSummary) -> MshSummary {
 impl<S: Store> Pipeline<S> {
     /// Checks the destinations, maps what a previous run journaled but did not map, and
     /// starts the mapper and one delivery worker per queue.
-    pub async fn start(store: Arc<S>, config: PipelineConfig) -> Result<Pipeline<S>, StartError> {
+    pub async fn start(
+        store: Arc<S>,
+        mut config: PipelineConfig,
+    ) -> Result<Pipeline<S>, StartError> {
         let mut wake = HashMap::new();
         let mut targets = HashMap::new();
         for route in &config.routes.routes {
@@ -264,10 +277,15 @@ impl<S: Store> Pipeline<S> {
             queues_of(&config.routes).map(|(r, d)| (r.name.as_str(), d.name.as_str())),
         );
         let (tx, rx) = mpsc::channel(MAPPER_QUEUE);
+        let routing = Routing {
+            routes: config.routes.clone(),
+            packs: std::mem::take(&mut config.packs),
+        };
         let pipeline = Pipeline {
             inner: Arc::new(Inner {
                 store,
                 config,
+                routing: std::sync::RwLock::new(Arc::new(routing)),
                 mapper: tx,
                 mapping: std::sync::atomic::AtomicBool::new(false),
                 wake,
@@ -346,14 +364,67 @@ impl<S: Store> Pipeline<S> {
     /// with re-mapping).
     pub fn remap(&self, raw: &[u8], listener: &str) -> Result<Outcome, String> {
         let message = Message::parse(raw).map_err(|e| format!("does not parse: {e}"))?;
-        let c = &self.inner.config;
+        let routing = self.routing();
         Ok(route_and_map(
-            &c.routes,
-            &c.packs,
-            &c.map_options,
+            &routing.routes,
+            &routing.packs,
+            &self.inner.config.map_options,
             &message,
             listener,
         ))
+    }
+
+    /// The routes and packs in force.
+    fn routing(&self) -> Arc<Routing> {
+        let routing = self.inner.routing.read().unwrap_or_else(|p| p.into_inner());
+        Arc::clone(&routing)
+    }
+
+    /// Puts new routes and mapping packs in force (`passerelle serve` on SIGHUP): messages
+    /// routed from now on follow them; a message being mapped finishes with the old ones.
+    /// The queues must stay as they are (every route's destinations, by name and settings:
+    /// their workers run with them), and every route's pack must be given; otherwise
+    /// nothing changes and the error says why.
+    pub fn reload(&self, routes: RouteTable, packs: HashMap<String, Pack>) -> Result<(), String> {
+        if let Some(route) = routes
+            .routes
+            .iter()
+            .find(|r| !packs.contains_key(&r.mapping))
+        {
+            return Err(format!(
+                "route {}: mapping pack {} is not loaded",
+                route.name, route.mapping
+            ));
+        }
+        let queues = |table: &RouteTable| -> Vec<(String, Destination)> {
+            let mut q: Vec<(String, Destination)> = queues_of(table)
+                .map(|(r, d)| (queue_name(r, d), d.clone()))
+                .collect();
+            q.sort_by(|a, b| a.0.cmp(&b.0));
+            q
+        };
+        let (running, new) = (queues(&self.inner.config.routes), queues(&routes));
+        if running != new {
+            let names = |q: &[(String, Destination)]| {
+                q.iter()
+                    .map(|(n, _)| n.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            return Err(format!(
+                "the destinations changed (running: {}; new: {}; or a destination's settings): \
+                 a restart applies that",
+                names(&running),
+                names(&new)
+            ));
+        }
+        let routing = Arc::new(Routing { routes, packs });
+        *self
+            .inner
+            .routing
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = routing;
+        Ok(())
     }
 
     /// Stops the delivery workers: each finishes the attempts it has under way and records
@@ -591,8 +662,14 @@ impl<S: Store> Pipeline<S> {
                         .map(|r| Arc::from(r.listener))
                         .unwrap_or_else(|| Arc::from("")),
                 };
-                let c = &self.inner.config;
-                route_and_map(&c.routes, &c.packs, &c.map_options, &message, &listener)
+                let routing = self.routing();
+                route_and_map(
+                    &routing.routes,
+                    &routing.packs,
+                    &self.inner.config.map_options,
+                    &message,
+                    &listener,
+                )
             }
         };
         let queued: Vec<String> = match &outcome {
@@ -931,7 +1008,8 @@ impl<S: Store> Pipeline<S> {
                 }
             }
         }
-        let route = self.inner.config.routes.select(&header, &peer.listener);
+        let routing = self.routing();
+        let route = routing.routes.select(&header, &peer.listener);
         let id = match store
             .journal(&frame, meta(Some(msh_summary(&header)), None))
             .await
