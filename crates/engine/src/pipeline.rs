@@ -181,6 +181,7 @@ struct Inner<S> {
     /// The configuration the pipeline started with. Its routes fix the queues and their
     /// workers; which route a message takes and how it is mapped come from `routing`.
     config: PipelineConfig,
+    /// The routes and packs in force (the configuration's packs moved here at start).
     routing: std::sync::RwLock<Arc<Routing>>,
     mapper: mpsc::Sender<MapJob>,
     /// The mapper holds a job (received, not finished): with an empty queue, it is idle.
