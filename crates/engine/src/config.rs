@@ -28,6 +28,10 @@ pub struct StoreSection {
     pub url: String,
     /// PostgreSQL connections per node.
     pub pool_size: usize,
+    /// How long a PostgreSQL store operation may take, connecting included, before it
+    /// fails (and a frame being journaled gets AE): the bound on a sender's wait when the
+    /// database cannot be reached.
+    pub op_timeout_s: u64,
     /// sled's page cache, which bounds memory.
     pub cache_capacity_mb: u64,
     pub flush_every_ms: u64,
@@ -50,6 +54,7 @@ impl std::fmt::Debug for StoreSection {
             .field("path", &self.path)
             .field("url", &if self.url.is_empty() { "" } else { "(hidden)" })
             .field("pool_size", &self.pool_size)
+            .field("op_timeout_s", &self.op_timeout_s)
             .field("cache_capacity_mb", &self.cache_capacity_mb)
             .field("flush_every_ms", &self.flush_every_ms)
             .field("visibility_timeout_s", &self.visibility_timeout_s)
@@ -67,6 +72,7 @@ impl Default for StoreSection {
             path: PathBuf::from("./data"),
             url: String::new(),
             pool_size: 16,
+            op_timeout_s: 10,
             cache_capacity_mb: 64,
             flush_every_ms: 500,
             visibility_timeout_s: 120,
@@ -423,6 +429,13 @@ impl EngineConfig {
                     report(
                         &[Step::Key("store"), Step::Key("pool_size")],
                         "store.pool_size",
+                        "must be at least 1".into(),
+                    );
+                }
+                if self.store.op_timeout_s == 0 {
+                    report(
+                        &[Step::Key("store"), Step::Key("op_timeout_s")],
+                        "store.op_timeout_s",
                         "must be at least 1".into(),
                     );
                 }

@@ -140,10 +140,14 @@ fn defaults_without_a_file_and_environment_overrides() {
 #[test]
 fn configuration_errors_are_located() {
     let dir = tempfile::tempdir().unwrap();
-    let cases: [(&str, &str); 8] = [
+    let cases: [(&str, &str); 9] = [
         (
             "[store]\npath = \"./data\"\nsize = 3\n",
             "passerelle.toml:3:1",
+        ),
+        (
+            "[store]\nbackend = \"postgres\"\nurl = \"host=/run/postgresql\"\nop_timeout_s = 0\n",
+            "passerelle.toml:4:16 store.op_timeout_s",
         ),
         (
             "[store]\npath = \"./data\"\nbackend = \"mysql\"\n",
