@@ -179,6 +179,32 @@ pub enum StoreError {
     },
 }
 
+/// A destination name as both backends keep it: not empty, without NUL (sled's key
+/// separator; PostgreSQL's text cannot hold it) and without `/` (counter names use it).
+pub(crate) fn validate_destination(destination: &str) -> Result<(), StoreError> {
+    if destination.is_empty() || destination.contains('\0') || destination.contains('/') {
+        return Err(StoreError::InvalidDestination(destination.to_owned()));
+    }
+    Ok(())
+}
+
+/// The deliveries of one routing outcome: valid destinations, each named once.
+pub(crate) fn validate_deliveries(deliveries: &[Enqueue]) -> Result<(), StoreError> {
+    for (i, e) in deliveries.iter().enumerate() {
+        validate_destination(&e.destination)?;
+        if deliveries[..i]
+            .iter()
+            .any(|o| o.destination == e.destination)
+        {
+            return Err(StoreError::InvalidDestination(format!(
+                "{} (twice)",
+                e.destination
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// The store the engine uses. Both backends ([`SledStore`], [`PgStore`]) implement it and
 /// pass the same contract tests ([`contract`]).
 pub trait Store: Send + Sync + 'static {

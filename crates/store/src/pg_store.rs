@@ -638,13 +638,6 @@ impl PgStore {
         Ok(())
     }
 
-    fn validate_destination(destination: &str) -> Result<(), StoreError> {
-        if destination.is_empty() || destination.contains('\0') || destination.contains('/') {
-            return Err(StoreError::InvalidDestination(destination.to_owned()));
-        }
-        Ok(())
-    }
-
     /// Returns to ready the in-flight deliveries that match `condition` (`$1` is now, `$2`
     /// is `param`). Returns how many.
     async fn requeue_where(
@@ -989,18 +982,7 @@ impl Store for PgStore {
     async fn record_outcome(&self, id: MessageId, outcome: Outcome) -> Result<(), StoreError> {
         let sql_id = i64::try_from(id).map_err(|_| StoreError::NotFound(id))?;
         if let Outcome::Mapped { deliveries, .. } = &outcome {
-            for (i, e) in deliveries.iter().enumerate() {
-                Self::validate_destination(&e.destination)?;
-                if deliveries[..i]
-                    .iter()
-                    .any(|o| o.destination == e.destination)
-                {
-                    return Err(StoreError::InvalidDestination(format!(
-                        "{} (twice)",
-                        e.destination
-                    )));
-                }
-            }
+            crate::validate_deliveries(deliveries)?;
         }
         let now = self.now();
         on_connection!(self, "record outcome", |c| async {
@@ -1123,7 +1105,7 @@ impl Store for PgStore {
     }
 
     async fn lease(&self, destination: &str, max: usize) -> Result<Vec<Lease>, StoreError> {
-        Self::validate_destination(destination)?;
+        crate::validate_destination(destination)?;
         let now = self.now();
         let until = now.saturating_add(big(self.config.visibility_timeout.as_millis() as u64));
         let max = big(max as u64);

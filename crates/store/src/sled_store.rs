@@ -796,13 +796,6 @@ impl SledStore {
         Ok(problems)
     }
 
-    fn validate_destination(destination: &str) -> Result<(), StoreError> {
-        if destination.is_empty() || destination.contains('\0') || destination.contains('/') {
-            return Err(StoreError::InvalidDestination(destination.to_owned()));
-        }
-        Ok(())
-    }
-
     fn matches(&self, record: &MessageRecord, q: &Query) -> Result<bool, StoreError> {
         if q.state.is_some_and(|s| s != record.state)
             || q.route
@@ -921,18 +914,7 @@ impl Store for SledStore {
                 bundle,
                 deliveries,
             } => {
-                for (i, e) in deliveries.iter().enumerate() {
-                    Self::validate_destination(&e.destination)?;
-                    if deliveries[..i]
-                        .iter()
-                        .any(|o| o.destination == e.destination)
-                    {
-                        return Err(StoreError::InvalidDestination(format!(
-                            "{} (twice)",
-                            e.destination
-                        )));
-                    }
-                }
+                crate::validate_deliveries(&deliveries)?;
                 record.route = Some(route.clone());
                 record.bundle = None;
                 new_bundle = Some(bundle);
@@ -1038,7 +1020,7 @@ impl Store for SledStore {
     }
 
     async fn lease(&self, destination: &str, max: usize) -> Result<Vec<Lease>, StoreError> {
-        Self::validate_destination(destination)?;
+        crate::validate_destination(destination)?;
         let _guard = self.lock();
         let now = self.now();
         let prefix = dest_prefix(destination);

@@ -64,6 +64,11 @@ impl Overlay {
     fn lookup(&self, key: &[u8]) -> Option<&Option<IVec>> {
         self.active.get(key).or_else(|| self.sealed.get(key))
     }
+
+    fn set_counter(&mut self, key: Vec<u8>, value: u64) {
+        self.active_bytes += key.len() + 8;
+        self.active.insert(key, Some(IVec::from(&be(value)[..])));
+    }
 }
 
 /// A sled tree with the overlay of writes it has not received yet.
@@ -125,6 +130,15 @@ impl Layered {
         }
     }
 
+    /// A counter's value: the overlay's (the caller holds its lock), else sled's.
+    fn counter(&self, o: &Overlay, key: &[u8]) -> Result<u64, sled::Error> {
+        let value = match o.lookup(key) {
+            Some(v) => v.clone(),
+            None => self.tree.get(key)?,
+        };
+        Ok(value.as_deref().and_then(read_be).unwrap_or(0))
+    }
+
     /// Puts a whole change into the overlay: its writes, and its counters' new values.
     fn commit(&self, writes: Writes) -> Result<(), sled::Error> {
         let mut o = self.overlay();
@@ -132,18 +146,8 @@ impl Layered {
             if delta == 0 {
                 continue;
             }
-            let current = match o.lookup(&key) {
-                Some(v) => v.as_deref().and_then(read_be).unwrap_or(0),
-                None => self
-                    .tree
-                    .get(&key)?
-                    .as_deref()
-                    .and_then(read_be)
-                    .unwrap_or(0),
-            };
-            let value = IVec::from(&be(current.saturating_add_signed(delta))[..]);
-            o.active_bytes += key.len() + 8;
-            o.active.insert(key, Some(value));
+            let current = self.counter(&o, &key)?;
+            o.set_counter(key, current.saturating_add_signed(delta));
         }
         for (key, value) in writes.ops {
             o.active_bytes += key.len() + value.as_ref().map_or(0, |v| v.len());
@@ -158,20 +162,8 @@ impl Layered {
     /// Adds `delta` to a counter at once.
     fn add(&self, key: Vec<u8>, delta: u64) -> Result<(), sled::Error> {
         let mut o = self.overlay();
-        let current = match o.lookup(&key) {
-            Some(v) => v.as_deref().and_then(read_be).unwrap_or(0),
-            None => self
-                .tree
-                .get(&key)?
-                .as_deref()
-                .and_then(read_be)
-                .unwrap_or(0),
-        };
-        o.active_bytes += key.len() + 8;
-        o.active.insert(
-            key,
-            Some(IVec::from(&be(current.saturating_add(delta))[..])),
-        );
+        let current = self.counter(&o, &key)?;
+        o.set_counter(key, current.saturating_add(delta));
         Ok(())
     }
 

@@ -37,6 +37,15 @@ async fn client(url: &str) -> tokio_postgres::Client {
     client
 }
 
+/// How many deliveries of the destination `fhir` the counters have in `state`.
+fn fhir_deliveries(counts: &Counts, state: &str) -> u64 {
+    counts
+        .deliveries
+        .get(&("fhir".to_owned(), state.to_owned()))
+        .copied()
+        .unwrap_or(0)
+}
+
 fn enqueue_to(dest: &str, key: &str) -> Outcome {
     Outcome::Mapped {
         route: "r".into(),
@@ -197,13 +206,7 @@ async fn two_nodes_lease_concurrently_without_breaking_key_order() {
         "every message delivered exactly once"
     );
     let counts = nodes[0].counts().await.unwrap();
-    let d = |s: &str| {
-        counts
-            .deliveries
-            .get(&("fhir".to_owned(), s.to_owned()))
-            .copied()
-            .unwrap_or(0)
-    };
+    let d = |state: &str| fhir_deliveries(&counts, state);
     assert_eq!(
         (d("delivered"), d("pending"), d("in_flight")),
         (MESSAGES as u64, 0, 0),
@@ -278,13 +281,7 @@ async fn leases_of_a_node_that_is_gone_return_on_open() {
     }
     let reopened = PgStore::open(config(url, clock.clone())).await.unwrap();
     let counts = reopened.counts().await.unwrap();
-    let d = |s: &str| {
-        counts
-            .deliveries
-            .get(&("fhir".to_owned(), s.to_owned()))
-            .copied()
-            .unwrap_or(0)
-    };
+    let d = |state: &str| fhir_deliveries(&counts, state);
     assert_eq!(
         (d("in_flight"), d("pending")),
         (1, 2),

@@ -145,6 +145,12 @@ fn npm_peer(name: &str, files: &[&str], what: &str) -> PathBuf {
 }
 
 fn run(command: &mut Command, what: &str) {
+    output_of(command, what);
+}
+
+/// Runs a command to its end; its standard output, trimmed. Panics with both outputs when
+/// it fails.
+pub(crate) fn output_of(command: &mut Command, what: &str) -> String {
     let output = command
         .output()
         .unwrap_or_else(|e| panic!("{what}: cannot start {command:?}: {e}"));
@@ -155,4 +161,5 @@ fn run(command: &mut Command, what: &str) {
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
+    String::from_utf8_lossy(&output.stdout).trim().to_owned()
 }

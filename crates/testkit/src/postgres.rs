@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use crate::mllp::PeerProcess;
+use crate::output_of;
 
 /// The folder holding `initdb` and `postgres`. Panics, saying what to install, without them.
 pub fn bin_dir() -> PathBuf {
@@ -60,20 +61,6 @@ pub fn bin_dir() -> PathBuf {
                  postgresql) to run the PostgreSQL store tests"
             )
         })
-}
-
-fn output_of(command: &mut Command, what: &str) -> String {
-    let output = command
-        .output()
-        .unwrap_or_else(|e| panic!("{what}: cannot start {command:?}: {e}"));
-    assert!(
-        output.status.success(),
-        "{what} failed ({}):\n{}\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).trim().to_owned()
 }
 
 /// Whether this process runs as root (PostgreSQL then needs another user).
