@@ -188,6 +188,20 @@ pub(crate) fn validate_destination(destination: &str) -> Result<(), StoreError> 
     Ok(())
 }
 
+/// Whether a routing outcome may be recorded for a message in `state`: only while it is
+/// not routed yet, or was left unrouted or unmapped (to route it again).
+pub(crate) fn check_routable(id: MessageId, state: MessageState) -> Result<(), StoreError> {
+    match state {
+        MessageState::Received | MessageState::Unrouted | MessageState::MappingFailed => Ok(()),
+        _ => Err(StoreError::WrongState {
+            id,
+            state: state.name(),
+            action: "recording a routing outcome",
+            needed: "received, unrouted or mapping_failed",
+        }),
+    }
+}
+
 /// The deliveries of one routing outcome: valid destinations, each named once.
 pub(crate) fn validate_deliveries(deliveries: &[Enqueue]) -> Result<(), StoreError> {
     for (i, e) in deliveries.iter().enumerate() {

@@ -1002,17 +1002,7 @@ impl Store for PgStore {
             let before: String = r.get("state")?;
             let before = parse_message_state(&before)
                 .ok_or_else(|| r.bad("state", format!("unknown state {before:?}")))?;
-            if !matches!(
-                before,
-                MessageState::Received | MessageState::Unrouted | MessageState::MappingFailed
-            ) {
-                return Err(StoreError::WrongState {
-                    id,
-                    state: before.name(),
-                    action: "recording a routing outcome",
-                    needed: "received, unrouted or mapping_failed",
-                });
-            }
+            crate::check_routable(id, before)?;
             let mut route: Option<String> = r.get("route")?;
             let mut error: Option<String> = r.get("error")?;
             let mut bundle: Option<String> = r.get("bundle")?;

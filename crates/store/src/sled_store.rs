@@ -888,17 +888,7 @@ impl Store for SledStore {
         let _guard = self.lock();
         let mut record = self.read_message(id)?.ok_or(StoreError::NotFound(id))?;
         let before = record.state;
-        if !matches!(
-            before,
-            MessageState::Received | MessageState::Unrouted | MessageState::MappingFailed
-        ) {
-            return Err(StoreError::WrongState {
-                id,
-                state: before.name(),
-                action: "recording a routing outcome",
-                needed: "received, unrouted or mapping_failed",
-            });
-        }
+        crate::check_routable(id, before)?;
         let now = self.now();
         let mut new_deliveries = Vec::new();
         let mut new_bundle = None;
