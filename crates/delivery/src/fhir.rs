@@ -39,8 +39,11 @@
 //! algorithm, scope, kid }`. `private_key_file` (unencrypted PKCS#8 PEM, RSA or EC P-384,
 //! relative to the base dir) is read and checked when the destination is built;
 //! `algorithm` (`RS384` or `ES384`) defaults to the key's, `scope` to `system/*.write`, and
-//! `kid`, when given, goes in the JWT header. The token endpoint is reached with the same
-//! HTTP client (timeouts, `ca`, client certificate) as the FHIR server. Access tokens are
+//! `kid`, when given, goes in the JWT header. The token endpoint is reached with the FHIR
+//! server's HTTP client (timeouts, `ca`, client certificate), unless the `auth` table has
+//! a `ca` of its own: a PEM file, or the word `"system"` for the system's roots (a private
+//! FHIR server with a public identity provider); that client presents no certificate,
+//! since the signed assertion authenticates the client. Access tokens are
 //! cached and shared; a 401 from the FHIR server makes the attempt fetch a new token once
 //! and POST once more. Failing to get a token gives `error_class` `auth`: transient when the
 //! token endpoint is unreachable or answers 408, 429 or 5xx, permanent when it refuses the
@@ -141,33 +144,14 @@ impl FhirDestination {
         }
         let timeout = r.seconds("timeout_s")?.unwrap_or(DEFAULT_TIMEOUT);
 
-        let auth = match r.table("auth")? {
-            None => Auth::None,
-            Some(table) => read_auth(table, base_dir)?,
+        let ca = match r.path_setting("ca", base_dir)? {
+            Some(path) => Some(read_ca("ca", &path)?),
+            None => None,
         };
-
-        // rustls needs one process-wide crypto provider; the workspace uses aws-lc-rs.
-        // Installing fails harmlessly when one is already installed.
-        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-
-        let mut builder = Client::builder()
-            .timeout(timeout)
-            .connect_timeout(timeout.min(Duration::from_secs(10)))
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("passerelle/", env!("CARGO_PKG_VERSION")));
-        if let Some(ca) = r.path_setting("ca", base_dir)? {
-            let pem = read_file("ca", &ca)?;
-            let certs = Certificate::from_pem_bundle(&pem)
-                .map_err(|e| invalid("ca", format!("not PEM certificates: {e}")))?;
-            if certs.is_empty() {
-                return Err(invalid("ca", "the file holds no certificate"));
-            }
-            builder = builder.tls_certs_only(certs);
-        }
         let cert = r.path_setting("client_cert", base_dir)?;
         let key = r.path_setting("client_key", base_dir)?;
-        match (cert, key) {
-            (None, None) => {}
+        let identity = match (cert, key) {
+            (None, None) => None,
             (Some(_), None) => {
                 return Err(SettingsError::Missing {
                     key: "client_key".to_owned(),
@@ -182,18 +166,19 @@ impl FhirDestination {
                 let mut pem = read_file("client_cert", &cert)?;
                 pem.push(b'\n');
                 pem.extend_from_slice(&read_file("client_key", &key)?);
-                let identity = Identity::from_pem(&pem).map_err(|e| {
+                Some(Identity::from_pem(&pem).map_err(|e| {
                     invalid(
                         "client_cert",
                         format!("cannot use the certificate and key: {e}"),
                     )
-                })?;
-                builder = builder.identity(identity);
+                })?)
             }
-        }
-        let client = builder
-            .build()
-            .map_err(|e| invalid("url", format!("cannot build the HTTP client: {e}")))?;
+        };
+        let client = http_client(timeout, ca, identity)?;
+        let auth = match r.table("auth")? {
+            None => Auth::None,
+            Some(table) => read_auth(table, base_dir, timeout)?,
+        };
         Ok(FhirDestination { url, client, auth })
     }
 
@@ -278,7 +263,49 @@ async fn drain(mut response: reqwest::Response) {
     while let Ok(Some(_)) = response.chunk().await {}
 }
 
-fn read_auth(table: &toml::Table, base_dir: &Path) -> Result<Auth, SettingsError> {
+/// The HTTP client of a destination (or of its token endpoint): server certificates
+/// checked against `ca` only when given, else the system's roots; `identity` presented
+/// when given (mutual TLS); no redirects.
+pub(crate) fn http_client(
+    timeout: Duration,
+    ca: Option<Vec<Certificate>>,
+    identity: Option<Identity>,
+) -> Result<Client, SettingsError> {
+    // rustls needs one process-wide crypto provider; the workspace uses aws-lc-rs.
+    // Installing fails harmlessly when one is already installed.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let mut builder = Client::builder()
+        .timeout(timeout)
+        .connect_timeout(timeout.min(Duration::from_secs(10)))
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("passerelle/", env!("CARGO_PKG_VERSION")));
+    if let Some(certs) = ca {
+        builder = builder.tls_certs_only(certs);
+    }
+    if let Some(identity) = identity {
+        builder = builder.identity(identity);
+    }
+    builder
+        .build()
+        .map_err(|e| invalid("url", format!("cannot build the HTTP client: {e}")))
+}
+
+/// The certificates of the PEM file `path` (setting `key`): at least one.
+pub(crate) fn read_ca(key: &str, path: &Path) -> Result<Vec<Certificate>, SettingsError> {
+    let pem = read_file(key, path)?;
+    let certs = Certificate::from_pem_bundle(&pem)
+        .map_err(|e| invalid(key, format!("not PEM certificates: {e}")))?;
+    if certs.is_empty() {
+        return Err(invalid(key, "the file holds no certificate"));
+    }
+    Ok(certs)
+}
+
+fn read_auth(
+    table: &toml::Table,
+    base_dir: &Path,
+    timeout: Duration,
+) -> Result<Auth, SettingsError> {
     const EXPECTED: &str = "expected \"none\", \"basic\", \"bearer\" or \"smart_backend\"";
     let kind = table
         .get("type")
@@ -320,7 +347,7 @@ fn read_auth(table: &toml::Table, base_dir: &Path) -> Result<Auth, SettingsError
         "smart_backend" => {
             let r = Reader::new(table, "auth", SmartAuth::KEYS)?;
             Ok(Auth::Smart(Box::new(SmartAuth::from_settings(
-                &r, base_dir,
+                &r, base_dir, timeout,
             )?)))
         }
         other => Err(invalid("auth.type", format!("{other:?}: {EXPECTED}"))),

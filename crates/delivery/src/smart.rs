@@ -66,7 +66,7 @@ use reqwest::{Client, Url};
 use rustls_pki_types::PrivateKeyDer;
 use rustls_pki_types::pem::PemObject;
 
-use crate::fhir::{base64_encode, read_bounded, retry_after_ms};
+use crate::fhir::{base64_encode, http_client, read_bounded, read_ca, retry_after_ms};
 use crate::settings::{Reader, invalid, read_file};
 use crate::{SettingsError, truncate, with_detail};
 
@@ -146,6 +146,9 @@ pub(crate) struct SmartAuth {
     client_id: String,
     scope: String,
     kid: Option<String>,
+    /// The token endpoint's own client, when `auth.ca` is given; otherwise the FHIR
+    /// destination's client is used (its `ca` and client certificate).
+    token_client: Option<Client>,
     signer: Signer,
     rng: SystemRandom,
     /// The token in use. Locked only to read or swap it, never across an await.
@@ -177,6 +180,7 @@ impl SmartAuth {
         "algorithm",
         "scope",
         "kid",
+        "ca",
     ];
 
     /// From the `auth` table (already checked to hold only [`SmartAuth::KEYS`]). Reads
@@ -184,6 +188,7 @@ impl SmartAuth {
     pub(crate) fn from_settings(
         r: &Reader<'_>,
         base_dir: &Path,
+        timeout: Duration,
     ) -> Result<SmartAuth, SettingsError> {
         let url_text = r.required_string("token_url")?;
         let token_url = Url::parse(url_text)
@@ -248,11 +253,23 @@ impl SmartAuth {
                 ),
             ));
         }
+        // The token endpoint often sits behind another certificate authority than the FHIR
+        // server (a public identity provider, a private FHIR server): `ca` lets it differ.
+        let token_client = match r.string("ca")? {
+            None => None,
+            Some("system") => Some(http_client(timeout, None, None)?),
+            Some(file) => Some(http_client(
+                timeout,
+                Some(read_ca("auth.ca", &base_dir.join(file))?),
+                None,
+            )?),
+        };
         Ok(SmartAuth {
             token_url,
             client_id,
             scope,
             kid,
+            token_client,
             signer,
             rng: SystemRandom::new(),
             current: Mutex::new(None),
@@ -264,6 +281,7 @@ impl SmartAuth {
     /// A valid access token: the cached one, or a fresh one from the token endpoint (one
     /// fetch at a time; see the module doc). A failure comes as the report to return.
     pub(crate) async fn token(&self, client: &Client) -> Result<Arc<AccessToken>, AttemptReport> {
+        let client = self.token_client.as_ref().unwrap_or(client);
         let asked_at = Instant::now();
         if let Some(token) = self.valid_token() {
             return Ok(token);
@@ -570,7 +588,7 @@ mod tests {
         ))
         .expect("toml");
         let r = Reader::new(&table, "auth", SmartAuth::KEYS).expect("keys");
-        SmartAuth::from_settings(&r, dir).expect("settings")
+        SmartAuth::from_settings(&r, dir, Duration::from_secs(10)).expect("settings")
     }
 
     /// Splits a compact JWS into (header, claims, signing input, signature).

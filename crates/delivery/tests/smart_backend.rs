@@ -346,3 +346,68 @@ async fn an_unreachable_token_endpoint_is_transient() {
     assert_eq!(report.error_class, "auth");
     assert!(report.detail.starts_with("token endpoint: "), "{report:?}");
 }
+
+/// The token endpoint behind a private CA of its own, the FHIR server elsewhere: `auth.ca`
+/// decides which roots check the token endpoint, and without it the destination's `ca`
+/// does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_endpoint_checked_against_its_own_ca() {
+    let keys = Keys::new();
+    let pki = common::Pki::new();
+    let clients = vec![client("passerelle-tls", keys.public_pem("rsa"), 300)];
+    let (cert, key) = (pki.path("server.pem"), pki.path("server.key"));
+    let auth =
+        tokio::task::spawn_blocking(move || SmartAuthServer::start_tls(&clients, &cert, &key))
+            .await
+            .unwrap();
+    assert!(auth.token_url().starts_with("https://"));
+    let fhir = tokio::task::spawn_blocking(FhirServer::start)
+        .await
+        .unwrap();
+    let ca = pki.path("ca.pem");
+    let build = |destination_extra: &str, auth_extra: &str| {
+        let settings: toml::Table = toml::from_str(&format!(
+            "url = {:?}\ntimeout_s = 10\n{destination_extra}\nauth = {{ type = \"smart_backend\", token_url = {:?}, client_id = \"passerelle-tls\", private_key_file = \"rsa.pem\"{auth_extra} }}",
+            fhir.base_url(),
+            auth.token_url()
+        ))
+        .unwrap();
+        Destination::from_settings("fhir", &settings, keys.dir()).unwrap()
+    };
+    let bundle = bundle("adt_a01_admit.hl7");
+
+    // The system's roots do not know the private CA: no token, a transient auth failure.
+    let report = build("", "").deliver(&item(&bundle)).await;
+    assert_eq!(report.outcome, AttemptOutcome::Transient, "{report:?}");
+    assert_eq!(report.error_class, "auth", "{report:?}");
+
+    // Its own `ca`: a token, and the bundle delivered.
+    let report = build("", &format!(", ca = {ca:?}"))
+        .deliver(&item(&bundle))
+        .await;
+    assert_eq!(report.outcome, AttemptOutcome::Delivered, "{report:?}");
+
+    // Without one, the destination's `ca` checks the token endpoint too.
+    let report = build(&format!("ca = {ca:?}"), "")
+        .deliver(&item(&bundle))
+        .await;
+    assert_eq!(report.outcome, AttemptOutcome::Delivered, "{report:?}");
+
+    // `"system"` overrides the destination's `ca` for the token endpoint.
+    let report = build(&format!("ca = {ca:?}"), ", ca = \"system\"")
+        .deliver(&item(&bundle))
+        .await;
+    assert_eq!(report.outcome, AttemptOutcome::Transient, "{report:?}");
+    assert_eq!(report.error_class, "auth", "{report:?}");
+
+    // A file that holds no certificate is refused when the destination is built.
+    std::fs::write(keys.dir().join("empty.pem"), "").unwrap();
+    let settings: toml::Table = toml::from_str(&format!(
+        "url = {:?}\nauth = {{ type = \"smart_backend\", token_url = {:?}, client_id = \"x\", private_key_file = \"rsa.pem\", ca = \"empty.pem\" }}",
+        fhir.base_url(),
+        auth.token_url()
+    ))
+    .unwrap();
+    let error = Destination::from_settings("fhir", &settings, keys.dir()).unwrap_err();
+    assert!(error.to_string().contains("auth.ca"), "{error}");
+}

@@ -20,7 +20,7 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -71,6 +71,7 @@ pub struct TokenStats {
 #[derive(Debug)]
 pub struct SmartAuthServer {
     port: u16,
+    scheme: &'static str,
     _process: PeerProcess,
 }
 
@@ -78,6 +79,17 @@ impl SmartAuthServer {
     /// Installs (if needed) and starts the server with `clients` registered, and waits
     /// until it listens. Blocking: from async code, call it in `spawn_blocking`.
     pub fn start(clients: &[SmartClient]) -> SmartAuthServer {
+        SmartAuthServer::spawn(clients, None)
+    }
+
+    /// Like [`SmartAuthServer::start`], serving HTTPS only with the PEM certificate `cert`
+    /// and its key `key`. The test hooks ([`SmartAuthServer::stats`],
+    /// [`SmartAuthServer::revoke_tokens`]) speak plain HTTP: not for this server.
+    pub fn start_tls(clients: &[SmartClient], cert: &Path, key: &Path) -> SmartAuthServer {
+        SmartAuthServer::spawn(clients, Some((cert, key)))
+    }
+
+    fn spawn(clients: &[SmartClient], tls: Option<(&Path, &Path)>) -> SmartAuthServer {
         let dir = server_dir();
         let mut config = String::from("{\"clients\":[");
         for (i, client) in clients.iter().enumerate() {
@@ -108,10 +120,16 @@ impl SmartAuthServer {
             json_string(INTROSPECTOR_ID),
             json_string(INTROSPECTOR_SECRET)
         ));
+        let mut command = Command::new("node");
+        command.env("SMART_AUTH_CONFIG", config);
+        if let Some((cert, key)) = tls {
+            command
+                .env("SMART_AUTH_TLS_CERT", cert)
+                .env("SMART_AUTH_TLS_KEY", key);
+        }
         let mut process = PeerProcess::spawn(
             "authorization server (oidc-provider)",
-            Command::new("node")
-                .env("SMART_AUTH_CONFIG", config)
+            command
                 .arg(dir.join("server.mjs"))
                 .arg("0")
                 .current_dir(&dir),
@@ -119,13 +137,14 @@ impl SmartAuthServer {
         let line = process.wait_for_line("listening on", Duration::from_secs(60));
         SmartAuthServer {
             port: port_in(&line),
+            scheme: if tls.is_some() { "https" } else { "http" },
             _process: process,
         }
     }
 
-    /// The issuer, `http://127.0.0.1:PORT`.
+    /// The issuer, `http://127.0.0.1:PORT` (`https` with TLS).
     pub fn issuer(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("{}://127.0.0.1:{}", self.scheme, self.port)
     }
 
     /// The token endpoint.

@@ -9,6 +9,8 @@
 // picks one)
 // Prints `listening on 127.0.0.1:PORT` once it accepts requests. The issuer is
 // `http://127.0.0.1:PORT`, the token endpoint `/token`, introspection `/token/introspection`.
+// With SMART_AUTH_TLS_CERT and SMART_AUTH_TLS_KEY (PEM files) it serves HTTPS only, and the
+// issuer is `https://127.0.0.1:PORT`.
 //
 // SMART_AUTH_CONFIG (JSON):
 //   { "clients": [ { "client_id": "...", "public_key_pem": "-----BEGIN PUBLIC KEY-----...",
@@ -24,7 +26,9 @@
 //                                      granted scope and the last OAuth error code, `-` if none)
 //   POST /test/revoke?client_id=ID  -> forgets every access token issued to the client (as a
 //                                      server-side revocation would), answers `revoked=N`
+import fs from 'node:fs';
 import http from 'node:http';
+import https from 'node:https';
 import { createPublicKey } from 'node:crypto';
 import Provider from 'oidc-provider';
 
@@ -118,11 +122,16 @@ let handler = (req, res) => {
   res.writeHead(503);
   res.end();
 };
-const server = http.createServer((req, res) => handler(req, res));
+const tls = process.env.SMART_AUTH_TLS_CERT
+  ? { cert: fs.readFileSync(process.env.SMART_AUTH_TLS_CERT), key: fs.readFileSync(process.env.SMART_AUTH_TLS_KEY) }
+  : null;
+const server = tls
+  ? https.createServer(tls, (req, res) => handler(req, res))
+  : http.createServer((req, res) => handler(req, res));
 
 server.listen(Number(process.argv[2] || 0), '127.0.0.1', () => {
   const { port } = server.address();
-  const issuer = `http://127.0.0.1:${port}`;
+  const issuer = `${tls ? 'https' : 'http'}://127.0.0.1:${port}`;
   const provider = new Provider(issuer, {
     adapter: MapAdapter,
     clients,
