@@ -61,7 +61,8 @@ pub struct Item<'a> {
     pub message_id: u64,
     /// The mapped FHIR transaction bundle, as JSON.
     pub bundle: Option<&'a str>,
-    /// The message as received.
+    /// The message as received. Only an MLLP forward sends it: the engine reads the frame
+    /// from the store for those alone and leaves it empty for FHIR and NDJSON destinations.
     pub raw: &'a [u8],
 }
 
