@@ -12,9 +12,10 @@ use passerelle_mapping::Pack;
 pub(crate) struct CheckArgs {
     /// Pack folders to check; by default every folder of `--mappings` holding a pack.toml.
     packs: Vec<PathBuf>,
-    /// The folder holding the mapping packs.
-    #[arg(long, default_value = "mappings")]
-    mappings: PathBuf,
+    /// The folder holding the mapping packs [default: mappings, or with `--config` alone
+    /// only the packs the configuration's routes use].
+    #[arg(long)]
+    mappings: Option<PathBuf>,
     /// Also check this engine configuration: passerelle.toml, routes.d and every route's
     /// mapping pack and destination settings.
     #[arg(long)]
@@ -62,17 +63,27 @@ fn check_config(path: &std::path::Path) -> bool {
 
 pub(crate) fn run(args: &CheckArgs) -> ExitCode {
     let config_ok = args.config.as_deref().is_none_or(check_config);
+    // `--config` alone checks what the engine would load: the configuration loads the
+    // packs its routes use from its own `[paths] mappings`, wherever the command runs.
+    if args.config.is_some() && args.packs.is_empty() && args.mappings.is_none() {
+        return if config_ok {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        };
+    }
+    let mappings = args
+        .mappings
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("mappings"));
     let packs = if args.packs.is_empty() {
-        let mut found: Vec<PathBuf> = match std::fs::read_dir(&args.mappings) {
+        let mut found: Vec<PathBuf> = match std::fs::read_dir(&mappings) {
             Ok(entries) => entries
                 .filter_map(|e| e.ok().map(|e| e.path()))
                 .filter(|p| p.join("pack.toml").is_file())
                 .collect(),
             Err(e) => {
-                eprintln!(
-                    "passerelle check: cannot read {}: {e}",
-                    args.mappings.display()
-                );
+                eprintln!("passerelle check: cannot read {}: {e}", mappings.display());
                 return ExitCode::from(2);
             }
         };
@@ -80,7 +91,7 @@ pub(crate) fn run(args: &CheckArgs) -> ExitCode {
         if found.is_empty() {
             eprintln!(
                 "passerelle check: no pack (a folder with pack.toml) in {}",
-                args.mappings.display()
+                mappings.display()
             );
             return ExitCode::from(2);
         }

@@ -800,6 +800,211 @@ fn kubernetes_manifests_agree_with_the_engine() {
     common::stop(engine.process);
 }
 
+/// The overlay's objects, by file, and its kustomization.
+fn overlay_objects() -> (Vec<(String, Value)>, Value) {
+    let dir = workspace_root().join("deploy/kubernetes-postgres");
+    let mut objects = Vec::new();
+    let mut kustomization = Value::Null;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        for doc in yaml_documents(&std::fs::read_to_string(&path).unwrap()) {
+            if name == "kustomization.yaml" {
+                kustomization = doc;
+            } else {
+                objects.push((name.clone(), doc));
+            }
+        }
+    }
+    (objects, kustomization)
+}
+
+#[test]
+fn kubernetes_postgres_overlay_agrees_with_the_engine() {
+    let base = kubernetes_objects();
+    let (objects, kustomization) = overlay_objects();
+
+    // Every file of the overlay is a resource or a patch, and the base is its first
+    // resource; it deletes the base's StatefulSet (the sled volume goes with it).
+    let resources: Vec<&str> = array(&kustomization["resources"], "resources")
+        .iter()
+        .map(|r| r.as_str().unwrap())
+        .collect();
+    assert_eq!(resources[0], "../kubernetes");
+    let patches = array(&kustomization["patches"], "patches");
+    let mut used: BTreeSet<&str> = resources[1..].iter().copied().collect();
+    used.extend(patches.iter().filter_map(|p| p["path"].as_str()));
+    let files: BTreeSet<&str> = objects.iter().map(|(f, _)| f.as_str()).collect();
+    assert_eq!(used, files);
+    let sts = find(&base, "StatefulSet", "");
+    assert!(patches.iter().any(|p| {
+        p["patch"].as_str().is_some_and(|text| {
+            let doc = &yaml_documents(text)[0];
+            doc["$patch"] == "delete"
+                && doc["kind"] == "StatefulSet"
+                && doc["metadata"]["name"] == sts["metadata"]["name"]
+        })
+    }));
+    assert_eq!(
+        kustomization["namespace"],
+        find(&base, "Kustomization", "")["namespace"]
+    );
+
+    // The ConfigMap as kustomize merges it: the patch's keys over the base's, null drops.
+    let patch = &objects
+        .iter()
+        .find(|(f, _)| f == "configmap-patch.yaml")
+        .unwrap()
+        .1;
+    let mut configmap = find(
+        &base,
+        "ConfigMap",
+        patch["metadata"]["name"].as_str().unwrap(),
+    )
+    .clone();
+    let data = configmap["data"].as_object_mut().unwrap();
+    for (key, value) in patch["data"].as_object().unwrap() {
+        if value.is_null() {
+            assert!(
+                data.remove(key).is_some(),
+                "the patch drops {key}, absent from the base"
+            );
+        } else {
+            data.insert(key.clone(), value.clone());
+        }
+    }
+
+    let deployment = &objects
+        .iter()
+        .find(|(_, o)| o["kind"] == "Deployment")
+        .unwrap()
+        .1;
+    let spec = &deployment["spec"];
+    assert!(spec["replicas"].as_u64().unwrap() >= 2, "several nodes");
+    let pod = &spec["template"]["spec"];
+    let container = &array(&pod["containers"], "containers")[0];
+    let volumes = array(&pod["volumes"], "volumes");
+    let config_volume = volumes.iter().find(|v| v["name"] == "config").unwrap();
+    assert!(
+        volumes
+            .iter()
+            .all(|v| v.get("persistentVolumeClaim").is_none()),
+        "the nodes keep nothing"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    for (path, content) in configmap_files(config_volume, &configmap) {
+        let file = dir.path().join(&path);
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        std::fs::write(file, content).unwrap();
+    }
+    let args: Vec<&str> = array(&container["args"], "args")
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert_eq!(args[..2], ["serve", "--config"]);
+    let mount = array(&container["volumeMounts"], "volumeMounts")
+        .iter()
+        .find(|m| m["name"] == "config")
+        .unwrap()["mountPath"]
+        .as_str()
+        .unwrap();
+    let config_file = dir
+        .path()
+        .join(Path::new(args[2]).strip_prefix(mount).unwrap());
+
+    // The environment: literal values, and Secret keys that the overlay's Secrets hold.
+    let mut env: HashMap<String, String> = HashMap::new();
+    for e in array(&container["env"], "env") {
+        let name = e["name"].as_str().unwrap().to_owned();
+        if let Some(value) = e["value"].as_str() {
+            env.insert(name, value.to_owned());
+            continue;
+        }
+        let reference = &e["valueFrom"]["secretKeyRef"];
+        let secret = objects
+            .iter()
+            .chain(base.iter())
+            .map(|(_, o)| o)
+            .find(|o| o["kind"] == "Secret" && o["metadata"]["name"] == reference["name"]);
+        match secret {
+            Some(secret) => {
+                let value = secret["stringData"][reference["key"].as_str().unwrap()]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("{reference}: no such key"));
+                env.insert(name, value.to_owned());
+            }
+            None => assert_eq!(reference["optional"], true, "{reference}: no such Secret"),
+        }
+    }
+    assert!(env.contains_key("PASSERELLE__STORE__URL"));
+    assert!(env.contains_key("PGPASSWORD"));
+    let overrides: HashMap<String, String> = env
+        .iter()
+        .filter(|(k, _)| k.starts_with("PASSERELLE__"))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let config = EngineConfig::load_with_env(Some(&config_file), Some(overrides.clone()))
+        .unwrap_or_else(|e| panic!("the overlay's passerelle.toml with the pod's env: {e}"));
+    assert_eq!(config.store.backend, "postgres");
+
+    // `passerelle check` accepts it, routes and destinations included (it does not
+    // connect to the database).
+    let mappings = workspace_root().join("mappings");
+    let mut check_env: Vec<(&str, &str)> = overrides
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    check_env.push(("PASSERELLE__PATHS__MAPPINGS", mappings.to_str().unwrap()));
+    let check = passerelle(
+        &["check", "--config", config_file.to_str().unwrap()],
+        &check_env,
+    );
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+
+    // Ports, probes, the drain and the hardening, as in the base.
+    let ports: BTreeMap<String, u64> = array(&container["ports"], "ports")
+        .iter()
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap().to_owned(),
+                p["containerPort"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(ports["admin"], u64::from(port_of(&config.admin.bind)));
+    assert_eq!(ports["mllp"], u64::from(port_of(&config.listeners[0].bind)));
+    for (probe, path) in [
+        ("livenessProbe", "/health"),
+        ("readinessProbe", "/ready"),
+        ("startupProbe", "/health"),
+    ] {
+        assert_eq!(container[probe]["httpGet"]["path"], path, "{probe}");
+        assert_eq!(container[probe]["httpGet"]["port"], "admin", "{probe}");
+    }
+    let labels = &spec["template"]["metadata"]["labels"];
+    assert_eq!(&spec["selector"]["matchLabels"], labels);
+    for service in base
+        .iter()
+        .map(|(_, o)| o)
+        .filter(|o| o["kind"] == "Service")
+    {
+        assert_eq!(
+            &service["spec"]["selector"], labels,
+            "the base's Services select the pods"
+        );
+    }
+    let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap();
+    assert!(grace > listener_drain().as_secs() * config.listeners.len() as u64);
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(container["securityContext"]["readOnlyRootFilesystem"], true);
+    let images = array(&kustomization["images"], "images");
+    assert_eq!(images[0]["name"], container["image"]);
+}
+
 // ---------------------------------------------------------------------------------------
 // Test 4: the container image.
 
