@@ -148,6 +148,24 @@ fn check_reports_configuration_routes_and_destinations() {
         String::from_utf8_lossy(&good.stderr)
     );
     assert!(String::from_utf8_lossy(&good.stdout).contains("2 route(s)"));
+    // `--config` alone, run where there is no ./mappings (here, in an empty folder):
+    // the packs come from the configuration's `[paths] mappings`.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let alone = Command::new(env!("CARGO_BIN_EXE_passerelle"))
+        .args([
+            "check",
+            "--config",
+            root.join("passerelle.toml").to_str().unwrap(),
+        ])
+        .current_dir(elsewhere.path())
+        .output()
+        .unwrap();
+    assert!(
+        alone.status.success(),
+        "{}",
+        String::from_utf8_lossy(&alone.stderr)
+    );
+    assert!(String::from_utf8_lossy(&alone.stdout).contains("2 route(s)"));
 
     let dir = tempfile::tempdir().unwrap();
     let config = common::setup(
