@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use passerelle_engine::config::ListenerSection;
+use passerelle_engine::duplicates::Duplicates;
 use passerelle_engine::metrics::Metrics;
 use passerelle_engine::pipeline::{
     Backpressure, Limits, Pipeline, PipelineConfig, Recheck, UnroutedAnswer,
@@ -141,6 +142,9 @@ async fn serve<S: Store>(
             check_every: None,
         },
         recheck: Recheck::default(),
+        duplicates: Duplicates {
+            window: Duration::from_secs(config.defaults.duplicate_window_s),
+        },
     };
     let pipeline = match Pipeline::start(Arc::clone(&store), pipeline_config).await {
         Ok(p) => p,

@@ -84,7 +84,7 @@ enum MessagesCommand {
 
 #[derive(Debug, Args)]
 struct FilterArgs {
-    /// A message state (received, rejected, unrouted, mapped, mapping_failed) or a
+    /// A message state (received, rejected, unrouted, mapped, mapping_failed, duplicate) or a
     /// delivery state (pending, in_flight, retry_wait, delivered, dead).
     #[arg(long)]
     state: Option<String>,

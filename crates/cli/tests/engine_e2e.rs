@@ -132,6 +132,103 @@ fn serve_send_list_show_replay() {
     );
 }
 
+/// Sends `bytes` with python `hl7`'s `mllp_send` (a real third-party sender); its answer.
+fn mllp_send(port: &str, bytes: &[u8]) -> String {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), bytes).unwrap();
+    let sent = Command::new(venv_bin("mllp_send"))
+        .args(["--loose", "-p", port, "-f"])
+        .arg(file.path())
+        .arg("127.0.0.1")
+        .output()
+        .unwrap();
+    assert!(
+        sent.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sent.stderr)
+    );
+    String::from_utf8_lossy(&sent.stdout).into_owned()
+}
+
+#[test]
+fn a_resend_is_acknowledged_kept_as_a_duplicate_and_replayable() {
+    python();
+    let dir = tempfile::tempdir().unwrap();
+    let config = common::setup(dir.path(), ROUTE, "");
+    let patients = dir.path().join("out/Patient.ndjson");
+    let (engine, addr) = common::start(&config);
+    let port = addr.rsplit(':').next().unwrap().to_owned();
+
+    let original =
+        std::fs::read(workspace_root().join("fixtures/hl7/adt_a04_register_v23.hl7")).unwrap();
+    let text = String::from_utf8(original.clone()).unwrap();
+    // The sender's resend after a lost ACK, stamped anew (MSH-7).
+    let resend = text.replacen("20240402081533||ADT", "20240402081601||ADT", 1);
+    assert_ne!(resend, text);
+    // Another message under the same control id (a sender that reuses them).
+    let reused = text.replacen("EVN|A04|20240402081533", "EVN|A04|20240402081534", 1);
+    assert_ne!(reused, text);
+    for bytes in [&original[..], resend.as_bytes(), reused.as_bytes()] {
+        let ack = mllp_send(&port, bytes);
+        assert!(ack.contains("MSA|AA"), "every copy is acknowledged: {ack}");
+    }
+    // The mapper takes messages in order: the third routed means the second was judged.
+    wait_for_lines(&patients, 2);
+    common::stop(engine);
+    assert_eq!(lines_in(&patients), 2, "the resend was not delivered");
+
+    let config_arg = config.to_str().unwrap();
+    let list = passerelle(&[
+        "messages", "--config", config_arg, "--local", "list", "--json",
+    ]);
+    let doc: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
+    let items = doc["items"].as_array().unwrap();
+    let states: Vec<&str> = items.iter().map(|i| i["state"].as_str().unwrap()).collect();
+    assert_eq!(states, ["mapped", "duplicate", "mapped"]);
+    let first = items[0]["id"].as_u64().unwrap().to_string();
+    let duplicate = items[1]["id"].as_u64().unwrap().to_string();
+
+    let listed = passerelle(&[
+        "messages",
+        "--config",
+        config_arg,
+        "list",
+        "--state",
+        "duplicate",
+    ]);
+    assert!(String::from_utf8_lossy(&listed.stdout).contains(&duplicate));
+    let show = passerelle(&["messages", "--config", config_arg, "show", &duplicate]);
+    let shown = String::from_utf8_lossy(&show.stdout);
+    assert!(
+        shown.contains(&format!("the same message as #{first}")),
+        "{shown}"
+    );
+
+    // An operator who meant it replays it: it is routed and delivered.
+    let replay = passerelle(&["messages", "--config", config_arg, "replay", &duplicate]);
+    assert!(
+        String::from_utf8_lossy(&replay.stdout).contains("mapped by route adt, queued for 1"),
+        "{}{}",
+        String::from_utf8_lossy(&replay.stdout),
+        String::from_utf8_lossy(&replay.stderr)
+    );
+    let (engine, _) = common::start(&config);
+    wait_for_lines(&patients, 3);
+    common::stop(engine);
+
+    // With the check off, the same resend is routed like any message.
+    let dir = tempfile::tempdir().unwrap();
+    let config = common::setup(dir.path(), ROUTE, "duplicate_window_s = 0\n");
+    let patients = dir.path().join("out/Patient.ndjson");
+    let (engine, addr) = common::start(&config);
+    let port = addr.rsplit(':').next().unwrap().to_owned();
+    for bytes in [&original[..], resend.as_bytes()] {
+        assert!(mllp_send(&port, bytes).contains("MSA|AA"));
+    }
+    wait_for_lines(&patients, 2);
+    common::stop(engine);
+}
+
 #[test]
 fn check_reports_configuration_routes_and_destinations() {
     let root = workspace_root();

@@ -202,6 +202,9 @@ pub struct DefaultsSection {
     pub unrouted: String,
     /// When the store or a queue is full: `stop-reading` (TCP backpressure) or `error` (AE).
     pub backpressure: String,
+    /// How far back a resend is recognised as the same message (see
+    /// [`crate::duplicates`]), in seconds; 0 turns the check off.
+    pub duplicate_window_s: u64,
 }
 
 impl Default for DefaultsSection {
@@ -210,6 +213,7 @@ impl Default for DefaultsSection {
             site_utc_offset_minutes: 60,
             unrouted: "accept".into(),
             backpressure: "stop-reading".into(),
+            duplicate_window_s: 600,
         }
     }
 }

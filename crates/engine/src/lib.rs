@@ -1,19 +1,26 @@
-//! # passerelle-engine: configuration, routes and (to come) the pipeline
+//! # passerelle-engine: configuration, routes, the pipeline and its operation
 //!
 //! Its job: turn the operator's files into a checked, typed description of what the
-//! engine runs, and, from a message's MSH, decide which route takes it.
+//! engine runs, and run it: from the listener's frame to the destinations, with the admin
+//! API and the operations an operator needs.
 //!
 //! - [`config`]: `passerelle.toml`, read with the `config` crate (the file, then
 //!   environment overrides `PASSERELLE__SECTION__KEY`), validated.
 //! - [`routes`]: `routes.d/*.toml`, one route per file, read in file-name order; the first
 //!   route that matches a message wins; a route marked `default = true` takes what no
 //!   other route wants (and there may be only one).
+//! - [`pipeline`]: journal (ACK after flush) → route → map → outboxes → delivery workers;
+//!   [`duplicates`]: a sender's resend is kept but not routed.
+//! - [`ops`] (list, show, replay, purge, over the store or the admin API), [`admin`] (the
+//!   HTTP API) and [`metrics`] (Prometheus, no patient data in labels).
 //!
-//! Invariant: every problem in these files is reported with the file, the line and column
-//! and the field, all of them at once, never just the first; nothing is half-loaded.
+//! Invariant: every problem in the operator's files is reported with the file, the line
+//! and column and the field, all of them at once, never just the first; nothing is
+//! half-loaded.
 
 pub mod admin;
 pub mod config;
+pub mod duplicates;
 mod location;
 pub mod metrics;
 pub mod ops;

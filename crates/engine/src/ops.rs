@@ -26,7 +26,7 @@ pub type Remap<'a> = &'a (dyn Fn(&[u8], &str) -> Result<Outcome, String> + Sync)
 /// The filters of a list, as text (from CLI flags or URL parameters).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ListFilter {
-    /// A message state (received, rejected, unrouted, mapped, mapping_failed) or a
+    /// A message state (received, rejected, unrouted, mapped, mapping_failed, duplicate) or a
     /// delivery state (pending, in_flight, retry_wait, delivered, dead).
     pub state: Option<String>,
     pub route: Option<String>,
@@ -252,10 +252,13 @@ async fn replay_inner<S: Store>(
             "not yet routed; the engine routes it (at start if it is stopped)".into(),
             Vec::new(),
         )),
-        MessageState::Unrouted | MessageState::MappingFailed => {
+        // A duplicate is routed like a message no route took: the operator means it.
+        MessageState::Unrouted | MessageState::MappingFailed | MessageState::Duplicate => {
             let outcome = remap_with(&raw().await?, &record.listener)?;
             let (what, queued) = match &outcome {
-                Outcome::Unrouted => ("still unrouted".to_owned(), Vec::new()),
+                Outcome::Unrouted | Outcome::Duplicate { .. } => {
+                    ("still unrouted".to_owned(), Vec::new())
+                }
                 Outcome::MappingFailed { error, .. } => {
                     (format!("mapping still fails: {error}"), Vec::new())
                 }
@@ -282,7 +285,9 @@ async fn replay_inner<S: Store>(
                     Outcome::MappingFailed { error, .. } => {
                         return Err(format!("re-mapping fails: {error}"));
                     }
-                    Outcome::Unrouted => return Err("no route takes it any more".into()),
+                    Outcome::Unrouted | Outcome::Duplicate { .. } => {
+                        return Err("no route takes it any more".into());
+                    }
                 }
             } else {
                 None

@@ -7,7 +7,8 @@
 //!   configured answer for a message no route wants, journaled as `unrouted`; AE when the
 //!   store cannot take the frame (the sender keeps it and sends it again).
 //! - Mapping happens after the ACK, in one task, in journal order: a message's bundle and
-//!   its deliveries are recorded together. Messages journaled but not yet mapped when the
+//!   its deliveries are recorded together. A resend of an earlier message is recorded as
+//!   `duplicate` instead (see [`crate::duplicates`]). Messages journaled but not yet mapped when the
 //!   engine stopped are mapped on start, before the listener opens, so that they keep
 //!   their place in their ordering key's queue.
 //! - One delivery worker per (route, destination) queue leases due deliveries (at most one
@@ -36,6 +37,7 @@ use passerelle_store::{
 use tokio::sync::{Notify, mpsc};
 use tracing::{debug, error, info, warn};
 
+use crate::duplicates::{Duplicates, earlier_copy};
 use crate::metrics::{AttemptOutcome, Metrics, QueueMetrics};
 use crate::routes::{Destination, Route, RouteTable};
 
@@ -134,6 +136,8 @@ pub struct PipelineConfig {
     pub metrics: Arc<Metrics>,
     pub limits: Limits,
     pub recheck: Recheck,
+    /// How a sender's resend is told from a new message.
+    pub duplicates: Duplicates,
 }
 
 /// Every (route, destination) pair of a route table, in route order.
@@ -653,24 +657,54 @@ impl<S: Store> Pipeline<S> {
                 error: e.to_string(),
             },
             Ok(message) => {
-                let listener = match listener {
-                    Some(l) => l,
+                // Fresh from a listener: received just now. Otherwise (start-up, recheck)
+                // the record says when, and on which listener.
+                let (listener, received_at_ms) = match listener {
+                    Some(l) => (l, now_ms()),
                     None => store
                         .get(id)
                         .await
                         .ok()
                         .flatten()
-                        .map(|r| Arc::from(r.listener))
-                        .unwrap_or_else(|| Arc::from("")),
+                        .map(|r| (Arc::from(r.listener), r.received_at_ms))
+                        .unwrap_or_else(|| (Arc::from(""), now_ms())),
                 };
-                let routing = self.routing();
-                route_and_map(
-                    &routing.routes,
-                    &routing.packs,
-                    &self.inner.config.map_options,
-                    &message,
-                    &listener,
+                let header = msh_summary(&HeaderSummary::of(&message));
+                let earlier = earlier_copy(
+                    store.as_ref(),
+                    &self.inner.config.duplicates,
+                    id,
+                    received_at_ms,
+                    &header,
+                    &raw,
                 )
+                .await
+                .unwrap_or_else(|e| {
+                    // Routing it is the safe side: at worst a resend is delivered twice.
+                    warn!(id, error = %e, "cannot look for an earlier copy: routing it");
+                    None
+                });
+                match earlier {
+                    Some(of) => {
+                        info!(
+                            id,
+                            of,
+                            control_id = %header.control_id,
+                            "the same message as an earlier one (a resend): kept, not routed"
+                        );
+                        Outcome::Duplicate { of }
+                    }
+                    None => {
+                        let routing = self.routing();
+                        route_and_map(
+                            &routing.routes,
+                            &routing.packs,
+                            &self.inner.config.map_options,
+                            &message,
+                            &listener,
+                        )
+                    }
+                }
             }
         };
         let queued: Vec<String> = match &outcome {
@@ -682,6 +716,7 @@ impl<S: Store> Pipeline<S> {
         let metrics = &self.inner.config.metrics;
         let state = match &outcome {
             Outcome::Unrouted => "unrouted",
+            Outcome::Duplicate { .. } => "duplicate",
             Outcome::MappingFailed { route, .. } => {
                 metrics.route(route).mapping_failures.fetch_add(1, Relaxed);
                 "mapping_failed"

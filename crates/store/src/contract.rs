@@ -478,6 +478,28 @@ pub async fn unprocessed_and_outcomes<S: Store>(store: S) {
         .map(|t| t.state)
         .collect();
     assert_eq!(history, ["received", "mapping_failed", "mapped"]);
+
+    // A duplicate keeps the id of its earlier copy in its history, counts as such, and
+    // can still be routed (an operator's replay).
+    let c = store.journal(&frame("u3"), meta("u3")).await.unwrap();
+    store
+        .record_outcome(c, Outcome::Duplicate { of: a })
+        .await
+        .unwrap();
+    let record = store.get(c).await.unwrap().unwrap();
+    assert_eq!(record.state, MessageState::Duplicate);
+    let last = record.history.last().unwrap();
+    assert_eq!(last.state, "duplicate");
+    assert!(last.detail.contains(&format!("#{a}")), "{}", last.detail);
+    assert_eq!(store.counts().await.unwrap().messages["duplicate"], 1);
+    store
+        .record_outcome(c, mapped(&[("fhir", "K3")]))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get(c).await.unwrap().unwrap().state,
+        MessageState::Mapped
+    );
 }
 
 pub async fn purge_and_retention<S: Store>((store, clock): (S, Arc<ManualClock>)) {

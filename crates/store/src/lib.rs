@@ -188,16 +188,24 @@ pub(crate) fn validate_destination(destination: &str) -> Result<(), StoreError> 
     Ok(())
 }
 
+/// The transition detail of a message recorded as a duplicate of `of`.
+pub(crate) fn duplicate_detail(of: MessageId) -> String {
+    format!("the same message as #{of}: not routed (replay it to route it)")
+}
+
 /// Whether a routing outcome may be recorded for a message in `state`: only while it is
-/// not routed yet, or was left unrouted or unmapped (to route it again).
+/// not routed yet, or was left unrouted, unmapped or as a duplicate (to route it again).
 pub(crate) fn check_routable(id: MessageId, state: MessageState) -> Result<(), StoreError> {
     match state {
-        MessageState::Received | MessageState::Unrouted | MessageState::MappingFailed => Ok(()),
+        MessageState::Received
+        | MessageState::Unrouted
+        | MessageState::MappingFailed
+        | MessageState::Duplicate => Ok(()),
         _ => Err(StoreError::WrongState {
             id,
             state: state.name(),
             action: "recording a routing outcome",
-            needed: "received, unrouted or mapping_failed",
+            needed: "received, unrouted, mapping_failed or duplicate",
         }),
     }
 }

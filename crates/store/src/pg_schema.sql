@@ -21,11 +21,26 @@ CREATE TABLE IF NOT EXISTS passerelle_messages (
     control_id     text,                  -- MSH-10, copied out of msh for its index
     route          text,
     state          text   NOT NULL CHECK (state IN
-                       ('received', 'rejected', 'unrouted', 'mapped', 'mapping_failed')),
+                       ('received', 'rejected', 'unrouted', 'mapped', 'mapping_failed',
+                        'duplicate')),
     error          text,
     bundle         text,
     history        jsonb  NOT NULL        -- [Transition]
 );
+-- Databases created before the `duplicate` state get it in their check at the next open
+-- (once: the check is replaced only when it lacks it; NOT VALID, since every row already
+-- holds one of the older states).
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_constraint
+                   WHERE conname = 'passerelle_messages_state_check'
+                     AND pg_get_constraintdef(oid) LIKE '%duplicate%') THEN
+        ALTER TABLE passerelle_messages DROP CONSTRAINT IF EXISTS passerelle_messages_state_check;
+        ALTER TABLE passerelle_messages ADD CONSTRAINT passerelle_messages_state_check
+            CHECK (state IN ('received', 'rejected', 'unrouted', 'mapped', 'mapping_failed',
+                             'duplicate')) NOT VALID;
+    END IF;
+END $$;
 CREATE INDEX IF NOT EXISTS passerelle_messages_state ON passerelle_messages (state, id);
 CREATE INDEX IF NOT EXISTS passerelle_messages_received ON passerelle_messages (received_at_ms);
 CREATE INDEX IF NOT EXISTS passerelle_messages_control_id ON passerelle_messages (control_id, id);

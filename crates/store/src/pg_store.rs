@@ -1009,6 +1009,9 @@ impl Store for PgStore {
             let mut deltas = Deltas::default();
             let (state, detail) = match &outcome {
                 Outcome::Unrouted => (MessageState::Unrouted, "no route matched".to_owned()),
+                Outcome::Duplicate { of } => {
+                    (MessageState::Duplicate, crate::duplicate_detail(*of))
+                }
                 Outcome::MappingFailed {
                     route: rt,
                     error: err,

@@ -894,6 +894,7 @@ impl Store for SledStore {
         let mut new_bundle = None;
         let (state, detail) = match outcome {
             Outcome::Unrouted => (MessageState::Unrouted, "no route matched".to_owned()),
+            Outcome::Duplicate { of } => (MessageState::Duplicate, crate::duplicate_detail(of)),
             Outcome::MappingFailed { route, error } => {
                 record.route = Some(route.clone());
                 record.error = Some(error.clone());

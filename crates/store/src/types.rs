@@ -46,15 +46,19 @@ pub enum MessageState {
     Mapped,
     /// Mapping failed; kept for inspection and replay with `--remap`.
     MappingFailed,
+    /// The same message as an earlier one (a sender's resend after a lost or late ACK):
+    /// kept, acknowledged, not routed; a replay routes it all the same.
+    Duplicate,
 }
 
 impl MessageState {
-    pub const ALL: [MessageState; 5] = [
+    pub const ALL: [MessageState; 6] = [
         MessageState::Received,
         MessageState::Rejected,
         MessageState::Unrouted,
         MessageState::Mapped,
         MessageState::MappingFailed,
+        MessageState::Duplicate,
     ];
 
     pub fn name(self) -> &'static str {
@@ -64,6 +68,7 @@ impl MessageState {
             MessageState::Unrouted => "unrouted",
             MessageState::Mapped => "mapped",
             MessageState::MappingFailed => "mapping_failed",
+            MessageState::Duplicate => "duplicate",
         }
     }
 }
@@ -247,6 +252,10 @@ pub struct Enqueue {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     Unrouted,
+    /// The same message as the earlier message `of`: not routed.
+    Duplicate {
+        of: MessageId,
+    },
     MappingFailed {
         route: String,
         error: String,

@@ -479,3 +479,49 @@ async fn nul_characters_in_metadata_are_stored() {
     let map: HashMap<_, _> = store.counts().await.unwrap().messages.into_iter().collect();
     assert_eq!(map.get("rejected"), Some(&1));
 }
+
+/// A database made before the `duplicate` state takes it after the next open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_from_before_the_duplicate_state_is_upgraded_on_open() {
+    let server = server().await;
+    let url = server.create_database("upgrade");
+    let clock: Arc<dyn Clock> = Arc::new(ManualClock::new(1));
+    let store = PgStore::open(config(url.clone(), clock.clone()))
+        .await
+        .unwrap();
+    let first = store
+        .journal(b"MSH|1", JournalMeta::default())
+        .await
+        .unwrap();
+    let resend = store
+        .journal(b"MSH|1", JournalMeta::default())
+        .await
+        .unwrap();
+    drop(store);
+    // The check as the first schema wrote it.
+    let db = client(&url).await;
+    db.batch_execute(
+        "ALTER TABLE passerelle_messages DROP CONSTRAINT passerelle_messages_state_check;
+         ALTER TABLE passerelle_messages ADD CONSTRAINT passerelle_messages_state_check
+             CHECK (state IN ('received', 'rejected', 'unrouted', 'mapped', 'mapping_failed'));",
+    )
+    .await
+    .unwrap();
+    let refused = db
+        .execute(
+            "UPDATE passerelle_messages SET state = 'duplicate' WHERE id = $1",
+            &[&(resend as i64)],
+        )
+        .await;
+    assert!(refused.is_err(), "the old check refuses the new state");
+
+    let store = PgStore::open(config(url, clock)).await.unwrap();
+    store
+        .record_outcome(resend, Outcome::Duplicate { of: first })
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get(resend).await.unwrap().unwrap().state,
+        MessageState::Duplicate
+    );
+}

@@ -69,6 +69,7 @@ impl Harness {
             metrics: Default::default(),
             limits,
             recheck: self.recheck.clone(),
+            duplicates: Default::default(),
         };
         let pipeline = Pipeline::start(Arc::clone(&self.store), config)
             .await
