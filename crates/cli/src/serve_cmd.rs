@@ -96,8 +96,12 @@ fn init_logging(config: Option<&std::path::Path>) {
         .and_then(|p| passerelle_engine::config::EngineConfig::load(Some(p)).ok())
         .map(|c| c.logging)
         .unwrap_or_default();
+    // The loaded configuration's level was checked; `info` stands in for one that is not.
+    let directives = logging
+        .filter()
+        .unwrap_or_else(|| "warn,passerelle=info".to_owned());
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&logging.level));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(directives));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -163,8 +163,38 @@ impl Default for AdminSection {
 pub struct LoggingSection {
     /// `text` or `json`.
     pub format: String,
-    /// A tracing filter: `info`, `passerelle=debug,info`…
+    /// `trace`, `debug`, `info`, `warn`, `error` or `off`: passerelle's own level, other
+    /// libraries staying at `warn` (their debug output would drown it); or a filter of
+    /// `target=level` and `level` items separated by commas, taken as written
+    /// (`info,passerelle_store=debug`).
     pub level: String,
+}
+
+const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+
+impl LoggingSection {
+    /// The tracing filter `level` stands for; `None` when it is not one (see `level`).
+    pub fn filter(&self) -> Option<String> {
+        let level = self.level.trim();
+        if LEVELS.contains(&level) {
+            return Some(match level {
+                "trace" | "debug" | "info" => format!("warn,passerelle={level}"),
+                quieter => quieter.to_owned(),
+            });
+        }
+        let item_ok = |item: &str| match item.split_once('=') {
+            Some((target, level)) => {
+                !target.is_empty()
+                    && target
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+                    && LEVELS.contains(&level)
+            }
+            None => LEVELS.contains(&item),
+        };
+        (level.contains('=') && level.split(',').map(str::trim).all(item_ok))
+            .then(|| level.to_owned())
+    }
 }
 
 impl Default for LoggingSection {
@@ -381,6 +411,18 @@ impl EngineConfig {
                 &[Step::Key("admin"), Step::Key("bind")],
                 "admin.bind",
                 format!("{:?} is not an address:port", self.admin.bind),
+            );
+        }
+        if self.logging.filter().is_none() {
+            report(
+                &[Step::Key("logging"), Step::Key("level")],
+                "logging.level",
+                format!(
+                    "{:?}: expected one of {} (passerelle's level), or target=level items \
+                     separated by commas",
+                    self.logging.level,
+                    LEVELS.join(", ")
+                ),
             );
         }
         if !matches!(self.logging.format.as_str(), "text" | "json") {

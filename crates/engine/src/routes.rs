@@ -325,6 +325,18 @@ impl RouteTable {
     }
 }
 
+/// What a route or destination name may hold. The two name a queue together,
+/// `route.destination` (in the store, the metrics and `--dest`), so neither may hold the
+/// dot: `a.b` + `c` and `a` + `b.c` would be one queue.
+const NAME_RULE: &str = "{what} needs a name, without '.', '/' or spaces";
+
+fn is_queue_part(name: &str) -> bool {
+    !name.is_empty()
+        && !name
+            .chars()
+            .any(|c| c == '.' || c == '/' || c.is_whitespace() || c.is_control())
+}
+
 fn load_route(
     path: &Path,
     known_packs: &[String],
@@ -337,11 +349,11 @@ fn load_route(
         src.error_at(src.locate(path), Some(field), message)
     };
 
-    if file.name.trim().is_empty() || file.name.contains(['/', '\0']) {
+    if !is_queue_part(&file.name) {
         errors.push(at(
             &[Step::Key("name")],
             "name",
-            "a route needs a name without '/'".into(),
+            NAME_RULE.replace("{what}", "a route"),
         ));
     }
     if !known_packs.contains(&file.mapping) {
@@ -426,6 +438,13 @@ fn load_route(
     let mut destinations = Vec::new();
     for (i, d) in file.destinations.into_iter().enumerate() {
         let here = |key: &'static str| [Step::Key("destinations"), Step::Index(i), Step::Key(key)];
+        if !is_queue_part(&d.name) {
+            errors.push(at(
+                &here("name"),
+                "destinations.name",
+                NAME_RULE.replace("{what}", "a destination"),
+            ));
+        }
         if destinations.iter().any(|o: &Destination| o.name == d.name) {
             errors.push(at(
                 &here("name"),

@@ -140,7 +140,15 @@ fn defaults_without_a_file_and_environment_overrides() {
 #[test]
 fn configuration_errors_are_located() {
     let dir = tempfile::tempdir().unwrap();
-    let cases: [(&str, &str); 9] = [
+    let cases: [(&str, &str); 11] = [
+        (
+            "[logging]\nlevel = \"verbose\"\n",
+            "passerelle.toml:2:9 logging.level",
+        ),
+        (
+            "[logging]\nlevel = \"info,sled=loud\"\n",
+            "passerelle.toml:2:9 logging.level",
+        ),
         (
             "[store]\npath = \"./data\"\nsize = 3\n",
             "passerelle.toml:3:1",
@@ -191,8 +199,36 @@ fn configuration_errors_are_located() {
 }
 
 #[test]
+fn a_plain_logging_level_keeps_libraries_at_warn() {
+    use passerelle_engine::config::LoggingSection;
+    let filter = |level: &str| {
+        LoggingSection {
+            level: level.to_owned(),
+            ..LoggingSection::default()
+        }
+        .filter()
+    };
+    assert_eq!(filter("debug").as_deref(), Some("warn,passerelle=debug"));
+    assert_eq!(filter("error").as_deref(), Some("error"));
+    assert_eq!(
+        filter("info,passerelle_store=trace").as_deref(),
+        Some("info,passerelle_store=trace")
+    );
+    assert_eq!(filter("verbose"), None);
+    assert_eq!(filter("info,"), None);
+}
+
+#[test]
 fn route_errors_are_located_one_per_kind() {
-    let cases: [(&str, &str); 12] = [
+    let cases: [(&str, &str); 14] = [
+        (
+            "name = \"a.b\"\nmapping = \"fr\"\n[[destinations]]\nname = \"d\"\ntype = \"ndjson\"\n",
+            "10-r.toml:1:8 name a route needs a name, without '.'",
+        ),
+        (
+            "name = \"a\"\nmapping = \"fr\"\n[[destinations]]\nname = \"b.c\"\ntype = \"ndjson\"\n",
+            "10-r.toml:4:8 destinations.name a destination needs a name, without '.'",
+        ),
         (
             "name = \"r\"\nmapping = \"nope\"\n[[destinations]]\nname = \"d\"\ntype = \"ndjson\"\n",
             "10-r.toml:2:11 mapping no mapping pack",
