@@ -717,8 +717,11 @@ impl<S: Store> Pipeline<S> {
         let state = match &outcome {
             Outcome::Unrouted => "unrouted",
             Outcome::Duplicate { .. } => "duplicate",
-            Outcome::MappingFailed { route, .. } => {
+            Outcome::MappingFailed { route, error } => {
                 metrics.route(route).mapping_failures.fetch_add(1, Relaxed);
+                // The sender had its AA: this line and the record are all an operator
+                // gets. A mapping error names the segment, path and rule, never a value.
+                warn!(id, route = %route, error = %error, "mapping failed: kept as mapping_failed");
                 "mapping_failed"
             }
             Outcome::Mapped { route, .. } => {
