@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use passerelle_engine::ops::{self, ListFilter, ReplayResult};
+use passerelle_engine::ops::{self, ListFilter, ReplayOptions, ReplayResult};
 use passerelle_engine::{Loaded, StoreBackend, pipeline};
 use passerelle_hl7::Message;
 use passerelle_hl7::types::DateTime;
@@ -65,8 +65,9 @@ enum MessagesCommand {
         json: bool,
     },
     /// Queue messages again: dead or delivered deliveries of mapped messages go back to
-    /// their place in their key's order; unrouted and mapping-failed messages are routed
-    /// and mapped again. Give ids, or filters (`--state dead --dest adt.fhir`…).
+    /// their place in their key's order; unrouted, mapping-failed and duplicate messages
+    /// are routed and mapped again. Give ids, or filters (`--state dead --dest adt.fhir`…);
+    /// `--dest` and a delivery `--state` also limit which deliveries are sent again.
     Replay {
         ids: Vec<MessageId>,
         #[command(flatten)]
@@ -355,21 +356,25 @@ impl<S: Store> Backend<S> {
     async fn replay(
         &self,
         ids: &[MessageId],
-        remap: bool,
-        dry_run: bool,
+        options: &ReplayOptions,
     ) -> Result<Vec<ReplayResult>, String> {
         match self {
             Backend::Local { store, loaded } => {
                 let remap_with = |raw: &[u8], listener: &str| route_and_map(loaded, raw, listener);
                 let mut results = Vec::with_capacity(ids.len());
                 for &id in ids {
-                    results
-                        .push(ops::replay(store.as_ref(), &remap_with, id, remap, dry_run).await);
+                    results.push(ops::replay(store.as_ref(), &remap_with, id, options).await);
                 }
                 Ok(results)
             }
             Backend::Remote(r) => {
-                let body = json!({ "ids": ids, "remap": remap, "dry_run": dry_run });
+                let body = json!({
+                    "ids": ids,
+                    "remap": options.remap,
+                    "dry_run": options.dry_run,
+                    "destination": options.only.destination,
+                    "delivery_state": options.only.state.map(|s| s.name()),
+                });
                 let doc = r
                     .json(
                         r.request(reqwest::Method::POST, "/api/messages/replay")
@@ -469,6 +474,13 @@ async fn execute<S: Store>(
             dry_run,
         } => {
             let filter = filter.to_filter();
+            // Only the deliveries the filter names (its destination, its delivery state):
+            // replaying one dead letter must not resend to the message's other destinations.
+            let options = ReplayOptions {
+                remap: *remap,
+                dry_run: *dry_run,
+                only: filter.replay_selection(),
+            };
             let mut ids = ids.clone();
             if !filter.is_empty() {
                 filter.query()?;
@@ -484,7 +496,7 @@ async fn execute<S: Store>(
             );
             let mut results = Vec::with_capacity(ids.len());
             for batch in ids.chunks(REPLAY_BATCH) {
-                let done = backend.replay(batch, *remap, *dry_run).await?;
+                let done = backend.replay(batch, &options).await?;
                 progress.inc(done.len() as u64);
                 results.extend(done);
             }

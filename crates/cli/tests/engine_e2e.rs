@@ -229,6 +229,78 @@ fn a_resend_is_acknowledged_kept_as_a_duplicate_and_replayable() {
     common::stop(engine);
 }
 
+/// A replay that names a destination sends the message again there only, not to the
+/// route's other destinations (which already have it).
+#[test]
+fn a_replay_by_destination_resends_there_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let route = "name = \"adt\"\nmapping = \"v2-to-fhir\"\n[match]\nmessage_type = \"ADT\"\n\
+        [[destinations]]\nname = \"files\"\ntype = \"ndjson\"\ndir = \"out\"\n\
+        [[destinations]]\nname = \"copy\"\ntype = \"ndjson\"\ndir = \"copy\"\n";
+    let config = common::setup(dir.path(), route, "");
+    let (files, copy) = (
+        dir.path().join("out/Patient.ndjson"),
+        dir.path().join("copy/Patient.ndjson"),
+    );
+    let (engine, addr) = common::start(&config);
+    let fixture = workspace_root().join("fixtures/hl7/adt_a01_admit.hl7");
+    let sent = passerelle(&["send", fixture.to_str().unwrap(), "--to", &addr]);
+    assert!(
+        sent.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sent.stderr)
+    );
+    wait_for_lines(&files, 1);
+    wait_for_lines(&copy, 1);
+    common::stop(engine);
+
+    let config_arg = config.to_str().unwrap();
+    let replay = passerelle(&[
+        "messages",
+        "--config",
+        config_arg,
+        "--local",
+        "replay",
+        "--state",
+        "delivered",
+        "--dest",
+        "adt.files",
+    ]);
+    let stdout = String::from_utf8_lossy(&replay.stdout);
+    assert!(
+        replay.status.success() && stdout.contains(": 1 deliveries queued again"),
+        "{stdout}{}",
+        String::from_utf8_lossy(&replay.stderr)
+    );
+    let (engine, _) = common::start(&config);
+    wait_for_lines(&files, 2);
+    common::stop(engine);
+
+    let show = passerelle(&[
+        "messages", "--config", config_arg, "--local", "list", "--json",
+    ]);
+    let doc: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
+    let id = doc["items"][0]["id"].as_u64().unwrap().to_string();
+    let show = passerelle(&[
+        "messages", "--config", config_arg, "--local", "show", &id, "--json",
+    ]);
+    let doc: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
+    let attempts = |destination: &str| {
+        doc["delivery_details"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["destination"] == destination)
+            .unwrap()["history"]
+            .as_array()
+            .unwrap()
+            .len()
+    };
+    assert_eq!(attempts("adt.files"), 2, "sent again where asked");
+    assert_eq!(attempts("adt.copy"), 1, "not sent again elsewhere");
+    assert_eq!(lines_in(&copy), 1);
+}
+
 #[test]
 fn check_reports_configuration_routes_and_destinations() {
     let root = workspace_root();

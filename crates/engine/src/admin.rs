@@ -7,7 +7,7 @@
 //! | `GET /metrics`                  | Prometheus text format ([`metric_names`])         |
 //! | `GET /api/messages?filters`     | a page of records ([`ops::ListFilter`] fields)    |
 //! | `GET /api/messages/{id}`        | one message in full: raw HL7, bundle, attempts    |
-//! | `POST /api/messages/replay`     | `{"ids":[…]` or `"filter":{…}`, `"remap"`, `"dry_run"}` |
+//! | `POST /api/messages/replay`     | `{"ids":[…]` or `"filter":{…}`, `"remap"`, `"dry_run"`, `"destination"`, `"delivery_state"`} |
 //! | `POST /api/messages/purge`      | `{"ids":[…]}`                                     |
 //!
 //! `/health` and `/ready` answer anyone (probes); everything else requires
@@ -283,7 +283,9 @@ async fn show<S: Store>(
     }
 }
 
-/// A replay request: explicit ids, or a filter (at least one criterion).
+/// A replay request: explicit ids, or a filter (at least one criterion). `destination`
+/// and `delivery_state` narrow which deliveries of a mapped message are queued again;
+/// with a filter, they default to the filter's `dest` and delivery `state`.
 #[derive(Debug, Deserialize)]
 struct ReplayRequest {
     #[serde(default)]
@@ -293,6 +295,8 @@ struct ReplayRequest {
     remap: bool,
     #[serde(default)]
     dry_run: bool,
+    destination: Option<String>,
+    delivery_state: Option<String>,
 }
 
 async fn replay<S: Store>(
@@ -304,6 +308,26 @@ async fn replay<S: Store>(
         return StatusCode::UNAUTHORIZED.into_response();
     }
     let mut ids = request.ids;
+    let mut only = request
+        .filter
+        .as_ref()
+        .map(ListFilter::replay_selection)
+        .unwrap_or_default();
+    if request.destination.is_some() {
+        only.destination = request.destination.clone();
+    }
+    if let Some(state) = &request.delivery_state {
+        match DeliveryState::ALL.into_iter().find(|s| s.name() == state) {
+            Some(s) if s.is_final() => only.state = Some(s),
+            _ => {
+                return (
+                    StatusCode::BAD_REQUEST,
+                    format!("delivery_state {state:?}: a replay takes \"delivered\" or \"dead\"\n"),
+                )
+                    .into_response();
+            }
+        }
+    }
     if let Some(filter) = &request.filter {
         if filter.is_empty() {
             return (
@@ -321,14 +345,12 @@ async fn replay<S: Store>(
     let remap = |raw: &[u8], listener: &str| pipeline.remap(raw, listener);
     let mut results = Vec::with_capacity(ids.len());
     for id in ids {
-        let result = ops::replay(
-            admin.pipeline.store().as_ref(),
-            &remap,
-            id,
-            request.remap,
-            request.dry_run,
-        )
-        .await;
+        let options = ops::ReplayOptions {
+            remap: request.remap,
+            dry_run: request.dry_run,
+            only: only.clone(),
+        };
+        let result = ops::replay(admin.pipeline.store().as_ref(), &remap, id, &options).await;
         for queue in &result.queued {
             pipeline.wake(queue);
         }

@@ -15,7 +15,7 @@
 use passerelle_hl7::Message;
 use passerelle_hl7::types::DateTime;
 use passerelle_store::{
-    DeliveryState, MessageId, MessageRecord, MessageState, Outcome, Query, Store,
+    DeliveryState, MessageId, MessageRecord, MessageState, Outcome, Query, ReplaySelection, Store,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -70,6 +70,19 @@ impl ListFilter {
         query.since_ms = self.since.as_deref().map(parse_time).transpose()?;
         query.until_ms = self.until.as_deref().map(parse_time).transpose()?;
         Ok(query)
+    }
+
+    /// Which deliveries of each message a replay by this filter queues again: only the
+    /// filter's destination and delivery state when it names them (`--state dead --dest
+    /// adt.fhir` replays that dead letter, not the message's other destinations).
+    pub fn replay_selection(&self) -> ReplaySelection {
+        ReplaySelection {
+            destination: self.dest.clone(),
+            state: self
+                .state
+                .as_deref()
+                .and_then(|s| DeliveryState::ALL.into_iter().find(|d| d.name() == s)),
+        }
     }
 
     /// Whether any filter is set (a replay by filter needs one).
@@ -205,10 +218,9 @@ pub async fn replay<S: Store>(
     store: &S,
     remap_with: Remap<'_>,
     id: MessageId,
-    remap: bool,
-    dry_run: bool,
+    options: &ReplayOptions,
 ) -> ReplayResult {
-    match replay_inner(store, remap_with, id, remap, dry_run).await {
+    match replay_inner(store, remap_with, id, options).await {
         Ok((message, queued)) => ReplayResult {
             id,
             ok: true,
@@ -224,13 +236,29 @@ pub async fn replay<S: Store>(
     }
 }
 
+/// How a replay goes.
+#[derive(Debug, Clone, Default)]
+pub struct ReplayOptions {
+    /// Map again with the current packs first.
+    pub remap: bool,
+    /// Say what would happen, change nothing.
+    pub dry_run: bool,
+    /// Which deliveries of a mapped message are queued again.
+    pub only: ReplaySelection,
+}
+
 async fn replay_inner<S: Store>(
     store: &S,
     remap_with: Remap<'_>,
     id: MessageId,
-    remap: bool,
-    dry_run: bool,
+    options: &ReplayOptions,
 ) -> Result<(String, Vec<String>), String> {
+    let ReplayOptions {
+        remap,
+        dry_run,
+        only,
+    } = options;
+    let (remap, dry_run) = (*remap, *dry_run);
     let record = store
         .get(id)
         .await
@@ -297,9 +325,17 @@ async fn replay_inner<S: Store>(
                 .await
                 .map_err(|e| e.to_string())?
                 .into_iter()
-                .filter(|d| d.state.is_final())
+                .filter(|d| only.takes(&d.destination, d.state))
                 .map(|d| d.destination)
                 .collect();
+            if finals.is_empty() {
+                return Err(if *only == ReplaySelection::default() {
+                    "none of its deliveries is finished (delivered or dead): nothing to replay"
+                        .into()
+                } else {
+                    "none of its finished deliveries matches the destination and state asked".into()
+                });
+            }
             let remapped = if remap { ", re-mapped" } else { "" };
             if dry_run {
                 return Ok((
@@ -310,7 +346,10 @@ async fn replay_inner<S: Store>(
                     Vec::new(),
                 ));
             }
-            let n = store.replay(id, bundle).await.map_err(|e| e.to_string())?;
+            let n = store
+                .replay(id, bundle, only)
+                .await
+                .map_err(|e| e.to_string())?;
             Ok((format!("{n} deliveries queued again{remapped}"), finals))
         }
     }

@@ -12,7 +12,9 @@ use passerelle_engine::pipeline::UnroutedAnswer;
 use passerelle_hl7::{Message, OwnedMessage, Path as Hl7Path};
 use passerelle_mapping::MapOptions;
 use passerelle_mllp::{Client, ClientConfig};
-use passerelle_store::{AttemptOutcome, DeliveryState, MessageState, Query, SledStore, Store};
+use passerelle_store::{
+    AttemptOutcome, DeliveryState, MessageState, Query, ReplaySelection, SledStore, Store,
+};
 use passerelle_testkit::fhir_server::FhirServer;
 
 mod common;
@@ -202,7 +204,13 @@ async fn a_4xx_goes_to_dead_letter_then_replay_delivers() {
     let passerelle_store::Outcome::Mapped { bundle, .. } = remapped else {
         panic!("re-mapping failed")
     };
-    assert_eq!(store.replay(id, Some(bundle)).await.unwrap(), 1);
+    assert_eq!(
+        store
+            .replay(id, Some(bundle), &ReplaySelection::default())
+            .await
+            .unwrap(),
+        1
+    );
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let (_, d) = state_of(Arc::clone(&store)).await.unwrap();

@@ -81,6 +81,7 @@ pub async fn run_all<S: Store, F: Future<Output = S>>(mut make: impl FnMut(Arc<M
     retry_waits_for_its_backoff(make_with(&mut make).await).await;
     exhausted_retries_go_dead_and_release_the_key(make(clock()).await).await;
     dead_letter_replays_with_a_new_bundle(make(clock()).await).await;
+    a_replay_takes_only_the_deliveries_selected(make(clock()).await).await;
     expired_leases_return_and_stale_completions_are_refused(make_with(&mut make).await).await;
     counts_follow_states(make(clock()).await).await;
     list_filters_and_pages(make(clock()).await).await;
@@ -238,6 +239,85 @@ pub async fn exhausted_retries_go_dead_and_release_the_key<S: Store>(store: S) {
     );
 }
 
+/// Each delivery of message `id`: (destination, state), by destination.
+async fn delivery_states<S: Store>(store: &S, id: MessageId) -> Vec<(String, DeliveryState)> {
+    let mut states: Vec<(String, DeliveryState)> = store
+        .deliveries(id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| (d.destination, d.state))
+        .collect();
+    states.sort();
+    states
+}
+
+/// One message to two destinations, delivered to one and dead at the other: a replay of
+/// the dead letter queues that delivery alone.
+pub async fn a_replay_takes_only_the_deliveries_selected<S: Store>(store: S) {
+    let id = journal_mapped(&store, "sel", &[("files", "K"), ("fhir", "K")]).await;
+    let lease = store.lease("files", 1).await.unwrap().pop().unwrap();
+    store
+        .complete(&lease, AttemptReport::delivered(), &no_retry_limit())
+        .await
+        .unwrap();
+    let lease = store.lease("fhir", 1).await.unwrap().pop().unwrap();
+    store
+        .complete(
+            &lease,
+            AttemptReport::permanent("http_4xx"),
+            &no_retry_limit(),
+        )
+        .await
+        .unwrap();
+    // Nothing is delivered to `files` in the state asked, or at a destination asked.
+    for only in [
+        ReplaySelection {
+            destination: Some("files".into()),
+            state: Some(DeliveryState::Dead),
+        },
+        ReplaySelection {
+            destination: Some("nowhere".into()),
+            state: None,
+        },
+    ] {
+        assert_eq!(store.replay(id, None, &only).await.unwrap(), 0, "{only:?}");
+    }
+    let dead_only = ReplaySelection {
+        destination: None,
+        state: Some(DeliveryState::Dead),
+    };
+    assert_eq!(store.replay(id, None, &dead_only).await.unwrap(), 1);
+    assert_eq!(
+        delivery_states(&store, id).await,
+        [
+            ("fhir".to_owned(), DeliveryState::Pending),
+            ("files".to_owned(), DeliveryState::Delivered),
+        ],
+        "the delivered copy stays delivered"
+    );
+    let lease = store.lease("fhir", 1).await.unwrap().pop().unwrap();
+    store
+        .complete(&lease, AttemptReport::delivered(), &no_retry_limit())
+        .await
+        .unwrap();
+    assert!(store.lease("files", 1).await.unwrap().is_empty());
+
+    // By destination: that one only.
+    let files_only = ReplaySelection {
+        destination: Some("files".into()),
+        state: None,
+    };
+    assert_eq!(store.replay(id, None, &files_only).await.unwrap(), 1);
+    assert_eq!(
+        delivery_states(&store, id).await,
+        [
+            ("fhir".to_owned(), DeliveryState::Delivered),
+            ("files".to_owned(), DeliveryState::Pending),
+        ]
+    );
+}
+
 pub async fn dead_letter_replays_with_a_new_bundle<S: Store>(store: S) {
     let id = journal_mapped(&store, "p", &[("fhir", "K")]).await;
     assert_eq!(
@@ -270,7 +350,11 @@ pub async fn dead_letter_replays_with_a_new_bundle<S: Store>(store: S) {
     );
     assert_eq!(
         store
-            .replay(id, Some("{\"fixed\":true}".into()))
+            .replay(
+                id,
+                Some("{\"fixed\":true}".into()),
+                &ReplaySelection::default(),
+            )
             .await
             .unwrap(),
         1
@@ -300,7 +384,10 @@ pub async fn dead_letter_replays_with_a_new_bundle<S: Store>(store: S) {
         "the attempt history survives the replay"
     );
     assert_eq!(
-        store.replay(id, None).await.unwrap(),
+        store
+            .replay(id, None, &ReplaySelection::default())
+            .await
+            .unwrap(),
         1,
         "a delivered message can be sent again"
     );
@@ -587,7 +674,10 @@ pub async fn oldest_unfinished_follows_the_queue<S: Store>((store, clock): (S, A
     );
     clock.advance(1_000);
     assert_eq!(
-        store.replay(first, None).await.unwrap(),
+        store
+            .replay(first, None, &ReplaySelection::default())
+            .await
+            .unwrap(),
         1,
         "only the final (fhir) delivery is queued again"
     );

@@ -287,13 +287,14 @@ pub trait Store: Send + Sync + 'static {
     /// Bytes the store takes on disk (for a metric and a disk-full alert).
     fn disk_bytes(&self) -> impl Future<Output = Result<u64, StoreError>> + Send;
 
-    /// Queues again the final (dead or delivered) deliveries of a message, in their
-    /// original place in their key's order, with a new bundle when re-mapped. Returns how
-    /// many deliveries were re-queued.
+    /// Queues again the final (dead or delivered) deliveries of a message that `only`
+    /// selects, in their original place in their key's order, with a new bundle when
+    /// re-mapped. Returns how many deliveries were re-queued.
     fn replay(
         &self,
         id: MessageId,
         bundle: Option<String>,
+        only: &ReplaySelection,
     ) -> impl Future<Output = Result<usize, StoreError>> + Send;
 
     /// Deletes a message whose deliveries are all final. Returns whether it existed.

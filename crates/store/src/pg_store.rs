@@ -1281,7 +1281,12 @@ impl Store for PgStore {
         })
     }
 
-    async fn replay(&self, id: MessageId, bundle: Option<String>) -> Result<usize, StoreError> {
+    async fn replay(
+        &self,
+        id: MessageId,
+        bundle: Option<String>,
+        only: &ReplaySelection,
+    ) -> Result<usize, StoreError> {
         let sql_id = i64::try_from(id).map_err(|_| StoreError::NotFound(id))?;
         let bundle = bundle.as_deref().map(clean);
         let now = self.now();
@@ -1306,7 +1311,7 @@ impl Store for PgStore {
             let finals: Vec<Delivery> = deliveries_of(&tx, sql_id, false)
                 .await?
                 .into_iter()
-                .filter(|d| d.state.is_final())
+                .filter(|d| only.takes(&d.destination, d.state))
                 .collect();
             lock_keys(
                 &tx,

@@ -1182,7 +1182,12 @@ impl Store for SledStore {
         self.size_on_disk()
     }
 
-    async fn replay(&self, id: MessageId, bundle: Option<String>) -> Result<usize, StoreError> {
+    async fn replay(
+        &self,
+        id: MessageId,
+        bundle: Option<String>,
+        only: &ReplaySelection,
+    ) -> Result<usize, StoreError> {
         let _guard = self.lock();
         let now = self.now();
         let mut record = self.read_message(id)?.ok_or(StoreError::NotFound(id))?;
@@ -1199,7 +1204,7 @@ impl Store for SledStore {
             let Some(mut d) = self.read_delivery(&r.destination, r.seq)? else {
                 continue;
             };
-            if !d.state.is_final() {
+            if !only.takes(&r.destination, d.state) {
                 continue;
             }
             let before = d.state;
@@ -1576,7 +1581,11 @@ mod tests {
         // A replay with a new bundle moves both into a payload.
         assert_eq!(
             store
-                .replay(id, Some("{\"new\":true}".into()))
+                .replay(
+                    id,
+                    Some("{\"new\":true}".into()),
+                    &ReplaySelection::default()
+                )
                 .await
                 .unwrap(),
             0

@@ -294,6 +294,26 @@ impl Default for RetryPolicy {
     }
 }
 
+/// Which final deliveries of a message a replay queues again: by default every one,
+/// delivered or dead. An operator replaying the dead letter of one destination must not
+/// send the message again to the others.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReplaySelection {
+    /// Only this destination's delivery (`None`: every destination's).
+    pub destination: Option<String>,
+    /// Only deliveries in this state (`None`: delivered and dead).
+    pub state: Option<DeliveryState>,
+}
+
+impl ReplaySelection {
+    /// Whether a final delivery to `destination`, now in `state`, is replayed.
+    pub fn takes(&self, destination: &str, state: DeliveryState) -> bool {
+        state.is_final()
+            && self.destination.as_deref().is_none_or(|d| d == destination)
+            && self.state.is_none_or(|s| s == state)
+    }
+}
+
 /// A filter for the operations queries. Every field narrows; `None` means any.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Query {

@@ -69,7 +69,7 @@ async fn postgres_passes_the_store_contract() {
     .await;
     assert_eq!(
         databases.load(Ordering::SeqCst),
-        11,
+        12,
         "every check ran on a store of its own"
     );
 }
