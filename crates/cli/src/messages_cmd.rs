@@ -489,6 +489,9 @@ async fn execute<S: Store>(
             if ids.is_empty() {
                 return Err("nothing to replay: give ids or filters that select messages".into());
             }
+            // An id given and also selected by the filters is replayed once.
+            let mut seen = std::collections::HashSet::new();
+            ids.retain(|id| seen.insert(*id));
             let progress = ProgressBar::new(ids.len() as u64);
             progress.set_style(
                 ProgressStyle::with_template("{bar:40} {pos}/{len} replayed ({eta} left)")

@@ -230,7 +230,8 @@ fn a_resend_is_acknowledged_kept_as_a_duplicate_and_replayable() {
 }
 
 /// A replay that names a destination sends the message again there only, not to the
-/// route's other destinations (which already have it).
+/// route's other destinations (which already have it), and warns that a later message of
+/// the same patient was delivered there already.
 #[test]
 fn a_replay_by_destination_resends_there_only() {
     let dir = tempfile::tempdir().unwrap();
@@ -243,24 +244,35 @@ fn a_replay_by_destination_resends_there_only() {
         dir.path().join("copy/Patient.ndjson"),
     );
     let (engine, addr) = common::start(&config);
-    let fixture = workspace_root().join("fixtures/hl7/adt_a01_admit.hl7");
-    let sent = passerelle(&["send", fixture.to_str().unwrap(), "--to", &addr]);
-    assert!(
-        sent.status.success(),
-        "{}",
-        String::from_utf8_lossy(&sent.stderr)
-    );
-    wait_for_lines(&files, 1);
-    wait_for_lines(&copy, 1);
+    // The admission, then the same patient's discharge.
+    for name in ["adt_a01_admit.hl7", "adt_a03_discharge.hl7"] {
+        let fixture = workspace_root().join("fixtures/hl7").join(name);
+        let sent = passerelle(&["send", fixture.to_str().unwrap(), "--to", &addr]);
+        assert!(
+            sent.status.success(),
+            "{}",
+            String::from_utf8_lossy(&sent.stderr)
+        );
+    }
+    wait_for_lines(&files, 2);
+    wait_for_lines(&copy, 2);
     common::stop(engine);
 
     let config_arg = config.to_str().unwrap();
+    let list = passerelle(&[
+        "messages", "--config", config_arg, "--local", "list", "--json",
+    ]);
+    let doc: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
+    let admission = doc["items"][0]["id"].as_u64().unwrap().to_string();
+    let control_id = doc["items"][0]["control_id"].as_str().unwrap();
     let replay = passerelle(&[
         "messages",
         "--config",
         config_arg,
         "--local",
         "replay",
+        "--control-id",
+        control_id,
         "--state",
         "delivered",
         "--dest",
@@ -268,21 +280,18 @@ fn a_replay_by_destination_resends_there_only() {
     ]);
     let stdout = String::from_utf8_lossy(&replay.stdout);
     assert!(
-        replay.status.success() && stdout.contains(": 1 deliveries queued again"),
+        replay.status.success()
+            && stdout.contains(&format!("{admission}: 1 deliveries queued again"))
+            && stdout.contains("later messages of its ordering key were delivered to adt.files"),
         "{stdout}{}",
         String::from_utf8_lossy(&replay.stderr)
     );
     let (engine, _) = common::start(&config);
-    wait_for_lines(&files, 2);
+    wait_for_lines(&files, 3);
     common::stop(engine);
 
     let show = passerelle(&[
-        "messages", "--config", config_arg, "--local", "list", "--json",
-    ]);
-    let doc: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
-    let id = doc["items"][0]["id"].as_u64().unwrap().to_string();
-    let show = passerelle(&[
-        "messages", "--config", config_arg, "--local", "show", &id, "--json",
+        "messages", "--config", config_arg, "--local", "show", &admission, "--json",
     ]);
     let doc: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
     let attempts = |destination: &str| {
@@ -298,7 +307,7 @@ fn a_replay_by_destination_resends_there_only() {
     };
     assert_eq!(attempts("adt.files"), 2, "sent again where asked");
     assert_eq!(attempts("adt.copy"), 1, "not sent again elsewhere");
-    assert_eq!(lines_in(&copy), 1);
+    assert_eq!(lines_in(&copy), 2);
 }
 
 #[test]

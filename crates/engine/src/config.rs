@@ -39,6 +39,11 @@ pub struct StoreSection {
     pub visibility_timeout_s: u64,
     /// Delivered messages are deleted after this many days.
     pub retention_days: u64,
+    /// Whether a delivery that goes dead holds its ordering key: the later messages of
+    /// that key (that patient) wait until an operator replays or purges it, so that they
+    /// never overtake it. Off (the default), they go on, and a replay of the dead one
+    /// later delivers an older message after newer ones. Set the same on every node.
+    pub dead_letter_holds_key: bool,
     /// Backpressure (`[defaults] backpressure`) once a destination queue holds this many
     /// unfinished deliveries (0: no limit).
     pub max_queue_depth: u64,
@@ -59,6 +64,7 @@ impl std::fmt::Debug for StoreSection {
             .field("flush_every_ms", &self.flush_every_ms)
             .field("visibility_timeout_s", &self.visibility_timeout_s)
             .field("retention_days", &self.retention_days)
+            .field("dead_letter_holds_key", &self.dead_letter_holds_key)
             .field("max_queue_depth", &self.max_queue_depth)
             .field("max_disk_mb", &self.max_disk_mb)
             .finish()
@@ -77,6 +83,7 @@ impl Default for StoreSection {
             flush_every_ms: 500,
             visibility_timeout_s: 120,
             retention_days: 30,
+            dead_letter_holds_key: false,
             max_queue_depth: 1_000_000,
             max_disk_mb: 0,
         }

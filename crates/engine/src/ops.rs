@@ -320,14 +320,42 @@ async fn replay_inner<S: Store>(
             } else {
                 None
             };
-            let finals: Vec<String> = store
+            let selected: Vec<_> = store
                 .deliveries(id)
                 .await
                 .map_err(|e| e.to_string())?
                 .into_iter()
                 .filter(|d| only.takes(&d.destination, d.state))
-                .map(|d| d.destination)
                 .collect();
+            // Later messages of the same key already there: this one, older, would arrive
+            // after them (a patient's record moved back). Said, so the operator can choose.
+            let mut overtaken = Vec::new();
+            for d in &selected {
+                let later = store
+                    .list(&Query {
+                        ordering_key: Some(d.ordering_key.clone()),
+                        destination: Some(d.destination.clone()),
+                        delivery_state: Some(DeliveryState::Delivered),
+                        after: Some(id),
+                        limit: 1,
+                        ..Query::default()
+                    })
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if !later.items.is_empty() {
+                    overtaken.push(d.destination.clone());
+                }
+            }
+            let warning = if overtaken.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; careful: later messages of its ordering key were delivered to {} already, \
+                     and this older one will arrive after them",
+                    overtaken.join(", ")
+                )
+            };
+            let finals: Vec<String> = selected.into_iter().map(|d| d.destination).collect();
             if finals.is_empty() {
                 return Err(if *only == ReplaySelection::default() {
                     "none of its deliveries is finished (delivered or dead): nothing to replay"
@@ -340,7 +368,7 @@ async fn replay_inner<S: Store>(
             if dry_run {
                 return Ok((
                     format!(
-                        "{} deliveries would be queued again{remapped}{dry}",
+                        "{} deliveries would be queued again{remapped}{dry}{warning}",
                         finals.len()
                     ),
                     Vec::new(),
@@ -350,7 +378,10 @@ async fn replay_inner<S: Store>(
                 .replay(id, bundle, only)
                 .await
                 .map_err(|e| e.to_string())?;
-            Ok((format!("{n} deliveries queued again{remapped}"), finals))
+            Ok((
+                format!("{n} deliveries queued again{remapped}{warning}"),
+                finals,
+            ))
         }
     }
 }

@@ -444,3 +444,28 @@ fn concurrency_defaults_by_destination_kind_and_a_route_can_set_it() {
         [("files", 128), ("few-files", 4), ("fhir", 16), ("peer", 1)]
     );
 }
+
+/// `[store] dead_letter_holds_key` reaches the store the engine opens: a dead delivery
+/// then holds its ordering key.
+#[tokio::test]
+async fn dead_letter_holds_key_reaches_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = workspace_root();
+    std::fs::create_dir_all(dir.path().join("routes.d")).unwrap();
+    write(
+        dir.path(),
+        "passerelle.toml",
+        &format!(
+            "[store]\npath = \"store\"\ndead_letter_holds_key = true\n[paths]\nroutes = \"routes.d\"\nmappings = {:?}\n",
+            root.join("mappings")
+        ),
+    );
+    write(
+        &dir.path().join("routes.d"),
+        "10-r.toml",
+        "name = \"r\"\nmapping = \"v2-to-fhir\"\ndefault = true\n[[destinations]]\nname = \"d\"\ntype = \"ndjson\"\ndir = \"out\"\n",
+    );
+    let loaded = passerelle_engine::Loaded::load(&dir.path().join("passerelle.toml")).unwrap();
+    assert!(loaded.config.store.dead_letter_holds_key);
+    passerelle_store::contract::a_dead_delivery_holds_its_key(loaded.open_store().unwrap()).await;
+}

@@ -239,6 +239,65 @@ pub async fn exhausted_retries_go_dead_and_release_the_key<S: Store>(store: S) {
     );
 }
 
+/// For a store opened with `dead_letter_releases_key` off: a dead delivery holds its
+/// ordering key (later messages of the key wait) until it is replayed and delivered, or
+/// purged; other keys go on.
+pub async fn a_dead_delivery_holds_its_key<S: Store>(store: S) {
+    let first = journal_mapped(&store, "h1", &[("fhir", "K")]).await;
+    let second = journal_mapped(&store, "h2", &[("fhir", "K")]).await;
+    let other = journal_mapped(&store, "h3", &[("fhir", "L")]).await;
+    let leases = store.lease("fhir", 10).await.unwrap();
+    let mut ids: Vec<MessageId> = leases.iter().map(|l| l.message_id).collect();
+    ids.sort();
+    assert_eq!(ids, [first, other]);
+    for lease in &leases {
+        let report = if lease.message_id == first {
+            AttemptReport::permanent("http_4xx")
+        } else {
+            AttemptReport::delivered()
+        };
+        store
+            .complete(lease, report, &no_retry_limit())
+            .await
+            .unwrap();
+    }
+    assert!(
+        store.lease("fhir", 10).await.unwrap().is_empty(),
+        "the dead first message holds K: the second waits"
+    );
+
+    // Replayed, the dead one goes first, then the one behind it.
+    let dead = ReplaySelection {
+        destination: None,
+        state: Some(DeliveryState::Dead),
+    };
+    assert_eq!(store.replay(first, None, &dead).await.unwrap(), 1);
+    for (expected, report) in [
+        (first, AttemptReport::delivered()),
+        (second, AttemptReport::permanent("http_4xx")),
+    ] {
+        let lease = store.lease("fhir", 10).await.unwrap();
+        assert_eq!(
+            lease.iter().map(|l| l.message_id).collect::<Vec<_>>(),
+            [expected]
+        );
+        store
+            .complete(&lease[0], report, &no_retry_limit())
+            .await
+            .unwrap();
+    }
+
+    // Purged, a dead one lets the next go.
+    let third = journal_mapped(&store, "h4", &[("fhir", "K")]).await;
+    assert!(store.lease("fhir", 10).await.unwrap().is_empty());
+    assert!(store.purge(second).await.unwrap());
+    let lease = store.lease("fhir", 10).await.unwrap();
+    assert_eq!(
+        lease.iter().map(|l| l.message_id).collect::<Vec<_>>(),
+        [third]
+    );
+}
+
 /// Each delivery of message `id`: (destination, state), by destination.
 async fn delivery_states<S: Store>(store: &S, id: MessageId) -> Vec<(String, DeliveryState)> {
     let mut states: Vec<(String, DeliveryState)> = store

@@ -525,3 +525,12 @@ async fn a_database_from_before_the_duplicate_state_is_upgraded_on_open() {
         MessageState::Duplicate
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_can_hold_a_key_behind_a_dead_delivery() {
+    let server = server().await;
+    let url = server.create_database("hold");
+    let mut c = config(url, Arc::new(ManualClock::new(1)));
+    c.dead_letter_releases_key = false;
+    contract::a_dead_delivery_holds_its_key(PgStore::open(c).await.unwrap()).await;
+}

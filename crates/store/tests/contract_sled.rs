@@ -166,3 +166,11 @@ async fn concurrent_writers_share_flushes() {
     );
     println!("{journaled} messages, {flushes} flushes");
 }
+
+#[tokio::test]
+async fn sled_can_hold_a_key_behind_a_dead_delivery() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(dir.path(), Arc::new(ManualClock::new(1)));
+    c.dead_letter_releases_key = false;
+    contract::a_dead_delivery_holds_its_key(SledStore::open(c).unwrap()).await;
+}
