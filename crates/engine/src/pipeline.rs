@@ -957,7 +957,8 @@ impl<S: Store> Handler for Pipeline<S> {
     async fn handle(&self, frame: Bytes, peer: &PeerInfo) -> Option<Bytes> {
         let started = Instant::now();
         let metrics = self.inner.config.metrics.listener(&peer.listener);
-        let answer = self.answer(frame, peer, &metrics).await;
+        // None: the sender left while its frame was held back; nothing to answer.
+        let answer = self.answer(frame, peer, &metrics).await?;
         metrics.ack_latency.observe(started.elapsed());
         metrics.ack(answer.code);
         Some(Bytes::from(answer.bytes))
@@ -985,7 +986,7 @@ impl<S: Store> Pipeline<S> {
         frame: Bytes,
         peer: &PeerInfo,
         metrics: &crate::metrics::ListenerMetrics,
-    ) -> Answer {
+    ) -> Option<Answer> {
         let store = &self.inner.store;
         let meta = |msh: Option<MshSummary>, rejected: Option<String>| JournalMeta {
             listener: peer.listener.to_string(),
@@ -1003,7 +1004,7 @@ impl<S: Store> Pipeline<S> {
                         meta(salvaged.as_ref().map(msh_summary), Some(e.to_string())),
                     )
                     .await;
-                return match journaled {
+                return Some(match journaled {
                     Ok(id) => {
                         metrics.received.fetch_add(1, Relaxed);
                         metrics.rejected.fetch_add(1, Relaxed);
@@ -1015,7 +1016,7 @@ impl<S: Store> Pipeline<S> {
                         )
                     }
                     Err(store_error) => storage_nak(salvaged.as_ref(), &store_error),
-                };
+                });
             }
         };
         let header = HeaderSummary::of(&message);
@@ -1030,7 +1031,7 @@ impl<S: Store> Pipeline<S> {
                         text: "passerelle is over its queue or disk limit; send it again later"
                             .into(),
                     };
-                    return reply(Some(&header), AckOutcome::Error, &[err]);
+                    return Some(reply(Some(&header), AckOutcome::Error, &[err]));
                 }
                 Backpressure::StopReading => {
                     debug!(control_id = %header.control_id, "over a limit: holding the answer");
@@ -1042,7 +1043,20 @@ impl<S: Store> Pipeline<S> {
                         if !self.over_limits() {
                             break;
                         }
-                        let _ = tokio::time::timeout(Duration::from_secs(1), relieved).await;
+                        tokio::select! {
+                            _ = tokio::time::timeout(Duration::from_secs(1), relieved) => {}
+                            // The sender gave up (or the engine stops): it got no ACK and
+                            // will send the frame again, so keeping it would only make a
+                            // second copy.
+                            () = peer.abandoned.cancelled() => {
+                                info!(
+                                    kind = %header.kind(),
+                                    control_id = %header.control_id,
+                                    "the sender left while its answer was held: not journaled"
+                                );
+                                return None;
+                            }
+                        }
                     }
                 }
             }
@@ -1054,7 +1068,7 @@ impl<S: Store> Pipeline<S> {
             .await
         {
             Ok(id) => id,
-            Err(e) => return storage_nak(Some(&header), &e),
+            Err(e) => return Some(storage_nak(Some(&header), &e)),
         };
         metrics.received.fetch_add(1, Relaxed);
         let answer = match route {
@@ -1099,7 +1113,7 @@ impl<S: Store> Pipeline<S> {
             }
         };
         debug!(id, kind = %header.kind(), control_id = %header.control_id, size = frame.len(), "acknowledged");
-        answer
+        Some(answer)
     }
 }
 

@@ -178,3 +178,60 @@ async fn stop_reading_mode_holds_the_answer_until_the_queue_drains() {
     })
     .await;
 }
+
+/// A sender that gives up while its frame is held (it closes the connection) leaves
+/// nothing behind: the frame is not journaled (it got no ACK and will send it again) and
+/// the connection is closed at once, not kept until the queue drains.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_reading_forgets_a_held_frame_whose_sender_left() {
+    use tokio::io::AsyncWriteExt;
+    python();
+    let port = passerelle_testkit::free_port();
+    let engine = Harness::new(&route(port));
+    let store = Arc::clone(&engine.store);
+    let (listener, pipeline) = engine
+        .start_with(UnroutedAnswer::Error, limits(Backpressure::StopReading))
+        .await;
+    let addr = listener.local_addr();
+    let mut client = Client::new(ClientConfig::new(addr.to_string())).unwrap();
+    let first = client.send(&fixture("adt_a01_admit.hl7")).await.unwrap();
+    assert!(first.is_accept(), "{first:?}");
+    wait_until("the queue to reach its limit", || {
+        let over = pipeline.over_limits();
+        async move { over }
+    })
+    .await;
+
+    let open_before = listener.stats().open;
+    let frames_before = listener.stats().frames;
+    let mut sender = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut framed = vec![0x0b];
+    framed.extend(fixture("adt_a03_discharge.hl7"));
+    framed.extend([0x1c, 0x0d]);
+    sender.write_all(&framed).await.unwrap();
+    wait_until("the frame to be held", || {
+        let frames = listener.stats().frames;
+        async move { frames > frames_before }
+    })
+    .await;
+    assert_eq!(listener.stats().open, open_before + 1);
+    drop(sender); // the sender gives up
+    wait_until("the held connection to be closed", || {
+        let open = listener.stats().open;
+        async move { open == open_before }
+    })
+    .await;
+
+    let _downstream = start_downstream(port).await;
+    wait_until("the first message to be delivered", || {
+        let store = Arc::clone(&store);
+        async move { count(store.as_ref(), Some(DeliveryState::Delivered)).await == 1 }
+    })
+    .await;
+    assert!(!pipeline.over_limits());
+    assert_eq!(
+        count(store.as_ref(), None).await,
+        1,
+        "the abandoned frame was not journaled"
+    );
+}

@@ -75,6 +75,13 @@ pub struct PeerInfo {
     pub connection: u64,
     /// The client certificate's identity, on a mutual TLS connection.
     pub tls: Option<Arc<PeerIdentity>>,
+    /// Cancelled once no one waits for an answer any more: the peer closed its side of
+    /// the connection (or it broke) while a frame was being handled, or the listener is
+    /// shutting down. A handler that is only holding a frame back (backpressure) may then
+    /// give up: the frame is neither kept nor answered, and its sender, which got no ACK,
+    /// sends it again. (A peer that only half-closed and still reads gets no answer
+    /// either; it sends again too.)
+    pub abandoned: CancellationToken,
 }
 
 /// An IP network, `10.0.0.0/8` or `::1/128`; a bare address means the address alone.
@@ -514,6 +521,7 @@ fn admit<H: Handler>(
             listener: Arc::from(shared.config.name.as_str()),
             connection: id,
             tls: None,
+            abandoned: CancellationToken::new(),
         };
         debug!(listener = %shared.config.name, peer = %addr, connection = id, "connection opened");
         match shared.tls.clone() {
@@ -636,6 +644,10 @@ async fn write_all<S: AsyncWrite + Unpin>(
     }
 }
 
+/// What is read ahead of the frame being handled, at most (the next frames of a sender
+/// that does not wait for its ACKs; the codec bounds a frame only when it decodes it).
+const READ_AHEAD: usize = 1 << 20;
+
 async fn serve_connection<H: Handler, S: AsyncRead + AsyncWrite + Unpin>(
     shared: &Shared<H>,
     stream: &mut S,
@@ -655,11 +667,29 @@ async fn serve_connection<H: Handler, S: AsyncRead + AsyncWrite + Unpin>(
                 Ok(Some(Frame::Message(payload))) => {
                     bump(&counters.frames);
                     let size = payload.len();
-                    let reply = tokio::select! {
-                        biased;
-                        // Only after the shutdown grace period: drop the handler's work.
-                        _ = shared.kill.cancelled() => return Ok(Close::Done),
-                        reply = shared.handler.handle(payload, peer) => reply,
+                    let handling = shared.handler.handle(payload, peer);
+                    tokio::pin!(handling);
+                    // While the handler works (or holds the frame back), keep reading: a
+                    // peer that closes is seen, and said to the handler, at once.
+                    let mut eof = false;
+                    let mut stopping = false;
+                    let reply = loop {
+                        tokio::select! {
+                            biased;
+                            // Only after the shutdown grace period: drop the handler's work.
+                            _ = shared.kill.cancelled() => return Ok(Close::Done),
+                            reply = &mut handling => break reply,
+                            _ = shared.stop.cancelled(), if !stopping => {
+                                stopping = true;
+                                peer.abandoned.cancel();
+                            }
+                            read = stream.read_buf(&mut buf), if !eof && buf.len() < READ_AHEAD => {
+                                if !matches!(read, Ok(n) if n > 0) {
+                                    eof = true;
+                                    peer.abandoned.cancel();
+                                }
+                            }
+                        }
                     };
                     if config.commit_acks {
                         codec.encode(Frame::CommitAck, &mut out)?;
