@@ -444,8 +444,9 @@ fn classify(
 ///
 /// Servers echo the values they refuse (`Invalid date "1980-13-01"`), and a delivery's
 /// detail must hold no patient data, so the diagnostics (or `details.text`) are kept with
-/// every value of the bundle `sent` masked as `…` wherever it stands as a whole word, and
-/// anything in quotes masked too (a server may echo a value transformed). Severity, code
+/// every value of the bundle `sent` masked as `…` wherever it stands as a whole word (in
+/// any ASCII case), any run holding four digits or more masked (dates, identifiers and
+/// phone numbers echoed in another format), and anything in quotes masked too. Severity, code
 /// and the FHIRPath expression name elements, never content, and are kept as they are.
 pub fn outcome_excerpt(body: &[u8], sent: &str) -> Option<String> {
     let value: serde_json::Value = serde_json::from_slice(body).ok()?;
@@ -469,7 +470,10 @@ pub fn outcome_excerpt(body: &[u8], sent: &str) -> Option<String> {
             });
         if let Some(text) = text {
             part.push_str(": ");
-            part.push_str(&mask_quoted(&mask_values(text, &sent_values)));
+            part.push_str(&mask_quoted(&mask_numbers(&mask_values(
+                text,
+                &sent_values,
+            ))));
         }
         if let Some(expr) = issue
             .get("expression")
@@ -512,14 +516,19 @@ fn bundle_values(bundle: &str) -> Vec<String> {
 }
 
 /// `text` with each of `values` replaced by `…` where it stands as a whole word (not
-/// inside a longer word: a code `en` must not eat the middle of `transient`).
+/// inside a longer word: a code `en` must not eat the middle of `transient`), whatever
+/// the case of its ASCII letters (servers echo `DUPONT` as `Dupont`).
 fn mask_values(text: &str, values: &[String]) -> String {
     let is_word = |c: char| c.is_alphanumeric();
     let mut text = text.to_owned();
+    // ASCII case folding keeps every byte where it is, so positions found in the folded
+    // copy are positions in the text.
+    let mut folded = text.to_ascii_lowercase();
     for value in values {
+        let wanted = value.to_ascii_lowercase();
         let mut from = 0;
-        while let Some(pos) = text[from..].find(value.as_str()).map(|p| p + from) {
-            let end = pos + value.len();
+        while let Some(pos) = folded[from..].find(wanted.as_str()).map(|p| p + from) {
+            let end = pos + wanted.len();
             let before = text[..pos].chars().next_back();
             let after = text[end..].chars().next();
             let starts_word = value.starts_with(is_word) && before.is_some_and(is_word);
@@ -528,11 +537,46 @@ fn mask_values(text: &str, values: &[String]) -> String {
                 from = end;
             } else {
                 text.replace_range(pos..end, "…");
+                folded.replace_range(pos..end, "…");
                 from = pos + "…".len();
             }
         }
     }
     text
+}
+
+/// `text` with every run of letters, digits and `/ . - : _ +` that holds four digits or
+/// more replaced by `…`: a server may echo a value reformatted (a birth date sent as
+/// `1978-04-12` comes back as `19780412` or `12/04/1978`, an identifier in another case
+/// or with its authority), and dates, identifiers and phone numbers all carry digits.
+/// A space between two digits joins the run (`06 12 34 56 78`). Element paths
+/// (`entry[3].resource`) and status codes keep their digits.
+fn mask_numbers(text: &str) -> String {
+    let in_run = |c: char| c.is_alphanumeric() || "/.-:_+".contains(c);
+    let chars: Vec<char> = text.chars().collect();
+    let mut out = String::with_capacity(text.len());
+    let mut run = String::new();
+    let flush = |run: &mut String, out: &mut String| {
+        if run.chars().filter(char::is_ascii_digit).count() >= 4 {
+            out.push('…');
+        } else {
+            out.push_str(run);
+        }
+        run.clear();
+    };
+    for (i, &c) in chars.iter().enumerate() {
+        let joins_digits = c == ' '
+            && run.ends_with(|p: char| p.is_ascii_digit())
+            && chars.get(i + 1).is_some_and(char::is_ascii_digit);
+        if in_run(c) || joins_digits {
+            run.push(c);
+        } else {
+            flush(&mut run, &mut out);
+            out.push(c);
+        }
+    }
+    flush(&mut run, &mut out);
+    out
 }
 
 /// `text` with what stands between quotes replaced by `…`: `"…"`, `“…”`, `«…»`, and
@@ -703,5 +747,21 @@ mod tests {
             "error invalid: Value \"…\" can't be parsed as '…' («…») at Patient.birthDate"
         );
         assert_eq!(outcome_excerpt(b"<html>", sent), None);
+    }
+
+    #[test]
+    fn excerpts_mask_values_echoed_in_another_case_or_format() {
+        let sent = r#"{"resourceType":"Bundle","entry":[{"resource":{"resourceType":"Patient",
+            "name":[{"family":"Whitfield"}],"birthDate":"1978-04-12",
+            "identifier":[{"system":"urn:oid:2.999.1.10","value":"RB1002341"}]}}]}"#;
+        let body = serde_json::json!({
+            "resourceType": "OperationOutcome",
+            "issue": [{"severity": "error", "code": "processing",
+                       "diagnostics": "WHITFIELD born 19780412 (MRN RBGH/rb1002341), whitfield, DOB 12/04/1978, +33 6 12 34 56 78 in Bundle.entry[12].resource"}]
+        });
+        assert_eq!(
+            outcome_excerpt(body.to_string().as_bytes(), sent).unwrap(),
+            "error processing: … born … (MRN RBGH/…), …, DOB …, … in Bundle.entry[12].resource"
+        );
     }
 }
