@@ -46,7 +46,8 @@
 //! - **an unreachable database** makes every call fail within `op_timeout` (the listener
 //!   then answers AE, and the sender keeps the message), never hang;
 //! - counters are sharded rows updated in each transaction and summed on read;
-//! - not yet: TLS to the database.
+//! - TLS to the server with rustls ([`PgTls`], libpq's `sslmode` names; `verify-full`
+//!   checks the certificate and the host name).
 //!
 //! ## The sled backend ([`SledStore`])
 //!
@@ -105,6 +106,7 @@ mod codec;
 mod commit;
 pub mod contract;
 mod pg_store;
+mod pg_tls;
 mod retry;
 mod sled_store;
 mod space;
@@ -115,6 +117,7 @@ use std::future::Future;
 
 pub use commit::GroupCommitConfig;
 pub use pg_store::{COUNTER_SHARDS, PgConfig, PgStore};
+pub use pg_tls::{PgTls, PgTlsError, PgTlsMode};
 pub use sled_store::{Clock, ManualClock, SledStore, StoreConfig, SystemClock};
 /// The memory allocator for a process that runs a [`SledStore`]: jemalloc. Install it in the
 /// binary with one line:
@@ -169,6 +172,10 @@ pub enum StoreError {
     /// PostgreSQL failed or could not be reached (SQLSTATE and message, never row values).
     #[error("database error: {0}")]
     Database(String),
+    /// The PostgreSQL store's TLS settings cannot be used (a bad mode, a CA file, client
+    /// certificate or key that does not read).
+    #[error("TLS to the database: {0}")]
+    Tls(PgTlsError),
     /// A row the PostgreSQL store cannot read back (an unknown state, JSON that does not
     /// decode…). The row stays as it is, for an operator to look at.
     #[error("row {key} in {table} cannot be read: {problem}")]

@@ -86,9 +86,14 @@
 //!   hold the NUL character: NULs in names and text fields are stored as U+FFFD.
 //! - **Listing** pages by id; a message whose transaction commits after a page was read,
 //!   with a lower id than that page's last (ids are taken before commit), is not on it.
-//! - **Not yet**: TLS to the database (use a Unix socket, a private network or a TLS
-//!   tunnel meanwhile), and a wake-up across nodes: a delivery queued by one node is seen
-//!   by another's idle workers at their next poll (at most one second).
+//! - **TLS** (the `pg_tls` module): rustls, with libpq's `sslmode` names. Every
+//!   connection of a store (the pool's and the liveness connection) is made with the same
+//!   settings, checked (files read) before the first connection. Only `verify-full`
+//!   authenticates the server; `require` and `prefer` encrypt against eavesdropping only,
+//!   and `prefer` falls back to plaintext when the server offers no TLS. Unix sockets
+//!   never use TLS.
+//! - **Not yet**: a wake-up across nodes: a delivery queued by one node is seen by
+//!   another's idle workers at their next poll (at most one second).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -98,8 +103,10 @@ use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
 use serde::de::DeserializeOwned;
+use tokio_postgres::Row;
 use tokio_postgres::types::{Json, ToSql};
-use tokio_postgres::{NoTls, Row};
+
+use crate::pg_tls::{self, MakeRustls, PgTls, PgTlsError, PgTlsMode};
 
 use crate::retry::{Jitter, settle};
 use crate::types::*;
@@ -135,6 +142,9 @@ pub struct PgConfig {
     /// Whether a dead delivery lets the next message with its ordering key go on (true),
     /// or holds the key until an operator replays or purges it (false).
     pub dead_letter_releases_key: bool,
+    /// TLS to the server (see the `pg_tls` module): merged with the connection string's
+    /// `sslmode`, `sslrootcert`, `sslcert` and `sslkey`.
+    pub tls: PgTls,
     pub clock: Arc<dyn Clock>,
 }
 
@@ -147,6 +157,7 @@ impl PgConfig {
             op_timeout: Duration::from_secs(10),
             visibility_timeout: Duration::from_secs(120),
             dead_letter_releases_key: true,
+            tls: PgTls::default(),
             clock: Arc::new(SystemClock),
         }
     }
@@ -156,9 +167,11 @@ impl PgConfig {
     /// `host:port/database` of a connection string, for messages (no user, no password);
     /// `(unreadable connection string)` when it does not parse.
     pub fn describe_url(url: &str) -> String {
-        url.parse::<tokio_postgres::Config>()
+        pg_tls::split_tls_options(url)
+            .ok()
+            .and_then(|(rest, _)| rest.parse::<tokio_postgres::Config>().ok())
             .map(|pg| describe_target(&pg))
-            .unwrap_or_else(|_| "(unreadable connection string)".into())
+            .unwrap_or_else(|| "(unreadable connection string)".into())
     }
 
     /// Whether `url` reads as a connection string; the error says what is wrong without
@@ -167,10 +180,81 @@ impl PgConfig {
         if url.trim().is_empty() {
             return Err("no connection string".into());
         }
-        url.parse::<tokio_postgres::Config>()
+        let bad = |e: &dyn fmt::Display| format!("not a PostgreSQL connection string: {e}");
+        let (rest, _) = pg_tls::split_tls_options(url).map_err(|e| bad(&e))?;
+        rest.parse::<tokio_postgres::Config>()
             .map(|_| ())
-            .map_err(|e| format!("not a PostgreSQL connection string: {e}"))
+            .map_err(|e| bad(&error_chain(&e)))
     }
+
+    /// Whether the TLS settings (these and the connection string's) can be used: the
+    /// mode is known, both sources agree, and every file they name reads as what it
+    /// should be. [`PgStore::open`] checks the same, so a configuration check finds what
+    /// start-up would refuse.
+    pub fn check_tls(&self) -> Result<PgTlsMode, PgTlsError> {
+        let (_, url_tls) = pg_tls::split_tls_options(&self.url).map_err(|message| PgTlsError {
+            field: "url",
+            message,
+        })?;
+        let resolved = pg_tls::resolve(&self.tls, &url_tls)?;
+        pg_tls::connector(&resolved)?;
+        Ok(resolved.mode)
+    }
+
+    /// The client library's settings and the TLS connector for this configuration.
+    fn connection(&self) -> Result<(tokio_postgres::Config, MakeRustls), StoreError> {
+        let (rest, url_tls) = pg_tls::split_tls_options(&self.url)
+            .map_err(|e| StoreError::Database(format!("bad connection string: {e}")))?;
+        let mut pg: tokio_postgres::Config = rest.parse().map_err(|e| {
+            StoreError::Database(format!("bad connection string: {}", error_chain(&e)))
+        })?;
+        let resolved = pg_tls::resolve(&self.tls, &url_tls).map_err(StoreError::Tls)?;
+        let connector = pg_tls::connector(&resolved).map_err(StoreError::Tls)?;
+        #[cfg(unix)]
+        let local_only = pg
+            .get_hosts()
+            .iter()
+            .all(|h| matches!(h, tokio_postgres::config::Host::Unix(_)))
+            && pg.get_hostaddrs().is_empty();
+        #[cfg(not(unix))]
+        let local_only = false;
+        pg.ssl_mode(match resolved.mode {
+            // PostgreSQL offers no TLS on a Unix socket; libpq ignores sslmode there.
+            _ if local_only => tokio_postgres::config::SslMode::Disable,
+            PgTlsMode::Disable => tokio_postgres::config::SslMode::Disable,
+            PgTlsMode::Prefer => tokio_postgres::config::SslMode::Prefer,
+            PgTlsMode::Require | PgTlsMode::VerifyCa | PgTlsMode::VerifyFull => {
+                tokio_postgres::config::SslMode::Require
+            }
+        });
+        Ok((pg, connector))
+    }
+}
+
+/// An error and its causes, on one line: the client library's own messages leave the
+/// cause out ("error performing TLS handshake"), and the cause is what an operator needs.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        // A server error's own text can carry DETAIL, which may quote a row's values.
+        if let Some(db) = c.downcast_ref::<tokio_postgres::error::DbError>() {
+            text.push_str(&format!(
+                ": {} {}: {}",
+                db.severity(),
+                db.code().code(),
+                db.message()
+            ));
+            break;
+        }
+        let more = c.to_string();
+        if !text.ends_with(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        cause = c.source();
+    }
+    text
 }
 
 impl fmt::Debug for PgConfig {
@@ -180,6 +264,7 @@ impl fmt::Debug for PgConfig {
             .field("pool_size", &self.pool_size)
             .field("op_timeout", &self.op_timeout)
             .field("visibility_timeout", &self.visibility_timeout)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -197,6 +282,7 @@ pub struct PgStore {
     liveness: tokio::sync::Mutex<tokio_postgres::Client>,
     /// How to connect, for the liveness connection.
     pg: tokio_postgres::Config,
+    tls: MakeRustls,
     jitter: Jitter,
 }
 
@@ -214,7 +300,7 @@ impl fmt::Debug for PgStore {
 fn db_error(e: tokio_postgres::Error) -> StoreError {
     StoreError::Database(match e.as_db_error() {
         Some(db) => format!("{} {}: {}", db.severity(), db.code().code(), db.message()),
-        None => e.to_string(),
+        None => error_chain(&e),
     })
 }
 
@@ -498,10 +584,7 @@ impl PgStore {
     /// reached within the connect timeout, and [`StoreError::Schema`] when it holds
     /// another schema version.
     pub async fn open(config: PgConfig) -> Result<PgStore, StoreError> {
-        let mut pg: tokio_postgres::Config = config
-            .url
-            .parse()
-            .map_err(|e| StoreError::Database(format!("bad connection string: {e}")))?;
+        let (mut pg, tls) = config.connection()?;
         if pg.get_connect_timeout().is_none() {
             pg.connect_timeout(config.connect_timeout);
         }
@@ -515,7 +598,7 @@ impl PgStore {
         let target = describe_target(&pg);
         let manager = Manager::from_config(
             pg.clone(),
-            NoTls,
+            tls.clone(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -528,8 +611,11 @@ impl PgStore {
             .recycle_timeout(Some(config.op_timeout))
             .build()
             .map_err(|e| StoreError::Database(format!("connection pool: {e}")))?;
-        let unreachable = |e: &dyn fmt::Display| {
-            StoreError::Database(format!("cannot connect to PostgreSQL at {target}: {e}"))
+        let unreachable = |e: &(dyn std::error::Error + 'static)| {
+            StoreError::Database(format!(
+                "cannot connect to PostgreSQL at {target}: {}",
+                error_chain(e)
+            ))
         };
         let mut conn = pool.get().await.map_err(|e| unreachable(&e))?;
         migrate(&mut conn, &target).await?;
@@ -537,7 +623,9 @@ impl PgStore {
         drop(conn);
 
         // The liveness connection and this node's number.
-        let liveness = connect_liveness(&pg).await.map_err(|e| unreachable(&e))?;
+        let liveness = connect_liveness(&pg, &tls)
+            .await
+            .map_err(|e| unreachable(&e))?;
         let mut node = None;
         for _ in 0..16 {
             let candidate = (random_u64() >> 33) as i32;
@@ -561,6 +649,7 @@ impl PgStore {
             node,
             liveness: tokio::sync::Mutex::new(liveness),
             pg,
+            tls,
             jitter: Jitter::new(seed),
         };
         let returned = store.release_orphaned_leases().await?;
@@ -594,8 +683,9 @@ impl PgStore {
     async fn connection(&self, what: &str) -> Result<Object, StoreError> {
         self.pool.get().await.map_err(|e| {
             StoreError::Database(format!(
-                "{what}: no connection to PostgreSQL at {}: {e}",
-                self.target
+                "{what}: no connection to PostgreSQL at {}: {}",
+                self.target,
+                error_chain(&e)
             ))
         })
     }
@@ -722,7 +812,7 @@ impl PgStore {
             return;
         }
         let again = async {
-            let client = connect_liveness(&self.pg).await?;
+            let client = connect_liveness(&self.pg, &self.tls).await?;
             let locked: bool = client
                 .query_one(
                     "SELECT pg_try_advisory_lock($1, $2)",
@@ -841,8 +931,9 @@ impl PgStore {
 /// A connection of its own (not from the pool), its driver on a task.
 async fn connect_liveness(
     pg: &tokio_postgres::Config,
+    tls: &MakeRustls,
 ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-    let (client, connection) = pg.connect(NoTls).await?;
+    let (client, connection) = pg.connect(tls.clone()).await?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::warn!(error = %db_error(e), "the store's liveness connection ended");
