@@ -92,8 +92,17 @@
 //!   authenticates the server; `require` and `prefer` encrypt against eavesdropping only,
 //!   and `prefer` falls back to plaintext when the server offers no TLS. Unix sockets
 //!   never use TLS.
-//! - **Not yet**: a wake-up across nodes: a delivery queued by one node is seen by
-//!   another's idle workers at their next poll (at most one second).
+//! - **Wake-up across nodes** (the `pg_listen` module): a transaction that makes
+//!   deliveries ready (a routing outcome, a key's next delivery after its head finished,
+//!   a replay, leases returned) also `NOTIFY`s their destinations' names, delivered by
+//!   PostgreSQL only if it commits; each store `LISTEN`s on a connection of its own and
+//!   fires [`Store::work_signal`], so an idle worker on any node leases within a round
+//!   trip or so. It is a hint: a notification lost while the listening connection is
+//!   down (it reconnects with backoff, and then fires every signal) or never sent (a retry
+//!   becoming due is a matter of time) costs at most the workers' poll interval (a
+//!   second in the engine). PostgreSQL commits transactions that notify one at a time
+//!   (they queue on the notification queue's lock at commit), which bounds the routing
+//!   outcomes the whole cluster records per second by the commit (WAL flush) latency.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -106,11 +115,12 @@ use serde::de::DeserializeOwned;
 use tokio_postgres::Row;
 use tokio_postgres::types::{Json, ToSql};
 
+use crate::pg_listen::{self, Wakers};
 use crate::pg_tls::{self, MakeRustls, PgTls, PgTlsError, PgTlsMode};
 
 use crate::retry::{Jitter, settle};
 use crate::types::*;
-use crate::{Clock, Store, StoreError, SystemClock};
+use crate::{Clock, Store, StoreError, SystemClock, WorkSignal};
 
 const SCHEMA_VERSION: &str = "1";
 const SCHEMA: &str = include_str!("pg_schema.sql");
@@ -233,7 +243,7 @@ impl PgConfig {
 
 /// An error and its causes, on one line: the client library's own messages leave the
 /// cause out ("error performing TLS handshake"), and the cause is what an operator needs.
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut text = e.to_string();
     let mut cause = e.source();
     while let Some(c) = cause {
@@ -284,6 +294,16 @@ pub struct PgStore {
     pg: tokio_postgres::Config,
     tls: MakeRustls,
     jitter: Jitter,
+    /// The destinations' wake-up signals, fired by the listening connection.
+    wakers: Arc<Wakers>,
+    /// The task that holds the listening connection (see the `pg_listen` module).
+    listener: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for PgStore {
+    fn drop(&mut self) {
+        self.listener.abort();
+    }
 }
 
 impl fmt::Debug for PgStore {
@@ -546,14 +566,15 @@ async fn head_of(
     Ok(row.map(|r| r.get(0)))
 }
 
-/// Makes the next holder of a key ready, once its head let go of it.
+/// Makes the next holder of a key ready, once its head let go of it. Returns whether
+/// one became ready.
 async fn promote_successor(
     tx: &Tx<'_>,
     destination: &str,
     ordering_key: &str,
     now: i64,
-) -> Result<(), StoreError> {
-    execute(
+) -> Result<bool, StoreError> {
+    let promoted = execute(
         tx,
         "UPDATE passerelle_deliveries SET ready_at_ms = $3 \
          WHERE destination = $1 AND seq = (SELECT seq FROM passerelle_deliveries \
@@ -562,6 +583,24 @@ async fn promote_successor(
         &[&destination, &ordering_key, &now],
     )
     .await?;
+    Ok(promoted > 0)
+}
+
+/// Tells every node's idle workers (at commit, and only if it commits) that deliveries of
+/// these destinations became ready (see the `pg_listen` module).
+async fn notify_ready<'d>(
+    tx: &Tx<'_>,
+    destinations: impl IntoIterator<Item = &'d str>,
+) -> Result<(), StoreError> {
+    let destinations: BTreeSet<&str> = destinations.into_iter().collect();
+    for destination in destinations {
+        execute(
+            tx,
+            "SELECT pg_notify($1, $2)",
+            &[&pg_listen::CHANNEL, &destination],
+        )
+        .await?;
+    }
     Ok(())
 }
 
@@ -642,6 +681,16 @@ impl PgStore {
         }
         let node = node.ok_or_else(|| StoreError::Database("no free node number".into()))?;
         let seed = random_u64();
+        let wakers = Arc::new(Wakers::default());
+        let (listening, first_listen) = tokio::sync::oneshot::channel();
+        let listener = pg_listen::spawn(
+            pg.clone(),
+            tls.clone(),
+            Arc::clone(&wakers),
+            config.op_timeout,
+            seed.rotate_left(17),
+            listening,
+        );
         let store = PgStore {
             pool,
             config,
@@ -651,7 +700,20 @@ impl PgStore {
             pg,
             tls,
             jitter: Jitter::new(seed),
+            wakers,
+            listener,
         };
+        // Open returns listening, so that a delivery another node readies from now on
+        // wakes this one; if that takes too long, the poll covers meanwhile.
+        if tokio::time::timeout(store.config.op_timeout, first_listen)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "the wake-up connection is not listening yet; idle workers see other nodes' \
+                 deliveries at their next poll until it is"
+            );
+        }
         let returned = store.release_orphaned_leases().await?;
         if returned > 0 {
             tracing::info!(
@@ -756,6 +818,11 @@ impl PgStore {
                     DeliveryState::Pending,
                 );
             }
+            let mut returned = Vec::with_capacity(rows.len());
+            for row in &rows {
+                returned.push(row.try_get::<_, String>(0)?);
+            }
+            notify_ready(&tx, returned.iter().map(String::as_str)).await?;
             self.apply(&tx, deltas).await?;
             tx.commit().await?;
             Ok(rows.len())
@@ -916,11 +983,16 @@ impl PgStore {
         .await?;
         // A dead delivery that held its key lets the next one go.
         let now = self.now();
+        let mut ready = Vec::new();
         for d in &deliveries {
-            if d.state == DeliveryState::Dead && !self.config.dead_letter_releases_key {
-                promote_successor(tx, &d.destination, &d.ordering_key, now).await?;
+            if d.state == DeliveryState::Dead
+                && !self.config.dead_letter_releases_key
+                && promote_successor(tx, &d.destination, &d.ordering_key, now).await?
+            {
+                ready.push(d.destination.as_str());
             }
         }
+        notify_ready(tx, ready).await?;
         execute(tx, "DELETE FROM passerelle_frames WHERE id = $1", &[&id]).await?;
         execute(tx, "DELETE FROM passerelle_messages WHERE id = $1", &[&id]).await?;
         self.apply(tx, deltas).await?;
@@ -1098,6 +1170,7 @@ impl Store for PgStore {
             let mut error: Option<String> = r.get("error")?;
             let mut bundle: Option<String> = r.get("bundle")?;
             let mut deltas = Deltas::default();
+            let mut ready: Vec<String> = Vec::new();
             let (state, detail) = match &outcome {
                 Outcome::Unrouted => (MessageState::Unrouted, "no route matched".to_owned()),
                 Outcome::MappingFailed {
@@ -1125,6 +1198,9 @@ impl Store for PgStore {
                         // Ready now if nothing of its key is unfinished before it.
                         let is_head = head_of(&tx, destination, ordering_key).await?.is_none();
                         let ready_at = is_head.then_some(now);
+                        if is_head {
+                            ready.push(destination.clone());
+                        }
                         execute(
                             &tx,
                             "INSERT INTO passerelle_deliveries (destination, seq, message_id, \
@@ -1166,6 +1242,7 @@ impl Store for PgStore {
             .await?;
             deltas.add(message_counter(before), -1);
             deltas.add(message_counter(state), 1);
+            notify_ready(&tx, ready.iter().map(String::as_str)).await?;
             self.apply(&tx, deltas).await?;
             tx.commit().await?;
             Ok(())
@@ -1311,8 +1388,8 @@ impl Store for PgStore {
                 ],
             )
             .await?;
-            if releases_key {
-                promote_successor(&tx, destination, &ordering_key, now).await?;
+            if releases_key && promote_successor(&tx, destination, &ordering_key, now).await? {
+                notify_ready(&tx, [destination]).await?;
             }
             let mut deltas = Deltas::default();
             deltas.moved(destination, DeliveryState::InFlight, next_state);
@@ -1404,6 +1481,7 @@ impl Store for PgStore {
             )
             .await?;
             let mut deltas = Deltas::default();
+            let mut ready = Vec::new();
             for d in &finals {
                 let seq = big(d.seq);
                 // Back in its original place in the key's order. Ready only if its key has
@@ -1414,6 +1492,9 @@ impl Store for PgStore {
                     Some(head) => head == seq,
                 };
                 let ready_at = is_head.then_some(now);
+                if is_head {
+                    ready.push(d.destination.as_str());
+                }
                 execute(
                     &tx,
                     "UPDATE passerelle_deliveries SET state = 'pending', attempts = 0, \
@@ -1437,6 +1518,7 @@ impl Store for PgStore {
                 &[&sql_id, &bundle, &Json(&transition)],
             )
             .await?;
+            notify_ready(&tx, ready).await?;
             self.apply(&tx, deltas).await?;
             tx.commit().await?;
             Ok(finals.len())
@@ -1665,5 +1747,11 @@ impl Store for PgStore {
     /// there is nothing left to flush.
     async fn flush(&self) -> Result<(), StoreError> {
         Ok(())
+    }
+
+    /// Fired by this node's listening connection when any node (this one included)
+    /// commits deliveries of `destination` that are ready.
+    fn work_signal(&self, destination: &str) -> WorkSignal {
+        self.wakers.subscribe(destination)
     }
 }
