@@ -2,11 +2,12 @@
 //! a certificate made for the test, and pg_hba rules that refuse every TCP connection
 //! without TLS (`hostnossl … reject`): whatever connects over TCP and works is encrypted.
 //!
-//! Checks: `verify-full` with the right CA works (every connection of the store is
-//! encrypted, SCRAM is bound to the channel) and passes contract checks; a wrong CA, a
-//! wrong host name and a missing client certificate are refused with a clear error;
-//! `verify-ca` and `require` behave as libpq's; plaintext is refused; a client
-//! certificate logs in where pg_hba says `cert`; unusable files fail at open.
+//! Checks: `verify-full` with the right CA works (every connection of the store, the
+//! listening one included, is encrypted; SCRAM is bound to the channel) and passes
+//! contract checks; a wrong CA, a wrong host name and a missing client certificate are
+//! refused with a clear error; `verify-ca` and `require` behave as libpq's; plaintext is
+//! refused; a client certificate logs in where pg_hba says `cert`; unusable files fail
+//! at open.
 //!
 //! Without PostgreSQL's binaries these tests fail, saying what to install.
 
@@ -148,19 +149,22 @@ fn config(url: String, mode: PgTlsMode, ca: Option<PathBuf>) -> PgConfig {
     c
 }
 
-/// How many of the database's sessions are passerelle's, and how many of those are
-/// encrypted (`pg_stat_ssl`).
-async fn passerelle_sessions(admin: &tokio_postgres::Client, db: &str) -> (i64, i64) {
+/// How many of the database's sessions are passerelle's (pool and liveness, and the
+/// listening connection, counted apart), and how many of each are encrypted
+/// (`pg_stat_ssl`).
+async fn passerelle_sessions(admin: &tokio_postgres::Client, db: &str) -> [i64; 4] {
     let row = admin
         .query_one(
-            "SELECT count(*), count(*) FILTER (WHERE s.ssl) FROM pg_stat_activity a \
-             JOIN pg_stat_ssl s USING (pid) \
-             WHERE a.datname = $1 AND a.application_name = 'passerelle'",
-            &[&db],
+            "SELECT count(*) FILTER (WHERE a.application_name = 'passerelle'), \
+                 count(*) FILTER (WHERE a.application_name = 'passerelle' AND s.ssl), \
+                 count(*) FILTER (WHERE a.application_name = $2), \
+                 count(*) FILTER (WHERE a.application_name = $2 AND s.ssl) \
+             FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) WHERE a.datname = $1",
+            &[&db, &LISTENER_APPLICATION],
         )
         .await
         .unwrap();
-    (row.get(0), row.get(1))
+    [row.get(0), row.get(1), row.get(2), row.get(3)]
 }
 
 fn open_error(result: Result<PgStore, StoreError>) -> String {
@@ -188,7 +192,13 @@ async fn verify_full_with_the_right_ca_encrypts_every_connection() {
         .await
         .unwrap();
     let admin = unix_client(&tls.server.url()).await;
-    let (sessions, encrypted) = passerelle_sessions(&admin, "verified").await;
+    let [sessions, encrypted, listening, listening_encrypted] =
+        passerelle_sessions(&admin, "verified").await;
+    assert_eq!(
+        (listening, listening_encrypted),
+        (1, 1),
+        "the store's listening connection is there, encrypted"
+    );
     assert!(
         sessions >= 2,
         "the pool and the liveness connection are there ({sessions})"
@@ -207,7 +217,9 @@ async fn verify_full_with_the_right_ca_encrypts_every_connection() {
         .journal(b"MSH|^~\\&|A", JournalMeta::default())
         .await
         .unwrap();
-    let (sessions, encrypted) = passerelle_sessions(&admin, "verified_by_url").await;
+    let [sessions, encrypted, listening, listening_encrypted] =
+        passerelle_sessions(&admin, "verified_by_url").await;
+    assert_eq!((listening, listening_encrypted), (1, 1));
     assert!(
         sessions >= 2 && encrypted == sessions,
         "{encrypted}/{sessions}"
@@ -267,7 +279,12 @@ async fn a_wrong_ca_or_host_name_is_refused_and_plaintext_never_gets_in() {
         "{refusal:?}"
     );
     let admin = unix_client(&tls.server.url()).await;
-    let (sessions, encrypted) = passerelle_sessions(&admin, "refused").await;
+    let [sessions, encrypted, listening, listening_encrypted] =
+        passerelle_sessions(&admin, "refused").await;
+    assert_eq!(
+        listening, listening_encrypted,
+        "no plaintext listening session"
+    );
     assert_eq!(
         sessions, encrypted,
         "no plaintext session of passerelle got in"
@@ -303,13 +320,13 @@ async fn a_client_certificate_logs_in_where_pg_hba_says_cert() {
         .query_one(
             "SELECT count(*) FILTER (WHERE s.ssl AND s.client_dn = '/CN=passerelle_cert'), count(*) \
              FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) \
-             WHERE a.datname = 'mutual' AND a.application_name = 'passerelle'",
+             WHERE a.datname = 'mutual' AND a.application_name LIKE 'passerelle%'",
             &[],
         )
         .await
         .unwrap();
     let (with_cert, all): (i64, i64) = (row.get(0), row.get(1));
-    assert!(all >= 2, "{all}");
+    assert!(all >= 3, "pool, liveness and listening connections: {all}");
     assert_eq!(
         with_cert, all,
         "every session presented the client certificate"
