@@ -69,7 +69,8 @@ impl Wakers {
 }
 
 /// Starts the listening task. It ends when the returned handle is aborted (the store is
-/// dropped). `listening` is told once the first `LISTEN` is in place.
+/// dropped). `listening` is told once the first `LISTEN` is in place, or dropped when the
+/// first attempt fails (the task goes on trying; the opener need not wait).
 pub(crate) fn spawn(
     mut pg: tokio_postgres::Config,
     tls: MakeRustls,
@@ -98,6 +99,8 @@ pub(crate) fn spawn(
                 }
             };
             let ended = session(&pg, &tls, &wakers, op_timeout, &mut on_listening).await;
+            // A first attempt that failed: the opener goes on without waiting.
+            listening = None;
             tracing::warn!(
                 problem = %ended,
                 retry_in_ms = backoff.as_millis() as u64,

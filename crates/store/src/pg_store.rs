@@ -705,10 +705,8 @@ impl PgStore {
         };
         // Open returns listening, so that a delivery another node readies from now on
         // wakes this one; if that takes too long, the poll covers meanwhile.
-        if tokio::time::timeout(store.config.op_timeout, first_listen)
-            .await
-            .is_err()
-        {
+        let listening = tokio::time::timeout(store.config.op_timeout, first_listen).await;
+        if !matches!(listening, Ok(Ok(()))) {
             tracing::warn!(
                 "the wake-up connection is not listening yet; idle workers see other nodes' \
                  deliveries at their next poll until it is"
