@@ -32,6 +32,17 @@ pub struct StoreSection {
     /// fails (and a frame being journaled gets AE): the bound on a sender's wait when the
     /// database cannot be reached.
     pub op_timeout_s: u64,
+    /// TLS to PostgreSQL, as libpq's `sslmode`: `disable`, `prefer`, `require`,
+    /// `verify-ca` or `verify-full` (empty: the connection string's `sslmode`, else
+    /// `prefer`). Only `verify-full` proves the server is the one named.
+    pub tls: String,
+    /// PEM CA certificates that sign the server's certificate (`sslrootcert`); without
+    /// it, the system's roots.
+    pub tls_ca_file: Option<PathBuf>,
+    /// PEM client certificate, for servers that authenticate passerelle by certificate.
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key of `tls_cert_file`.
+    pub tls_key_file: Option<PathBuf>,
     /// sled's page cache, which bounds memory.
     pub cache_capacity_mb: u64,
     pub flush_every_ms: u64,
@@ -60,6 +71,10 @@ impl std::fmt::Debug for StoreSection {
             .field("url", &if self.url.is_empty() { "" } else { "(hidden)" })
             .field("pool_size", &self.pool_size)
             .field("op_timeout_s", &self.op_timeout_s)
+            .field("tls", &self.tls)
+            .field("tls_ca_file", &self.tls_ca_file)
+            .field("tls_cert_file", &self.tls_cert_file)
+            .field("tls_key_file", &self.tls_key_file)
             .field("cache_capacity_mb", &self.cache_capacity_mb)
             .field("flush_every_ms", &self.flush_every_ms)
             .field("visibility_timeout_s", &self.visibility_timeout_s)
@@ -71,6 +86,24 @@ impl std::fmt::Debug for StoreSection {
     }
 }
 
+impl StoreSection {
+    /// The PostgreSQL store's settings from this section (`backend = "postgres"`).
+    pub fn pg_config(&self) -> passerelle_store::PgConfig {
+        let mut c = passerelle_store::PgConfig::new(self.url.clone());
+        c.pool_size = self.pool_size;
+        c.op_timeout = std::time::Duration::from_secs(self.op_timeout_s);
+        c.visibility_timeout = std::time::Duration::from_secs(self.visibility_timeout_s);
+        c.dead_letter_releases_key = !self.dead_letter_holds_key;
+        c.tls = passerelle_store::PgTls {
+            mode: passerelle_store::PgTlsMode::parse(&self.tls),
+            ca_file: self.tls_ca_file.clone(),
+            cert_file: self.tls_cert_file.clone(),
+            key_file: self.tls_key_file.clone(),
+        };
+        c
+    }
+}
+
 impl Default for StoreSection {
     fn default() -> Self {
         StoreSection {
@@ -79,6 +112,10 @@ impl Default for StoreSection {
             url: String::new(),
             pool_size: 16,
             op_timeout_s: 10,
+            tls: String::new(),
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
             cache_capacity_mb: 64,
             flush_every_ms: 500,
             visibility_timeout_s: 120,
@@ -337,7 +374,17 @@ impl EngineConfig {
                 &mut config.store.path,
                 &mut config.paths.routes,
                 &mut config.paths.mappings,
-            ] {
+            ]
+            .into_iter()
+            .chain(
+                [
+                    &mut config.store.tls_ca_file,
+                    &mut config.store.tls_cert_file,
+                    &mut config.store.tls_key_file,
+                ]
+                .into_iter()
+                .flatten(),
+            ) {
                 if p.is_relative() {
                     *p = dir.join(&*p);
                 }
@@ -491,6 +538,29 @@ impl EngineConfig {
                         "store.op_timeout_s",
                         "must be at least 1".into(),
                     );
+                }
+                let known_mode = self.store.tls.is_empty()
+                    || passerelle_store::PgTlsMode::parse(&self.store.tls).is_some();
+                if !known_mode {
+                    report(
+                        &[Step::Key("store"), Step::Key("tls")],
+                        "store.tls",
+                        format!(
+                            "{:?} is not a TLS mode: \"disable\", \"prefer\", \"require\", \
+                             \"verify-ca\" or \"verify-full\"",
+                            self.store.tls
+                        ),
+                    );
+                } else if passerelle_store::PgConfig::check_url(&self.store.url).is_ok() {
+                    // Reads the CA, certificate and key files, as start-up will.
+                    if let Err(e) = self.store.pg_config().check_tls() {
+                        let field = e.field;
+                        report(
+                            &[Step::Key("store"), Step::Key(field)],
+                            &format!("store.{field}"),
+                            e.message,
+                        );
+                    }
                 }
             }
             other => report(

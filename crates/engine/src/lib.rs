@@ -115,13 +115,7 @@ impl Loaded {
     pub async fn open_pg_store(
         &self,
     ) -> Result<passerelle_store::PgStore, passerelle_store::StoreError> {
-        let s = &self.config.store;
-        let mut store_config = passerelle_store::PgConfig::new(s.url.clone());
-        store_config.pool_size = s.pool_size;
-        store_config.op_timeout = std::time::Duration::from_secs(s.op_timeout_s);
-        store_config.visibility_timeout = std::time::Duration::from_secs(s.visibility_timeout_s);
-        store_config.dead_letter_releases_key = !s.dead_letter_holds_key;
-        passerelle_store::PgStore::open(store_config).await
+        passerelle_store::PgStore::open(self.config.store.pg_config()).await
     }
 
     /// Opens the sled store the configuration names (`backend = "sled"`, the default).

@@ -15,6 +15,9 @@
 //!   per ordering key at a time, by the store's contract), delivers with
 //!   `passerelle-delivery` (FHIR HTTP, MLLP forward, NDJSON), and reports the attempt; the
 //!   store applies the route's retry policy. Destination settings are checked at start.
+//!   An idle worker wakes when this node queues for it, when the store signals that
+//!   another node did ([`Store::work_signal`]: PostgreSQL's NOTIFY), or at its poll (at
+//!   most a second, sooner when a retry is due), which also covers a lost signal.
 //!
 //! Logs carry ids, control ids, message types, sizes and states, never field content.
 
@@ -749,6 +752,9 @@ impl<S: Store> Pipeline<S> {
             .config
             .metrics
             .queue(&route.name, &destination.name);
+        // Subscribed before the first lease, so that nothing another node readies after
+        // a lease that found nothing is missed (a shared store's signal; sled's never fires).
+        let mut elsewhere = store.work_signal(&queue);
         loop {
             if self.inner.stopping.load(Relaxed) {
                 return;
@@ -765,14 +771,19 @@ impl<S: Store> Pipeline<S> {
                 }
             };
             if leases.is_empty() {
-                // Sleep until something is queued, or the next retry is due.
+                // Sleep until something is queued here or on another node, or the next
+                // retry is due; the poll also covers a lost signal.
                 let wait = match store.next_due_ms(&queue).await {
                     Ok(Some(due)) => {
                         Duration::from_millis(due.saturating_sub(now_ms()).clamp(1, 1_000))
                     }
                     _ => Duration::from_secs(1),
                 };
-                let _ = tokio::time::timeout(wait, wake.notified()).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = wake.notified() => {}
+                    _ = elsewhere.changed() => {}
+                }
                 continue;
             }
             // Leases hold distinct ordering keys: they may go out together.

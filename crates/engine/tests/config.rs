@@ -140,7 +140,7 @@ fn defaults_without_a_file_and_environment_overrides() {
 #[test]
 fn configuration_errors_are_located() {
     let dir = tempfile::tempdir().unwrap();
-    let cases: [(&str, &str); 11] = [
+    let cases: [(&str, &str); 14] = [
         (
             "[logging]\nlevel = \"verbose\"\n",
             "passerelle.toml:2:9 logging.level",
@@ -152,6 +152,18 @@ fn configuration_errors_are_located() {
         (
             "[store]\npath = \"./data\"\nsize = 3\n",
             "passerelle.toml:3:1",
+        ),
+        (
+            "[store]\nbackend = \"postgres\"\nurl = \"host=db\"\ntls = \"verify\"\n",
+            "passerelle.toml:4:7 store.tls",
+        ),
+        (
+            "[store]\nbackend = \"postgres\"\nurl = \"host=db\"\ntls = \"verify-full\"\ntls_ca_file = \"missing-ca.pem\"\n",
+            "passerelle.toml:5:15 store.tls_ca_file",
+        ),
+        (
+            "[store]\nbackend = \"postgres\"\nurl = \"host=db sslmode=require\"\ntls = \"verify-full\"\n",
+            "passerelle.toml:4:7 store.tls",
         ),
         (
             "[store]\nbackend = \"postgres\"\nurl = \"host=/run/postgresql\"\nop_timeout_s = 0\n",

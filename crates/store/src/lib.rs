@@ -46,7 +46,10 @@
 //! - **an unreachable database** makes every call fail within `op_timeout` (the listener
 //!   then answers AE, and the sender keeps the message), never hang;
 //! - counters are sharded rows updated in each transaction and summed on read;
-//! - not yet: TLS to the database.
+//! - TLS to the server with rustls ([`PgTls`], libpq's `sslmode` names; `verify-full`
+//!   checks the certificate and the host name);
+//! - a delivery one node makes ready wakes the idle workers of every node at once
+//!   (LISTEN/NOTIFY, [`Store::work_signal`]); their poll covers a lost notification.
 //!
 //! ## The sled backend ([`SledStore`])
 //!
@@ -104,7 +107,9 @@
 mod codec;
 mod commit;
 pub mod contract;
+mod pg_listen;
 mod pg_store;
+mod pg_tls;
 mod retry;
 mod sled_store;
 mod space;
@@ -114,7 +119,9 @@ mod wal;
 use std::future::Future;
 
 pub use commit::GroupCommitConfig;
+pub use pg_listen::LISTENER_APPLICATION;
 pub use pg_store::{COUNTER_SHARDS, PgConfig, PgStore};
+pub use pg_tls::{PgTls, PgTlsError, PgTlsMode};
 pub use sled_store::{Clock, ManualClock, SledStore, StoreConfig, SystemClock};
 /// The memory allocator for a process that runs a [`SledStore`]: jemalloc. Install it in the
 /// binary with one line:
@@ -169,6 +176,10 @@ pub enum StoreError {
     /// PostgreSQL failed or could not be reached (SQLSTATE and message, never row values).
     #[error("database error: {0}")]
     Database(String),
+    /// The PostgreSQL store's TLS settings cannot be used (a bad mode, a CA file, client
+    /// certificate or key that does not read).
+    #[error("TLS to the database: {0}")]
+    Tls(PgTlsError),
     /// A row the PostgreSQL store cannot read back (an unknown state, JSON that does not
     /// decode…). The row stays as it is, for an operator to look at.
     #[error("row {key} in {table} cannot be read: {problem}")]
@@ -225,6 +236,39 @@ pub(crate) fn validate_deliveries(deliveries: &[Enqueue]) -> Result<(), StoreErr
         }
     }
     Ok(())
+}
+
+/// A subscription to one destination's "work may have become ready elsewhere" signal
+/// ([`Store::work_signal`]). A signal raised while no one waits is kept for the next
+/// [`changed`](WorkSignal::changed), so a worker that subscribes once, before its first
+/// lease, misses none between a lease that found nothing and its wait.
+#[derive(Debug)]
+pub struct WorkSignal {
+    rx: Option<tokio::sync::watch::Receiver<u64>>,
+}
+
+impl WorkSignal {
+    /// A signal that never fires: for a store no other process writes to.
+    pub fn never() -> WorkSignal {
+        WorkSignal { rx: None }
+    }
+
+    pub(crate) fn from_watch(rx: tokio::sync::watch::Receiver<u64>) -> WorkSignal {
+        WorkSignal { rx: Some(rx) }
+    }
+
+    /// Returns once a signal came since the last return (or since subscribing); never for
+    /// [`WorkSignal::never`] or once the store is gone. Cancel-safe: use it in `select!`.
+    pub async fn changed(&mut self) {
+        match &mut self.rx {
+            Some(rx) => {
+                if rx.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+            None => std::future::pending::<()>().await,
+        }
+    }
 }
 
 /// The store the engine uses. Both backends ([`SledStore`], [`PgStore`]) implement it and
@@ -326,6 +370,18 @@ pub trait Store: Send + Sync + 'static {
 
     /// Makes every write so far durable.
     fn flush(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// A signal that fires when another process sharing this store (another node) may
+    /// have made deliveries of `destination` ready, so that an idle worker leases them
+    /// without waiting for its next poll. A hint, never a promise: it may fire with
+    /// nothing to lease, and a worker must still poll ([`Store::next_due_ms`]) because a
+    /// signal can be lost. What this process queues itself, its own code knows of (the
+    /// engine wakes its workers directly). The default never fires (the sled store has
+    /// one process).
+    fn work_signal(&self, destination: &str) -> WorkSignal {
+        let _ = destination;
+        WorkSignal::never()
+    }
 }
 
 /// Runs retention in the background: every `every`, deletes the messages delivered

@@ -86,9 +86,23 @@
 //!   hold the NUL character: NULs in names and text fields are stored as U+FFFD.
 //! - **Listing** pages by id; a message whose transaction commits after a page was read,
 //!   with a lower id than that page's last (ids are taken before commit), is not on it.
-//! - **Not yet**: TLS to the database (use a Unix socket, a private network or a TLS
-//!   tunnel meanwhile), and a wake-up across nodes: a delivery queued by one node is seen
-//!   by another's idle workers at their next poll (at most one second).
+//! - **TLS** (the `pg_tls` module): rustls, with libpq's `sslmode` names. Every
+//!   connection of a store (the pool's and the liveness connection) is made with the same
+//!   settings, checked (files read) before the first connection. Only `verify-full`
+//!   authenticates the server; `require` and `prefer` encrypt against eavesdropping only,
+//!   and `prefer` falls back to plaintext when the server offers no TLS. Unix sockets
+//!   never use TLS.
+//! - **Wake-up across nodes** (the `pg_listen` module): a transaction that makes
+//!   deliveries ready (a routing outcome, a key's next delivery after its head finished,
+//!   a replay, leases returned) also `NOTIFY`s their destinations' names, delivered by
+//!   PostgreSQL only if it commits; each store `LISTEN`s on a connection of its own and
+//!   fires [`Store::work_signal`], so an idle worker on any node leases within a round
+//!   trip or so. It is a hint: a notification lost while the listening connection is
+//!   down (it reconnects with backoff, and then fires every signal) or never sent (a retry
+//!   becoming due is a matter of time) costs at most the workers' poll interval (a
+//!   second in the engine). PostgreSQL commits transactions that notify one at a time
+//!   (they queue on the notification queue's lock at commit), which bounds the routing
+//!   outcomes the whole cluster records per second by the commit (WAL flush) latency.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -98,12 +112,15 @@ use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
 use serde::de::DeserializeOwned;
+use tokio_postgres::Row;
 use tokio_postgres::types::{Json, ToSql};
-use tokio_postgres::{NoTls, Row};
+
+use crate::pg_listen::{self, Wakers};
+use crate::pg_tls::{self, MakeRustls, PgTls, PgTlsError, PgTlsMode};
 
 use crate::retry::{Jitter, settle};
 use crate::types::*;
-use crate::{Clock, Store, StoreError, SystemClock};
+use crate::{Clock, Store, StoreError, SystemClock, WorkSignal};
 
 const SCHEMA_VERSION: &str = "1";
 const SCHEMA: &str = include_str!("pg_schema.sql");
@@ -135,6 +152,9 @@ pub struct PgConfig {
     /// Whether a dead delivery lets the next message with its ordering key go on (true),
     /// or holds the key until an operator replays or purges it (false).
     pub dead_letter_releases_key: bool,
+    /// TLS to the server (see the `pg_tls` module): merged with the connection string's
+    /// `sslmode`, `sslrootcert`, `sslcert` and `sslkey`.
+    pub tls: PgTls,
     pub clock: Arc<dyn Clock>,
 }
 
@@ -147,6 +167,7 @@ impl PgConfig {
             op_timeout: Duration::from_secs(10),
             visibility_timeout: Duration::from_secs(120),
             dead_letter_releases_key: true,
+            tls: PgTls::default(),
             clock: Arc::new(SystemClock),
         }
     }
@@ -156,9 +177,11 @@ impl PgConfig {
     /// `host:port/database` of a connection string, for messages (no user, no password);
     /// `(unreadable connection string)` when it does not parse.
     pub fn describe_url(url: &str) -> String {
-        url.parse::<tokio_postgres::Config>()
+        pg_tls::split_tls_options(url)
+            .ok()
+            .and_then(|(rest, _)| rest.parse::<tokio_postgres::Config>().ok())
             .map(|pg| describe_target(&pg))
-            .unwrap_or_else(|_| "(unreadable connection string)".into())
+            .unwrap_or_else(|| "(unreadable connection string)".into())
     }
 
     /// Whether `url` reads as a connection string; the error says what is wrong without
@@ -167,10 +190,81 @@ impl PgConfig {
         if url.trim().is_empty() {
             return Err("no connection string".into());
         }
-        url.parse::<tokio_postgres::Config>()
+        let bad = |e: &dyn fmt::Display| format!("not a PostgreSQL connection string: {e}");
+        let (rest, _) = pg_tls::split_tls_options(url).map_err(|e| bad(&e))?;
+        rest.parse::<tokio_postgres::Config>()
             .map(|_| ())
-            .map_err(|e| format!("not a PostgreSQL connection string: {e}"))
+            .map_err(|e| bad(&error_chain(&e)))
     }
+
+    /// Whether the TLS settings (these and the connection string's) can be used: the
+    /// mode is known, both sources agree, and every file they name reads as what it
+    /// should be. [`PgStore::open`] checks the same, so a configuration check finds what
+    /// start-up would refuse.
+    pub fn check_tls(&self) -> Result<PgTlsMode, PgTlsError> {
+        let (_, url_tls) = pg_tls::split_tls_options(&self.url).map_err(|message| PgTlsError {
+            field: "url",
+            message,
+        })?;
+        let resolved = pg_tls::resolve(&self.tls, &url_tls)?;
+        pg_tls::connector(&resolved)?;
+        Ok(resolved.mode)
+    }
+
+    /// The client library's settings and the TLS connector for this configuration.
+    fn connection(&self) -> Result<(tokio_postgres::Config, MakeRustls), StoreError> {
+        let (rest, url_tls) = pg_tls::split_tls_options(&self.url)
+            .map_err(|e| StoreError::Database(format!("bad connection string: {e}")))?;
+        let mut pg: tokio_postgres::Config = rest.parse().map_err(|e| {
+            StoreError::Database(format!("bad connection string: {}", error_chain(&e)))
+        })?;
+        let resolved = pg_tls::resolve(&self.tls, &url_tls).map_err(StoreError::Tls)?;
+        let connector = pg_tls::connector(&resolved).map_err(StoreError::Tls)?;
+        #[cfg(unix)]
+        let local_only = pg
+            .get_hosts()
+            .iter()
+            .all(|h| matches!(h, tokio_postgres::config::Host::Unix(_)))
+            && pg.get_hostaddrs().is_empty();
+        #[cfg(not(unix))]
+        let local_only = false;
+        pg.ssl_mode(match resolved.mode {
+            // PostgreSQL offers no TLS on a Unix socket; libpq ignores sslmode there.
+            _ if local_only => tokio_postgres::config::SslMode::Disable,
+            PgTlsMode::Disable => tokio_postgres::config::SslMode::Disable,
+            PgTlsMode::Prefer => tokio_postgres::config::SslMode::Prefer,
+            PgTlsMode::Require | PgTlsMode::VerifyCa | PgTlsMode::VerifyFull => {
+                tokio_postgres::config::SslMode::Require
+            }
+        });
+        Ok((pg, connector))
+    }
+}
+
+/// An error and its causes, on one line: the client library's own messages leave the
+/// cause out ("error performing TLS handshake"), and the cause is what an operator needs.
+pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        // A server error's own text can carry DETAIL, which may quote a row's values.
+        if let Some(db) = c.downcast_ref::<tokio_postgres::error::DbError>() {
+            text.push_str(&format!(
+                ": {} {}: {}",
+                db.severity(),
+                db.code().code(),
+                db.message()
+            ));
+            break;
+        }
+        let more = c.to_string();
+        if !text.ends_with(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        cause = c.source();
+    }
+    text
 }
 
 impl fmt::Debug for PgConfig {
@@ -180,6 +274,7 @@ impl fmt::Debug for PgConfig {
             .field("pool_size", &self.pool_size)
             .field("op_timeout", &self.op_timeout)
             .field("visibility_timeout", &self.visibility_timeout)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -197,7 +292,18 @@ pub struct PgStore {
     liveness: tokio::sync::Mutex<tokio_postgres::Client>,
     /// How to connect, for the liveness connection.
     pg: tokio_postgres::Config,
+    tls: MakeRustls,
     jitter: Jitter,
+    /// The destinations' wake-up signals, fired by the listening connection.
+    wakers: Arc<Wakers>,
+    /// The task that holds the listening connection (see the `pg_listen` module).
+    listener: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for PgStore {
+    fn drop(&mut self) {
+        self.listener.abort();
+    }
 }
 
 impl fmt::Debug for PgStore {
@@ -214,7 +320,7 @@ impl fmt::Debug for PgStore {
 fn db_error(e: tokio_postgres::Error) -> StoreError {
     StoreError::Database(match e.as_db_error() {
         Some(db) => format!("{} {}: {}", db.severity(), db.code().code(), db.message()),
-        None => e.to_string(),
+        None => error_chain(&e),
     })
 }
 
@@ -460,14 +566,15 @@ async fn head_of(
     Ok(row.map(|r| r.get(0)))
 }
 
-/// Makes the next holder of a key ready, once its head let go of it.
+/// Makes the next holder of a key ready, once its head let go of it. Returns whether
+/// one became ready.
 async fn promote_successor(
     tx: &Tx<'_>,
     destination: &str,
     ordering_key: &str,
     now: i64,
-) -> Result<(), StoreError> {
-    execute(
+) -> Result<bool, StoreError> {
+    let promoted = execute(
         tx,
         "UPDATE passerelle_deliveries SET ready_at_ms = $3 \
          WHERE destination = $1 AND seq = (SELECT seq FROM passerelle_deliveries \
@@ -476,6 +583,24 @@ async fn promote_successor(
         &[&destination, &ordering_key, &now],
     )
     .await?;
+    Ok(promoted > 0)
+}
+
+/// Tells every node's idle workers (at commit, and only if it commits) that deliveries of
+/// these destinations became ready (see the `pg_listen` module).
+async fn notify_ready<'d>(
+    tx: &Tx<'_>,
+    destinations: impl IntoIterator<Item = &'d str>,
+) -> Result<(), StoreError> {
+    let destinations: BTreeSet<&str> = destinations.into_iter().collect();
+    for destination in destinations {
+        execute(
+            tx,
+            "SELECT pg_notify($1, $2)",
+            &[&pg_listen::CHANNEL, &destination],
+        )
+        .await?;
+    }
     Ok(())
 }
 
@@ -498,10 +623,7 @@ impl PgStore {
     /// reached within the connect timeout, and [`StoreError::Schema`] when it holds
     /// another schema version.
     pub async fn open(config: PgConfig) -> Result<PgStore, StoreError> {
-        let mut pg: tokio_postgres::Config = config
-            .url
-            .parse()
-            .map_err(|e| StoreError::Database(format!("bad connection string: {e}")))?;
+        let (mut pg, tls) = config.connection()?;
         if pg.get_connect_timeout().is_none() {
             pg.connect_timeout(config.connect_timeout);
         }
@@ -515,7 +637,7 @@ impl PgStore {
         let target = describe_target(&pg);
         let manager = Manager::from_config(
             pg.clone(),
-            NoTls,
+            tls.clone(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -528,8 +650,11 @@ impl PgStore {
             .recycle_timeout(Some(config.op_timeout))
             .build()
             .map_err(|e| StoreError::Database(format!("connection pool: {e}")))?;
-        let unreachable = |e: &dyn fmt::Display| {
-            StoreError::Database(format!("cannot connect to PostgreSQL at {target}: {e}"))
+        let unreachable = |e: &(dyn std::error::Error + 'static)| {
+            StoreError::Database(format!(
+                "cannot connect to PostgreSQL at {target}: {}",
+                error_chain(e)
+            ))
         };
         let mut conn = pool.get().await.map_err(|e| unreachable(&e))?;
         migrate(&mut conn, &target).await?;
@@ -537,7 +662,9 @@ impl PgStore {
         drop(conn);
 
         // The liveness connection and this node's number.
-        let liveness = connect_liveness(&pg).await.map_err(|e| unreachable(&e))?;
+        let liveness = connect_liveness(&pg, &tls)
+            .await
+            .map_err(|e| unreachable(&e))?;
         let mut node = None;
         for _ in 0..16 {
             let candidate = (random_u64() >> 33) as i32;
@@ -554,6 +681,16 @@ impl PgStore {
         }
         let node = node.ok_or_else(|| StoreError::Database("no free node number".into()))?;
         let seed = random_u64();
+        let wakers = Arc::new(Wakers::default());
+        let (listening, first_listen) = tokio::sync::oneshot::channel();
+        let listener = pg_listen::spawn(
+            pg.clone(),
+            tls.clone(),
+            Arc::clone(&wakers),
+            config.op_timeout,
+            seed.rotate_left(17),
+            listening,
+        );
         let store = PgStore {
             pool,
             config,
@@ -561,8 +698,20 @@ impl PgStore {
             node,
             liveness: tokio::sync::Mutex::new(liveness),
             pg,
+            tls,
             jitter: Jitter::new(seed),
+            wakers,
+            listener,
         };
+        // Open returns listening, so that a delivery another node readies from now on
+        // wakes this one; if that takes too long, the poll covers meanwhile.
+        let listening = tokio::time::timeout(store.config.op_timeout, first_listen).await;
+        if !matches!(listening, Ok(Ok(()))) {
+            tracing::warn!(
+                "the wake-up connection is not listening yet; idle workers see other nodes' \
+                 deliveries at their next poll until it is"
+            );
+        }
         let returned = store.release_orphaned_leases().await?;
         if returned > 0 {
             tracing::info!(
@@ -594,8 +743,9 @@ impl PgStore {
     async fn connection(&self, what: &str) -> Result<Object, StoreError> {
         self.pool.get().await.map_err(|e| {
             StoreError::Database(format!(
-                "{what}: no connection to PostgreSQL at {}: {e}",
-                self.target
+                "{what}: no connection to PostgreSQL at {}: {}",
+                self.target,
+                error_chain(&e)
             ))
         })
     }
@@ -666,6 +816,11 @@ impl PgStore {
                     DeliveryState::Pending,
                 );
             }
+            let mut returned = Vec::with_capacity(rows.len());
+            for row in &rows {
+                returned.push(row.try_get::<_, String>(0)?);
+            }
+            notify_ready(&tx, returned.iter().map(String::as_str)).await?;
             self.apply(&tx, deltas).await?;
             tx.commit().await?;
             Ok(rows.len())
@@ -722,7 +877,7 @@ impl PgStore {
             return;
         }
         let again = async {
-            let client = connect_liveness(&self.pg).await?;
+            let client = connect_liveness(&self.pg, &self.tls).await?;
             let locked: bool = client
                 .query_one(
                     "SELECT pg_try_advisory_lock($1, $2)",
@@ -826,11 +981,16 @@ impl PgStore {
         .await?;
         // A dead delivery that held its key lets the next one go.
         let now = self.now();
+        let mut ready = Vec::new();
         for d in &deliveries {
-            if d.state == DeliveryState::Dead && !self.config.dead_letter_releases_key {
-                promote_successor(tx, &d.destination, &d.ordering_key, now).await?;
+            if d.state == DeliveryState::Dead
+                && !self.config.dead_letter_releases_key
+                && promote_successor(tx, &d.destination, &d.ordering_key, now).await?
+            {
+                ready.push(d.destination.as_str());
             }
         }
+        notify_ready(tx, ready).await?;
         execute(tx, "DELETE FROM passerelle_frames WHERE id = $1", &[&id]).await?;
         execute(tx, "DELETE FROM passerelle_messages WHERE id = $1", &[&id]).await?;
         self.apply(tx, deltas).await?;
@@ -841,8 +1001,9 @@ impl PgStore {
 /// A connection of its own (not from the pool), its driver on a task.
 async fn connect_liveness(
     pg: &tokio_postgres::Config,
+    tls: &MakeRustls,
 ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-    let (client, connection) = pg.connect(NoTls).await?;
+    let (client, connection) = pg.connect(tls.clone()).await?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::warn!(error = %db_error(e), "the store's liveness connection ended");
@@ -1007,6 +1168,7 @@ impl Store for PgStore {
             let mut error: Option<String> = r.get("error")?;
             let mut bundle: Option<String> = r.get("bundle")?;
             let mut deltas = Deltas::default();
+            let mut ready: Vec<String> = Vec::new();
             let (state, detail) = match &outcome {
                 Outcome::Unrouted => (MessageState::Unrouted, "no route matched".to_owned()),
                 Outcome::Duplicate { of } => {
@@ -1037,6 +1199,9 @@ impl Store for PgStore {
                         // Ready now if nothing of its key is unfinished before it.
                         let is_head = head_of(&tx, destination, ordering_key).await?.is_none();
                         let ready_at = is_head.then_some(now);
+                        if is_head {
+                            ready.push(destination.clone());
+                        }
                         execute(
                             &tx,
                             "INSERT INTO passerelle_deliveries (destination, seq, message_id, \
@@ -1078,6 +1243,7 @@ impl Store for PgStore {
             .await?;
             deltas.add(message_counter(before), -1);
             deltas.add(message_counter(state), 1);
+            notify_ready(&tx, ready.iter().map(String::as_str)).await?;
             self.apply(&tx, deltas).await?;
             tx.commit().await?;
             Ok(())
@@ -1223,8 +1389,8 @@ impl Store for PgStore {
                 ],
             )
             .await?;
-            if releases_key {
-                promote_successor(&tx, destination, &ordering_key, now).await?;
+            if releases_key && promote_successor(&tx, destination, &ordering_key, now).await? {
+                notify_ready(&tx, [destination]).await?;
             }
             let mut deltas = Deltas::default();
             deltas.moved(destination, DeliveryState::InFlight, next_state);
@@ -1321,6 +1487,7 @@ impl Store for PgStore {
             )
             .await?;
             let mut deltas = Deltas::default();
+            let mut ready = Vec::new();
             for d in &finals {
                 let seq = big(d.seq);
                 // Back in its original place in the key's order. Ready only if its key has
@@ -1331,6 +1498,9 @@ impl Store for PgStore {
                     Some(head) => head == seq,
                 };
                 let ready_at = is_head.then_some(now);
+                if is_head {
+                    ready.push(d.destination.as_str());
+                }
                 execute(
                     &tx,
                     "UPDATE passerelle_deliveries SET state = 'pending', attempts = 0, \
@@ -1354,6 +1524,7 @@ impl Store for PgStore {
                 &[&sql_id, &bundle, &Json(&transition)],
             )
             .await?;
+            notify_ready(&tx, ready).await?;
             self.apply(&tx, deltas).await?;
             tx.commit().await?;
             Ok(finals.len())
@@ -1582,5 +1753,11 @@ impl Store for PgStore {
     /// there is nothing left to flush.
     async fn flush(&self) -> Result<(), StoreError> {
         Ok(())
+    }
+
+    /// Fired by this node's listening connection when any node (this one included)
+    /// commits deliveries of `destination` that are ready.
+    fn work_signal(&self, destination: &str) -> WorkSignal {
+        self.wakers.subscribe(destination)
     }
 }

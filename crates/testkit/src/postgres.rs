@@ -10,6 +10,11 @@
 //! what to install: a PostgreSQL test must never pass by not running. PostgreSQL refuses
 //! to run as root; when the tests run as root, the server runs as the `postgres` OS user
 //! (through `setpriv`), which then owns the folder.
+//!
+//! [`PgServer::start_with`] also listens on TCP (127.0.0.1, a free port), with TLS when
+//! given a certificate ([`PgServerTls`], made by the test, e.g. with rcgen) and with the
+//! test's `pg_hba.conf` rules for TCP connections (`hostssl`, `hostnossl … reject`,
+//! `cert`), so that a test can prove what the server accepts.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -74,13 +79,43 @@ pub struct PgServer {
     dir: PathBuf,
     bin: PathBuf,
     port: u16,
+    /// Whether the server also listens on 127.0.0.1:`port`.
+    tcp: bool,
     process: Option<PeerProcess>,
+}
+
+/// The server side of TLS, in PEM.
+#[derive(Debug, Clone)]
+pub struct PgServerTls {
+    /// The server's certificate (chain).
+    pub cert_pem: String,
+    pub key_pem: String,
+    /// CAs whose client certificates the server accepts (`ssl_ca_file`), for pg_hba
+    /// `cert` rules and `clientcert=`.
+    pub client_ca_pem: Option<String>,
+}
+
+/// What [`PgServer::start_with`] adds to the Unix-socket-only default.
+#[derive(Debug, Clone, Default)]
+pub struct PgOptions {
+    /// `ssl = on` with these files.
+    pub tls: Option<PgServerTls>,
+    /// `pg_hba.conf` lines for TCP connections, after `local all all trust` (for example
+    /// `hostssl all all 127.0.0.1/32 scram-sha-256`). Only connections from 127.0.0.1
+    /// arrive.
+    pub hba: Vec<String>,
 }
 
 impl PgServer {
     /// Creates a cluster in a temporary folder and starts it; returns once it accepts
     /// connections. Blocking: from async code, call it in `spawn_blocking`.
     pub fn start() -> PgServer {
+        Self::start_with(PgOptions::default())
+    }
+
+    /// As [`start`](Self::start); with TLS or TCP rules in `options`, the server also
+    /// listens on 127.0.0.1 ([`tcp_url`](Self::tcp_url)). Blocking.
+    pub fn start_with(options: PgOptions) -> PgServer {
         static STARTED: AtomicUsize = AtomicUsize::new(0);
         let bin = bin_dir();
         let dir = std::env::temp_dir().join(format!(
@@ -126,16 +161,46 @@ impl PgServer {
             ]),
             "initdb",
         );
-        let port = 5432;
-        let mut process = PeerProcess::spawn(
-            "PostgreSQL server",
-            command("postgres")
-                .arg("-D")
-                .arg(&data)
-                .arg("-k")
-                .arg(&dir)
-                .args(["-p", &port.to_string(), "-c", "listen_addresses="]),
-        );
+        let tcp = options.tls.is_some() || !options.hba.is_empty();
+        // Unix sockets live in `dir`, so any port does; a TCP port must be free.
+        let port = if tcp { free_port() } else { 5432 };
+        let mut server = command("postgres");
+        server
+            .arg("-D")
+            .arg(&data)
+            .arg("-k")
+            .arg(&dir)
+            .args(["-p", &port.to_string()]);
+        if tcp {
+            let hba = dir.join("pg_hba.conf");
+            let mut rules = vec!["local all all trust".to_owned()];
+            rules.extend(options.hba.iter().cloned());
+            write_owned(&hba, &(rules.join("\n") + "\n"), as_postgres);
+            server.args(["-c", "listen_addresses=127.0.0.1", "-c"]);
+            server.arg(format!("hba_file={}", hba.display()));
+        } else {
+            server.args(["-c", "listen_addresses="]);
+        }
+        if let Some(tls) = &options.tls {
+            let cert = dir.join("server.crt");
+            let key = dir.join("server.key");
+            write_owned(&cert, &tls.cert_pem, as_postgres);
+            // PostgreSQL refuses a key that others may read.
+            write_owned(&key, &tls.key_pem, as_postgres);
+            server.args(["-c", "ssl=on", "-c"]);
+            server.arg(format!("ssl_cert_file={}", cert.display()));
+            server
+                .arg("-c")
+                .arg(format!("ssl_key_file={}", key.display()));
+            if let Some(ca) = &tls.client_ca_pem {
+                let path = dir.join("client-ca.crt");
+                write_owned(&path, ca, as_postgres);
+                server
+                    .arg("-c")
+                    .arg(format!("ssl_ca_file={}", path.display()));
+            }
+        }
+        let mut process = PeerProcess::spawn("PostgreSQL server", &mut server);
         process.wait_for_line(
             "database system is ready to accept connections",
             Duration::from_secs(60),
@@ -144,8 +209,23 @@ impl PgServer {
             dir,
             bin,
             port,
+            tcp,
             process: Some(process),
         }
+    }
+
+    /// A connection string over TCP to 127.0.0.1 for the database `name` as `user`,
+    /// presenting `host` as the server's name (what TLS checks the certificate against).
+    /// Panics for a server started without TCP.
+    pub fn tcp_url(&self, host: &str, user: &str, name: &str) -> String {
+        assert!(
+            self.tcp,
+            "this PostgreSQL server listens on a Unix socket only"
+        );
+        format!(
+            "host={host} hostaddr=127.0.0.1 port={} user={user} dbname={name}",
+            self.port
+        )
     }
 
     /// A connection string for the `postgres` database (key=value form, Unix socket).
@@ -184,6 +264,28 @@ impl PgServer {
                 .status();
             process.wait_exit_quietly(Duration::from_secs(20));
         }
+    }
+}
+
+/// A TCP port no one listens on now (the kernel's pick; free again once closed).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("find a free TCP port: {e}"))
+}
+
+/// Writes a file only its owner may read, owned by the server's user.
+fn write_owned(path: &Path, text: &str, as_postgres: bool) {
+    use std::os::unix::fs::PermissionsExt;
+    fs::write(path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600))
+        .unwrap_or_else(|e| panic!("chmod {}: {e}", path.display()));
+    if as_postgres {
+        output_of(
+            Command::new("chown").arg("postgres:postgres").arg(path),
+            "give a PostgreSQL file to the postgres user",
+        );
     }
 }
 
