@@ -457,3 +457,22 @@ fn charsets_and_escapes_are_decoded() {
                 == Some("Remarque : café pris avant le prélèvement"))
     );
 }
+
+/// A result sent as a document (OBX-2 ED) lands in its own report's presentedForm (R4's
+/// Observation has no attachment value), not in the other order's report.
+#[test]
+fn an_ed_result_becomes_its_reports_presented_form() {
+    let b = common::map_fixture("oru_r01_pdf_report.hl7");
+    let reports = of_type(&b, "DiagnosticReport");
+    assert_eq!(reports.len(), 2);
+    let (chemistry, imaging) = (reports[0], reports[1]);
+    assert_eq!(text(chemistry, "code.coding.0.code"), "24321-2");
+    assert!(at(chemistry, "presentedForm").is_none());
+    assert_eq!(text(imaging, "code.coding.0.code"), "36643-5");
+    assert_eq!(
+        text(imaging, "presentedForm.0.contentType"),
+        "application/pdf"
+    );
+    assert!(text(imaging, "presentedForm.0.data").starts_with("JVBERi0xLjQK"));
+    assert!(at(imaging, "presentedForm.1").is_none());
+}
