@@ -452,6 +452,13 @@ impl EngineConfig {
                     "connection limits must be at least 1".into(),
                 );
             }
+            if l.idle_timeout_s == 0 {
+                report(
+                    &at("idle_timeout_s"),
+                    "listeners.idle_timeout_s",
+                    "0 would close every connection after each ACK: at least 1 second".into(),
+                );
+            }
             if l.max_frame_bytes < 1024 {
                 report(
                     &at("max_frame_bytes"),

@@ -414,6 +414,20 @@ fn load_route(
             ));
             continue;
         }
+        let empty = match &value {
+            OneOrMany::One(s) => s.is_empty(),
+            OneOrMany::Many(v) => v.iter().any(String::is_empty),
+        };
+        if empty {
+            errors.push(at(
+                &[Step::Key("match"), Step::Key(&field)],
+                &format!("match.{field}"),
+                "an empty pattern matches only an empty field: leave the field out to match \
+                 anything"
+                    .into(),
+            ));
+            continue;
+        }
         let globs = match value {
             OneOrMany::One(s) => vec![Glob(s)],
             OneOrMany::Many(v) if v.is_empty() => {

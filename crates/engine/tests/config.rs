@@ -140,7 +140,11 @@ fn defaults_without_a_file_and_environment_overrides() {
 #[test]
 fn configuration_errors_are_located() {
     let dir = tempfile::tempdir().unwrap();
-    let cases: [(&str, &str); 14] = [
+    let cases: [(&str, &str); 15] = [
+        (
+            "[[listeners]]\nname = \"a\"\nbind = \"127.0.0.1:1\"\nidle_timeout_s = 0\n",
+            "passerelle.toml:4:18 listeners.idle_timeout_s",
+        ),
         (
             "[logging]\nlevel = \"verbose\"\n",
             "passerelle.toml:2:9 logging.level",
@@ -232,7 +236,11 @@ fn a_plain_logging_level_keeps_libraries_at_warn() {
 
 #[test]
 fn route_errors_are_located_one_per_kind() {
-    let cases: [(&str, &str); 14] = [
+    let cases: [(&str, &str); 15] = [
+        (
+            "name = \"r\"\nmapping = \"fr\"\n[match]\ntrigger_event = [\"A01\", \"\"]\n[[destinations]]\nname = \"d\"\ntype = \"ndjson\"\n",
+            "10-r.toml:4:17 match.trigger_event an empty pattern",
+        ),
         (
             "name = \"a.b\"\nmapping = \"fr\"\n[[destinations]]\nname = \"d\"\ntype = \"ndjson\"\n",
             "10-r.toml:1:8 name a route needs a name, without '.'",

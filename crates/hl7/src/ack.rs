@@ -118,7 +118,8 @@ fn occurrence(bytes: &[u8], id: &[u8; 3], offset: usize) -> u32 {
 /// What the ACK's own MSH says about itself.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct AckOptions {
-    /// MSH-10 of the ACK. Default: `A` + the original control id (or a timestamp).
+    /// MSH-10 of the ACK. Default: `A` + the original control id (or, when there is
+    /// none, the time and a sequence number).
     pub control_id: Option<String>,
     /// MSH-7 of the ACK. Default: now, UTC.
     pub timestamp: Option<DateTime>,
@@ -159,7 +160,17 @@ pub fn build(
         .to_string();
     let control_id = options.control_id.clone().unwrap_or_else(|| {
         if h.control_id.is_empty() {
-            format!("A{timestamp}")
+            // No control id to echo (an unreadable header): the time to the second and a
+            // sequence number, so that two such NAKs within a second differ (20
+            // characters, MSH-10's length in v2.5).
+            static SEQUENCE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let n = SEQUENCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 100_000;
+            let seconds: String = timestamp
+                .chars()
+                .filter(char::is_ascii_digit)
+                .take(14)
+                .collect();
+            format!("A{seconds}{n:05}")
         } else {
             format!("A{}", h.control_id)
         }
@@ -356,6 +367,31 @@ fn push_segment(out: &mut String, id: &str, fields: &[String], fs: char) {
 mod tests {
     use super::*;
     use crate::{Message, Path};
+
+    #[test]
+    fn naks_without_a_control_id_to_echo_differ_within_one_second() {
+        let options = AckOptions {
+            timestamp: Some(DateTime::parse("20240101120000+0000").unwrap()),
+            ..AckOptions::default()
+        };
+        let control_id = |bytes: &[u8]| {
+            let text = String::from_utf8_lossy(bytes).into_owned();
+            text.split('\r')
+                .next()
+                .unwrap()
+                .split('|')
+                .nth(9)
+                .unwrap()
+                .to_owned()
+        };
+        let a = control_id(&build(None, Outcome::Reject, &[], &options));
+        let b = control_id(&build(None, Outcome::Reject, &[], &options));
+        assert_ne!(a, b);
+        for id in [&a, &b] {
+            assert!(id.starts_with("A20240101120000"), "{id}");
+            assert_eq!(id.len(), 20, "{id}");
+        }
+    }
 
     fn fixed() -> AckOptions {
         AckOptions {
