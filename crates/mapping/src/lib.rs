@@ -98,6 +98,7 @@ mod expr;
 mod json;
 mod load;
 mod model;
+mod r4;
 mod sha256;
 mod structure;
 mod tz;

@@ -712,14 +712,12 @@ fn compile_spec(
     relative: bool,
 ) -> ResourceSpec {
     let rt = resource.get_ref();
-    if !rt.starts_with(|c: char| c.is_ascii_uppercase())
-        || !rt.chars().all(|c| c.is_ascii_alphanumeric())
-    {
+    if !crate::r4::is_resource_type(rt) {
         loader.error(
             K::Invalid,
             f.loc(resource.span().start),
             format!("{context}, resource"),
-            "expected a FHIR resource type such as Patient",
+            format!("{rt:?} is not a FHIR R4 resource type (Patient, Encounter, Observation…)"),
         );
     }
     let mut keys = Vec::new();

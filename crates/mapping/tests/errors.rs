@@ -192,6 +192,13 @@ fn invalid_values() {
 }
 
 #[test]
+fn not_an_r4_resource_type() {
+    let e = error_after(r#"resource = "Patient""#, r#"resource = "Patiant""#);
+    located(&e, K::Invalid, 17, 12, "resource");
+    assert!(e.message.contains("not a FHIR R4 resource type"), "{e}");
+}
+
+#[test]
 fn unreadable_folder() {
     let errors = Pack::load("/nonexistent/passerelle-pack").err().unwrap();
     assert_eq!(errors.0[0].kind, K::Io);
