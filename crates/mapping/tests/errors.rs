@@ -199,6 +199,16 @@ fn not_an_r4_resource_type() {
 }
 
 #[test]
+fn a_folder_of_packs_is_not_a_pack() {
+    let root = passerelle_testkit::workspace_root();
+    let errors = Pack::load(root.join("mappings")).err().unwrap();
+    assert_eq!(errors.0.len(), 1, "{errors}");
+    let e = &errors.0[0];
+    assert_eq!(e.kind, K::Io);
+    assert!(e.message.contains("give one of fr, v2-to-fhir"), "{e}");
+}
+
+#[test]
 fn unreadable_folder() {
     let errors = Pack::load("/nonexistent/passerelle-pack").err().unwrap();
     assert_eq!(errors.0[0].kind, K::Io);
