@@ -407,8 +407,8 @@ pub(crate) fn connector(resolved: &Resolved) -> Result<MakeRustls, PgTlsError> {
         Check::Full => builder.with_root_certificates(roots(resolved.ca_file.as_deref())?),
         Check::Chain => builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(ChainOnly {
-                roots: Arc::new(roots(resolved.ca_file.as_deref())?),
+            .with_custom_certificate_verifier(Arc::new(Lenient {
+                roots: Some(Arc::new(roots(resolved.ca_file.as_deref())?)),
                 algorithms: provider.signature_verification_algorithms,
             })),
         Check::Nothing => {
@@ -418,7 +418,8 @@ pub(crate) fn connector(resolved: &Resolved) -> Result<MakeRustls, PgTlsError> {
             }
             builder
                 .dangerous()
-                .with_custom_certificate_verifier(Arc::new(SignatureOnly {
+                .with_custom_certificate_verifier(Arc::new(Lenient {
+                    roots: None,
                     algorithms: provider.signature_verification_algorithms,
                 }))
         }
@@ -442,15 +443,18 @@ pub(crate) fn connector(resolved: &Resolved) -> Result<MakeRustls, PgTlsError> {
     })
 }
 
-/// `verify-ca`: the chain must reach a trusted CA; the name in the certificate is not
-/// compared with the host.
+/// `verify-ca` (with `roots`): the chain must reach a trusted CA, and the name in the
+/// certificate is not compared with the host. `prefer` and `require` (no `roots`): any
+/// certificate. Either way the handshake's signatures are checked (the server must hold
+/// the key of the certificate it shows), which is what makes SCRAM's channel binding
+/// meaningful.
 #[derive(Debug)]
-struct ChainOnly {
-    roots: Arc<RootCertStore>,
+struct Lenient {
+    roots: Option<Arc<RootCertStore>>,
     algorithms: WebPkiSupportedAlgorithms,
 }
 
-impl ServerCertVerifier for ChainOnly {
+impl ServerCertVerifier for Lenient {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -459,57 +463,16 @@ impl ServerCertVerifier for ChainOnly {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let cert = rustls::server::ParsedCertificate::try_from(end_entity)?;
-        rustls::client::verify_server_cert_signed_by_trust_anchor(
-            &cert,
-            &self.roots,
-            intermediates,
-            now,
-            self.algorithms.all,
-        )?;
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algorithms.supported_schemes()
-    }
-}
-
-/// `prefer` and `require`: any certificate; the handshake's signatures are still checked
-/// (the server must hold the key of the certificate it shows), which is what makes the
-/// channel binding of SCRAM meaningful.
-#[derive(Debug)]
-struct SignatureOnly {
-    algorithms: WebPkiSupportedAlgorithms,
-}
-
-impl ServerCertVerifier for SignatureOnly {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
+        if let Some(roots) = &self.roots {
+            let cert = rustls::server::ParsedCertificate::try_from(end_entity)?;
+            rustls::client::verify_server_cert_signed_by_trust_anchor(
+                &cert,
+                roots,
+                intermediates,
+                now,
+                self.algorithms.all,
+            )?;
+        }
         Ok(ServerCertVerified::assertion())
     }
 
