@@ -31,17 +31,7 @@ pub use location::{ConfigError, ConfigErrors};
 
 /// The mapping packs in `mappings_dir`: its folders that hold a `pack.toml`, by name.
 pub fn known_packs(mappings_dir: &std::path::Path) -> Vec<String> {
-    let mut packs: Vec<String> = std::fs::read_dir(mappings_dir)
-        .map(|entries| {
-            entries
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.join("pack.toml").is_file())
-                .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
-                .collect()
-        })
-        .unwrap_or_default();
-    packs.sort();
-    packs
+    passerelle_mapping::packs_in(mappings_dir)
 }
 
 /// The store backends `[store] backend` names. The engine is generic over

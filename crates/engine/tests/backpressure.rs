@@ -66,17 +66,26 @@ async fn count(store: &impl Store, state: Option<DeliveryState>) -> usize {
         .len()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn error_mode_answers_ae_and_keeps_nothing_until_the_queue_drains() {
+/// An engine whose only destination (an MLLP peer not started yet, on `port`) has one
+/// message queued: at `max_queue_depth` 1, it is over its limit.
+struct OverTheLimit {
+    port: u16,
+    store: Arc<passerelle_store::SledStore>,
+    listener: passerelle_mllp::RunningListener,
+    pipeline: passerelle_engine::pipeline::Pipeline<passerelle_store::SledStore>,
+    client: Client,
+    _engine: Harness,
+}
+
+async fn over_the_limit(backpressure: Backpressure) -> OverTheLimit {
     python(); // the downstream peer, installed on first use
     let port = passerelle_testkit::free_port();
     let engine = Harness::new(&route(port));
     let store = Arc::clone(&engine.store);
     let (listener, pipeline) = engine
-        .start_with(UnroutedAnswer::Error, limits(Backpressure::Error))
+        .start_with(UnroutedAnswer::Error, limits(backpressure))
         .await;
     let mut client = Client::new(ClientConfig::new(listener.local_addr().to_string())).unwrap();
-
     let first = client.send(&fixture("adt_a01_admit.hl7")).await.unwrap();
     assert!(first.is_accept(), "{first:?}");
     wait_until("the queue to reach its limit", || {
@@ -84,6 +93,26 @@ async fn error_mode_answers_ae_and_keeps_nothing_until_the_queue_drains() {
         async move { over }
     })
     .await;
+    OverTheLimit {
+        port,
+        store,
+        listener,
+        pipeline,
+        client,
+        _engine: engine,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn error_mode_answers_ae_and_keeps_nothing_until_the_queue_drains() {
+    let OverTheLimit {
+        port,
+        store,
+        pipeline,
+        mut client,
+        _engine, // its folder holds the store: kept to the end
+        ..
+    } = over_the_limit(Backpressure::Error).await;
     let second = client
         .send(&fixture("adt_a03_discharge.hl7"))
         .await
@@ -122,22 +151,14 @@ async fn error_mode_answers_ae_and_keeps_nothing_until_the_queue_drains() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_reading_mode_holds_the_answer_until_the_queue_drains() {
-    python();
-    let port = passerelle_testkit::free_port();
-    let engine = Harness::new(&route(port));
-    let store = Arc::clone(&engine.store);
-    let (listener, pipeline) = engine
-        .start_with(UnroutedAnswer::Error, limits(Backpressure::StopReading))
-        .await;
+    let OverTheLimit {
+        port,
+        store,
+        listener,
+        _engine, // its folder holds the store: kept to the end
+        ..
+    } = over_the_limit(Backpressure::StopReading).await;
     let addr = listener.local_addr().to_string();
-    let mut client = Client::new(ClientConfig::new(addr.clone())).unwrap();
-    let first = client.send(&fixture("adt_a01_admit.hl7")).await.unwrap();
-    assert!(first.is_accept(), "{first:?}");
-    wait_until("the queue to reach its limit", || {
-        let over = pipeline.over_limits();
-        async move { over }
-    })
-    .await;
 
     // The client is not Send: it runs on a runtime of its own.
     let mut held = tokio::task::spawn_blocking(move || {
@@ -185,22 +206,17 @@ async fn stop_reading_mode_holds_the_answer_until_the_queue_drains() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_reading_forgets_a_held_frame_whose_sender_left() {
     use tokio::io::AsyncWriteExt;
-    python();
-    let port = passerelle_testkit::free_port();
-    let engine = Harness::new(&route(port));
-    let store = Arc::clone(&engine.store);
-    let (listener, pipeline) = engine
-        .start_with(UnroutedAnswer::Error, limits(Backpressure::StopReading))
-        .await;
+    // The client of the first message stays connected.
+    let OverTheLimit {
+        port,
+        store,
+        listener,
+        pipeline,
+        client: _connected,
+        _engine, // its folder holds the store: kept to the end
+        ..
+    } = over_the_limit(Backpressure::StopReading).await;
     let addr = listener.local_addr();
-    let mut client = Client::new(ClientConfig::new(addr.to_string())).unwrap();
-    let first = client.send(&fixture("adt_a01_admit.hl7")).await.unwrap();
-    assert!(first.is_accept(), "{first:?}");
-    wait_until("the queue to reach its limit", || {
-        let over = pipeline.over_limits();
-        async move { over }
-    })
-    .await;
 
     let open_before = listener.stats().open;
     let frames_before = listener.stats().frames;

@@ -154,8 +154,24 @@ impl serde::Serialize for Bundle {
     }
 }
 
+/// The packs in a folder of packs (`mappings/`): its folders that hold a `pack.toml`, by
+/// name, sorted; none when it cannot be read.
+pub fn packs_in(dir: &Path) -> Vec<String> {
+    let mut packs: Vec<String> = std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.join("pack.toml").is_file())
+                .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+                .collect()
+        })
+        .unwrap_or_default();
+    packs.sort();
+    packs
+}
+
 impl Pack {
-    /// Loads and compiles every `*.toml` file under `dir`.
+    /// Loads and compiles every `*.toml` file under `dir` (which holds `pack.toml`).
     pub fn load(dir: impl AsRef<Path>) -> Result<Pack, LoadErrors> {
         load::load_dir(dir.as_ref())
     }

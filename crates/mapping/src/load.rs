@@ -239,16 +239,7 @@ pub(crate) fn load_dir(dir: &FsPath) -> Result<Pack, LoadErrors> {
     // Every file under the folder belongs to the pack: a folder of packs (`mappings/`)
     // would mix two packs' names and give errors that make no sense.
     if dir.is_dir() && !dir.join("pack.toml").is_file() {
-        let mut packs: Vec<String> = fs::read_dir(dir)
-            .map(|entries| {
-                entries
-                    .filter_map(|e| e.ok().map(|e| e.path()))
-                    .filter(|p| p.join("pack.toml").is_file())
-                    .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
-                    .collect()
-            })
-            .unwrap_or_default();
-        packs.sort();
+        let packs = crate::packs_in(dir);
         return Err(folder_error(if packs.is_empty() {
             "not a mapping pack: no pack.toml in this folder".to_owned()
         } else {
@@ -260,18 +251,7 @@ pub(crate) fn load_dir(dir: &FsPath) -> Result<Pack, LoadErrors> {
     }
     let mut files = Vec::new();
     let mut loader = Loader { errors: Vec::new() };
-    collect(dir, &mut files).map_err(|e| {
-        LoadErrors(vec![LoadError {
-            kind: K::Io,
-            loc: Loc {
-                file: dir.display().to_string().into(),
-                line: 0,
-                column: 0,
-            },
-            field: "pack folder".into(),
-            message: e.to_string(),
-        }])
-    })?;
+    collect(dir, &mut files).map_err(|e| folder_error(e.to_string()))?;
     files.sort();
     let mut sources = Vec::new();
     for path in files {
