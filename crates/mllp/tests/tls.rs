@@ -13,6 +13,7 @@ use passerelle_mllp::{
     Client, ClientConfig, ClientError, ClientTlsConfig, Handler, ParseAckHandler, PeerInfo,
     RunningListener, ServerTls, ServerTlsConfig,
 };
+use passerelle_testkit::pki::Pki;
 use rustls_pki_types::ServerName;
 
 /// Answers from the parser and records the client certificate's common name.

@@ -17,67 +17,12 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use passerelle_store::*;
+use passerelle_testkit::pki::Pki;
 use passerelle_testkit::postgres::{PgOptions, PgServer, PgServerTls};
 
 /// The name in the server's certificate (resolved by nobody: `hostaddr` gives 127.0.0.1).
 const DB_HOST: &str = "db.passerelle.test";
 const PASSWORD: &str = "tls-test-password";
-
-/// A CA and what it issues, as PEM files in a temporary folder.
-struct Pki {
-    dir: tempfile::TempDir,
-    issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
-}
-
-impl Pki {
-    fn new(name: &str) -> Pki {
-        let dir = tempfile::tempdir().unwrap();
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, format!("{name} test CA"));
-        params.key_usages = vec![
-            rcgen::KeyUsagePurpose::KeyCertSign,
-            rcgen::KeyUsagePurpose::CrlSign,
-        ];
-        let issuer =
-            rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap())
-                .unwrap();
-        std::fs::write(dir.path().join("ca.pem"), issuer.pem()).unwrap();
-        Pki { dir, issuer }
-    }
-
-    fn ca(&self) -> PathBuf {
-        self.dir.path().join("ca.pem")
-    }
-
-    /// A certificate for `cn` (and DNS names `sans`): its PEM and its key's PEM, also
-    /// written as `file.pem` and `file.key`.
-    fn issue(&self, file: &str, cn: &str, sans: &[&str], client: bool) -> (String, String) {
-        let mut params =
-            rcgen::CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-                .unwrap();
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, cn);
-        params.extended_key_usages = vec![if client {
-            rcgen::ExtendedKeyUsagePurpose::ClientAuth
-        } else {
-            rcgen::ExtendedKeyUsagePurpose::ServerAuth
-        }];
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        let (cert, key) = (cert.pem(), key.serialize_pem());
-        std::fs::write(self.dir.path().join(format!("{file}.pem")), &cert).unwrap();
-        std::fs::write(self.dir.path().join(format!("{file}.key")), &key).unwrap();
-        (cert, key)
-    }
-
-    fn file(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-}
 
 /// A server with TLS only over TCP: the role `passerelle` logs in with a password
 /// (SCRAM), the role `passerelle_cert` with a client certificate.
@@ -88,7 +33,11 @@ struct TlsServer {
 
 async fn tls_server() -> TlsServer {
     let pki = Pki::new("postgres");
-    let (cert_pem, key_pem) = pki.issue("server", DB_HOST, &[DB_HOST], false);
+    let (cert, key) = pki.issue("server", DB_HOST, &[DB_HOST], false);
+    let (cert_pem, key_pem) = (
+        std::fs::read_to_string(cert).unwrap(),
+        std::fs::read_to_string(key).unwrap(),
+    );
     pki.issue("client", "passerelle_cert", &[], true);
     let client_ca_pem = Some(std::fs::read_to_string(pki.ca()).unwrap());
     let options = PgOptions {

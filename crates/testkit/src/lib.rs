@@ -16,6 +16,7 @@
 pub mod fhir;
 pub mod fhir_server;
 pub mod mllp;
+pub mod pki;
 pub mod postgres;
 pub mod smart_auth;
 

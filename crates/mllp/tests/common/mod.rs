@@ -1,9 +1,7 @@
-//! Helpers shared by the integration tests: messages, raw MLLP I/O with deadlines, and
-//! certificates generated on the fly.
+//! Helpers shared by the integration tests: messages, and raw MLLP I/O with deadlines.
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -127,75 +125,4 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Raw<S> {
             Err(_) => panic!("the server did not close the connection within {WAIT:?}"),
         }
     }
-}
-
-/// A private CA, and certificates it issues, written as PEM files in a temporary folder.
-pub struct Pki {
-    pub dir: PathBuf,
-    issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
-}
-
-impl Pki {
-    pub fn new(name: &str) -> Pki {
-        let dir =
-            std::env::temp_dir().join(format!("passerelle-mllp-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, format!("{name} test CA"));
-        params.key_usages = vec![
-            rcgen::KeyUsagePurpose::KeyCertSign,
-            rcgen::KeyUsagePurpose::CrlSign,
-        ];
-        let issuer =
-            rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap())
-                .unwrap();
-        std::fs::write(dir.join("ca.pem"), issuer.pem()).unwrap();
-        Pki { dir, issuer }
-    }
-
-    pub fn ca(&self) -> PathBuf {
-        self.dir.join("ca.pem")
-    }
-
-    /// Issues a certificate for `cn` with DNS SANs `sans`; returns (cert, key) paths.
-    pub fn issue(&self, file: &str, cn: &str, sans: &[&str], client: bool) -> (PathBuf, PathBuf) {
-        let mut params =
-            rcgen::CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-                .unwrap();
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, cn);
-        params
-            .distinguished_name
-            .push(rcgen::DnType::OrganizationName, "Hospital");
-        params.extended_key_usages = vec![if client {
-            rcgen::ExtendedKeyUsagePurpose::ClientAuth
-        } else {
-            rcgen::ExtendedKeyUsagePurpose::ServerAuth
-        }];
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        let cert_path = self.dir.join(format!("{file}.pem"));
-        let key_path = self.dir.join(format!("{file}.key"));
-        write(&cert_path, &cert.pem());
-        write(&key_path, &key.serialize_pem());
-        (cert_path, key_path)
-    }
-}
-
-impl Drop for Pki {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn write(path: &Path, text: &str) {
-    // Write then rename, as an operator's deployment tool would.
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
 }
