@@ -18,7 +18,6 @@
 //! happens to stdout (`| head`), a store opened here is flushed before the command ends.
 
 use std::io::Write as _;
-
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -109,8 +108,8 @@ struct FilterArgs {
     /// Received at or after this time: a date (`2026-11-22`: the start of that day), a
     /// date and time (`2026-11-22T15:30`, `2026-11-22 15:30:45`), or HL7
     /// (`20261122`, `202611221530`); with a UTC offset (`Z`, `+01:00`, `+0100`) or
-    /// without, then in the site's offset (`[defaults] site_utc_offset_minutes` of
-    /// --config).
+    /// without, then in the site's offset: `[defaults] site_utc_offset_minutes` of
+    /// --config (60 when the file sets none).
     #[arg(long)]
     since: Option<String>,
     /// Received before this time (same forms as --since).
