@@ -8,6 +8,8 @@ use std::process::ExitCode;
 use clap::Args;
 use passerelle_mapping::Pack;
 
+use crate::output::{Output, outln};
+
 #[derive(Debug, Args)]
 pub(crate) struct CheckArgs {
     /// Pack folders to check; by default every folder of `--mappings` holding a pack.toml.
@@ -23,7 +25,7 @@ pub(crate) struct CheckArgs {
 }
 
 /// Checks the engine configuration; prints what is wrong. Returns whether it is sound.
-fn check_config(path: &std::path::Path) -> bool {
+fn check_config(out: &mut Output<std::io::Stdout>, path: &std::path::Path) -> bool {
     let loaded = match passerelle_engine::Loaded::load(path) {
         Ok(l) => l,
         Err(lines) => {
@@ -51,7 +53,8 @@ fn check_config(path: &std::path::Path) -> bool {
         eprintln!("FAILED {}: {problems} problem(s)", path.display());
         return false;
     }
-    println!(
+    outln!(
+        out,
         "ok {}: {} listener(s), {} route(s), {} pack(s)",
         path.display(),
         loaded.config.listeners.len(),
@@ -62,7 +65,17 @@ fn check_config(path: &std::path::Path) -> bool {
 }
 
 pub(crate) fn run(args: &CheckArgs) -> ExitCode {
-    let config_ok = args.config.as_deref().is_none_or(check_config);
+    let mut out = Output::stdout();
+    let status = check(args, &mut out);
+    out.finish("check", status)
+}
+
+/// Every check runs whatever becomes of the output: the exit status is the verdict.
+fn check(args: &CheckArgs, out: &mut Output<std::io::Stdout>) -> ExitCode {
+    let config_ok = args
+        .config
+        .as_deref()
+        .is_none_or(|path| check_config(out, path));
     // `--config` alone checks what the engine would load: the configuration loads the
     // packs its routes use from its own `[paths] mappings`, wherever the command runs.
     if args.config.is_some() && args.packs.is_empty() && args.mappings.is_none() {
@@ -102,7 +115,7 @@ pub(crate) fn run(args: &CheckArgs) -> ExitCode {
     let mut failed = 0usize;
     for dir in &packs {
         match Pack::load(dir) {
-            Ok(pack) => println!("ok {}: {}", dir.display(), pack.summary()),
+            Ok(pack) => outln!(out, "ok {}: {}", dir.display(), pack.summary()),
             Err(errors) => {
                 eprintln!("{errors}");
                 eprintln!("FAILED {}: {} problem(s)", dir.display(), errors.0.len());

@@ -3,7 +3,6 @@
 //! nodes) before it is acknowledged, routed by `routes.d/`,
 //! mapped with the routes' packs, and delivered by the pipeline's workers.
 
-use std::io::Write;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::ExitCode;
@@ -21,6 +20,8 @@ use passerelle_mapping::MapOptions;
 use passerelle_mllp::{Cidr, Listener, ListenerConfig, ServerTls, ServerTlsConfig};
 use passerelle_store::{Store, StoreError, SystemClock, spawn_retention};
 use tracing::{error, info};
+
+use crate::output::{Output, outln};
 
 /// How long delivery attempts under way at shutdown may take to finish (within the 45 s
 /// stop timeout of deploy/: 30 s listener drain, this, the final flush).
@@ -156,6 +157,7 @@ async fn serve<S: Store>(
         Duration::from_secs(config.store.retention_days * 86_400),
         Duration::from_secs(3_600),
     );
+    let mut out = Output::stdout();
     let mut running = Vec::new();
     for l in &config.listeners {
         let listener_config = match listener_config(l) {
@@ -192,7 +194,8 @@ async fn serve<S: Store>(
             .map(|a| a.to_string())
             .unwrap_or_else(|_| l.bind.clone());
         running.push(listener.spawn(pipeline.clone()));
-        println!("listening on {addr} ({scheme}, listener {})", l.name);
+        // Announced for whoever reads it; a reader that has gone must not stop the engine.
+        outln!(out, "listening on {addr} ({scheme}, listener {})", l.name);
     }
     // The admin API: probes, metrics and the message list. It reads the listeners'
     // counters through the mutex; shutdown takes the listeners out of it, so that an
@@ -255,8 +258,8 @@ async fn serve<S: Store>(
     };
     // Ready before it is announced: whoever reads the line may probe /ready at once.
     ready.store(true, std::sync::atomic::Ordering::SeqCst);
-    println!("admin API on http://{admin_addr}");
-    let _ = std::io::stdout().flush();
+    outln!(out, "admin API on http://{admin_addr}");
+    out.flush();
     info!(store = %location, "engine started");
     shutdown.await;
     #[cfg(unix)]

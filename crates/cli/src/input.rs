@@ -2,19 +2,20 @@
 //! concatenated messages or a batch; each message is labelled `file` (or `file#n` when the
 //! file holds several), and every problem is reported on stderr with its label.
 
-use std::io;
+use std::ops::ControlFlow;
 use std::path::PathBuf;
 
 use passerelle_hl7::{Message, ParseOptions, batch};
 
 /// Calls `each(label, message)` for every message of every file that parses. `each`
-/// returns whether it handled the message (false counts as a failure) or an output error,
-/// which stops everything. Returns the number of failures: unreadable files, batch errors,
-/// messages that do not parse, and the messages `each` refused.
+/// says whether it handled the message (`Continue(false)` counts as a failure), or to
+/// stop (`Break`: its output has gone). Returns the number of failures until then:
+/// unreadable files, batch errors, messages that do not parse, and the messages `each`
+/// refused.
 pub(crate) fn for_each_message(
     files: &[PathBuf],
-    mut each: impl FnMut(&str, &Message<'_>) -> io::Result<bool>,
-) -> io::Result<usize> {
+    mut each: impl FnMut(&str, &Message<'_>) -> ControlFlow<(), bool>,
+) -> usize {
     let mut failures = 0;
     for file in files {
         let name = file.display().to_string();
@@ -42,11 +43,11 @@ pub(crate) fn for_each_message(
                 name.clone()
             };
             match parsed {
-                Ok(message) => {
-                    if !each(&label, message)? {
-                        failures += 1;
-                    }
-                }
+                Ok(message) => match each(&label, message) {
+                    ControlFlow::Continue(true) => {}
+                    ControlFlow::Continue(false) => failures += 1,
+                    ControlFlow::Break(()) => return failures,
+                },
                 Err(e) => {
                     eprintln!("{label}: {e}");
                     failures += 1;
@@ -54,5 +55,5 @@ pub(crate) fn for_each_message(
             }
         }
     }
-    Ok(failures)
+    failures
 }

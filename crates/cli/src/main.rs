@@ -2,7 +2,8 @@
 //!
 //! The binary is thin: each subcommand parses its arguments and calls the crates that do
 //! the work. Subcommands print results on stdout and problems on stderr, and exit non-zero
-//! when anything failed, so that they compose in scripts.
+//! when anything failed, so that they compose in scripts; a reader that stops reading
+//! early (`| head`) ends the output quietly ([`output`]).
 
 use std::process::ExitCode;
 
@@ -13,6 +14,7 @@ mod engine_serve;
 mod input;
 mod map_cmd;
 mod messages_cmd;
+mod output;
 mod parse_cmd;
 mod send_cmd;
 mod serve_cmd;

@@ -1,11 +1,13 @@
 //! `passerelle map FILE... [--pack DIR] [--pretty] [--site-offset ±HH:MM]`.
 
-use std::io::{self, Write};
+use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Args;
 use passerelle_mapping::{MapOptions, Pack};
+
+use crate::output::{Output, outln};
 
 #[derive(Debug, Args)]
 pub(crate) struct MapArgs {
@@ -57,31 +59,30 @@ pub(crate) fn run(args: &MapArgs) -> ExitCode {
     let options = MapOptions {
         site_offset: args.site_offset,
     };
-    let stdout = io::stdout();
-    let mut out = stdout.lock();
-    let result = crate::input::for_each_message(&args.files, |label, message| {
-        match pack.map(message, &options) {
+    let mut out = Output::stdout();
+    let failures = crate::input::for_each_message(&args.files, |label, message| {
+        let mapped = match pack.map(message, &options) {
             Ok(bundle) => {
-                writeln!(out, "{}", bundle.to_json(args.pretty))?;
-                Ok(true)
+                outln!(out, "{}", bundle.to_json(args.pretty));
+                true
             }
             Err(e) => {
                 eprintln!("{label}: {e}");
-                Ok(false)
+                false
             }
+        };
+        // Nobody reads any more (`| head`): the rest would be mapped for nothing.
+        if out.is_open() {
+            ControlFlow::Continue(mapped)
+        } else {
+            ControlFlow::Break(())
         }
     });
-    let failures = match result {
-        Ok(n) => n,
-        Err(e) => {
-            eprintln!("passerelle map: cannot write output: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    if failures > 0 {
+    let status = if failures > 0 {
         eprintln!("passerelle map: {failures} message(s) or file(s) could not be mapped");
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
-    }
+    };
+    out.finish("map", status)
 }

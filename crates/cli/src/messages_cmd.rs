@@ -10,8 +10,14 @@
 //!   see a replay at their workers' next poll).
 //!
 //! Output is a text table or, with `--json`, the API's JSON documents, whichever the
-//! place. Replays and purges print one line per message and exit non-zero if any failed.
+//! place. Replays and purges print one line per message, successes on stdout and the
+//! rest on stderr, and exit non-zero if any failed (a replay that leaves a message
+//! unrouted, or with a mapping that still fails, counts as failed). Filters go to the
+//! engine in a request body, never in a URL (an ordering key holds a patient
+//! identifier). Times without a UTC offset are read in the site's offset. Whatever
+//! happens to stdout (`| head`), a store opened here is flushed before the command ends.
 
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -25,6 +31,8 @@ use passerelle_hl7::types::DateTime;
 use passerelle_mapping::MapOptions;
 use passerelle_store::{MessageId, Outcome, SledStore, Store, StoreError};
 use serde_json::{Value, json};
+
+use crate::output::{Output, outln};
 
 #[derive(Debug, Args)]
 pub(crate) struct MessagesArgs {
@@ -80,7 +88,11 @@ enum MessagesCommand {
         dry_run: bool,
     },
     /// Delete messages whose deliveries are all finished (delivered or dead).
-    Purge { ids: Vec<MessageId> },
+    Purge {
+        /// The messages to delete (ids as `list` shows them).
+        #[arg(required = true)]
+        ids: Vec<MessageId>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -94,33 +106,117 @@ struct FilterArgs {
     /// A destination queue (`route.destination`).
     #[arg(long)]
     dest: Option<String>,
-    /// Received at or after this HL7 date/time (`20241122`, `202411221530+0100`).
+    /// Received at or after this time: a date (`2026-11-22`: the start of that day), a
+    /// date and time (`2026-11-22T15:30`, `2026-11-22 15:30:45`), or HL7
+    /// (`20261122`, `202611221530`); with a UTC offset (`Z`, `+01:00`, `+0100`) or
+    /// without, then in the site's offset: `[defaults] site_utc_offset_minutes` of
+    /// --config (60 when the file sets none).
     #[arg(long)]
     since: Option<String>,
-    /// Received before this HL7 date/time.
+    /// Received before this time (same forms as --since).
     #[arg(long)]
     until: Option<String>,
     #[arg(long)]
     control_id: Option<String>,
-    /// An ordering key (as shown by `show`).
+    /// An ordering key (as shown by `show`); sent to the engine in a request body, out of
+    /// URLs and access logs.
     #[arg(long)]
     key: Option<String>,
 }
 
 impl FilterArgs {
-    fn to_filter(&self) -> ListFilter {
-        ListFilter {
+    /// The filter, times in HL7 form with an explicit offset (`site_offset` minutes when
+    /// the user gave none), so that the engine and the store read them alike.
+    fn to_filter(&self, site_offset: i16) -> Result<ListFilter, String> {
+        let when = |flag: &str, text: &Option<String>| {
+            text.as_deref()
+                .map(|t| explicit_time(t, site_offset).map_err(|e| format!("--{flag} {e}")))
+                .transpose()
+        };
+        Ok(ListFilter {
             state: self.state.clone(),
             route: self.route.clone(),
             dest: self.dest.clone(),
-            since: self.since.clone(),
-            until: self.until.clone(),
+            since: when("since", &self.since)?,
+            until: when("until", &self.until)?,
             control_id: self.control_id.clone(),
             key: self.key.clone(),
             after: None,
             limit: None,
+        })
+    }
+}
+
+/// A time as an operator types it (ISO 8601 with or without time and offset, or HL7
+/// DTM), as an HL7 DTM with an explicit UTC offset: `site_offset` minutes when none was
+/// given. A plain date is the start of that day.
+fn explicit_time(text: &str, site_offset: i16) -> Result<String, String> {
+    let text = text.trim();
+    let bad = || {
+        format!(
+            "{text:?}: not a date or time (2026-11-22, 2026-11-22T15:30, \
+             2026-11-22T15:30+01:00, or HL7 202611221530)"
+        )
+    };
+    let dtm = if text.as_bytes().get(4) == Some(&b'-') {
+        iso_to_dtm(text).ok_or_else(bad)?
+    } else {
+        text.to_owned()
+    };
+    let mut time = DateTime::parse(&dtm).map_err(|e| format!("{text:?}: {e}"))?;
+    time.offset_minutes.get_or_insert(site_offset);
+    Ok(time.to_string())
+}
+
+/// `YYYY-MM-DD[(T| )HH:MM[:SS[.fff]]][Z|±HH:MM|±HHMM]` as the same HL7 DTM
+/// (`YYYYMMDD[HHMM[SS[.fff]]][±HHMM]`), or `None` when it has another shape. The parts'
+/// values are checked by [`DateTime::parse`].
+fn iso_to_dtm(text: &str) -> Option<String> {
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    let date = text.get(..10)?;
+    let (year, month, day) = (date.get(..4)?, date.get(5..7)?, date.get(8..10)?);
+    if !(digits(year) && digits(month) && digits(day)) || &date[7..8] != "-" {
+        return None;
+    }
+    let mut dtm = format!("{year}{month}{day}");
+    let rest = &text[10..];
+    let (time, offset) = match rest.find(['Z', 'z', '+', '-']) {
+        Some(at) => (&rest[..at], Some(&rest[at..])),
+        None => (rest, None),
+    };
+    if !time.is_empty() {
+        let time = time.strip_prefix(['T', 't', ' '])?;
+        let (clock, fraction) = match time.split_once('.') {
+            Some((c, f)) => (c, Some(f)),
+            None => (time, None),
+        };
+        let parts: Vec<&str> = clock.split(':').collect();
+        if !(2..=3).contains(&parts.len()) || parts.iter().any(|p| p.len() != 2 || !digits(p)) {
+            return None;
+        }
+        dtm.extend(parts.iter().copied());
+        if let Some(fraction) = fraction {
+            if parts.len() != 3 || !digits(fraction) {
+                return None;
+            }
+            dtm.push('.');
+            dtm.push_str(fraction);
         }
     }
+    match offset {
+        None => {}
+        Some("Z" | "z") => dtm.push_str("+0000"),
+        Some(offset) => {
+            let (sign, hhmm) = offset.split_at(1);
+            let hhmm = hhmm.replacen(':', "", 1);
+            if hhmm.len() != 4 || !digits(&hhmm) {
+                return None;
+            }
+            dtm.push_str(sign);
+            dtm.push_str(&hhmm);
+        }
+    }
+    Some(dtm)
 }
 
 /// Ids per replay request to a running engine: small enough to show progress.
@@ -137,6 +233,10 @@ struct Remote {
     client: reqwest::Client,
     base: String,
     token: Option<String>,
+    /// The variable the token comes from (`[admin] token_env`), to name in errors.
+    token_env: String,
+    /// The site's UTC offset in minutes (`[defaults]`), for times given without one.
+    site_offset: i16,
 }
 
 pub(crate) fn run(args: &MessagesArgs) -> ExitCode {
@@ -160,15 +260,20 @@ pub(crate) fn run(args: &MessagesArgs) -> ExitCode {
             Ok(remote) => return finish(Backend::<SledStore>::Remote(remote), args).await,
             Err(remote) => remote,
         };
+        // With --local, no engine was asked: only the store's failure applies.
         let cannot_open = |loaded: &Loaded, e: StoreError| {
-            fail(
-                1,
-                &format!(
-                    "no engine answers at {} and the store at {} cannot be opened ({e})",
-                    remote.base,
-                    loaded.store_location()
-                ),
-            )
+            let store = format!(
+                "the store at {} cannot be opened ({e})",
+                loaded.store_location()
+            );
+            if args.local {
+                fail(1, &store)
+            } else {
+                fail(
+                    1,
+                    &format!("no engine answers at {} and {store}", remote.base),
+                )
+            }
         };
         match loaded.store_backend() {
             StoreBackend::Sled => match loaded.open_store() {
@@ -191,18 +296,25 @@ async fn local<S: Store>(store: S, loaded: Loaded, args: &MessagesArgs) -> ExitC
     finish(backend, args).await
 }
 
-/// Runs the command, then makes the store's writes durable.
+/// Runs the command, then makes the store's writes durable, whatever became of the output
+/// (printing never panics: see [`crate::output`]).
 async fn finish<S: Store>(backend: Backend<S>, args: &MessagesArgs) -> ExitCode {
-    let result = execute(&backend, &args.command).await;
+    let mut out = Output::stdout();
+    let site_offset = match &backend {
+        Backend::Local { loaded, .. } => loaded.config.defaults.site_utc_offset_minutes,
+        Backend::Remote(r) => r.site_offset,
+    };
+    let result = execute(&backend, &args.command, site_offset, &mut out).await;
     let flushed = match &backend {
         Backend::Local { store, .. } => store.flush().await.map_err(|e| e.to_string()),
         Backend::Remote(_) => Ok(()),
     };
-    match (result, flushed) {
+    let status = match (result, flushed) {
         (Ok(code), Ok(())) => code,
         (Err(e), _) => fail(1, &e),
         (Ok(_), Err(e)) => fail(1, &format!("cannot flush the store: {e}")),
-    }
+    };
+    out.finish("messages", status)
 }
 
 /// The running engine's API if it answers (`Ok(Ok(remote))`); otherwise the client that
@@ -228,6 +340,8 @@ async fn remote_if_running(
         client,
         base,
         token,
+        token_env: loaded.config.admin.token_env.clone(),
+        site_offset: loaded.config.defaults.site_utc_offset_minutes,
     };
     if !args.local {
         match remote.health().await {
@@ -279,17 +393,26 @@ impl Remote {
         }
     }
 
-    /// Sends a request and reads a JSON answer; `Ok(None)` for a 404.
+    /// Sends a request and reads a JSON answer; `Ok(None)` for a 404 (or a 405: an older
+    /// engine that has the path for another method only).
     async fn json(&self, request: reqwest::RequestBuilder) -> Result<Option<Value>, String> {
         let response = request.send().await.map_err(|e| e.to_string())?;
         let status = response.status();
-        if status == reqwest::StatusCode::NOT_FOUND {
+        if status == reqwest::StatusCode::NOT_FOUND
+            || status == reqwest::StatusCode::METHOD_NOT_ALLOWED
+        {
             return Ok(None);
         }
         if status == reqwest::StatusCode::UNAUTHORIZED {
-            return Err(
-                "the admin API wants a token: set the variable named in [admin] token_env".into(),
-            );
+            let env = &self.token_env;
+            return Err(match self.token {
+                Some(_) => format!(
+                    "the admin API refused the token in ${env}: set it to the engine's token"
+                ),
+                None => format!(
+                    "the admin API wants a token: set ${env} (the variable [admin] token_env names)"
+                ),
+            });
         }
         if !status.is_success() {
             let body = response.text().await.unwrap_or_default();
@@ -307,13 +430,20 @@ impl<S: Store> Backend<S> {
     async fn list(&self, filter: &ListFilter) -> Result<Value, String> {
         match self {
             Backend::Local { store, .. } => ops::list(store.as_ref(), filter).await,
+            // In the body: the filters may identify a patient, and URLs get logged.
             Backend::Remote(r) => r
                 .json(
-                    r.request(reqwest::Method::GET, "/api/messages")
-                        .query(filter),
+                    r.request(reqwest::Method::POST, "/api/messages/query")
+                        .json(filter),
                 )
                 .await?
-                .ok_or_else(|| "the admin API has no /api/messages".to_owned()),
+                .ok_or_else(|| {
+                    format!(
+                        "the engine at {} has no POST /api/messages/query (an older \
+                         version?): upgrade it, or stop it and use --local",
+                        r.base
+                    )
+                }),
         }
     }
 
@@ -430,6 +560,8 @@ impl<S: Store> Backend<S> {
 async fn execute<S: Store>(
     backend: &Backend<S>,
     command: &MessagesCommand,
+    site_offset: i16,
+    out: &mut Output<std::io::Stdout>,
 ) -> Result<ExitCode, String> {
     match command {
         MessagesCommand::List {
@@ -438,19 +570,19 @@ async fn execute<S: Store>(
             after,
             json,
         } => {
-            let mut filter = filter.to_filter();
+            let mut filter = filter.to_filter(site_offset)?;
             filter.limit = Some(*limit);
             filter.after = *after;
             filter.query()?;
             let page = backend.list(&filter).await?;
             if *json {
-                println!("{page}");
+                outln!(out, "{page}");
             } else {
                 for r in page["items"].as_array().into_iter().flatten() {
-                    println!("{}", summary_line(r));
+                    outln!(out, "{}", summary_line(r));
                 }
                 if let Some(next) = page["next"].as_u64() {
-                    println!("… more: --after {next}");
+                    outln!(out, "… more: --after {next}");
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -461,9 +593,9 @@ async fn execute<S: Store>(
                 .await?
                 .ok_or_else(|| format!("no message {id}"))?;
             if *json {
-                println!("{doc}");
+                outln!(out, "{doc}");
             } else {
-                print_message(&doc);
+                print_message(out, &doc);
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -473,7 +605,7 @@ async fn execute<S: Store>(
             remap,
             dry_run,
         } => {
-            let filter = filter.to_filter();
+            let filter = filter.to_filter(site_offset)?;
             // Only the deliveries the filter names (its destination, its delivery state):
             // replaying one dead letter must not resend to the message's other destinations.
             let options = ReplayOptions {
@@ -505,18 +637,29 @@ async fn execute<S: Store>(
             }
             progress.finish_and_clear();
             Ok(report(
+                out,
                 results
                     .into_iter()
-                    .map(|r| (r.id, if r.ok { Ok(r.message) } else { Err(r.message) }))
+                    .map(|r| {
+                        let result = if r.ok && r.replayed {
+                            Ok(r.message)
+                        } else if r.ok {
+                            Err(format!("not replayed: {}", r.message))
+                        } else {
+                            Err(r.message)
+                        };
+                        (r.id, result)
+                    })
                     .collect(),
             ))
         }
-        MessagesCommand::Purge { ids } => Ok(report(backend.purge(ids).await?)),
+        MessagesCommand::Purge { ids } => Ok(report(out, backend.purge(ids).await?)),
     }
 }
 
+/// Says what went wrong on stderr (never panicking, even if stderr is closed).
 fn fail(code: u8, message: &str) -> ExitCode {
-    eprintln!("passerelle messages: {message}");
+    let _ = writeln!(std::io::stderr(), "passerelle messages: {message}");
     ExitCode::from(code)
 }
 
@@ -541,18 +684,20 @@ fn summary_line(r: &Value) -> String {
     )
 }
 
-fn print_message(doc: &Value) {
-    println!("{}", summary_line(doc));
-    println!("\n# history");
+fn print_message(out: &mut Output<std::io::Stdout>, doc: &Value) {
+    outln!(out, "{}", summary_line(doc));
+    outln!(out, "\n# history");
     for t in doc["history"].as_array().into_iter().flatten() {
-        println!(
+        outln!(
+            out,
             "  {}  {:<16} {}",
             time_of(&t["at_ms"]),
             text(t, "state"),
             text(t, "detail")
         );
     }
-    println!(
+    outln!(
+        out,
         "\n# message ({} bytes, from {} on {})",
         doc["size"].as_u64().unwrap_or_default(),
         text(doc, "peer"),
@@ -562,25 +707,31 @@ fn print_message(doc: &Value) {
         .split(['\r', '\n'])
         .filter(|s| !s.is_empty())
     {
-        println!("  {segment}");
+        outln!(out, "  {segment}");
     }
     for d in doc["delivery_details"].as_array().into_iter().flatten() {
-        println!(
-            "\n# delivery to {} (key {}): {}, {} attempt(s)",
+        // `attempts` counts since the delivery was last queued (a replay starts it
+        // again); the history keeps every attempt ever made.
+        let history = d["history"].as_array().map_or(&[][..], Vec::as_slice);
+        outln!(
+            out,
+            "\n# delivery to {} (key {}): {}, {} attempt(s) since last queued, {} in all",
             text(d, "destination"),
             text(d, "ordering_key"),
             text(d, "state"),
-            d["attempts"].as_u64().unwrap_or_default()
+            d["attempts"].as_u64().unwrap_or_default(),
+            history.len()
         );
         if let Some(reason) = d["dead_reason"].as_str() {
-            println!("  dead: {reason}");
+            outln!(out, "  dead: {reason}");
         }
-        for a in d["history"].as_array().into_iter().flatten() {
+        for a in history {
             let status = a["status"]
                 .as_u64()
                 .map(|s| s.to_string())
                 .unwrap_or_default();
-            println!(
+            outln!(
+                out,
                 "  {}  {} {} {} {}",
                 time_of(&a["at_ms"]),
                 text(a, "outcome"),
@@ -591,22 +742,28 @@ fn print_message(doc: &Value) {
         }
     }
     if !doc["bundle"].is_null() {
-        println!("\n# bundle");
-        println!(
+        outln!(out, "\n# bundle");
+        outln!(
+            out,
             "{}",
             serde_json::to_string_pretty(&doc["bundle"]).unwrap_or_default()
         );
     }
 }
 
-/// Prints one line per message, successes on stdout and failures on stderr.
-fn report(results: Vec<(MessageId, Result<String, String>)>) -> ExitCode {
+/// Prints one line per message, successes on stdout and failures on stderr; non-zero
+/// when any failed. A closed stdout stops the successes' lines, not the failures'.
+fn report(
+    out: &mut Output<std::io::Stdout>,
+    results: Vec<(MessageId, Result<String, String>)>,
+) -> ExitCode {
+    let mut errors = Output::stderr();
     let mut failed = false;
     for (id, result) in results {
         match result {
-            Ok(what) => println!("{id}: {what}"),
+            Ok(what) => outln!(out, "{id}: {what}"),
             Err(e) => {
-                eprintln!("{id}: {e}");
+                outln!(errors, "{id}: {e}");
                 failed = true;
             }
         }
@@ -631,4 +788,74 @@ fn route_and_map(loaded: &Loaded, raw: &[u8], listener: &str) -> Result<Outcome,
         &message,
         listener,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_without_offset_are_read_in_the_site_offset() {
+        // A plain date: the start of that day, at the site.
+        assert_eq!(explicit_time("2026-11-22", 60).unwrap(), "20261122+0100");
+        assert_eq!(
+            explicit_time("2026-11-22T15:30", 60).unwrap(),
+            "202611221530+0100"
+        );
+        assert_eq!(
+            explicit_time("2026-11-22 15:30:45.25", -300).unwrap(),
+            "20261122153045.25-0500"
+        );
+        assert_eq!(explicit_time("20261122", 0).unwrap(), "20261122+0000");
+        // An offset given wins, in every spelling.
+        assert_eq!(
+            explicit_time("2026-11-22T15:30Z", 60).unwrap(),
+            "202611221530+0000"
+        );
+        assert_eq!(
+            explicit_time("2026-11-22T15:30:00+02:00", 60).unwrap(),
+            "20261122153000+0200"
+        );
+        assert_eq!(
+            explicit_time("2026-11-22T15:30-0330", 60).unwrap(),
+            "202611221530-0330"
+        );
+        assert_eq!(
+            explicit_time("202611221530+0000", 60).unwrap(),
+            "202611221530+0000"
+        );
+    }
+
+    #[test]
+    fn the_instant_is_the_one_the_operator_meant() {
+        let at = |text: &str| {
+            DateTime::parse(&explicit_time(text, 60).unwrap())
+                .unwrap()
+                .to_unix_millis(None)
+        };
+        // Midnight at +01:00 is 23:00 UTC the day before.
+        assert_eq!(at("2026-11-22"), at("2026-11-21T23:00Z"));
+        assert_eq!(at("2026-11-22T01:00"), at("2026-11-22T00:00Z"));
+    }
+
+    #[test]
+    fn malformed_times_are_refused_with_the_accepted_forms() {
+        for bad in [
+            "2026-11",
+            "2026-11-22T",
+            "2026-11-22T1530",
+            "2026-11-22T15:3",
+            "2026-11-22T15:30+1",
+            "2026-11-22X15:30",
+            "2026-1-22",
+            "22/11/2026",
+        ] {
+            let e = explicit_time(bad, 60).unwrap_err();
+            assert!(e.contains(&format!("{bad:?}")), "{bad}: {e}");
+        }
+        let e = explicit_time("2026-02-30", 60).unwrap_err();
+        assert!(e.contains("day"), "{e}");
+        let e = explicit_time("2026-11", 60).unwrap_err();
+        assert!(e.contains("2026-11-22T15:30"), "lists the forms: {e}");
+    }
 }

@@ -5,10 +5,11 @@
 //! answers that message. Segment terminators are sent as CR, whatever the file uses.
 //! Prints one line per message that was not accepted and a summary of the ACK codes;
 //! `--json` prints one object per message and a summary object. Exits 1 when any message
-//! got a NAK, no ACK, or was not sent.
+//! got a NAK, no ACK, or was not sent, or a file could not be read; when no file holds a
+//! message to send, says so and connects to nobody.
 
 use std::collections::BTreeMap;
-use std::io::{self, IsTerminal, Write};
+use std::io::{self, IsTerminal};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -21,6 +22,8 @@ use passerelle_mllp::codec::START_BLOCK;
 use passerelle_mllp::{Client, ClientConfig, ClientError, ClientTlsConfig, Frame, MllpCodec};
 use serde_json::json;
 use tokio_util::codec::Decoder;
+
+use crate::output::{Output, outln};
 
 /// Progress is drawn (on a terminal) from this many messages on.
 const PROGRESS_FROM: usize = 20;
@@ -121,11 +124,14 @@ struct Summary {
     codes: BTreeMap<String, usize>,
     errors: BTreeMap<&'static str, usize>,
     not_sent: usize,
+    /// Files that could not be read or split into messages (each said on stderr).
+    unreadable_files: usize,
 }
 
 impl Summary {
     fn failed(&self) -> bool {
         self.not_sent > 0
+            || self.unreadable_files > 0
             || !self.errors.is_empty()
             || self.codes.keys().any(|c| c != "AA" && c != "CA")
     }
@@ -136,11 +142,15 @@ impl Summary {
         if self.not_sent > 0 {
             parts.push(format!("not sent {}", self.not_sent));
         }
-        format!(
-            "sent {} message(s) to {to}: {}",
-            self.sent,
-            parts.join(", ")
-        )
+        if self.unreadable_files > 0 {
+            parts.push(format!("unreadable file(s) {}", self.unreadable_files));
+        }
+        let mut text = format!("sent {} message(s) to {to}", self.sent);
+        if !parts.is_empty() {
+            text.push_str(": ");
+            text.push_str(&parts.join(", "));
+        }
+        text
     }
 }
 
@@ -159,6 +169,17 @@ pub(crate) fn run(args: &SendArgs) -> ExitCode {
                 unreadable += 1;
             }
         }
+    }
+    if outgoing.is_empty() {
+        eprintln!(
+            "passerelle send: nothing to send: {}",
+            if unreadable > 0 {
+                format!("{unreadable} file(s) could not be read (see above)")
+            } else {
+                "the files hold no message".to_owned()
+            }
+        );
+        return ExitCode::FAILURE;
     }
     let mut config = ClientConfig::new(args.to.clone());
     config.ack_timeout = Duration::from_secs_f64(args.timeout.max(0.001));
@@ -188,9 +209,10 @@ pub(crate) fn run(args: &SendArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let summary = runtime.block_on(send_all(args, &mut client, &outgoing));
-    let mut out = io::stdout().lock();
-    let written = if args.json {
+    let mut out = Output::stdout();
+    let mut summary = runtime.block_on(send_all(args, &mut client, &outgoing, &mut out));
+    summary.unreadable_files = unreadable;
+    if args.json {
         let doc = json!({
             "summary": {
                 "to": args.to,
@@ -198,21 +220,28 @@ pub(crate) fn run(args: &SendArgs) -> ExitCode {
                 "codes": summary.codes,
                 "errors": summary.errors,
                 "not_sent": summary.not_sent,
-                "unreadable_files": unreadable,
+                "unreadable_files": summary.unreadable_files,
             }
         });
-        writeln!(out, "{doc}")
+        outln!(out, "{doc}");
     } else {
-        writeln!(out, "{}", summary.text(&args.to))
-    };
-    if written.is_err() || summary.failed() || unreadable > 0 {
+        outln!(out, "{}", summary.text(&args.to));
+    }
+    let status = if summary.failed() {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
-    }
+    };
+    out.finish("send", status)
 }
 
-async fn send_all(args: &SendArgs, client: &mut Client, outgoing: &[Outgoing]) -> Summary {
+/// Sends every message, whatever becomes of the output (sending is the work).
+async fn send_all(
+    args: &SendArgs,
+    client: &mut Client,
+    outgoing: &[Outgoing],
+    out: &mut Output<io::Stdout>,
+) -> Summary {
     let mut summary = Summary::default();
     let progress = if outgoing.len() >= PROGRESS_FROM && io::stderr().is_terminal() {
         let bar = ProgressBar::with_draw_target(
@@ -228,7 +257,6 @@ async fn send_all(args: &SendArgs, client: &mut Client, outgoing: &[Outgoing]) -
     } else {
         ProgressBar::hidden()
     };
-    let mut stdout = io::stdout();
     for (i, message) in outgoing.iter().enumerate() {
         let control_id = HeaderSummary::salvage(&message.bytes)
             .map(|h| h.control_id)
@@ -264,9 +292,7 @@ async fn send_all(args: &SendArgs, client: &mut Client, outgoing: &[Outgoing]) -
                 "error": error,
                 "text": text,
             });
-            progress.suspend(|| {
-                let _ = writeln!(stdout, "{line}");
-            });
+            progress.suspend(|| outln!(out, "{line}"));
         } else if !result.as_ref().is_ok_and(|a| a.is_accept()) {
             let what = code.as_deref().or(error).unwrap_or("?");
             let detail = text.map(|t| format!(": {t}")).unwrap_or_default();

@@ -8,7 +8,6 @@
 //! to stderr (`RUST_LOG` filters them, default `info`). SIGINT/SIGTERM shut down
 //! gracefully; SIGHUP reloads the TLS certificates.
 
-use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -19,6 +18,8 @@ use passerelle_mllp::{
     Cidr, Listener, ListenerConfig, ParseAckHandler, ServerTls, ServerTlsConfig,
 };
 use tracing::{info, warn};
+
+use crate::output::{Output, outln};
 
 #[derive(Debug, Args)]
 pub(crate) struct ServeArgs {
@@ -164,8 +165,10 @@ async fn serve(args: &ServeArgs) -> ExitCode {
     if let Some(tls) = listener.tls() {
         spawn_reload_on_hangup(tls);
     }
-    println!("listening on {addr} ({scheme})");
-    let _ = std::io::stdout().flush();
+    // Announced for whoever reads it; a reader that has gone must not stop the server.
+    let mut out = Output::stdout();
+    outln!(out, "listening on {addr} ({scheme})");
+    out.flush();
 
     let stats = listener
         .serve(

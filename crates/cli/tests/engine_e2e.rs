@@ -108,7 +108,10 @@ fn serve_send_list_show_replay() {
         &oru_id,
         "--dry-run",
     ]);
-    assert!(String::from_utf8_lossy(&dry.stdout).contains("still unrouted (dry run)"));
+    assert!(!dry.status.success(), "a replay that would change nothing");
+    assert!(
+        String::from_utf8_lossy(&dry.stderr).contains("not replayed: still unrouted (dry run)")
+    );
 
     let replay = passerelle(&[
         "messages", "--config", config_arg, "replay", &adt_id, "--remap",
@@ -544,7 +547,10 @@ fn messages_commands_go_through_the_running_engine() {
         "{text}"
     );
     let dry = ops(&["replay", &oru_id, "--dry-run"], Some("t0ken"));
-    assert!(String::from_utf8_lossy(&dry.stdout).contains("still unrouted (dry run)"));
+    assert!(!dry.status.success(), "a replay that would change nothing");
+    assert!(
+        String::from_utf8_lossy(&dry.stderr).contains("not replayed: still unrouted (dry run)")
+    );
 
     // A replay by filter, through the explicit --admin address: the running engine
     // delivers again at once, without a restart.

@@ -329,3 +329,36 @@ fn serve_reloads_certificates_on_sighup() {
     assert!(log.contains("TLS certificates reloaded"), "{log}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn send_of_unreadable_files_says_so_and_fails() {
+    let missing = "fixtures/hl7/no_such_file.hl7";
+    // Nothing to send: said plainly, and nobody is contacted (nothing listens there).
+    let out = send(&[missing, "--to", "127.0.0.1:9", "--connect-attempts", "1"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("no_such_file.hl7: cannot read")
+            && stderr.contains("nothing to send: 1 file(s) could not be read"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("connect"), "{stderr}");
+    assert!(out.stdout.is_empty(), "no empty summary");
+
+    // Some sent, one unreadable: the summary counts it and the run fails.
+    let serve = Serve::start(&[]);
+    let out = send(&[
+        "fixtures/hl7/adt_a01_minimal.hl7",
+        missing,
+        "--to",
+        &serve.addr,
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.starts_with(&format!("sent 1 message(s) to {}: ", serve.addr))
+            && stdout.contains("unreadable file(s) 1"),
+        "{stdout}"
+    );
+    drop(serve);
+}

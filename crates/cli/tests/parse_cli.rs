@@ -166,3 +166,35 @@ fn one_bad_file_among_good_ones_fails_the_run_but_reports_the_rest() {
         "the good file is still printed"
     );
 }
+
+#[test]
+fn text_form_shows_fields_as_received() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("escapes.hl7");
+    // An apostrophe, an HL7 escape for the field separator, and a raw tab (a control
+    // character some senders let through).
+    std::fs::write(
+        &file,
+        b"MSH|^~\\&|APP|FAC|RCV|RF|20240101120000||ADT^A01|C1|P|2.5\rPID|1||123^^^H^MR||O'DONNELL^JOHN||19700101|M|||1 A\\F\\B ST\tX\r",
+    )
+    .unwrap();
+    let out = passerelle(&["parse", file.to_str().unwrap()]);
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.trim_start().strip_prefix(name))
+            .map(|rest| rest.trim_start().to_owned())
+            .unwrap_or_else(|| panic!("{name} in {text}"))
+    };
+    assert_eq!(field("MSH-2 "), "^~\\&", "{text}");
+    assert_eq!(field("PID-5 "), "O'DONNELL^JOHN", "{text}");
+    assert_eq!(
+        field("PID-11 "),
+        "1 A\\F\\B ST\\x09X",
+        "the escape as sent, not a separator; the tab as \\x09: {text}"
+    );
+    // --path still gives the decoded value.
+    let out = passerelle(&["parse", "--path", "PID-11", file.to_str().unwrap()]);
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), "1 A|B ST\tX\n");
+}

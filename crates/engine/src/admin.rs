@@ -6,6 +6,7 @@
 //! | `GET /ready`                    | 200 once the pipeline runs and listeners accept   |
 //! | `GET /metrics`                  | Prometheus text format ([`metric_names`])         |
 //! | `GET /api/messages?filters`     | a page of records ([`ops::ListFilter`] fields)    |
+//! | `POST /api/messages/query`      | the same page, the filters as a JSON object       |
 //! | `GET /api/messages/{id}`        | one message in full: raw HL7, bundle, attempts    |
 //! | `POST /api/messages/replay`     | `{"ids":[…]` or `"filter":{…}`, `"remap"`, `"dry_run"`, `"destination"`, `"delivery_state"`} |
 //! | `POST /api/messages/purge`      | `{"ids":[…]}`                                     |
@@ -15,6 +16,13 @@
 //! is set. Metric labels carry listener, route, destination and state names only: no
 //! patient data. `GET /api/messages/{id}` is the one answer that carries message content,
 //! because showing it is its purpose.
+//!
+//! Filters can identify a patient (an ordering key holds a patient identifier), and URLs
+//! end up in proxies' and servers' access logs: `POST /api/messages/query` takes them in
+//! the body, and `passerelle messages` uses it; the `GET` form stays for compatibility.
+//! A request (body or query string) with a field the API does not know gets 400 and the
+//! field's name, never a default answer: `{"idz":[3]}` must not replay nothing quietly,
+//! nor `"filter":{"rout":"adt"}` select every route.
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -22,6 +30,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
 use axum::extract::Path as UrlPath;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Query as UrlQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -104,6 +113,7 @@ pub fn router<S: Store>(admin: Admin<S>) -> Router {
         .route("/ready", get(ready::<S>))
         .route("/metrics", get(metrics::<S>))
         .route("/api/messages", get(messages::<S>))
+        .route("/api/messages/query", post(query::<S>))
         .route("/api/messages/{id}", get(show::<S>))
         .route("/api/messages/replay", post(replay::<S>))
         .route("/api/messages/purge", post(purge::<S>))
@@ -251,18 +261,56 @@ async fn metrics<S: Store>(State(admin): State<Admin<S>>, headers: HeaderMap) ->
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 
+/// A request's JSON body, or the answer to a body that does not fit: 400 with what is
+/// wrong (axum's own answer would be 422 for an unknown field or a wrong type).
+fn json_body<T>(body: Result<axum::Json<T>, JsonRejection>) -> Result<T, (StatusCode, String)> {
+    body.map(|axum::Json(value)| value).map_err(|rejection| {
+        let status = match &rejection {
+            JsonRejection::JsonDataError(_) => StatusCode::BAD_REQUEST,
+            _ => rejection.status(),
+        };
+        (status, format!("{}\n", rejection.body_text()))
+    })
+}
+
 async fn messages<S: Store>(
     State(admin): State<Admin<S>>,
     headers: HeaderMap,
-    UrlQuery(filter): UrlQuery<ListFilter>,
+    filter: Result<UrlQuery<ListFilter>, QueryRejection>,
 ) -> Response {
     if !authorised(&admin, &headers) {
         return StatusCode::UNAUTHORIZED.into_response();
     }
+    match filter {
+        Ok(UrlQuery(filter)) => list(&admin, &filter).await,
+        Err(rejection) => (
+            StatusCode::BAD_REQUEST,
+            format!("{}\n", rejection.body_text()),
+        )
+            .into_response(),
+    }
+}
+
+/// `GET /api/messages` with the filters in the body, out of URLs and their logs.
+async fn query<S: Store>(
+    State(admin): State<Admin<S>>,
+    headers: HeaderMap,
+    filter: Result<axum::Json<ListFilter>, JsonRejection>,
+) -> Response {
+    if !authorised(&admin, &headers) {
+        return StatusCode::UNAUTHORIZED.into_response();
+    }
+    match json_body(filter) {
+        Ok(filter) => list(&admin, &filter).await,
+        Err(refused) => refused.into_response(),
+    }
+}
+
+async fn list<S: Store>(admin: &Admin<S>, filter: &ListFilter) -> Response {
     if let Err(e) = filter.query() {
         return (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response();
     }
-    match ops::list(admin.pipeline.store().as_ref(), &filter).await {
+    match ops::list(admin.pipeline.store().as_ref(), filter).await {
         Ok(doc) => axum::Json(doc).into_response(),
         Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("store: {e}\n")).into_response(),
     }
@@ -287,6 +335,7 @@ async fn show<S: Store>(
 /// and `delivery_state` narrow which deliveries of a mapped message are queued again;
 /// with a filter, they default to the filter's `dest` and delivery `state`.
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct ReplayRequest {
     #[serde(default)]
     ids: Vec<u64>,
@@ -302,11 +351,15 @@ struct ReplayRequest {
 async fn replay<S: Store>(
     State(admin): State<Admin<S>>,
     headers: HeaderMap,
-    axum::Json(request): axum::Json<ReplayRequest>,
+    request: Result<axum::Json<ReplayRequest>, JsonRejection>,
 ) -> Response {
     if !authorised(&admin, &headers) {
         return StatusCode::UNAUTHORIZED.into_response();
     }
+    let request = match json_body(request) {
+        Ok(r) => r,
+        Err(refused) => return refused.into_response(),
+    };
     let mut ids = request.ids;
     let mut only = request
         .filter
@@ -366,6 +419,7 @@ async fn replay<S: Store>(
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct PurgeRequest {
     ids: Vec<u64>,
 }
@@ -373,11 +427,15 @@ struct PurgeRequest {
 async fn purge<S: Store>(
     State(admin): State<Admin<S>>,
     headers: HeaderMap,
-    axum::Json(request): axum::Json<PurgeRequest>,
+    request: Result<axum::Json<PurgeRequest>, JsonRejection>,
 ) -> Response {
     if !authorised(&admin, &headers) {
         return StatusCode::UNAUTHORIZED.into_response();
     }
+    let request = match json_body(request) {
+        Ok(r) => r,
+        Err(refused) => return refused.into_response(),
+    };
     let mut results = Vec::with_capacity(request.ids.len());
     for id in request.ids {
         let (ok, message) = match ops::purge(admin.pipeline.store().as_ref(), id).await {

@@ -9,8 +9,9 @@
 //! - Replay never changes a rejected message (the sender must fix it), leaves a
 //!   `received` one to the mapper, routes and maps unrouted and mapping-failed messages
 //!   again, and queues the final deliveries of a mapped message again in their key's
-//!   order, with a new bundle when asked to re-map. `dry_run` says what would happen and
-//!   changes nothing.
+//!   order, with a new bundle when asked to re-map. A message that stays unrouted, or
+//!   whose mapping still fails, is left as it was and reported as not replayed
+//!   ([`ReplayResult::replayed`]). `dry_run` says what would happen and changes nothing.
 
 use passerelle_hl7::Message;
 use passerelle_hl7::types::DateTime;
@@ -23,8 +24,11 @@ use serde_json::{Value, json};
 /// Routes and maps a stored frame with the current configuration (raw bytes, listener).
 pub type Remap<'a> = &'a (dyn Fn(&[u8], &str) -> Result<Outcome, String> + Sync);
 
-/// The filters of a list, as text (from CLI flags or URL parameters).
+/// The filters of a list, as text (from CLI flags, URL parameters or a JSON body). A
+/// field it does not know is refused, so that a misspelt filter (`rout=adt`) is an error
+/// rather than a selection of everything.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ListFilter {
     /// A message state (received, rejected, unrouted, mapped, mapping_failed, duplicate) or a
     /// delivery state (pending, in_flight, retry_wait, delivered, dead).
@@ -64,7 +68,12 @@ impl ListFilter {
             } else if let Some(s) = DeliveryState::ALL.iter().find(|s| s.name() == state) {
                 query.delivery_state = Some(*s);
             } else {
-                return Err(format!("unknown state {state:?}"));
+                let names = |states: &[&str]| states.join(", ");
+                return Err(format!(
+                    "unknown state {state:?}: a message state ({}) or a delivery state ({})",
+                    names(&MessageState::ALL.map(|s| s.name())),
+                    names(&DeliveryState::ALL.map(|s| s.name())),
+                ));
             }
         }
         query.since_ms = self.since.as_deref().map(parse_time).transpose()?;
@@ -211,6 +220,34 @@ pub struct ReplayResult {
     /// The queues that got work (to wake their workers).
     #[serde(default)]
     pub queued: Vec<String>,
+    /// False when the replay ran but left the message where it was, with nothing to move
+    /// it on: no route takes it, or its mapping still fails (`ok` stays true: nothing went
+    /// wrong in the replay itself). Replaying counts it as not replayed. Absent from the
+    /// answers of engines older than this field, hence true by default.
+    #[serde(default = "replayed_by_default")]
+    pub replayed: bool,
+}
+
+fn replayed_by_default() -> bool {
+    true
+}
+
+/// What `replay_inner` did: the text for the operator, the queues that got work, and
+/// whether it moved the message on ([`ReplayResult::replayed`]).
+struct Replayed {
+    what: String,
+    queued: Vec<String>,
+    moved_on: bool,
+}
+
+impl Replayed {
+    fn moved_on(what: String, queued: Vec<String>) -> Self {
+        Replayed {
+            what,
+            queued,
+            moved_on: true,
+        }
+    }
 }
 
 /// Replays one message. See the module doc for what each state gets.
@@ -221,17 +258,19 @@ pub async fn replay<S: Store>(
     options: &ReplayOptions,
 ) -> ReplayResult {
     match replay_inner(store, remap_with, id, options).await {
-        Ok((message, queued)) => ReplayResult {
+        Ok(done) => ReplayResult {
             id,
             ok: true,
-            message,
-            queued,
+            message: done.what,
+            queued: done.queued,
+            replayed: done.moved_on,
         },
         Err(message) => ReplayResult {
             id,
             ok: false,
             message,
             queued: Vec::new(),
+            replayed: false,
         },
     }
 }
@@ -252,7 +291,7 @@ async fn replay_inner<S: Store>(
     remap_with: Remap<'_>,
     id: MessageId,
     options: &ReplayOptions,
-) -> Result<(String, Vec<String>), String> {
+) -> Result<Replayed, String> {
     let ReplayOptions {
         remap,
         dry_run,
@@ -276,7 +315,7 @@ async fn replay_inner<S: Store>(
         MessageState::Rejected => {
             Err("rejected (it does not parse): the sender must fix and resend it".into())
         }
-        MessageState::Received => Ok((
+        MessageState::Received => Ok(Replayed::moved_on(
             "not yet routed; the engine routes it (at start if it is stopped)".into(),
             Vec::new(),
         )),
@@ -297,14 +336,19 @@ async fn replay_inner<S: Store>(
                     deliveries.iter().map(|d| d.destination.clone()).collect(),
                 ),
             };
-            if dry_run || !matches!(outcome, Outcome::Mapped { .. }) {
-                return Ok((format!("{what}{dry}"), Vec::new()));
+            let mapped = matches!(outcome, Outcome::Mapped { .. });
+            if dry_run || !mapped {
+                return Ok(Replayed {
+                    what: format!("{what}{dry}"),
+                    queued: Vec::new(),
+                    moved_on: mapped,
+                });
             }
             store
                 .record_outcome(id, outcome)
                 .await
                 .map_err(|e| e.to_string())?;
-            Ok((what, queued))
+            Ok(Replayed::moved_on(what, queued))
         }
         MessageState::Mapped => {
             let bundle = if remap {
@@ -366,7 +410,7 @@ async fn replay_inner<S: Store>(
             }
             let remapped = if remap { ", re-mapped" } else { "" };
             if dry_run {
-                return Ok((
+                return Ok(Replayed::moved_on(
                     format!(
                         "{} deliveries would be queued again{remapped}{dry}{warning}",
                         finals.len()
@@ -378,7 +422,7 @@ async fn replay_inner<S: Store>(
                 .replay(id, bundle, only)
                 .await
                 .map_err(|e| e.to_string())?;
-            Ok((
+            Ok(Replayed::moved_on(
                 format!("{n} deliveries queued again{remapped}{warning}"),
                 finals,
             ))

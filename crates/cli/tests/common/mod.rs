@@ -60,9 +60,14 @@ pub(crate) fn start_with_env(config: &Path, env: &[(&str, &str)]) -> (PeerProces
 
 /// Sends a signal (`-TERM`, `-KILL`) to the engine.
 pub(crate) fn signal(engine: &PeerProcess, which: &str) {
+    signal_pid(engine.id(), which);
+}
+
+/// Sends a signal (`-TERM`, `-KILL`) to a process.
+pub(crate) fn signal_pid(pid: u32, which: &str) {
     assert!(
         Command::new("kill")
-            .args([which, &engine.id().to_string()])
+            .args([which, &pid.to_string()])
             .status()
             .unwrap()
             .success()
@@ -82,6 +87,18 @@ pub(crate) fn stop(mut engine: PeerProcess) {
 
 /// A GET over plain HTTP/1.1 on loopback; returns (status, body).
 pub(crate) fn http_get(addr: &str, path: &str, token: Option<&str>) -> (u16, String) {
+    http_request(addr, "GET", path, token, None)
+}
+
+/// A request over plain HTTP/1.1 on loopback, with a JSON body if given; returns
+/// (status, body).
+pub(crate) fn http_request(
+    addr: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    json: Option<&str>,
+) -> (u16, String) {
     let mut stream = std::net::TcpStream::connect(addr).unwrap();
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
@@ -89,9 +106,17 @@ pub(crate) fn http_get(addr: &str, path: &str, token: Option<&str>) -> (u16, Str
     let auth = token
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
         .unwrap_or_default();
+    let body = json
+        .map(|b| {
+            format!(
+                "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}",
+                b.len()
+            )
+        })
+        .unwrap_or_else(|| "\r\n".to_owned());
     write!(
         stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n{body}"
     )
     .unwrap();
     let mut response = String::new();
@@ -102,4 +127,33 @@ pub(crate) fn http_get(addr: &str, path: &str, token: Option<&str>) -> (u16, Str
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default();
     (status, body)
+}
+
+/// Runs `command` with its stdout a pipe nobody reads: closed before the command writes,
+/// as `| head` leaves it once it has its lines. Returns the exit code and stderr.
+pub(crate) fn run_with_stdout_closed(command: &mut Command) -> (Option<i32>, String) {
+    let mut child = command
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Puts the admin API of `config` (written by [`setup`]) on a fixed free port, with a
+/// token from `token_env`; returns the port.
+pub(crate) fn fixed_admin(config: &Path, token_env: &str) -> u16 {
+    let port = passerelle_testkit::free_port();
+    let text = std::fs::read_to_string(config).unwrap().replace(
+        "[admin]\nbind = \"127.0.0.1:0\"\n",
+        &format!("[admin]\nbind = \"127.0.0.1:{port}\"\ntoken_env = \"{token_env}\"\n"),
+    );
+    std::fs::write(config, text).unwrap();
+    port
 }
