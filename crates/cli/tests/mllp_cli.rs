@@ -4,11 +4,12 @@
 #![allow(clippy::unwrap_used)] // tests: a panic is a failure with its message
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
+use passerelle_testkit::pki::Pki;
 use passerelle_testkit::{fixture_files, workspace_root};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -170,39 +171,13 @@ fn send_to_nobody_fails_quickly() {
     assert_eq!(summary["sent"], 0);
 }
 
-fn write(path: &Path, text: &str) {
-    std::fs::write(path, text).unwrap();
-}
-
 #[test]
 fn mutual_tls_between_serve_and_send() {
-    let dir = std::env::temp_dir().join(format!("passerelle-cli-tls-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "cli test CA");
-    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate().unwrap())
-        .unwrap();
-    write(&dir.join("ca.pem"), &ca.pem());
-    let issue = |name: &str, cn: &str, client: bool| {
-        let mut p = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
-        p.distinguished_name.push(rcgen::DnType::CommonName, cn);
-        p.extended_key_usages = vec![if client {
-            rcgen::ExtendedKeyUsagePurpose::ClientAuth
-        } else {
-            rcgen::ExtendedKeyUsagePurpose::ServerAuth
-        }];
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = p.signed_by(&key, &ca).unwrap();
-        write(&dir.join(format!("{name}.pem")), &cert.pem());
-        write(&dir.join(format!("{name}.key")), &key.serialize_pem());
-    };
-    issue("server", "passerelle", false);
-    issue("lab", "lab-sender", true);
-    issue("other", "other-sender", true);
-    let p = |f: &str| dir.join(f).display().to_string();
+    let pki = Pki::new("cli");
+    pki.issue("server", "passerelle", &["localhost"], false);
+    pki.issue("lab", "lab-sender", &["localhost"], true);
+    pki.issue("other", "other-sender", &["localhost"], true);
+    let p = |f: &str| pki.file(f).display().to_string();
     let serve = Serve::start(&[
         "--tls-cert",
         &p("server.pem"),
@@ -260,33 +235,12 @@ fn mutual_tls_between_serve_and_send() {
     let (status, log) = serve.stop();
     assert!(status.success());
     assert!(log.contains("not in the allow-list"), "{log}");
-    let _ = std::fs::remove_dir_all(&dir);
-}
-
-/// A CA in `dir/<name>-ca.pem` and a `localhost` server certificate it issued, written
-/// to `cert` and `key`.
-fn server_cert(dir: &Path, name: &str, cert: &Path, key: &Path) {
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, format!("{name} CA"));
-    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate().unwrap())
-        .unwrap();
-    write(&dir.join(format!("{name}-ca.pem")), &ca.pem());
-    let p = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
-    let k = rcgen::KeyPair::generate().unwrap();
-    let c = p.signed_by(&k, &ca).unwrap();
-    write(key, &k.serialize_pem());
-    write(cert, &c.pem());
 }
 
 #[test]
 fn serve_reloads_certificates_on_sighup() {
-    let dir = std::env::temp_dir().join(format!("passerelle-cli-hup-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let (cert, key) = (dir.join("server.pem"), dir.join("server.key"));
-    server_cert(&dir, "old", &cert, &key);
+    let (old, new) = (Pki::new("old"), Pki::new("new"));
+    let (cert, key) = old.issue("server", "passerelle", &["localhost"], false);
     let serve = Serve::start(&[
         "--tls-cert",
         &cert.display().to_string(),
@@ -294,8 +248,8 @@ fn serve_reloads_certificates_on_sighup() {
         &key.display().to_string(),
     ]);
     let to = serve.addr.replace("127.0.0.1", "localhost");
-    let send_with = |ca: &str| {
-        let ca = dir.join(ca).display().to_string();
+    let send_with = |pki: &Pki| {
+        let ca = pki.ca().display().to_string();
         send(&[
             "fixtures/hl7/adt_a01_minimal.hl7",
             "--to",
@@ -307,8 +261,10 @@ fn serve_reloads_certificates_on_sighup() {
             "1",
         ])
     };
-    assert!(send_with("old-ca.pem").status.success());
-    server_cert(&dir, "new", &cert, &key);
+    assert!(send_with(&old).status.success());
+    let (new_cert, new_key) = new.issue("server", "passerelle", &["localhost"], false);
+    std::fs::copy(new_cert, &cert).unwrap();
+    std::fs::copy(new_key, &key).unwrap();
     let hup = Command::new("kill")
         .args(["-HUP", &serve.child.id().to_string()])
         .status()
@@ -317,17 +273,16 @@ fn serve_reloads_certificates_on_sighup() {
     // The signal is handled asynchronously: retry (bounded) until the new certificate
     // is served.
     let deadline = std::time::Instant::now() + WAIT;
-    while !send_with("new-ca.pem").status.success() {
+    while !send_with(&new).status.success() {
         assert!(
             std::time::Instant::now() < deadline,
             "SIGHUP did not reload"
         );
     }
-    assert_eq!(send_with("old-ca.pem").status.code(), Some(1));
+    assert_eq!(send_with(&old).status.code(), Some(1));
     let (status, log) = serve.stop();
     assert!(status.success());
     assert!(log.contains("TLS certificates reloaded"), "{log}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
