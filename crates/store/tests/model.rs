@@ -5,6 +5,10 @@
 //! fresh database per case). After every step the leases handed out, the outcome of each
 //! completion and every state counter must match.
 //!
+//! Each runs twice: with dead deliveries releasing their ordering key (the default), and
+//! holding it (`dead_letter_releases_key` off), where the sequences also replay and purge
+//! dead messages: the key's later deliveries must wait behind a dead one until then.
+//!
 //! Without PostgreSQL's binaries the PostgreSQL test fails, saying what to install.
 
 #![allow(clippy::unwrap_used)] // tests: a panic is a failure with its message
@@ -52,6 +56,10 @@ enum Op {
     Advance(u64),
     Reap,
     Restart,
+    /// Replays the dead delivery chosen by the slot (modulo the dead ones).
+    Replay(usize),
+    /// Purges the message of the dead delivery chosen by the slot.
+    Purge(usize),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,26 +71,44 @@ struct Item {
     lease_until: u64,
     /// The highest `lease_until` this item was ever leased with (see `Backend::lease_until`).
     lease_token: u64,
+    /// Purged: no longer in the store.
+    gone: bool,
 }
 
 /// The model: items in enqueue order, the leases the worker holds, and what the last step
 /// should have answered.
 #[derive(Debug, Clone, Default)]
 struct Model {
+    /// Whether a dead delivery holds its key.
+    hold: bool,
     now: u64,
     items: Vec<Item>,
     /// (item index, lease_until) held by the worker.
     held: Vec<(usize, u64)>,
     last_leased: Vec<usize>,
     last_complete: Option<Result<DeliveryState, ()>>,
+    /// The item the last replay or purge chose.
+    last_chosen: Option<usize>,
 }
 
 impl Model {
+    /// Whether an item holds its key: unfinished, or dead when dead deliveries hold it.
+    fn holds_key(&self, it: &Item) -> bool {
+        !it.gone && (!it.state.is_final() || self.hold && it.state == DeliveryState::Dead)
+    }
+
     fn is_head(&self, i: usize) -> bool {
         let key = self.items[i].key;
         !self.items[..i]
             .iter()
-            .any(|it| it.key == key && !it.state.is_final())
+            .any(|it| it.key == key && self.holds_key(it))
+    }
+
+    /// The dead items still in the store, in order.
+    fn dead(&self) -> Vec<usize> {
+        (0..self.items.len())
+            .filter(|&i| !self.items[i].gone && self.items[i].state == DeliveryState::Dead)
+            .collect()
     }
 
     /// Makes the next unfinished item of `key` after `i` due now (it becomes the head).
@@ -93,7 +119,7 @@ impl Model {
             .items
             .iter_mut()
             .skip(i + 1)
-            .find(|it| it.key == key && !it.state.is_final())
+            .find(|it| it.key == key && !it.gone && !it.state.is_final())
         {
             next.due = now;
         }
@@ -101,7 +127,7 @@ impl Model {
 
     fn counts(&self) -> BTreeMap<&'static str, u64> {
         let mut c = BTreeMap::new();
-        for it in &self.items {
+        for it in self.items.iter().filter(|it| !it.gone) {
             *c.entry(it.state.name()).or_insert(0) += 1;
         }
         c
@@ -117,6 +143,7 @@ impl<B: Backend> ReferenceStateMachine for QueueModel<B> {
 
     fn init_state() -> BoxedStrategy<Model> {
         Just(Model {
+            hold: B::HOLD,
             now: START,
             ..Model::default()
         })
@@ -126,6 +153,23 @@ impl<B: Backend> ReferenceStateMachine for QueueModel<B> {
     fn transitions(state: &Model) -> BoxedStrategy<Op> {
         let report = prop_oneof![3 => Just(Report::Delivered), 2 => Just(Report::Transient), 1 => Just(Report::Permanent)];
         let complete = (0..8usize, report).prop_map(|(slot, r)| Op::Complete(slot, r));
+        if state.hold && !state.dead().is_empty() {
+            // An operator at work on the dead letter, among the rest.
+            let operator = prop_oneof![
+                3 => (0..8usize).prop_map(Op::Replay),
+                1 => (0..8usize).prop_map(Op::Purge),
+            ];
+            return prop_oneof![
+                4 => (0..KEYS.len()).prop_map(Op::Enqueue),
+                3 => (1..4usize).prop_map(Op::Lease),
+                if state.held.is_empty() { 0 } else { 5 } => complete,
+                2 => prop_oneof![Just(500u64), Just(1_000), Just(2_000), Just(6_000)].prop_map(Op::Advance),
+                1 => Just(Op::Reap),
+                1 => Just(Op::Restart),
+                3 => operator,
+            ]
+            .boxed();
+        }
         if state.held.is_empty() {
             prop_oneof![
                 4 => (0..KEYS.len()).prop_map(Op::Enqueue),
@@ -149,12 +193,17 @@ impl<B: Backend> ReferenceStateMachine for QueueModel<B> {
     }
 
     fn preconditions(state: &Model, op: &Op) -> bool {
-        !matches!(op, Op::Complete(..)) || !state.held.is_empty()
+        match op {
+            Op::Complete(..) => !state.held.is_empty(),
+            Op::Replay(_) | Op::Purge(_) => state.hold && !state.dead().is_empty(),
+            _ => true,
+        }
     }
 
     fn apply(mut m: Model, op: &Op) -> Model {
         m.last_leased.clear();
         m.last_complete = None;
+        m.last_chosen = None;
         match *op {
             Op::Enqueue(key) => {
                 let due = m.now;
@@ -165,6 +214,7 @@ impl<B: Backend> ReferenceStateMachine for QueueModel<B> {
                     due,
                     lease_until: 0,
                     lease_token: 0,
+                    gone: false,
                 });
             }
             Op::Lease(max) => {
@@ -209,12 +259,30 @@ impl<B: Backend> ReferenceStateMachine for QueueModel<B> {
                 item.lease_until = 0;
                 if next == DeliveryState::RetryWait {
                     item.due = m.now + p.backoff_ms(attempts, 0.5);
-                } else {
+                } else if next == DeliveryState::Delivered || !m.hold {
                     m.promote_after(i);
                 }
                 m.last_complete = Some(Ok(next));
             }
             Op::Advance(ms) => m.now += ms,
+            Op::Replay(slot) => {
+                // Holding its key, a dead item is its key's head: ready again at once.
+                let dead = m.dead();
+                let i = dead[slot % dead.len()];
+                m.last_chosen = Some(i);
+                let now = m.now;
+                let item = &mut m.items[i];
+                item.state = DeliveryState::Pending;
+                item.attempts = 0;
+                item.due = now;
+            }
+            Op::Purge(slot) => {
+                let dead = m.dead();
+                let i = dead[slot % dead.len()];
+                m.last_chosen = Some(i);
+                m.items[i].gone = true;
+                m.promote_after(i);
+            }
             Op::Reap | Op::Restart => {
                 let limit = if matches!(op, Op::Restart) {
                     u64::MAX
@@ -237,6 +305,8 @@ impl<B: Backend> ReferenceStateMachine for QueueModel<B> {
 /// What the system under test needs from a backend: a place for one case's store that
 /// outlives restarts, opening a store there with the test's clock, and a restart.
 trait Backend: Sized + 'static {
+    /// Whether the store is opened with dead deliveries holding their key.
+    const HOLD: bool;
     type Store: Store;
     /// One case's folder or database, kept across restarts.
     type Place;
@@ -260,9 +330,10 @@ trait Backend: Sized + 'static {
 }
 
 /// The embedded store, in a temporary folder; a restart flushes, closes and opens it.
-struct Sled;
+struct Sled<const HOLD: bool>;
 
-impl Backend for Sled {
+impl<const HOLD: bool> Backend for Sled<HOLD> {
+    const HOLD: bool = HOLD;
     type Store = SledStore;
     type Place = tempfile::TempDir;
 
@@ -275,6 +346,7 @@ impl Backend for Sled {
         config.clock = clock.clone();
         config.visibility_timeout = Duration::from_millis(VISIBILITY);
         config.cache_capacity = 4 * 1024 * 1024;
+        config.dead_letter_releases_key = !HOLD;
         SledStore::open(config).unwrap()
     }
 
@@ -313,9 +385,9 @@ struct PgCase {
 
 /// The shared store: a fresh database per case; a restart is a node that goes away and a
 /// node that opens the database after it.
-struct Postgres;
+struct Postgres<const HOLD: bool>;
 
-impl Postgres {
+impl<const HOLD: bool> Postgres<HOLD> {
     /// Ends the session holding `node`'s liveness lock in database `name` (if it has not
     /// ended already) and waits until it has, then checks the lock is free.
     async fn end_node(admin: &tokio_postgres::Client, name: &str, node: i32) {
@@ -342,7 +414,8 @@ impl Postgres {
     }
 }
 
-impl Backend for Postgres {
+impl<const HOLD: bool> Backend for Postgres<HOLD> {
+    const HOLD: bool = HOLD;
     type Store = PgStore;
     type Place = PgCase;
 
@@ -370,6 +443,7 @@ impl Backend for Postgres {
         config.clock = clock.clone();
         config.visibility_timeout = Duration::from_millis(VISIBILITY);
         config.pool_size = 2;
+        config.dead_letter_releases_key = !HOLD;
         PgStore::open(config).await.unwrap()
     }
 
@@ -505,6 +579,20 @@ impl<B: Backend> StateMachineTest for Sut<B> {
                 }
             }
             Op::Advance(ms) => sut.clock.advance(ms),
+            Op::Replay(_) | Op::Purge(_) => {
+                let id = sut.ids[model.last_chosen.expect("the model's choice")];
+                let store = sut.store();
+                if matches!(op, Op::Replay(_)) {
+                    let dead = ReplaySelection {
+                        destination: None,
+                        state: Some(DeliveryState::Dead),
+                    };
+                    let n = sut.runtime.block_on(store.replay(id, None, &dead)).unwrap();
+                    assert_eq!(n, 1, "replayed");
+                } else {
+                    assert!(sut.runtime.block_on(store.purge(id)).unwrap(), "purged");
+                }
+            }
             Op::Reap => {
                 sut.runtime.block_on(sut.store().requeue_expired()).unwrap();
             }
@@ -549,10 +637,37 @@ impl<B: Backend> StateMachineTest for Sut<B> {
     }
 }
 
+/// The macro takes a plain type name.
+type SledReleasing = Sled<false>;
+type SledHolding = Sled<true>;
+
 prop_state_machine! {
     #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
     #[test]
-    fn queue_matches_its_model(sequential 1..40 => Sut<Sled>);
+    fn queue_matches_its_model(sequential 1..40 => Sut<SledReleasing>);
+}
+
+prop_state_machine! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+    #[test]
+    fn queue_holding_dead_keys_matches_its_model(sequential 1..40 => Sut<SledHolding>);
+}
+
+fn run_on_postgres<B: Backend>(config: &ProptestConfig)
+where
+    Sut<B>: StateMachineTest<Reference = QueueModel<B>, SystemUnderTest = Sut<B>>,
+{
+    let mut runner = TestRunner::new(config.clone());
+    let result = runner.run(
+        &QueueModel::<B>::sequential_strategy(1..40),
+        |(initial, transitions, seen)| {
+            Sut::<B>::test_sequential(config.clone(), initial, transitions, seen);
+            Ok(())
+        },
+    );
+    if let Err(failure) = result {
+        panic!("hold = {}: {failure}\n{runner}", B::HOLD);
+    }
 }
 
 /// The same model on PostgreSQL. The server is started here, not lazily in a static: a
@@ -570,16 +685,7 @@ fn queue_on_postgres_matches_its_model() {
         source_file: Some(file!()),
         ..ProptestConfig::default()
     };
-    let mut runner = TestRunner::new(config.clone());
-    let result = runner.run(
-        &QueueModel::<Postgres>::sequential_strategy(1..40),
-        |(initial, transitions, seen)| {
-            Sut::<Postgres>::test_sequential(config.clone(), initial, transitions, seen);
-            Ok(())
-        },
-    );
-    if let Err(failure) = result {
-        panic!("{failure}\n{runner}");
-    }
+    run_on_postgres::<Postgres<false>>(&config);
+    run_on_postgres::<Postgres<true>>(&config);
     drop(server);
 }
