@@ -341,8 +341,7 @@ impl EngineConfig {
         };
         // Syntax and types first, from the file alone, so that errors have a line.
         if let Some(src) = &source {
-            toml::from_str::<EngineConfig>(&src.text)
-                .map_err(|e| ConfigErrors(vec![src.toml_error(&e)]))?;
+            src.parse_all::<EngineConfig>().map_err(ConfigErrors)?;
         }
         let mut builder = config::Config::builder();
         if let Some(src) = &source {

@@ -88,6 +88,63 @@ impl SourceFile {
         let offset = e.span().map_or(0, |s| s.start);
         self.error_at(offset, None, e.message().trim().to_owned())
     }
+
+    /// Reads the file as a `T`, reporting every syntax and type error rather than the
+    /// first: after each, the `key = value` line it points at is blanked (with as many
+    /// spaces, so that positions stay the file's) and the text read again. An error on
+    /// anything else (a table header, a value spread over lines) ends the search: what
+    /// would follow is its consequences, not other mistakes.
+    pub(crate) fn parse_all<T: serde::de::DeserializeOwned>(&self) -> Result<T, Vec<ConfigError>> {
+        const MAX: usize = 50;
+        let mut text = self.text.clone();
+        let mut errors = Vec::new();
+        loop {
+            let e = match toml::from_str::<T>(&text) {
+                Ok(value) if errors.is_empty() => return Ok(value),
+                Ok(_) => return Err(errors),
+                Err(e) => e,
+            };
+            let Some(span) = e.span() else {
+                errors.push(self.toml_error(&e));
+                return Err(errors);
+            };
+            let at = span.start.min(text.len());
+            let start = text[..at].rfind('\n').map_or(0, |i| i + 1);
+            let end = text[at..].find('\n').map_or(text.len(), |i| at + i);
+            let line = text[start..end].trim();
+            let key_line = !line.starts_with('[') && line.contains('=');
+            let field = key_line.then(|| field_of(&text, start, line)).flatten();
+            errors.push(self.error_at(at, field.as_deref(), e.message().trim().to_owned()));
+            if !key_line || errors.len() >= MAX {
+                return Err(errors);
+            }
+            text.replace_range(start..end, &" ".repeat(end - start));
+        }
+    }
+}
+
+/// The dotted name of the key on `line` (which starts at `start` in `text`): the key, after
+/// the name of the table it is in (`listeners.max_connections`).
+fn field_of(text: &str, start: usize, line: &str) -> Option<String> {
+    let key = line.split('=').next()?.trim().trim_matches('"');
+    if key.is_empty() {
+        return None;
+    }
+    let table = text[..start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|header| {
+            header
+                .trim_matches(|c| c == '[' || c == ']')
+                .trim()
+                .to_owned()
+        });
+    Some(match table {
+        Some(table) if !table.is_empty() => format!("{table}.{key}"),
+        _ => key.to_owned(),
+    })
 }
 
 /// One step of a path into a TOML document: a key, or an index into an array.

@@ -343,7 +343,7 @@ fn load_route(
     known_listeners: &[String],
 ) -> Result<Route, Vec<ConfigError>> {
     let src = SourceFile::read(path).map_err(|e| vec![e])?;
-    let file: RouteFile = toml::from_str(&src.text).map_err(|e| vec![src.toml_error(&e)])?;
+    let file: RouteFile = src.parse_all()?;
     let mut errors = Vec::new();
     let at = |path: &[Step<'_>], field: &str, message: String| {
         src.error_at(src.locate(path), Some(field), message)

@@ -295,7 +295,7 @@ fn route_errors_are_located_one_per_kind() {
         ),
         (
             "name = \"r\"\nmapping = \"fr\"\nretries = 3\n",
-            "10-r.toml:3:1 - unknown field",
+            "10-r.toml:3:1 retries unknown field",
         ),
     ];
     for (text, want) in cases {
@@ -488,4 +488,44 @@ async fn dead_letter_holds_key_reaches_the_store() {
     let loaded = passerelle_engine::Loaded::load(&dir.path().join("passerelle.toml")).unwrap();
     assert!(loaded.config.store.dead_letter_holds_key);
     passerelle_store::contract::a_dead_delivery_holds_its_key(loaded.open_store().unwrap()).await;
+}
+
+/// Type errors are all reported at once, each with its line and its field, not just the
+/// first.
+#[test]
+fn every_type_error_is_reported_with_its_field() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "passerelle.toml",
+        "[store]\npool_size = \"x\"\n\n[[listeners]]\nname = \"a\"\nbind = \"127.0.0.1:1\"\nmax_connections = -5\n\n[defaults]\nunrouted = 3\n",
+    );
+    let errors = EngineConfig::load_with_env(
+        Some(&dir.path().join("passerelle.toml")),
+        Some(HashMap::new()),
+    )
+    .unwrap_err();
+    let got = render(&errors);
+    for want in [
+        "passerelle.toml:2:13 store.pool_size",
+        "passerelle.toml:7:19 listeners.max_connections",
+        "passerelle.toml:10:12 defaults.unrouted",
+    ] {
+        assert!(
+            got.iter().any(|e| e.starts_with(want)),
+            "wanted {want}, got {got:?}"
+        );
+    }
+    assert_eq!(got.len(), 3, "{got:?}");
+
+    // In a route file too.
+    let got = route_errors(
+        "name = \"r\"\nmapping = \"fr\"\nconcurrency = \"many\"\n[[destinations]]\nname = \"d\"\ntype = 5\n",
+    );
+    assert!(got.len() >= 2, "{got:?}");
+    assert!(got[0].starts_with("10-r.toml:3:"), "{got:?}");
+    assert!(
+        got[1].starts_with("10-r.toml:6:8 destinations.type"),
+        "{got:?}"
+    );
 }
