@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use clap::Args;
 use passerelle_mapping::Pack;
 
-use crate::output::{Output, outln};
+use crate::output::{Output, errln, outln};
 
 #[derive(Debug, Args)]
 pub(crate) struct CheckArgs {
@@ -30,9 +30,9 @@ fn check_config(out: &mut Output<std::io::Stdout>, path: &std::path::Path) -> bo
         Ok(l) => l,
         Err(lines) => {
             for line in &lines {
-                eprintln!("{line}");
+                errln!("{line}");
             }
-            eprintln!("FAILED {}: {} problem(s)", path.display(), lines.len());
+            errln!("FAILED {}: {} problem(s)", path.display(), lines.len());
             return false;
         }
     };
@@ -44,13 +44,13 @@ fn check_config(out: &mut Output<std::io::Stdout>, path: &std::path::Path) -> bo
                 &d.settings,
                 path.parent().unwrap_or(std::path::Path::new(".")),
             ) {
-                eprintln!("{}: destination {}: {e}", route.file.display(), d.name);
+                errln!("{}: destination {}: {e}", route.file.display(), d.name);
                 problems += 1;
             }
         }
     }
     if problems > 0 {
-        eprintln!("FAILED {}: {problems} problem(s)", path.display());
+        errln!("FAILED {}: {problems} problem(s)", path.display());
         return false;
     }
     outln!(
@@ -96,13 +96,13 @@ fn check(args: &CheckArgs, out: &mut Output<std::io::Stdout>) -> ExitCode {
                 .filter(|p| p.join("pack.toml").is_file())
                 .collect(),
             Err(e) => {
-                eprintln!("passerelle check: cannot read {}: {e}", mappings.display());
+                errln!("passerelle check: cannot read {}: {e}", mappings.display());
                 return ExitCode::from(2);
             }
         };
         found.sort();
         if found.is_empty() {
-            eprintln!(
+            errln!(
                 "passerelle check: no pack (a folder with pack.toml) in {}",
                 mappings.display()
             );
@@ -117,8 +117,8 @@ fn check(args: &CheckArgs, out: &mut Output<std::io::Stdout>) -> ExitCode {
         match Pack::load(dir) {
             Ok(pack) => outln!(out, "ok {}: {}", dir.display(), pack.summary()),
             Err(errors) => {
-                eprintln!("{errors}");
-                eprintln!("FAILED {}: {} problem(s)", dir.display(), errors.0.len());
+                errln!("{errors}");
+                errln!("FAILED {}: {} problem(s)", dir.display(), errors.0.len());
                 failed += 1;
             }
         }

@@ -21,7 +21,7 @@ use passerelle_mllp::{Cidr, Listener, ListenerConfig, ServerTls, ServerTlsConfig
 use passerelle_store::{Store, StoreError, SystemClock, spawn_retention};
 use tracing::{error, info};
 
-use crate::output::{Output, outln};
+use crate::output::{Output, errln, outln};
 
 /// How long delivery attempts under way at shutdown may take to finish (within the 45 s
 /// stop timeout of deploy/: 30 s listener drain, this, the final flush).
@@ -29,7 +29,7 @@ const DELIVERY_GRACE: Duration = Duration::from_secs(10);
 
 fn fail(code: u8, lines: impl IntoIterator<Item = String>) -> ExitCode {
     for line in lines {
-        eprintln!("passerelle serve: {line}");
+        errln!("passerelle serve: {line}");
     }
     ExitCode::from(code)
 }

@@ -5,6 +5,7 @@
 use std::ops::ControlFlow;
 use std::path::PathBuf;
 
+use crate::output::errln;
 use passerelle_hl7::{Message, ParseOptions, batch};
 
 /// Calls `each(label, message)` for every message of every file that parses. `each`
@@ -22,7 +23,7 @@ pub(crate) fn for_each_message(
         let bytes = match std::fs::read(file) {
             Ok(b) => b,
             Err(e) => {
-                eprintln!("{name}: cannot read: {e}");
+                errln!("{name}: cannot read: {e}");
                 failures += 1;
                 continue;
             }
@@ -30,7 +31,7 @@ pub(crate) fn for_each_message(
         let messages = match batch::parse_all(&bytes, &ParseOptions::default()) {
             Ok(m) => m,
             Err(e) => {
-                eprintln!("{name}: {e}");
+                errln!("{name}: {e}");
                 failures += 1;
                 continue;
             }
@@ -49,7 +50,7 @@ pub(crate) fn for_each_message(
                     ControlFlow::Break(()) => return failures,
                 },
                 Err(e) => {
-                    eprintln!("{label}: {e}");
+                    errln!("{label}: {e}");
                     failures += 1;
                 }
             }

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::Args;
 use passerelle_mapping::{MapOptions, Pack};
 
-use crate::output::{Output, outln};
+use crate::output::{Output, errln, outln};
 
 #[derive(Debug, Args)]
 pub(crate) struct MapArgs {
@@ -47,8 +47,8 @@ pub(crate) fn run(args: &MapArgs) -> ExitCode {
     let pack = match Pack::load(&args.pack) {
         Ok(p) => p,
         Err(errors) => {
-            eprintln!("{errors}");
-            eprintln!(
+            errln!("{errors}");
+            errln!(
                 "passerelle map: the pack {} does not load ({} problems)",
                 args.pack.display(),
                 errors.0.len()
@@ -67,7 +67,7 @@ pub(crate) fn run(args: &MapArgs) -> ExitCode {
                 true
             }
             Err(e) => {
-                eprintln!("{label}: {e}");
+                errln!("{label}: {e}");
                 false
             }
         };
@@ -79,7 +79,7 @@ pub(crate) fn run(args: &MapArgs) -> ExitCode {
         }
     });
     let status = if failures > 0 {
-        eprintln!("passerelle map: {failures} message(s) or file(s) could not be mapped");
+        errln!("passerelle map: {failures} message(s) or file(s) could not be mapped");
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS

@@ -28,6 +28,17 @@ macro_rules! outln {
 }
 pub(crate) use outln;
 
+/// Writes one line (`format!` arguments) to standard error, ignoring a failure: a problem
+/// that cannot be shown (stderr closed, `2>&1 | head`) must not become a panic, and the
+/// exit status still says it.
+macro_rules! errln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+pub(crate) use errln;
+
 /// A stream that records its first write error and then writes nothing more.
 #[derive(Debug)]
 pub(crate) struct Output<W: Write> {

@@ -14,7 +14,7 @@ use clap::Args;
 use passerelle_hl7::{Charset, HeaderSummary, Message, OwnedMessage, Path};
 use serde_json::{Value as Json, json};
 
-use crate::output::{Output, outln};
+use crate::output::{Output, errln, outln};
 
 #[derive(Debug, Args)]
 pub(crate) struct ParseArgs {
@@ -35,7 +35,7 @@ pub(crate) fn run(args: &ParseArgs) -> ExitCode {
     let path = match args.path.as_deref().map(str::parse::<Path>).transpose() {
         Ok(p) => p,
         Err(e) => {
-            eprintln!("passerelle parse: {e}");
+            errln!("passerelle parse: {e}");
             return ExitCode::from(2);
         }
     };

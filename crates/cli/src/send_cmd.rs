@@ -23,7 +23,7 @@ use passerelle_mllp::{Client, ClientConfig, ClientError, ClientTlsConfig, Frame,
 use serde_json::json;
 use tokio_util::codec::Decoder;
 
-use crate::output::{Output, outln};
+use crate::output::{Output, errln, outln};
 
 /// Progress is drawn (on a terminal) from this many messages on.
 const PROGRESS_FROM: usize = 20;
@@ -165,13 +165,13 @@ pub(crate) fn run(args: &SendArgs) -> ExitCode {
         {
             Ok(m) => outgoing.extend(m),
             Err(e) => {
-                eprintln!("{name}: {e}");
+                errln!("{name}: {e}");
                 unreadable += 1;
             }
         }
     }
     if outgoing.is_empty() {
-        eprintln!(
+        errln!(
             "passerelle send: nothing to send: {}",
             if unreadable > 0 {
                 format!("{unreadable} file(s) could not be read (see above)")
@@ -195,7 +195,7 @@ pub(crate) fn run(args: &SendArgs) -> ExitCode {
     let mut client = match Client::new(config) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("passerelle send: {e}");
+            errln!("passerelle send: {e}");
             return ExitCode::from(2);
         }
     };
@@ -205,7 +205,7 @@ pub(crate) fn run(args: &SendArgs) -> ExitCode {
     {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("passerelle send: cannot start the runtime: {e}");
+            errln!("passerelle send: cannot start the runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -296,7 +296,7 @@ async fn send_all(
         } else if !result.as_ref().is_ok_and(|a| a.is_accept()) {
             let what = code.as_deref().or(error).unwrap_or("?");
             let detail = text.map(|t| format!(": {t}")).unwrap_or_default();
-            progress.suspend(|| eprintln!("{} ({control_id}): {what}{detail}", message.label));
+            progress.suspend(|| errln!("{} ({control_id}): {what}{detail}", message.label));
         }
         if let Err(
             ClientError::Connect { .. } | ClientError::Handshake { .. } | ClientError::Tls(_),

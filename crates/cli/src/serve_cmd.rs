@@ -19,7 +19,7 @@ use passerelle_mllp::{
 };
 use tracing::{info, warn};
 
-use crate::output::{Output, outln};
+use crate::output::{Output, errln, outln};
 
 #[derive(Debug, Args)]
 pub(crate) struct ServeArgs {
@@ -83,7 +83,7 @@ pub(crate) fn run(args: &ServeArgs) -> ExitCode {
     {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("passerelle serve: cannot start the runtime: {e}");
+            errln!("passerelle serve: cannot start the runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -139,7 +139,7 @@ async fn serve(args: &ServeArgs) -> ExitCode {
             match ServerTls::load(settings) {
                 Ok(t) => Some(t),
                 Err(e) => {
-                    eprintln!("passerelle serve: {e}");
+                    errln!("passerelle serve: {e}");
                     return ExitCode::from(2);
                 }
             }
@@ -149,7 +149,7 @@ async fn serve(args: &ServeArgs) -> ExitCode {
     let listener = match Listener::bind(config, tls).await {
         Ok(l) => l,
         Err(e) => {
-            eprintln!("passerelle serve: cannot listen on {}: {e}", args.listen);
+            errln!("passerelle serve: cannot listen on {}: {e}", args.listen);
             return ExitCode::FAILURE;
         }
     };

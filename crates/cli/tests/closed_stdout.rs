@@ -128,3 +128,35 @@ fn the_engine_and_send_keep_working_when_nobody_reads_their_stdout() {
     );
     assert!(!rest.contains("panicked"), "{rest}");
 }
+
+/// `passerelle … 2>&1 | head -0`: problems that cannot be shown do not become a panic; the
+/// exit status still says them.
+#[test]
+fn a_closed_stderr_changes_nothing_but_what_is_seen() {
+    let missing = workspace_root().join("fixtures/hl7/no_such_file.hl7");
+    for args in [
+        vec!["parse".to_owned(), missing.display().to_string()],
+        vec![
+            "check".to_owned(),
+            "--config".to_owned(),
+            "no_such_config.toml".to_owned(),
+        ],
+        vec![
+            "send".to_owned(),
+            missing.display().to_string(),
+            "--to".to_owned(),
+            "127.0.0.1:9".to_owned(),
+        ],
+    ] {
+        let mut child = passerelle()
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stderr.take());
+        let status = child.wait().unwrap();
+        assert_eq!(status.code(), Some(1), "{args:?}: {status}");
+    }
+}
