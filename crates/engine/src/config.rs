@@ -50,11 +50,6 @@ pub struct StoreSection {
     pub visibility_timeout_s: u64,
     /// Delivered messages are deleted after this many days.
     pub retention_days: u64,
-    /// Whether a delivery that goes dead holds its ordering key: the later messages of
-    /// that key (that patient) wait until an operator replays or purges it, so that they
-    /// never overtake it. Off (the default), they go on, and a replay of the dead one
-    /// later delivers an older message after newer ones. Set the same on every node.
-    pub dead_letter_holds_key: bool,
     /// Backpressure (`[defaults] backpressure`) once a destination queue holds this many
     /// unfinished deliveries (0: no limit).
     pub max_queue_depth: u64,
@@ -79,7 +74,6 @@ impl std::fmt::Debug for StoreSection {
             .field("flush_every_ms", &self.flush_every_ms)
             .field("visibility_timeout_s", &self.visibility_timeout_s)
             .field("retention_days", &self.retention_days)
-            .field("dead_letter_holds_key", &self.dead_letter_holds_key)
             .field("max_queue_depth", &self.max_queue_depth)
             .field("max_disk_mb", &self.max_disk_mb)
             .finish()
@@ -93,7 +87,6 @@ impl StoreSection {
         c.pool_size = self.pool_size;
         c.op_timeout = std::time::Duration::from_secs(self.op_timeout_s);
         c.visibility_timeout = std::time::Duration::from_secs(self.visibility_timeout_s);
-        c.dead_letter_releases_key = !self.dead_letter_holds_key;
         c.tls = passerelle_store::PgTls {
             mode: passerelle_store::PgTlsMode::parse(&self.tls),
             ca_file: self.tls_ca_file.clone(),
@@ -120,7 +113,6 @@ impl Default for StoreSection {
             flush_every_ms: 500,
             visibility_timeout_s: 120,
             retention_days: 30,
-            dead_letter_holds_key: false,
             max_queue_depth: 1_000_000,
             max_disk_mb: 0,
         }

@@ -115,7 +115,6 @@ impl Loaded {
         store_config.cache_capacity = s.cache_capacity_mb * 1024 * 1024;
         store_config.flush_every = std::time::Duration::from_millis(s.flush_every_ms);
         store_config.visibility_timeout = std::time::Duration::from_secs(s.visibility_timeout_s);
-        store_config.dead_letter_releases_key = !s.dead_letter_holds_key;
         passerelle_store::SledStore::open(store_config)
     }
 }

@@ -31,6 +31,8 @@
 //! jitter = 0.2
 //! max_attempts = 20
 //! max_age_hours = 24
+//! dead_holds_key = false                      # true: once dead, a delivery stops its key's
+//!                                             # later ones until replayed or purged
 //! ```
 
 use std::collections::BTreeMap;
@@ -79,6 +81,7 @@ struct RetryFile {
     jitter: Option<f64>,
     max_attempts: Option<u32>,
     max_age_hours: Option<u64>,
+    dead_holds_key: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -493,6 +496,7 @@ fn load_route(
             retry.jitter = r.jitter.unwrap_or(retry.jitter);
             retry.max_attempts = r.max_attempts.or(retry.max_attempts);
             retry.max_age_ms = r.max_age_hours.map(|h| h * 3_600_000).or(retry.max_age_ms);
+            retry.dead_holds_key = r.dead_holds_key.unwrap_or(retry.dead_holds_key);
             if retry.multiplier.is_nan() || retry.multiplier < 1.0 {
                 errors.push(at(
                     &retry_at("multiplier"),

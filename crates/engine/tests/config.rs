@@ -465,10 +465,10 @@ fn concurrency_defaults_by_destination_kind_and_a_route_can_set_it() {
     );
 }
 
-/// `[store] dead_letter_holds_key` reaches the store the engine opens: a dead delivery
-/// then holds its ordering key.
+/// `dead_holds_key` in a destination's `[destinations.retry]` reaches its policy, with
+/// which a dead delivery holds its ordering key in the store the engine opens.
 #[tokio::test]
-async fn dead_letter_holds_key_reaches_the_store() {
+async fn a_destination_can_hold_its_keys_behind_a_dead_delivery() {
     let dir = tempfile::tempdir().unwrap();
     let root = workspace_root();
     std::fs::create_dir_all(dir.path().join("routes.d")).unwrap();
@@ -476,18 +476,24 @@ async fn dead_letter_holds_key_reaches_the_store() {
         dir.path(),
         "passerelle.toml",
         &format!(
-            "[store]\npath = \"store\"\ndead_letter_holds_key = true\n[paths]\nroutes = \"routes.d\"\nmappings = {:?}\n",
+            "[store]\npath = \"store\"\n[paths]\nroutes = \"routes.d\"\nmappings = {:?}\n",
             root.join("mappings")
         ),
     );
     write(
         &dir.path().join("routes.d"),
         "10-r.toml",
-        "name = \"r\"\nmapping = \"v2-to-fhir\"\ndefault = true\n[[destinations]]\nname = \"d\"\ntype = \"ndjson\"\ndir = \"out\"\n",
+        "name = \"r\"\nmapping = \"v2-to-fhir\"\ndefault = true\n[[destinations]]\nname = \"mpi\"\ntype = \"ndjson\"\ndir = \"out\"\n[destinations.retry]\ndead_holds_key = true\n[[destinations]]\nname = \"lake\"\ntype = \"ndjson\"\ndir = \"lake\"\n",
     );
     let loaded = passerelle_engine::Loaded::load(&dir.path().join("passerelle.toml")).unwrap();
-    assert!(loaded.config.store.dead_letter_holds_key);
-    passerelle_store::contract::a_dead_delivery_holds_its_key(loaded.open_store().unwrap()).await;
+    let destinations = &loaded.routes.routes[0].destinations;
+    assert!(destinations[0].retry.dead_holds_key);
+    assert!(!destinations[1].retry.dead_holds_key, "off unless asked");
+    passerelle_store::contract::a_dead_delivery_holds_its_key(
+        loaded.open_store().unwrap(),
+        &destinations[0].retry,
+    )
+    .await;
 }
 
 /// Type errors are all reported at once, each with its line and its field, not just the

@@ -57,6 +57,7 @@ fn no_retry_limit() -> RetryPolicy {
         jitter: 0.0,
         max_attempts: Some(3),
         max_age_ms: None,
+        dead_holds_key: false,
     }
 }
 
@@ -239,10 +240,10 @@ pub async fn exhausted_retries_go_dead_and_release_the_key<S: Store>(store: S) {
     );
 }
 
-/// For a store opened with `dead_letter_releases_key` off: a dead delivery holds its
-/// ordering key (later messages of the key wait) until it is replayed and delivered, or
-/// purged; other keys go on.
-pub async fn a_dead_delivery_holds_its_key<S: Store>(store: S) {
+/// For a store opened with `dead_letter_releases_key` off, or deliveries completed under a
+/// `policy` with `dead_holds_key`: a dead delivery holds its ordering key (later messages
+/// of the key wait) until it is replayed and delivered, or purged; other keys go on.
+pub async fn a_dead_delivery_holds_its_key<S: Store>(store: S, policy: &RetryPolicy) {
     let first = journal_mapped(&store, "h1", &[("fhir", "K")]).await;
     let second = journal_mapped(&store, "h2", &[("fhir", "K")]).await;
     let other = journal_mapped(&store, "h3", &[("fhir", "L")]).await;
@@ -256,10 +257,7 @@ pub async fn a_dead_delivery_holds_its_key<S: Store>(store: S) {
         } else {
             AttemptReport::delivered()
         };
-        store
-            .complete(lease, report, &no_retry_limit())
-            .await
-            .unwrap();
+        store.complete(lease, report, policy).await.unwrap();
     }
     assert!(
         store.lease("fhir", 10).await.unwrap().is_empty(),
@@ -281,10 +279,7 @@ pub async fn a_dead_delivery_holds_its_key<S: Store>(store: S) {
             lease.iter().map(|l| l.message_id).collect::<Vec<_>>(),
             [expected]
         );
-        store
-            .complete(&lease[0], report, &no_retry_limit())
-            .await
-            .unwrap();
+        store.complete(&lease[0], report, policy).await.unwrap();
     }
 
     // Purged, a dead one lets the next go.

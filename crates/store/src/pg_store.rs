@@ -979,12 +979,13 @@ impl PgStore {
             &[&id],
         )
         .await?;
-        // A dead delivery that held its key lets the next one go.
+        // A dead delivery that held its key lets the next one go. (One that did not hold
+        // it has no waiting successor: the promotion only takes a pending delivery of the
+        // key that was never made ready.)
         let now = self.now();
         let mut ready = Vec::new();
         for d in &deliveries {
             if d.state == DeliveryState::Dead
-                && !self.config.dead_letter_releases_key
                 && promote_successor(tx, &d.destination, &d.ordering_key, now).await?
             {
                 ready.push(d.destination.as_str());
@@ -1366,7 +1367,9 @@ impl Store for PgStore {
             }
             let next_state = settle(&mut d, &report, policy, now as u64, self.jitter.unit());
             let releases_key = next_state == DeliveryState::Delivered
-                || next_state == DeliveryState::Dead && self.config.dead_letter_releases_key;
+                || next_state == DeliveryState::Dead
+                    && self.config.dead_letter_releases_key
+                    && !policy.dead_holds_key;
             let ready_at =
                 (next_state == DeliveryState::RetryWait).then_some(big(d.next_attempt_ms));
             let attempts = i32::try_from(d.attempts).unwrap_or(i32::MAX);

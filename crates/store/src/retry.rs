@@ -107,6 +107,7 @@ mod tests {
             jitter: 0.5,
             max_attempts: Some(3),
             max_age_ms: None,
+            dead_holds_key: false,
         };
         assert_eq!(p.backoff_ms(1, 0.5), 100);
         assert_eq!(p.backoff_ms(2, 0.5), 200);

@@ -1090,7 +1090,9 @@ impl Store for SledStore {
         }
         let next_state = settle(&mut d, &report, policy, now, self.jitter.unit());
         let releases_key = next_state == DeliveryState::Delivered
-            || next_state == DeliveryState::Dead && self.config.dead_letter_releases_key;
+            || next_state == DeliveryState::Dead
+                && self.config.dead_letter_releases_key
+                && !policy.dead_holds_key;
         let successor = if releases_key {
             self.successor(destination, &d.ordering_key, lease.seq)?
         } else {
@@ -1208,7 +1210,9 @@ impl Store for SledStore {
                 continue;
             }
             let before = d.state;
-            let held_key = before == DeliveryState::Dead && !self.config.dead_letter_releases_key;
+            // A dead delivery that held its key kept its entry in `keys` (see `complete`).
+            let own_entry = key_entry(&r.destination, &d.ordering_key, r.seq);
+            let held_key = before == DeliveryState::Dead && self.keys.get(&own_entry)?.is_some();
             // Back in its original place in the key's order. It is ready only if its key has
             // nothing unfinished (or it is itself the dead delivery holding the key);
             // otherwise it is promoted when the active head of its key finishes.
@@ -1282,9 +1286,13 @@ impl Store for SledStore {
                         needed: "every delivery delivered or dead",
                     });
                 }
-                // A dead delivery that holds its key lets the next one go when purged.
+                // A dead delivery that holds its key (it kept its entry in `keys`) lets the
+                // next one go when purged.
                 if d.state == DeliveryState::Dead
-                    && !self.config.dead_letter_releases_key
+                    && self
+                        .keys
+                        .get(key_entry(&d.destination, &d.ordering_key, d.seq))?
+                        .is_some()
                     && let Some(next) = self.successor(&d.destination, &d.ordering_key, d.seq)?
                 {
                     promote.push(timed_key(&d.destination, self.now(), next));

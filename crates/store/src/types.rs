@@ -279,6 +279,10 @@ pub struct RetryPolicy {
     pub max_attempts: Option<u32>,
     /// Give up this long after the message was queued; `None` = no limit.
     pub max_age_ms: Option<u64>,
+    /// Once dead, the delivery keeps holding its ordering key: the key's later deliveries
+    /// wait until it is replayed (it then goes first) or purged. Otherwise (the default,
+    /// unless the store is opened with `dead_letter_releases_key` off) they go on.
+    pub dead_holds_key: bool,
 }
 
 impl Default for RetryPolicy {
@@ -290,6 +294,7 @@ impl Default for RetryPolicy {
             jitter: 0.2,
             max_attempts: Some(20),
             max_age_ms: Some(24 * 3_600_000),
+            dead_holds_key: false,
         }
     }
 }

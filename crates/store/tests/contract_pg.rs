@@ -532,5 +532,21 @@ async fn postgres_can_hold_a_key_behind_a_dead_delivery() {
     let url = server.create_database("hold");
     let mut c = config(url, Arc::new(ManualClock::new(1)));
     c.dead_letter_releases_key = false;
-    contract::a_dead_delivery_holds_its_key(PgStore::open(c).await.unwrap()).await;
+    contract::a_dead_delivery_holds_its_key(
+        PgStore::open(c).await.unwrap(),
+        &RetryPolicy::default(),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_holds_a_key_behind_a_dead_delivery_of_a_destination_that_asks() {
+    let server = server().await;
+    let url = server.create_database("hold_policy");
+    let c = config(url, Arc::new(ManualClock::new(1)));
+    let holding = RetryPolicy {
+        dead_holds_key: true,
+        ..RetryPolicy::default()
+    };
+    contract::a_dead_delivery_holds_its_key(PgStore::open(c).await.unwrap(), &holding).await;
 }

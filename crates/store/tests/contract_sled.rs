@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use passerelle_store::{
-    Clock, JournalMeta, ManualClock, MessageState, Query, SledStore, Store, StoreConfig,
-    StoreError, contract,
+    Clock, JournalMeta, ManualClock, MessageState, Query, RetryPolicy, SledStore, Store,
+    StoreConfig, StoreError, contract,
 };
 
 fn config(dir: &std::path::Path, clock: Arc<dyn Clock>) -> StoreConfig {
@@ -172,5 +172,17 @@ async fn sled_can_hold_a_key_behind_a_dead_delivery() {
     let dir = tempfile::tempdir().unwrap();
     let mut c = config(dir.path(), Arc::new(ManualClock::new(1)));
     c.dead_letter_releases_key = false;
-    contract::a_dead_delivery_holds_its_key(SledStore::open(c).unwrap()).await;
+    contract::a_dead_delivery_holds_its_key(SledStore::open(c).unwrap(), &RetryPolicy::default())
+        .await;
+}
+
+#[tokio::test]
+async fn sled_holds_a_key_behind_a_dead_delivery_of_a_destination_that_asks() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = config(dir.path(), Arc::new(ManualClock::new(1)));
+    let holding = RetryPolicy {
+        dead_holds_key: true,
+        ..RetryPolicy::default()
+    };
+    contract::a_dead_delivery_holds_its_key(SledStore::open(c).unwrap(), &holding).await;
 }

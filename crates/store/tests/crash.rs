@@ -44,6 +44,7 @@ fn policy() -> RetryPolicy {
         jitter: 0.5,
         max_attempts: None,
         max_age_ms: None,
+        dead_holds_key: false,
     }
 }
 

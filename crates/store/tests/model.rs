@@ -6,8 +6,9 @@
 //! completion and every state counter must match.
 //!
 //! Each runs twice: with dead deliveries releasing their ordering key (the default), and
-//! holding it (`dead_letter_releases_key` off), where the sequences also replay and purge
-//! dead messages: the key's later deliveries must wait behind a dead one until then.
+//! holding it (the destination's `RetryPolicy::dead_holds_key`), where the sequences also
+//! replay and purge dead messages: the key's later deliveries must wait behind a dead one
+//! until then.
 //!
 //! Without PostgreSQL's binaries the PostgreSQL test fails, saying what to install.
 
@@ -30,7 +31,8 @@ const DEST: &str = "fhir";
 const VISIBILITY: u64 = 5_000;
 const START: u64 = 1_000_000;
 
-fn policy() -> RetryPolicy {
+/// The destination's policy; `hold`: its dead deliveries hold their key.
+fn policy(hold: bool) -> RetryPolicy {
     RetryPolicy {
         initial_backoff_ms: 1_000,
         max_backoff_ms: 4_000,
@@ -38,6 +40,7 @@ fn policy() -> RetryPolicy {
         jitter: 0.0,
         max_attempts: Some(3),
         max_age_ms: None,
+        dead_holds_key: hold,
     }
 }
 
@@ -246,7 +249,7 @@ impl<B: Backend> ReferenceStateMachine for QueueModel<B> {
                     return m;
                 }
                 let attempts = it.attempts + 1;
-                let p = policy();
+                let p = policy(m.hold);
                 let next = match report {
                     Report::Delivered => DeliveryState::Delivered,
                     Report::Permanent => DeliveryState::Dead,
@@ -305,7 +308,7 @@ impl<B: Backend> ReferenceStateMachine for QueueModel<B> {
 /// What the system under test needs from a backend: a place for one case's store that
 /// outlives restarts, opening a store there with the test's clock, and a restart.
 trait Backend: Sized + 'static {
-    /// Whether the store is opened with dead deliveries holding their key.
+    /// Whether the destination's policy has dead deliveries hold their key.
     const HOLD: bool;
     type Store: Store;
     /// One case's folder or database, kept across restarts.
@@ -346,7 +349,6 @@ impl<const HOLD: bool> Backend for Sled<HOLD> {
         config.clock = clock.clone();
         config.visibility_timeout = Duration::from_millis(VISIBILITY);
         config.cache_capacity = 4 * 1024 * 1024;
-        config.dead_letter_releases_key = !HOLD;
         SledStore::open(config).unwrap()
     }
 
@@ -443,7 +445,6 @@ impl<const HOLD: bool> Backend for Postgres<HOLD> {
         config.clock = clock.clone();
         config.visibility_timeout = Duration::from_millis(VISIBILITY);
         config.pool_size = 2;
-        config.dead_letter_releases_key = !HOLD;
         PgStore::open(config).await.unwrap()
     }
 
@@ -569,9 +570,9 @@ impl<B: Backend> StateMachineTest for Sut<B> {
                     Report::Transient => AttemptReport::transient("http_503"),
                     Report::Permanent => AttemptReport::permanent("http_400"),
                 };
-                let result = sut
-                    .runtime
-                    .block_on(sut.store().complete(&lease, report, &policy()));
+                let result =
+                    sut.runtime
+                        .block_on(sut.store().complete(&lease, report, &policy(B::HOLD)));
                 match (result, model.last_complete) {
                     (Ok(state), Some(Ok(want))) => assert_eq!(state, want),
                     (Err(StoreError::LeaseLost { .. }), Some(Err(()))) => {}
