@@ -4,7 +4,6 @@
 
 #![allow(clippy::unwrap_used)] // tests: a panic is a failure with its message
 
-use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
@@ -20,24 +19,6 @@ fn passerelle(args: &[&str]) -> Output {
         .args(args)
         .output()
         .unwrap()
-}
-
-fn lines_in(path: &Path) -> usize {
-    std::fs::read_to_string(path)
-        .map(|t| t.lines().count())
-        .unwrap_or(0)
-}
-
-fn wait_for_lines(path: &Path, n: usize) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while lines_in(path) < n {
-        assert!(
-            Instant::now() < deadline,
-            "{} never reached {n} lines",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(50)); // polls the observable output file
-    }
 }
 
 #[test]
@@ -68,7 +49,7 @@ fn serve_send_list_show_replay() {
         !out.status.success(),
         "an AE for the unrouted ORU makes send exit non-zero"
     );
-    wait_for_lines(&patients, 1);
+    common::wait_for_lines(&patients, 1);
     common::stop(engine);
 
     let config_arg = config.to_str().unwrap();
@@ -122,7 +103,7 @@ fn serve_send_list_show_replay() {
         String::from_utf8_lossy(&replay.stderr)
     );
     let (engine, _) = common::start(&config);
-    wait_for_lines(&patients, 2);
+    common::wait_for_lines(&patients, 2);
     common::stop(engine);
     let first_two: Vec<String> = std::fs::read_to_string(&patients)
         .unwrap()
@@ -176,9 +157,13 @@ fn a_resend_is_acknowledged_kept_as_a_duplicate_and_replayable() {
         assert!(ack.contains("MSA|AA"), "every copy is acknowledged: {ack}");
     }
     // The mapper takes messages in order: the third routed means the second was judged.
-    wait_for_lines(&patients, 2);
+    common::wait_for_lines(&patients, 2);
     common::stop(engine);
-    assert_eq!(lines_in(&patients), 2, "the resend was not delivered");
+    assert_eq!(
+        common::lines_in(&patients),
+        2,
+        "the resend was not delivered"
+    );
 
     let config_arg = config.to_str().unwrap();
     let list = passerelle(&[
@@ -216,7 +201,7 @@ fn a_resend_is_acknowledged_kept_as_a_duplicate_and_replayable() {
         String::from_utf8_lossy(&replay.stderr)
     );
     let (engine, _) = common::start(&config);
-    wait_for_lines(&patients, 3);
+    common::wait_for_lines(&patients, 3);
     common::stop(engine);
 
     // With the check off, the same resend is routed like any message.
@@ -228,7 +213,7 @@ fn a_resend_is_acknowledged_kept_as_a_duplicate_and_replayable() {
     for bytes in [&original[..], resend.as_bytes()] {
         assert!(mllp_send(&port, bytes).contains("MSA|AA"));
     }
-    wait_for_lines(&patients, 2);
+    common::wait_for_lines(&patients, 2);
     common::stop(engine);
 }
 
@@ -257,8 +242,8 @@ fn a_replay_by_destination_resends_there_only() {
             String::from_utf8_lossy(&sent.stderr)
         );
     }
-    wait_for_lines(&files, 2);
-    wait_for_lines(&copy, 2);
+    common::wait_for_lines(&files, 2);
+    common::wait_for_lines(&copy, 2);
     common::stop(engine);
 
     let config_arg = config.to_str().unwrap();
@@ -290,7 +275,7 @@ fn a_replay_by_destination_resends_there_only() {
         String::from_utf8_lossy(&replay.stderr)
     );
     let (engine, _) = common::start(&config);
-    wait_for_lines(&files, 3);
+    common::wait_for_lines(&files, 3);
     common::stop(engine);
 
     let show = passerelle(&[
@@ -310,7 +295,7 @@ fn a_replay_by_destination_resends_there_only() {
     };
     assert_eq!(attempts("adt.files"), 2, "sent again where asked");
     assert_eq!(attempts("adt.copy"), 1, "not sent again elsewhere");
-    assert_eq!(lines_in(&copy), 2);
+    assert_eq!(common::lines_in(&copy), 2);
 }
 
 #[test]
@@ -503,7 +488,7 @@ fn messages_commands_go_through_the_running_engine() {
                 .success()
         );
     }
-    wait_for_lines(&patients, 1);
+    common::wait_for_lines(&patients, 1);
 
     let config_arg = config.to_str().unwrap();
     let ops = |args: &[&str], token: Option<&str>| {
@@ -574,7 +559,7 @@ fn messages_commands_go_through_the_running_engine() {
         String::from_utf8_lossy(&replay.stdout),
         String::from_utf8_lossy(&replay.stderr)
     );
-    wait_for_lines(&patients, 2);
+    common::wait_for_lines(&patients, 2);
     let nothing = ops(
         &["replay", "--control-id", "no-such-control-id"],
         Some("t0ken"),

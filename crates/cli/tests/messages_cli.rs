@@ -10,7 +10,6 @@ use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
 use passerelle_hl7::types::DateTime;
 use passerelle_testkit::workspace_root;
@@ -19,24 +18,6 @@ mod common;
 
 const ROUTE: &str = "name = \"adt\"\nmapping = \"v2-to-fhir\"\n[match]\nmessage_type = \"ADT\"\n[[destinations]]\nname = \"files\"\ntype = \"ndjson\"\ndir = \"out\"\n";
 const TOKEN_ENV: &str = "PASSERELLE_EDGES_TOKEN";
-
-fn lines_in(path: &Path) -> usize {
-    std::fs::read_to_string(path)
-        .map(|t| t.lines().count())
-        .unwrap_or(0)
-}
-
-fn wait_for_lines(path: &Path, n: usize) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while lines_in(path) < n {
-        assert!(
-            Instant::now() < deadline,
-            "{} never reached {n} lines",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(50)); // polls the observable output file
-    }
-}
 
 /// `passerelle messages --config CONFIG …`, with `token` in the token variable (or none).
 fn messages(config: &Path, token: Option<&str>) -> Command {
@@ -84,7 +65,7 @@ fn engine_with_two_messages(
             .output()
             .unwrap();
     }
-    wait_for_lines(&dir.join("out/Patient.ndjson"), 1);
+    common::wait_for_lines(&dir.join("out/Patient.ndjson"), 1);
     let (code, stdout, stderr) = run(messages(&config, Some("t0k")).args(["list", "--json"]));
     assert_eq!(code, Some(0), "{stderr}");
     let doc: serde_json::Value = serde_json::from_str(&stdout).unwrap();
@@ -191,7 +172,7 @@ fn on_a_stopped_engine_store() {
 
     // Delivered again: the count since the replay and the whole history, each named.
     let (engine, _) = common::start(&config);
-    wait_for_lines(&dir.path().join("out/Patient.ndjson"), 2);
+    common::wait_for_lines(&dir.path().join("out/Patient.ndjson"), 2);
     common::stop(engine);
     let (_, stdout, _) = local(&["show", &adt]);
     assert!(

@@ -157,3 +157,23 @@ pub(crate) fn fixed_admin(config: &Path, token_env: &str) -> u16 {
     std::fs::write(config, text).unwrap();
     port
 }
+
+/// The lines of a file (0 when it does not exist yet).
+pub(crate) fn lines_in(path: &Path) -> usize {
+    std::fs::read_to_string(path)
+        .map(|t| t.lines().count())
+        .unwrap_or(0)
+}
+
+/// Waits until `path` has `n` lines or more; panics after 30 s.
+pub(crate) fn wait_for_lines(path: &Path, n: usize) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while lines_in(path) < n {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} never reached {n} lines",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(50)); // polls the observable output file
+    }
+}
