@@ -222,6 +222,21 @@ impl Loader {
     }
 }
 
+/// The `name` of every map a pack file declares, when it is TOML at least (its values
+/// may still be wrong): `[[datatype]]`, `[[vocabulary]]`, `[[segment]]`, `[[structure]]`.
+fn declared_names(text: &str) -> Vec<String> {
+    let Ok(table) = toml::from_str::<toml::Table>(text) else {
+        return Vec::new();
+    };
+    ["datatype", "vocabulary", "segment", "structure"]
+        .iter()
+        .filter_map(|kind| table.get(*kind).and_then(toml::Value::as_array))
+        .flatten()
+        .filter_map(|entry| entry.get("name").and_then(toml::Value::as_str))
+        .map(str::to_owned)
+        .collect()
+}
+
 /// Reads and compiles every `*.toml` file under `dir`.
 pub(crate) fn load_dir(dir: &FsPath) -> Result<Pack, LoadErrors> {
     let folder_error = |message: String| {
@@ -305,12 +320,16 @@ struct Parsed<'f> {
 
 fn compile(loader: &mut Loader, sources: &[FileText]) -> Result<Pack, LoadErrors> {
     let mut parsed = Vec::new();
+    // The names a file that could not be read declares: the maps that refer to them are
+    // not wrong, and saying so for each would bury the one real error.
+    let mut unreadable_names: Vec<String> = Vec::new();
     for file in sources {
         match toml::from_str::<RawFile>(&file.text) {
             Ok(raw) => parsed.push(Parsed { file, raw }),
             Err(e) => {
                 let loc = file.loc(e.span().map_or(0, |s| s.start));
                 loader.error(K::Syntax, loc, "file", e.message().trim().to_owned());
+                unreadable_names.extend(declared_names(&file.text));
             }
         }
     }
@@ -575,6 +594,15 @@ fn compile(loader: &mut Loader, sources: &[FileText]) -> Result<Pack, LoadErrors
         }
     }
 
+    loader.errors.retain(|e| {
+        let refers_to_unreadable = matches!(
+            e.kind,
+            K::UnknownDatatype | K::UnknownVocabulary | K::UnknownSegmentMap | K::UnknownStructure
+        ) && unreadable_names
+            .iter()
+            .any(|name| e.message.contains(&format!("{name:?}")));
+        !refers_to_unreadable
+    });
     if loader.errors.is_empty() {
         Ok(Pack {
             settings,

@@ -208,6 +208,28 @@ fn a_folder_of_packs_is_not_a_pack() {
     assert!(e.message.contains("give one of fr, v2-to-fhir"), "{e}");
 }
 
+/// A file whose values do not fit (a string where a list goes) is reported once; the
+/// maps of other files that name its maps are not reported as naming unknown ones.
+#[test]
+fn a_file_that_cannot_be_read_is_one_error_not_a_cascade() {
+    let (start, end) = (
+        BASE.find("[[segment]]").unwrap(),
+        BASE.find("[[message]]").unwrap(),
+    );
+    let segment = BASE[start..end].replacen("rules = [", "merge = \"yes\"\nrules = [", 1);
+    let rest = format!("{}{}", &BASE[..start], &BASE[end..]);
+    let errors = Pack::from_texts(&[
+        ("pack.toml", PACK),
+        ("rest.toml", &rest),
+        ("segments.toml", &segment),
+    ])
+    .err()
+    .unwrap();
+    assert_eq!(errors.0.len(), 1, "{errors}");
+    assert_eq!(errors.0[0].kind, K::Syntax, "{errors}");
+    assert_eq!(&*errors.0[0].loc.file, "segments.toml", "{errors}");
+}
+
 #[test]
 fn unreadable_folder() {
     let errors = Pack::load("/nonexistent/passerelle-pack").err().unwrap();
