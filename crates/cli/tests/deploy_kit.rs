@@ -556,6 +556,85 @@ fn configmap_files(volume: &Value, configmap: &Value) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The configuration file `container` runs (`serve --config FILE`), rebuilt from the
+/// ConfigMap `configmap` as the `config` volume places it under the container's mount:
+/// the folder that holds the files, and FILE in it.
+fn mounted_config(
+    container: &Value,
+    config_volume: &Value,
+    configmap: &Value,
+) -> (tempfile::TempDir, PathBuf) {
+    let args: Vec<&str> = array(&container["args"], "args")
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert_eq!(args[..2], ["serve", "--config"]);
+    let mount_path = array(&container["volumeMounts"], "volumeMounts")
+        .iter()
+        .find(|m| m["name"] == "config")
+        .unwrap()["mountPath"]
+        .as_str()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for (path, content) in configmap_files(config_volume, configmap) {
+        let file = dir.path().join(&path);
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        std::fs::write(file, content).unwrap();
+    }
+    let config_file = dir
+        .path()
+        .join(Path::new(args[2]).strip_prefix(mount_path).unwrap());
+    (dir, config_file)
+}
+
+/// Runs `passerelle check` with `args`, the container's `overrides` and the packs the
+/// image ships taken from the repository; it must pass.
+fn assert_check_passes(args: &[&str], overrides: &HashMap<String, String>) {
+    let mappings = workspace_root().join("mappings");
+    let mut check_env: Vec<(&str, &str)> = overrides
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    check_env.push(("PASSERELLE__PATHS__MAPPINGS", mappings.to_str().unwrap()));
+    let check = passerelle(args, &check_env);
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+}
+
+/// The container's ports by name, each over TCP.
+fn container_ports(container: &Value) -> BTreeMap<String, u64> {
+    array(&container["ports"], "ports")
+        .iter()
+        .map(|p| {
+            assert_eq!(p["protocol"], "TCP");
+            (
+                p["name"].as_str().unwrap().to_owned(),
+                p["containerPort"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// The probes: liveness and startup on /health, readiness on /ready, on the admin port.
+/// Returns the paths they ask.
+fn assert_probes(container: &Value) -> BTreeSet<String> {
+    let mut paths = BTreeSet::new();
+    for (probe, path) in [
+        ("livenessProbe", "/health"),
+        ("readinessProbe", "/ready"),
+        ("startupProbe", "/health"),
+    ] {
+        let get = &container[probe]["httpGet"];
+        assert_eq!(get["path"], path, "{probe}");
+        assert_eq!(get["port"], "admin", "{probe}");
+        paths.insert(path.to_owned());
+    }
+    paths
+}
+
 #[test]
 fn kubernetes_manifests_agree_with_the_engine() {
     let objects = kubernetes_objects();
@@ -582,17 +661,6 @@ fn kubernetes_manifests_agree_with_the_engine() {
     let container = &containers[0];
 
     // The configuration the pod mounts, rebuilt as files and loaded by the engine.
-    let config_mount = array(&container["volumeMounts"], "volumeMounts")
-        .iter()
-        .find(|m| m["name"] == "config")
-        .unwrap();
-    let args: Vec<&str> = array(&container["args"], "args")
-        .iter()
-        .map(|a| a.as_str().unwrap())
-        .collect();
-    assert_eq!(args[..2], ["serve", "--config"]);
-    let config_in_pod = Path::new(args[2]);
-    let mount_path = config_mount["mountPath"].as_str().unwrap();
     let volumes = array(&pod["volumes"], "volumes");
     let volume = |name: &str| {
         volumes
@@ -606,14 +674,7 @@ fn kubernetes_manifests_agree_with_the_engine() {
         "ConfigMap",
         config_volume["configMap"]["name"].as_str().unwrap(),
     );
-    let dir = tempfile::tempdir().unwrap();
-    for (path, content) in configmap_files(config_volume, configmap) {
-        let file = dir.path().join(&path);
-        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
-        std::fs::write(file, content).unwrap();
-    }
-    let relative = config_in_pod.strip_prefix(mount_path).unwrap();
-    let config_file = dir.path().join(relative);
+    let (_dir, config_file) = mounted_config(container, config_volume, configmap);
 
     // The container's PASSERELLE__SECTION__KEY overrides name keys that exist (the loader
     // refuses unknown ones, as the negative case shows).
@@ -648,12 +709,7 @@ fn kubernetes_manifests_agree_with_the_engine() {
         "the config reads the packs where the image puts them"
     );
     let mappings = workspace_root().join("mappings");
-    let mut check_env: Vec<(&str, &str)> = overrides
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
-    check_env.push(("PASSERELLE__PATHS__MAPPINGS", mappings.to_str().unwrap()));
-    let check = passerelle(
+    assert_check_passes(
         &[
             "check",
             "--mappings",
@@ -661,25 +717,11 @@ fn kubernetes_manifests_agree_with_the_engine() {
             "--config",
             config_file.to_str().unwrap(),
         ],
-        &check_env,
-    );
-    assert!(
-        check.status.success(),
-        "{}",
-        String::from_utf8_lossy(&check.stderr)
+        &overrides,
     );
 
     // Ports: one containerPort per listener and one for the admin API, at the config's.
-    let ports: BTreeMap<String, u64> = array(&container["ports"], "ports")
-        .iter()
-        .map(|p| {
-            assert_eq!(p["protocol"], "TCP");
-            (
-                p["name"].as_str().unwrap().to_owned(),
-                p["containerPort"].as_u64().unwrap(),
-            )
-        })
-        .collect();
+    let ports = container_ports(container);
     let admin_port = u64::from(port_of(&config.admin.bind));
     assert_eq!(ports["admin"], admin_port);
     assert_eq!(config.listeners.len(), 1);
@@ -687,17 +729,7 @@ fn kubernetes_manifests_agree_with_the_engine() {
     assert_eq!(ports.len(), 1 + config.listeners.len());
 
     // Probes: liveness and startup on /health, readiness on /ready, on the admin port.
-    let mut probe_paths = BTreeSet::new();
-    for (probe, path) in [
-        ("livenessProbe", "/health"),
-        ("readinessProbe", "/ready"),
-        ("startupProbe", "/health"),
-    ] {
-        let get = &container[probe]["httpGet"];
-        assert_eq!(get["path"], path, "{probe}");
-        assert_eq!(get["port"], "admin", "{probe}");
-        probe_paths.insert(path.to_owned());
-    }
+    let mut probe_paths = assert_probes(container);
     let annotations = &spec["template"]["metadata"]["annotations"];
     assert_eq!(annotations["prometheus.io/port"], admin_port.to_string());
     probe_paths.insert(
@@ -891,26 +923,7 @@ fn kubernetes_postgres_overlay_agrees_with_the_engine() {
             .all(|v| v.get("persistentVolumeClaim").is_none()),
         "the nodes keep nothing"
     );
-    let dir = tempfile::tempdir().unwrap();
-    for (path, content) in configmap_files(config_volume, &configmap) {
-        let file = dir.path().join(&path);
-        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
-        std::fs::write(file, content).unwrap();
-    }
-    let args: Vec<&str> = array(&container["args"], "args")
-        .iter()
-        .map(|a| a.as_str().unwrap())
-        .collect();
-    assert_eq!(args[..2], ["serve", "--config"]);
-    let mount = array(&container["volumeMounts"], "volumeMounts")
-        .iter()
-        .find(|m| m["name"] == "config")
-        .unwrap()["mountPath"]
-        .as_str()
-        .unwrap();
-    let config_file = dir
-        .path()
-        .join(Path::new(args[2]).strip_prefix(mount).unwrap());
+    let (_dir, config_file) = mounted_config(container, config_volume, &configmap);
 
     // The environment: literal values, and Secret keys that the overlay's Secrets hold.
     let mut env: HashMap<String, String> = HashMap::new();
@@ -949,42 +962,16 @@ fn kubernetes_postgres_overlay_agrees_with_the_engine() {
 
     // `passerelle check` accepts it, routes and destinations included (it does not
     // connect to the database).
-    let mappings = workspace_root().join("mappings");
-    let mut check_env: Vec<(&str, &str)> = overrides
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
-    check_env.push(("PASSERELLE__PATHS__MAPPINGS", mappings.to_str().unwrap()));
-    let check = passerelle(
+    assert_check_passes(
         &["check", "--config", config_file.to_str().unwrap()],
-        &check_env,
-    );
-    assert!(
-        check.status.success(),
-        "{}",
-        String::from_utf8_lossy(&check.stderr)
+        &overrides,
     );
 
     // Ports, probes, the drain and the hardening, as in the base.
-    let ports: BTreeMap<String, u64> = array(&container["ports"], "ports")
-        .iter()
-        .map(|p| {
-            (
-                p["name"].as_str().unwrap().to_owned(),
-                p["containerPort"].as_u64().unwrap(),
-            )
-        })
-        .collect();
+    let ports = container_ports(container);
     assert_eq!(ports["admin"], u64::from(port_of(&config.admin.bind)));
     assert_eq!(ports["mllp"], u64::from(port_of(&config.listeners[0].bind)));
-    for (probe, path) in [
-        ("livenessProbe", "/health"),
-        ("readinessProbe", "/ready"),
-        ("startupProbe", "/health"),
-    ] {
-        assert_eq!(container[probe]["httpGet"]["path"], path, "{probe}");
-        assert_eq!(container[probe]["httpGet"]["port"], "admin", "{probe}");
-    }
+    assert_probes(container);
     let labels = &spec["template"]["metadata"]["labels"];
     assert_eq!(&spec["selector"]["matchLabels"], labels);
     for service in base
