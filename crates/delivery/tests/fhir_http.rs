@@ -9,7 +9,6 @@ use std::path::Path;
 
 mod common;
 
-use common::Pki;
 use passerelle_delivery::{AttemptOutcome, Destination, Item};
 use passerelle_mapping::{MapOptions, Pack};
 use passerelle_testkit::fhir_server::FhirServer;
@@ -220,11 +219,11 @@ async fn a_server_that_never_answers_is_transient_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutual_tls_with_a_private_ca() {
-    let pki = Pki::new();
+    let pki = common::pki();
     let (cert, key, ca) = (
-        pki.path("server.pem"),
-        pki.path("server.key"),
-        pki.path("ca.pem"),
+        pki.file("server.pem"),
+        pki.file("server.key"),
+        pki.file("ca.pem"),
     );
     let server = tokio::task::spawn_blocking(move || FhirServer::start_tls(&cert, &key, &ca))
         .await

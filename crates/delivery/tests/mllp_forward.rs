@@ -12,7 +12,6 @@ use std::time::Duration;
 
 mod common;
 
-use common::Pki;
 use passerelle_delivery::{AttemptOutcome, Destination, Item};
 use passerelle_mllp::{Listener, ListenerConfig, ParseAckHandler, ServerTls, ServerTlsConfig};
 use passerelle_testkit::mllp::{PeerProcess, port_in, script, venv_bin};
@@ -150,11 +149,11 @@ async fn a_message_that_cannot_be_matched_or_framed_is_permanent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutual_tls_forward_to_a_tls_listener() {
-    let pki = Pki::new();
+    let pki = common::pki();
     let tls = ServerTls::load(ServerTlsConfig {
-        cert: pki.path("server.pem"),
-        key: pki.path("server.key"),
-        client_ca: Some(pki.path("ca.pem")),
+        cert: pki.file("server.pem"),
+        key: pki.file("server.key"),
+        client_ca: Some(pki.file("ca.pem")),
         allowed_peers: Vec::new(),
     })
     .unwrap();

@@ -353,9 +353,9 @@ async fn an_unreachable_token_endpoint_is_transient() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_endpoint_checked_against_its_own_ca() {
     let keys = Keys::new();
-    let pki = common::Pki::new();
+    let pki = common::pki();
     let clients = vec![client("passerelle-tls", keys.public_pem("rsa"), 300)];
-    let (cert, key) = (pki.path("server.pem"), pki.path("server.key"));
+    let (cert, key) = (pki.file("server.pem"), pki.file("server.key"));
     let auth =
         tokio::task::spawn_blocking(move || SmartAuthServer::start_tls(&clients, &cert, &key))
             .await
@@ -364,7 +364,7 @@ async fn a_token_endpoint_checked_against_its_own_ca() {
     let fhir = tokio::task::spawn_blocking(FhirServer::start)
         .await
         .unwrap();
-    let ca = pki.path("ca.pem");
+    let ca = pki.file("ca.pem");
     let build = |destination_extra: &str, auth_extra: &str| {
         let settings: toml::Table = toml::from_str(&format!(
             "url = {:?}\ntimeout_s = 10\n{destination_extra}\nauth = {{ type = \"smart_backend\", token_url = {:?}, client_id = \"passerelle-tls\", private_key_file = \"rsa.pem\"{auth_extra} }}",

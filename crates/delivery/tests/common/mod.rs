@@ -1,26 +1,13 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
 
-/// A throw-away PKI: a CA, a server certificate for 127.0.0.1 and localhost and a client
-/// certificate, as PEM files in a temporary directory.
-pub struct Pki(passerelle_testkit::pki::Pki);
-
-impl Pki {
-    pub fn new() -> Pki {
-        let pki = passerelle_testkit::pki::Pki::new("delivery");
-        pki.issue("server", "server", &["127.0.0.1", "localhost"], false);
-        pki.issue("client", "client", &["passerelle"], true);
-        Pki(pki)
-    }
-
-    /// The directory holding the files.
-    pub fn dir(&self) -> &std::path::Path {
-        self.0.dir()
-    }
-
-    pub fn path(&self, name: &str) -> std::path::PathBuf {
-        self.0.file(name)
-    }
+/// A throw-away PKI: a CA (`ca.pem`), a server certificate for 127.0.0.1 and localhost
+/// (`server.pem`, `server.key`) and a client certificate (`client.pem`, `client.key`).
+pub fn pki() -> passerelle_testkit::pki::Pki {
+    let pki = passerelle_testkit::pki::Pki::new("delivery");
+    pki.issue("server", "server", &["127.0.0.1", "localhost"], false);
+    pki.issue("client", "client", &["passerelle"], true);
+    pki
 }
 
 /// Throw-away signing keys for SMART Backend Services, as PKCS#8 PEM files (private) and
