@@ -8,6 +8,8 @@
 
 #![allow(clippy::unwrap_used)] // tests: a panic is a failure with its message
 
+mod common;
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -26,15 +28,6 @@ fn config(url: String, clock: Arc<dyn Clock>) -> PgConfig {
 
 async fn server() -> PgServer {
     tokio::task::spawn_blocking(PgServer::start).await.unwrap()
-}
-
-/// A client of its own, to look at or damage the database behind the store's back.
-async fn client(url: &str) -> tokio_postgres::Client {
-    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(connection);
-    client
 }
 
 /// How many deliveries of the destination `fhir` the counters have in `state`.
@@ -240,7 +233,7 @@ async fn node_alive(db: &tokio_postgres::Client, node: i32) -> bool {
 async fn leases_of_a_node_that_is_gone_return_on_open() {
     let server = server().await;
     let url = server.create_database("restart");
-    let db = client(&url).await;
+    let db = common::client(&url).await;
     let clock = Arc::new(ManualClock::new(5_000_000));
     let first = PgStore::open(config(url.clone(), clock.clone()))
         .await
@@ -328,7 +321,7 @@ async fn leases_of_a_node_that_is_gone_return_on_open() {
 async fn a_node_takes_its_liveness_lock_again_after_losing_its_connection() {
     let server = server().await;
     let url = server.create_database("liveness");
-    let db = client(&url).await;
+    let db = common::client(&url).await;
     let store = PgStore::open(config(url, Arc::new(ManualClock::new(1))))
         .await
         .unwrap();
@@ -410,7 +403,7 @@ async fn another_schema_version_is_refused_and_bad_rows_are_errors() {
         .journal(b"MSH|2", JournalMeta::default())
         .await
         .unwrap();
-    let db = client(&url).await;
+    let db = common::client(&url).await;
 
     // A history that is not a list of transitions: an error naming the row, not a panic.
     db.execute(
@@ -499,7 +492,7 @@ async fn a_database_from_before_the_duplicate_state_is_upgraded_on_open() {
         .unwrap();
     drop(store);
     // The check as the first schema wrote it.
-    let db = client(&url).await;
+    let db = common::client(&url).await;
     db.batch_execute(
         "ALTER TABLE passerelle_messages DROP CONSTRAINT passerelle_messages_state_check;
          ALTER TABLE passerelle_messages ADD CONSTRAINT passerelle_messages_state_check

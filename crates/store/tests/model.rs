@@ -14,6 +14,8 @@
 
 #![allow(clippy::unwrap_used)] // tests: a panic is a failure with its message
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -426,10 +428,7 @@ impl<const HOLD: bool> Backend for Postgres<HOLD> {
         let admin_url = PG_ADMIN_URL
             .get()
             .expect("the PostgreSQL server is started by queue_on_postgres_matches_its_model");
-        let (admin, connection) = tokio_postgres::connect(admin_url, tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(connection);
+        let admin = common::client(admin_url).await;
         let name = format!("case_{}", CASES.fetch_add(1, Ordering::SeqCst));
         admin
             .batch_execute(&format!("CREATE DATABASE {name}"))

@@ -13,6 +13,8 @@
 
 #![allow(clippy::unwrap_used)] // tests: a panic is a failure with its message
 
+mod common;
+
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -55,7 +57,7 @@ async fn tls_server() -> TlsServer {
     let server = tokio::task::spawn_blocking(move || PgServer::start_with(options))
         .await
         .unwrap();
-    let admin = unix_client(&server.url()).await;
+    let admin = common::client(&server.url()).await;
     admin
         .batch_execute(&format!(
             "CREATE ROLE passerelle LOGIN SUPERUSER PASSWORD '{PASSWORD}'; \
@@ -75,15 +77,6 @@ impl TlsServer {
             self.server.tcp_url(host, "passerelle", name)
         )
     }
-}
-
-/// A client over the Unix socket (trust; no TLS there), to look at the server.
-async fn unix_client(url: &str) -> tokio_postgres::Client {
-    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(connection);
-    client
 }
 
 fn config(url: String, mode: PgTlsMode, ca: Option<PathBuf>) -> PgConfig {
@@ -140,7 +133,7 @@ async fn verify_full_with_the_right_ca_encrypts_every_connection() {
         .journal(b"MSH|^~\\&|A", JournalMeta::default())
         .await
         .unwrap();
-    let admin = unix_client(&tls.server.url()).await;
+    let admin = common::client(&tls.server.url()).await;
     let [sessions, encrypted, listening, listening_encrypted] =
         passerelle_sessions(&admin, "verified").await;
     assert_eq!(
@@ -227,7 +220,7 @@ async fn a_wrong_ca_or_host_name_is_refused_and_plaintext_never_gets_in() {
             .is_some_and(|m| m.contains("pg_hba.conf") && m.contains("no encryption")),
         "{refusal:?}"
     );
-    let admin = unix_client(&tls.server.url()).await;
+    let admin = common::client(&tls.server.url()).await;
     let [sessions, encrypted, listening, listening_encrypted] =
         passerelle_sessions(&admin, "refused").await;
     assert_eq!(
@@ -264,7 +257,7 @@ async fn a_client_certificate_logs_in_where_pg_hba_says_cert() {
         .await
         .unwrap();
     assert!(store.get(id).await.unwrap().is_some());
-    let admin = unix_client(&tls.server.url()).await;
+    let admin = common::client(&tls.server.url()).await;
     let row = admin
         .query_one(
             "SELECT count(*) FILTER (WHERE s.ssl AND s.client_dn = '/CN=passerelle_cert'), count(*) \

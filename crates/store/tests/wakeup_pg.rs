@@ -8,6 +8,8 @@
 
 #![allow(clippy::unwrap_used)] // tests: a panic is a failure with its message
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,14 +28,6 @@ fn config(url: String, clock: Arc<dyn Clock>) -> PgConfig {
     c.visibility_timeout = Duration::from_millis(VISIBILITY_MS);
     c.pool_size = 2;
     c
-}
-
-async fn client(url: &str) -> tokio_postgres::Client {
-    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(connection);
-    client
 }
 
 fn to_fhir(key: &str) -> Outcome {
@@ -188,7 +182,7 @@ async fn the_listening_connection_comes_back_after_the_server_ends_it() {
         .await
         .unwrap();
     let b = Arc::new(PgStore::open(config(url.clone(), clock)).await.unwrap());
-    let admin = client(&url).await;
+    let admin = common::client(&url).await;
     let before = listener_pids(&admin).await;
     assert_eq!(
         before.len(),
