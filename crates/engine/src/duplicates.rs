@@ -32,7 +32,8 @@
 
 use std::time::Duration;
 
-use passerelle_store::{MessageId, MessageState, Millis, MshSummary, Query, Store, StoreError};
+use passerelle_hl7::HeaderSummary;
+use passerelle_store::{MessageId, MessageState, Millis, Query, Store, StoreError};
 
 /// The duplicate check's setting.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,7 +61,7 @@ pub(crate) async fn earlier_copy<S: Store>(
     settings: &Duplicates,
     id: MessageId,
     received_at_ms: Millis,
-    msh: &MshSummary,
+    msh: &HeaderSummary,
     frame: &[u8],
 ) -> Result<Option<MessageId>, StoreError> {
     if settings.window.is_zero() || msh.control_id.is_empty() {

@@ -672,7 +672,8 @@ impl<S: Store> Pipeline<S> {
                         .map(|r| (Arc::from(r.listener), r.received_at_ms))
                         .unwrap_or_else(|| (Arc::from(""), now_ms())),
                 };
-                let header = msh_summary(&HeaderSummary::of(&message));
+                // Read once, for the duplicate check and for routing.
+                let header = HeaderSummary::of(&message);
                 let earlier = earlier_copy(
                     store.as_ref(),
                     &self.inner.config.duplicates,
@@ -699,11 +700,12 @@ impl<S: Store> Pipeline<S> {
                     }
                     None => {
                         let routing = self.routing();
-                        route_and_map(
+                        route_and_map_with(
                             &routing.routes,
                             &routing.packs,
                             &self.inner.config.map_options,
                             &message,
+                            &header,
                             &listener,
                         )
                     }
@@ -925,7 +927,19 @@ pub fn route_and_map(
     listener: &str,
 ) -> Outcome {
     let header = HeaderSummary::of(message);
-    let Some(route) = routes.select(&header, listener) else {
+    route_and_map_with(routes, packs, options, message, &header, listener)
+}
+
+/// [`route_and_map`] for a message whose header was read already.
+fn route_and_map_with(
+    routes: &RouteTable,
+    packs: &HashMap<String, Pack>,
+    options: &MapOptions,
+    message: &Message<'_>,
+    header: &HeaderSummary,
+    listener: &str,
+) -> Outcome {
+    let Some(route) = routes.select(header, listener) else {
         return Outcome::Unrouted;
     };
     let Some(pack) = packs.get(&route.mapping) else {
