@@ -672,15 +672,13 @@ async fn serve_connection<H: Handler, S: AsyncRead + AsyncWrite + Unpin>(
                     // While the handler works (or holds the frame back), keep reading: a
                     // peer that closes is seen, and said to the handler, at once.
                     let mut eof = false;
-                    let mut stopping = false;
                     let reply = loop {
                         tokio::select! {
                             biased;
                             // Only after the shutdown grace period: drop the handler's work.
                             _ = shared.kill.cancelled() => return Ok(Close::Done),
                             reply = &mut handling => break reply,
-                            _ = shared.stop.cancelled(), if !stopping => {
-                                stopping = true;
+                            _ = shared.stop.cancelled(), if !peer.abandoned.is_cancelled() => {
                                 peer.abandoned.cancel();
                             }
                             read = stream.read_buf(&mut buf), if !eof && buf.len() < READ_AHEAD => {
