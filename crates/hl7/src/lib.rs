@@ -59,4 +59,4 @@ pub use message::{Message, ParseOptions, Quirks, Segment};
 pub use owned::{Component, EncodeError, Field, OwnedMessage, OwnedSegment, Repetition};
 pub use path::{Path, PathError, Selector};
 pub use separators::Separators;
-pub use value::{Children, Encoding, Level, Value};
+pub use value::{ChildIndex, Children, Encoding, Level, Value};

@@ -110,17 +110,10 @@ impl<'a> Value<'a> {
     /// The pieces one level down (repetitions of a field, components of a repetition,
     /// subcomponents of a component). A leaf yields itself.
     pub fn children(&self) -> Children<'a> {
-        let child = self.level.child();
-        let delimiter = match self.level {
-            Level::Field => Some(self.encoding.separators.repetition),
-            Level::Repetition => Some(self.encoding.separators.component),
-            Level::Component => Some(self.encoding.separators.subcomponent),
-            Level::Subcomponent | Level::Literal => None,
-        };
         Children {
             rest: Some(self.raw),
-            delimiter,
-            level: child,
+            delimiter: self.delimiter(),
+            level: self.level.child(),
             encoding: self.encoding,
         }
     }
@@ -132,6 +125,46 @@ impl<'a> Value<'a> {
             return None;
         }
         self.children().nth(n - 1)
+    }
+
+    /// The children split once, for reading several of them.
+    pub fn index_children(&self) -> ChildIndex<'a> {
+        let mut index = ChildIndex {
+            value: *self,
+            starts: [0; CHILD_INDEX_ROOM + 1],
+            count: 1,
+            overflow: false,
+        };
+        let Some(delimiter) = self.delimiter() else {
+            return index;
+        };
+        // Offsets are kept as u32: a value past 4 GiB (never seen in HL7) is read by
+        // scanning, as without an index.
+        if u32::try_from(self.raw.len()).is_err() {
+            index.count = 0;
+            index.overflow = true;
+            return index;
+        }
+        for (pos, &b) in self.raw.iter().enumerate() {
+            if b == delimiter {
+                index.starts[index.count] = pos as u32 + 1;
+                if index.count == CHILD_INDEX_ROOM {
+                    index.overflow = true;
+                    break;
+                }
+                index.count += 1;
+            }
+        }
+        index
+    }
+
+    fn delimiter(&self) -> Option<u8> {
+        match self.level {
+            Level::Field => Some(self.encoding.separators.repetition),
+            Level::Repetition => Some(self.encoding.separators.component),
+            Level::Component => Some(self.encoding.separators.subcomponent),
+            Level::Subcomponent | Level::Literal => None,
+        }
     }
 
     /// Repetitions of a field (a non-field value yields itself).
@@ -170,6 +203,63 @@ impl<'a> Value<'a> {
             level: self.level,
             encoding: self.encoding,
         }
+    }
+}
+
+/// The children of one [`Value`], split once: reading many of them (a datatype map reads
+/// each component of an XCN or an XAD in turn) costs one pass over the value instead of
+/// one pass per child. Allocates nothing; values with more children than it has room
+/// for are still read whole, the ones past the room by scanning as [`Value::child`] does.
+#[derive(Debug, Clone, Copy)]
+pub struct ChildIndex<'a> {
+    value: Value<'a>,
+    /// `starts[i]` is where child `i + 1` starts; child `i + 1` ends one byte (its
+    /// delimiter) before `starts[i + 1]`, or at the value's end for the last one.
+    starts: [u32; CHILD_INDEX_ROOM + 1],
+    /// How many children are indexed.
+    count: usize,
+    /// Whether the value has more children than are indexed (`starts[count]` is then
+    /// where the first one not indexed starts).
+    overflow: bool,
+}
+
+/// Room for the components of the widest common datatypes (XCN has 23).
+const CHILD_INDEX_ROOM: usize = 24;
+
+impl<'a> ChildIndex<'a> {
+    /// The value the index splits.
+    pub fn value(&self) -> Value<'a> {
+        self.value
+    }
+
+    /// The `n`-th child (1-based), as [`Value::child`] returns it.
+    pub fn child(&self, n: usize) -> Option<Value<'a>> {
+        if n == 0 {
+            return None;
+        }
+        if n > self.count {
+            return if self.overflow {
+                self.value.child(n)
+            } else {
+                None
+            };
+        }
+        if self.value.delimiter().is_none() {
+            // A leaf is its own only child.
+            return Some(self.value);
+        }
+        let raw = self.value.raw;
+        let start = self.starts[n - 1] as usize;
+        let end = if n < self.count || self.overflow {
+            self.starts[n] as usize - 1
+        } else {
+            raw.len()
+        };
+        Some(Value::new(
+            &raw[start..end],
+            self.value.level.child(),
+            self.value.encoding,
+        ))
     }
 }
 
@@ -254,6 +344,43 @@ mod tests {
         assert_eq!(sub.level(), Level::Subcomponent);
         assert!(f.component(3).is_none());
         assert!(f.component(0).is_none());
+    }
+
+    /// The index gives what `child` gives, at every level, past its room included.
+    #[test]
+    fn child_index_matches_child() {
+        let wide = (1..=30)
+            .map(|i| i.to_string())
+            .collect::<Vec<_>>()
+            .join("^");
+        for raw in [
+            "",
+            "a",
+            "a^b&c~d",
+            "^^x^",
+            "~",
+            "a&b^&&c^d",
+            "x~y~",
+            wide.as_str(),
+        ] {
+            let f = field(raw);
+            let mut values = vec![f];
+            values.extend(f.children());
+            values.extend(f.children().flat_map(|r| r.children().collect::<Vec<_>>()));
+            let deeper: Vec<_> = values.iter().flat_map(|v| v.children()).collect();
+            values.extend(deeper);
+            for v in values {
+                let index = v.index_children();
+                for n in 0..40 {
+                    assert_eq!(
+                        index.child(n),
+                        v.child(n),
+                        "{raw:?} {:?} child {n}",
+                        v.level()
+                    );
+                }
+            }
+        }
     }
 
     #[test]

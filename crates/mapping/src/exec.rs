@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 
 use passerelle_hl7::types::{DateTime, Number};
-use passerelle_hl7::{Level, Message, Segment, Selector, Value};
+use passerelle_hl7::{ChildIndex, Level, Message, Segment, Selector, Value};
 
 use crate::error::{MapError, MapErrorKind};
 use crate::expr::{Cmp, Cond, Index, Source, SrcPath, Target};
@@ -16,11 +16,12 @@ use crate::sha256;
 use crate::structure::Tree;
 use crate::{Bundle, MapOptions};
 
-/// Where a rule reads: a segment, and inside a datatype map the value being mapped.
+/// Where a rule reads: a segment, and inside a datatype map the value being mapped,
+/// split into its children once (a datatype map reads most of them, one rule each).
 #[derive(Clone, Copy)]
-struct Here<'m, 'a> {
+struct Here<'h, 'm, 'a> {
     seg: Segment<'m, 'a>,
-    value: Option<Value<'a>>,
+    value: Option<&'h ChildIndex<'a>>,
 }
 
 struct Res {
@@ -297,7 +298,7 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
         &mut self,
         spec: &ResourceSpec,
         mut body: Node,
-        here: Here<'m, 'a>,
+        here: Here<'_, 'm, 'a>,
         instance: usize,
         label: Option<String>,
     ) -> Result<usize, MapError> {
@@ -412,7 +413,7 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
     fn error(
         &self,
         kind: MapErrorKind,
-        here: Here<'_, '_>,
+        here: Here<'_, '_, '_>,
         path: Option<String>,
         rule: &Rule,
     ) -> MapError {
@@ -427,7 +428,7 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
     fn apply(
         &mut self,
         rules: &[Rule],
-        here: Here<'m, 'a>,
+        here: Here<'_, 'm, 'a>,
         out: &mut Node,
     ) -> Result<(), MapError> {
         for rule in rules {
@@ -493,7 +494,7 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
         &mut self,
         rule: &Rule,
         values: &[Value<'a>],
-        here: Here<'m, 'a>,
+        here: Here<'_, 'm, 'a>,
         path: &SrcPath,
         out: &mut Node,
     ) -> Result<(), MapError> {
@@ -516,7 +517,7 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
         &mut self,
         rule: &Rule,
         v: Value<'a>,
-        here: Here<'m, 'a>,
+        here: Here<'_, 'm, 'a>,
         path: &SrcPath,
     ) -> Result<Option<Node>, MapError> {
         match &rule.convert {
@@ -557,9 +558,10 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
                 {
                     return Ok(Some(reference(&self.resources[idx].id)));
                 }
+                let index = v.index_children();
                 let inner = Here {
                     seg: here.seg,
-                    value: Some(v),
+                    value: Some(&index),
                 };
                 let mut node = match &dt.resource {
                     Some(spec) => resource_body(&spec.resource_type),
@@ -682,7 +684,7 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
 
     /// The first value with content, from the first alternative that has one, and the
     /// index of that alternative.
-    fn first(&self, src: &Source, here: Here<'m, 'a>) -> Option<(Value<'a>, usize)> {
+    fn first(&self, src: &Source, here: Here<'_, 'm, 'a>) -> Option<(Value<'a>, usize)> {
         for (i, p) in src.0.iter().enumerate() {
             let mut found = None;
             self.each(p, here, &mut |v| {
@@ -701,7 +703,7 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
     }
 
     /// Every value with content of the first alternative that has one.
-    fn all(&self, src: &Source, here: Here<'m, 'a>, out: &mut Vec<Value<'a>>) -> usize {
+    fn all(&self, src: &Source, here: Here<'_, 'm, 'a>, out: &mut Vec<Value<'a>>) -> usize {
         for (i, p) in src.0.iter().enumerate() {
             self.each(p, here, &mut |v| {
                 if has_content(&v) {
@@ -717,13 +719,20 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
     }
 
     /// Calls `f` with each value the path selects, until it returns false.
-    fn each(&self, p: &SrcPath, here: Here<'m, 'a>, f: &mut dyn FnMut(Value<'a>) -> bool) {
+    fn each(&self, p: &SrcPath, here: Here<'_, 'm, 'a>, f: &mut dyn FnMut(Value<'a>) -> bool) {
         match p {
             SrcPath::Relative(parts) => {
-                let Some(mut v) = here.value else {
+                let Some(index) = here.value else {
                     return;
                 };
-                for &n in parts {
+                let mut v = match parts.split_first() {
+                    Some((&n, _)) => match index.child(n) {
+                        Some(c) => c,
+                        None => return,
+                    },
+                    None => index.value(),
+                };
+                for &n in parts.iter().skip(1) {
                     match v.child(n) {
                         Some(c) => v = c,
                         None => return,
@@ -779,7 +788,7 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
         None
     }
 
-    fn cond(&self, c: &Cond, here: Here<'m, 'a>) -> bool {
+    fn cond(&self, c: &Cond, here: Here<'_, 'm, 'a>) -> bool {
         let first_is = |p: &SrcPath, test: &dyn Fn(&str) -> bool| {
             let mut result = false;
             self.each(p, here, &mut |v| {
@@ -836,7 +845,7 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
     }
 }
 
-fn path_name(p: &SrcPath, here: Here<'_, '_>) -> String {
+fn path_name(p: &SrcPath, here: Here<'_, '_, '_>) -> String {
     match p {
         SrcPath::Segment(path, _) => path.to_string(),
         SrcPath::Relative(parts) => {
