@@ -2,6 +2,7 @@
 //! transaction Bundle. It reads the message through borrowed [`Value`]s and allocates
 //! only the output.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 use passerelle_hl7::types::{DateTime, Number};
@@ -123,7 +124,26 @@ fn leaf_text(v: Value<'_>) -> Text {
     if l.is_null() {
         return Text::default();
     }
-    Text::from(l.text().trim())
+    Text::from(&*trimmed_text(l))
+}
+
+/// The text of a value without surrounding white space (as `str::trim` removes it).
+/// Most leaves are plain ASCII without escape sequences, whose text is their bytes in
+/// every character set: those are read in one pass, the others unescaped and decoded.
+fn trimmed_text(v: Value<'_>) -> Cow<'_, str> {
+    let raw = v.raw();
+    let escape = v.encoding().separators.escape;
+    if v.level() != Level::Literal && raw.iter().all(|&b| b.is_ascii() && Some(b) != escape) {
+        // The ASCII characters `char::is_whitespace` knows: tab to carriage return, space.
+        let blank = |b: &u8| matches!(b, b'\t'..=b'\r' | b' ');
+        let start = raw.iter().position(|b| !blank(b)).unwrap_or(raw.len());
+        let end = raw.iter().rposition(|b| !blank(b)).map_or(start, |e| e + 1);
+        return Cow::Borrowed(std::str::from_utf8(&raw[start..end]).unwrap_or_default());
+    }
+    match v.text() {
+        Cow::Borrowed(text) => Cow::Borrowed(text.trim()),
+        Cow::Owned(text) => Cow::Owned(text.trim().to_owned()),
+    }
 }
 
 /// An empty resource of this type, with room for its members.
@@ -794,7 +814,7 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
             self.each(p, here, &mut |v| {
                 if has_content(&v) {
                     let l = leaf(v);
-                    result = !l.is_null() && test(l.text().trim());
+                    result = !l.is_null() && test(&trimmed_text(l));
                     false
                 } else {
                     true
@@ -821,7 +841,7 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
                 self.each(p, here, &mut |v| {
                     if has_content(&v) {
                         let l = leaf(v);
-                        found = !l.is_null() && items.iter().any(|i| i == l.text().trim());
+                        found = !l.is_null() && items.iter().any(|i| *i == *trimmed_text(l));
                     }
                     !found
                 });
@@ -1074,6 +1094,29 @@ resources = [{{ label = "Patient", for = "PID", map = "PID" }}]
             json("DOE^JANE|ROE"),
             r#""name":[{"family":"ROE"},{"family":"DOE","given":["JANE"]}]}"#
         );
+    }
+
+    /// The one-pass reading of plain leaves gives what unescaping, decoding and trimming give.
+    #[test]
+    fn trimmed_text_is_the_trimmed_decoded_text() {
+        for (charset, field) in [
+            ("UNICODE UTF-8", " Jos\u{e9} "),
+            ("8859/1", " a\\X41\\b "),
+            ("8859/1", " \\X09\\x\\X0B\\ "),
+            ("", "\\T\\ "),
+            ("", "   "),
+            ("", "plain"),
+        ] {
+            let text = format!(
+                "MSH|^~\\&|A|B|||20240101||ADT^A01|1|P|2.5|||||{charset}\rPID|1||{field}\r"
+            );
+            let message = passerelle_hl7::Message::parse(text.as_bytes()).unwrap();
+            let pid = message.segments().nth(1).unwrap();
+            let value = pid.field(3).unwrap();
+            assert_eq!(trimmed_text(value), value.text().trim(), "{field:?}");
+            let msh2 = message.msh().field(2).unwrap();
+            assert_eq!(trimmed_text(msh2), msh2.text().trim());
+        }
     }
 
     #[test]
