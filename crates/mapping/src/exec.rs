@@ -50,6 +50,7 @@ struct Exec<'p, 'm, 'a> {
     /// Whether some write may have left an empty member (see [`set`]); until one does,
     /// nothing needs pruning.
     left_empty: bool,
+    text: TextReader<'a>,
 }
 
 pub(crate) fn map(
@@ -85,6 +86,7 @@ pub(crate) fn map(
         built: HashMap::default(),
         spare_lists: Vec::new(),
         left_empty: false,
+        text: TextReader::new(msg),
     };
     exec.run(mm)
 }
@@ -119,30 +121,88 @@ fn has_content(v: &Value<'_>) -> bool {
 }
 
 /// The trimmed text of a value's first leaf; short texts are kept inline (no allocation).
-fn leaf_text(v: Value<'_>) -> Text {
-    let l = leaf(v);
-    if l.is_null() {
-        return Text::default();
-    }
-    Text::from(&*trimmed_text(l))
+/// Reads the text of leaves. Most messages are ASCII, and most of their fields hold no
+/// escape sequence: there, a leaf's text is a slice of the message taken as one `str`,
+/// found in constant time (no unescaping, no character-set decoding, no UTF-8 check per
+/// leaf). Other leaves are unescaped and decoded.
+struct TextReader<'a> {
+    /// The whole message as text when it is ASCII (its text in every character set), or "".
+    plain: &'a str,
+    /// Where the message's bytes start in memory, to find a leaf's offset in them.
+    base: usize,
+    /// Leaves that end before this offset contain no escape character: the first one after
+    /// MSH-2 (which holds the escape character itself, read literally).
+    plain_until: usize,
 }
 
-/// The text of a value without surrounding white space (as `str::trim` removes it).
-/// Most leaves are plain ASCII without escape sequences, whose text is their bytes in
-/// every character set: those are read in one pass, the others unescaped and decoded.
-fn trimmed_text(v: Value<'_>) -> Cow<'_, str> {
-    let raw = v.raw();
-    let escape = v.encoding().separators.escape;
-    if v.level() != Level::Literal && raw.iter().all(|&b| b.is_ascii() && Some(b) != escape) {
-        // The ASCII characters `char::is_whitespace` knows: tab to carriage return, space.
-        let blank = |b: &u8| matches!(b, b'\t'..=b'\r' | b' ');
-        let start = raw.iter().position(|b| !blank(b)).unwrap_or(raw.len());
-        let end = raw.iter().rposition(|b| !blank(b)).map_or(start, |e| e + 1);
-        return Cow::Borrowed(std::str::from_utf8(&raw[start..end]).unwrap_or_default());
+impl<'a> TextReader<'a> {
+    fn new(msg: &Message<'a>) -> TextReader<'a> {
+        let bytes = msg.bytes();
+        let plain = std::str::from_utf8(bytes)
+            .ok()
+            .filter(|text| text.is_ascii())
+            .unwrap_or_default();
+        let after_msh2 = msg.msh().field_offset(3).min(bytes.len());
+        let plain_until = match msg.separators().escape {
+            Some(escape) => {
+                memchr::memchr(escape, &bytes[after_msh2..]).map_or(bytes.len(), |p| after_msh2 + p)
+            }
+            None => bytes.len(),
+        };
+        TextReader {
+            plain,
+            base: bytes.as_ptr() as usize,
+            plain_until,
+        }
     }
-    match v.text() {
-        Cow::Borrowed(text) => Cow::Borrowed(text.trim()),
-        Cow::Owned(text) => Cow::Owned(text.trim().to_owned()),
+
+    /// The trimmed text of a value's first leaf; short texts are kept inline.
+    fn leaf_text(&self, v: Value<'a>) -> Text {
+        let l = leaf(v);
+        if l.is_null() {
+            return Text::default();
+        }
+        Text::from(&*self.trimmed_text(l))
+    }
+
+    /// The text of a value when it is a slice of the plain message.
+    fn plain_text(&self, v: Value<'a>) -> Option<&'a str> {
+        let raw = v.raw();
+        let start = (raw.as_ptr() as usize).wrapping_sub(self.base);
+        let end = start.wrapping_add(raw.len());
+        if end <= self.plain_until {
+            self.plain.get(start..end)
+        } else {
+            None
+        }
+    }
+
+    /// The text of a value, as [`Value::text`] gives it.
+    fn text(&self, v: Value<'a>) -> Cow<'a, str> {
+        match self.plain_text(v) {
+            Some(text) => Cow::Borrowed(text),
+            None => v.text(),
+        }
+    }
+
+    /// The text of a value without surrounding white space (as `str::trim` removes it).
+    fn trimmed_text(&self, v: Value<'a>) -> Cow<'a, str> {
+        if let Some(text) = self.plain_text(v) {
+            // ASCII: the characters `char::is_whitespace` knows are tab to carriage return
+            // and space, so trimming bytes trims the text.
+            let blank = |b: &u8| matches!(b, b'\t'..=b'\r' | b' ');
+            let bytes = text.as_bytes();
+            let from = bytes.iter().position(|b| !blank(b)).unwrap_or(bytes.len());
+            let to = bytes
+                .iter()
+                .rposition(|b| !blank(b))
+                .map_or(from, |e| e + 1);
+            return Cow::Borrowed(text.get(from..to).unwrap_or_default());
+        }
+        match v.text() {
+            Cow::Borrowed(text) => Cow::Borrowed(text.trim()),
+            Cow::Owned(text) => Cow::Owned(text.trim().to_owned()),
+        }
     }
 }
 
@@ -331,7 +391,7 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
             key.update(b"\x1f");
             if let Some((v, _)) = self.first(src, here) {
                 any = true;
-                key.update(v.text().as_bytes());
+                key.update(self.text.text(v).as_bytes());
             }
         }
         if !any {
@@ -469,7 +529,7 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
                 for p in &src.0 {
                     self.each(p, here, &mut |v| {
                         if has_content(&v) {
-                            let t = leaf_text(v);
+                            let t = self.text.leaf_text(v);
                             if !t.is_empty() {
                                 if !text.is_empty() {
                                     text.push_str(sep);
@@ -546,7 +606,7 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
                 .map_err(|kind| self.error(kind, here, Some(path_name(path, here)), rule)),
             Convert::Vocab(n) => {
                 let vocab = &self.pack.vocabularies[*n];
-                let code = leaf_text(v);
+                let code = self.text.leaf_text(v);
                 if code.is_empty() {
                     return Ok(None);
                 }
@@ -614,11 +674,11 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
     fn primitive(&self, f: Func, v: Value<'a>) -> Result<Option<Node>, MapErrorKind> {
         let conversion = |what: &str| MapErrorKind::Conversion { what: what.into() };
         if f == Func::Raw {
-            let text = v.text();
+            let text = self.text.text(v);
             let t = text.trim();
             return Ok((!t.is_empty()).then(|| Node::Str(t.into())));
         }
-        let text = leaf_text(v);
+        let text = self.text.leaf_text(v);
         if text.is_empty() {
             return Ok(None);
         }
@@ -814,7 +874,7 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
             self.each(p, here, &mut |v| {
                 if has_content(&v) {
                     let l = leaf(v);
-                    result = !l.is_null() && test(&trimmed_text(l));
+                    result = !l.is_null() && test(&self.text.trimmed_text(l));
                     false
                 } else {
                     true
@@ -841,7 +901,8 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
                 self.each(p, here, &mut |v| {
                     if has_content(&v) {
                         let l = leaf(v);
-                        found = !l.is_null() && items.iter().any(|i| *i == *trimmed_text(l));
+                        found =
+                            !l.is_null() && items.iter().any(|i| *i == *self.text.trimmed_text(l));
                     }
                     !found
                 });
@@ -1106,16 +1167,24 @@ resources = [{{ label = "Patient", for = "PID", map = "PID" }}]
             ("", "\\T\\ "),
             ("", "   "),
             ("", "plain"),
+            ("", " a ^ b | c\\T\\d ^e| f &g~ h"),
         ] {
             let text = format!(
                 "MSH|^~\\&|A|B|||20240101||ADT^A01|1|P|2.5|||||{charset}\rPID|1||{field}\r"
             );
             let message = passerelle_hl7::Message::parse(text.as_bytes()).unwrap();
+            let reader = TextReader::new(&message);
             let pid = message.segments().nth(1).unwrap();
-            let value = pid.field(3).unwrap();
-            assert_eq!(trimmed_text(value), value.text().trim(), "{field:?}");
-            let msh2 = message.msh().field(2).unwrap();
-            assert_eq!(trimmed_text(msh2), msh2.text().trim());
+            let mut values: Vec<Value<'_>> = pid.fields().chain(message.msh().fields()).collect();
+            for _ in 0..3 {
+                let children: Vec<Value<'_>> = values.iter().flat_map(|v| v.children()).collect();
+                values.extend(children);
+            }
+            for value in values {
+                let text = value.text();
+                assert_eq!(reader.text(value), text, "{field:?}");
+                assert_eq!(reader.trimmed_text(value), text.trim(), "{field:?}");
+            }
         }
     }
 
