@@ -193,6 +193,25 @@ impl<'a> Value<'a> {
         component(&self.raw[start..end])
     }
 
+    /// The first leaf: the first subcomponent of the first component of the first
+    /// repetition (as many levels as this value has), found in one pass. A subcomponent
+    /// or a literal value is its own first leaf.
+    pub fn first_leaf(&self) -> Value<'a> {
+        let s = &self.encoding.separators;
+        let stops = match self.level {
+            Level::Field => [s.repetition, s.component, s.subcomponent],
+            Level::Repetition => [s.component, s.subcomponent, s.subcomponent],
+            Level::Component => [s.subcomponent; 3],
+            Level::Subcomponent | Level::Literal => return *self,
+        };
+        let end = self
+            .raw
+            .iter()
+            .position(|b| stops.contains(b))
+            .unwrap_or(self.raw.len());
+        Value::new(&self.raw[..end], Level::Subcomponent, self.encoding)
+    }
+
     fn delimiter(&self) -> Option<u8> {
         match self.level {
             Level::Field => Some(self.encoding.separators.repetition),
@@ -439,6 +458,33 @@ mod tests {
                     Some(expected),
                     "{raw:?} {c}"
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn first_leaf_is_first_child_down_to_a_subcomponent() {
+        for raw in [
+            "",
+            "a",
+            "a^b&c~d",
+            "^^x^",
+            "~",
+            "a&b^&&c^d",
+            "x~y~",
+            "&b",
+            "ab&c~d^e",
+        ] {
+            let f = field(raw);
+            let mut values = vec![f];
+            values.extend(f.children());
+            values.extend(f.children().flat_map(|r| r.children().collect::<Vec<_>>()));
+            for v in values {
+                let mut expected = v;
+                while let Some(c) = expected.child(1).filter(|c| c.level() != expected.level()) {
+                    expected = c;
+                }
+                assert_eq!(v.first_leaf(), expected, "{raw:?} {:?}", v.level());
             }
         }
     }

@@ -6,7 +6,7 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 
 use passerelle_hl7::types::{DateTime, Number};
-use passerelle_hl7::{ChildIndex, Level, Message, Segment, Selector, Value};
+use passerelle_hl7::{ChildIndex, Message, Segment, Selector, Value};
 
 use crate::error::{MapError, MapErrorKind};
 use crate::expr::{Cmp, Cond, Index, Source, SrcPath, Target};
@@ -158,7 +158,7 @@ impl<'a> TextReader<'a> {
 
     /// The trimmed text of a value's first leaf; short texts are kept inline.
     fn leaf_text(&self, v: Value<'a>) -> Text {
-        let l = leaf(v);
+        let l = v.first_leaf();
         if l.is_null() {
             return Text::default();
         }
@@ -873,7 +873,7 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
             let mut result = false;
             self.each(p, here, &mut |v| {
                 if has_content(&v) {
-                    let l = leaf(v);
+                    let l = v.first_leaf();
                     result = !l.is_null() && test(&self.text.trimmed_text(l));
                     false
                 } else {
@@ -900,7 +900,7 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
                 let mut found = false;
                 self.each(p, here, &mut |v| {
                     if has_content(&v) {
-                        let l = leaf(v);
+                        let l = v.first_leaf();
                         found =
                             !l.is_null() && items.iter().any(|i| *i == *self.text.trimmed_text(l));
                     }
