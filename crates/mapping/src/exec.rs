@@ -95,20 +95,6 @@ fn seg_name(seg: Segment<'_, '_>) -> String {
     format!("{} (segment {})", seg.id(), seg.index() + 1)
 }
 
-/// The first leaf under a value: the first component's first subcomponent.
-fn leaf(mut v: Value<'_>) -> Value<'_> {
-    while matches!(
-        v.level(),
-        Level::Field | Level::Repetition | Level::Component
-    ) {
-        match v.child(1) {
-            Some(c) if c.level() != v.level() => v = c,
-            _ => break,
-        }
-    }
-    v
-}
-
 /// Whether a value holds something besides separators, and is not the explicit null.
 fn has_content(v: &Value<'_>) -> bool {
     if v.is_null() || v.is_empty() {
