@@ -25,14 +25,14 @@ struct Here<'h, 'm, 'a> {
     value: Option<&'h ChildIndex<'a>>,
 }
 
-struct Res {
-    resource_type: String,
+struct Res<'p> {
+    resource_type: &'p str,
     id: String,
     body: Node,
     conditional: bool,
     /// Group instance of the segment the resource comes from.
     instance: usize,
-    label: Option<String>,
+    label: Option<&'p str>,
 }
 
 struct Exec<'p, 'm, 'a> {
@@ -40,8 +40,9 @@ struct Exec<'p, 'm, 'a> {
     msg: &'m Message<'a>,
     tree: Tree,
     offset: Option<i16>,
-    resources: Vec<Res>,
-    by_id: HashMap<String, usize, FastHash>,
+    resources: Vec<Res<'p>>,
+    /// Resources by the digest their id is written from.
+    by_id: HashMap<[u8; 16], usize, FastHash>,
     /// Resources made by pure datatype maps, by (map, input bytes).
     built: HashMap<(usize, &'a [u8]), usize, FastHash>,
     /// Emptied value lists, reused by appending rules (rules nest through datatype maps,
@@ -82,8 +83,8 @@ pub(crate) fn map(
         tree,
         offset: options.site_offset.or(pack.settings.site_offset),
         resources: Vec::new(),
-        by_id: HashMap::default(),
-        built: HashMap::default(),
+        by_id: HashMap::with_capacity_and_hasher(32, FastHash::default()),
+        built: HashMap::with_capacity_and_hasher(16, FastHash::default()),
         spare_lists: Vec::new(),
         left_empty: false,
         text: TextReader::new(msg),
@@ -250,7 +251,7 @@ fn fhir_datetime(dt: &DateTime, offset: i16) -> String {
 }
 
 impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
-    fn run(&mut self, mm: &MessageMap) -> Result<Bundle, MapError> {
+    fn run(&mut self, mm: &'p MessageMap) -> Result<Bundle, MapError> {
         let msg = self.msg;
         // (resource, row) pairs whose references are resolved once everything exists.
         let mut pending: Vec<(usize, &Row)> = Vec::new();
@@ -276,7 +277,7 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
                 };
                 self.apply(&map.rules, here, &mut body)?;
                 if let (Some(label), Some(spec)) = (&row.label, &map.spec) {
-                    let idx = self.create(spec, body, here, inst, Some(label.clone()))?;
+                    let idx = self.create(spec, body, here, inst, Some(label))?;
                     pending.push((idx, row));
                 } else if let Some(into) = &row.into
                     && let Some(target) = self.nearest(into, inst)
@@ -324,7 +325,7 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
                 None
             };
             let mut url = String::with_capacity(64);
-            url.push_str(&res.resource_type);
+            url.push_str(res.resource_type);
             match identifier {
                 Some((system, value)) => {
                     url.push_str("?identifier=");
@@ -362,11 +363,11 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
     /// Adds a resource, or merges it into the one with the same type and id.
     fn create(
         &mut self,
-        spec: &ResourceSpec,
+        spec: &'p ResourceSpec,
         mut body: Node,
         here: Here<'_, 'm, 'a>,
         instance: usize,
-        label: Option<String>,
+        label: Option<&'p str>,
     ) -> Result<usize, MapError> {
         // The id hashes "type␟key1␟key2…" (or "type␟…␞content" when no key is sent),
         // fed piece by piece.
@@ -385,8 +386,8 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
             key.update(b"\x1e");
             key.update(body.to_json(false).as_bytes());
         }
-        let mut id = key.clone().uuid();
-        if let Some(&existing) = self.by_id.get(&id) {
+        let mut digest = key.clone().digest();
+        if let Some(&existing) = self.by_id.get(&digest) {
             if spec.merge {
                 body.remove("resourceType");
                 self.resources[existing].body.merge(body);
@@ -396,19 +397,20 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
                 return Ok(existing);
             }
             let mut n = 2;
-            while self.by_id.contains_key(&id) {
+            while self.by_id.contains_key(&digest) {
                 let mut numbered = key.clone();
                 numbered.update(format!("#{n}").as_bytes());
-                id = numbered.uuid();
+                digest = numbered.digest();
                 n += 1;
             }
         }
+        let id = sha256::uuid_text(&digest);
         if let Node::Obj(o) = &mut body {
             o.insert(1.min(o.len()), ("id".into(), Node::Str(id.as_str().into())));
         }
-        self.by_id.insert(id.clone(), self.resources.len());
+        self.by_id.insert(digest, self.resources.len());
         self.resources.push(Res {
-            resource_type: spec.resource_type.clone(),
+            resource_type: &spec.resource_type,
             id,
             body,
             conditional: spec.conditional,
@@ -425,7 +427,7 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
             if let Some(r) = self
                 .resources
                 .iter()
-                .position(|r| r.instance == i && r.label.as_deref() == Some(label))
+                .position(|r| r.instance == i && r.label == Some(label))
             {
                 return Some(r);
             }
@@ -435,7 +437,7 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
     }
 
     fn resolve(&self, label: &str, within: &Within, inst: usize, me: usize) -> Vec<usize> {
-        let labelled = |r: &Res| r.label.as_deref() == Some(label);
+        let labelled = |r: &Res<'_>| r.label == Some(label);
         match within {
             Within::Nearest => {
                 let mut cur = Some(inst);

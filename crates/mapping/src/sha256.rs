@@ -15,17 +15,25 @@ impl KeyHasher {
         self.0.update(piece);
     }
 
-    pub(crate) fn uuid(self) -> String {
+    /// The UUID's 16 bytes: the digest's first 16, version and variant bits set.
+    pub(crate) fn digest(self) -> [u8; 16] {
         use sha2::Digest;
-        uuid_of(self.0.finalize().into())
+        let d: [u8; 32] = self.0.finalize().into();
+        let mut b = [0u8; 16];
+        b.copy_from_slice(&d[..16]);
+        b[6] = (b[6] & 0x0f) | 0x50;
+        b[8] = (b[8] & 0x3f) | 0x80;
+        b
+    }
+
+    #[cfg(test)]
+    fn uuid(self) -> String {
+        uuid_text(&self.digest())
     }
 }
 
-fn uuid_of(d: [u8; 32]) -> String {
-    let mut b = [0u8; 16];
-    b.copy_from_slice(&d[..16]);
-    b[6] = (b[6] & 0x0f) | 0x50;
-    b[8] = (b[8] & 0x3f) | 0x80;
+/// The UUID's text form: lower-case hex, dashes after bytes 4, 6, 8 and 10.
+pub(crate) fn uuid_text(b: &[u8; 16]) -> String {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut out = String::with_capacity(36);
     for (i, x) in b.iter().enumerate() {
