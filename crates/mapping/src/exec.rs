@@ -10,7 +10,7 @@ use passerelle_hl7::{ChildIndex, Message, Segment, Selector, Value};
 
 use crate::error::{MapError, MapErrorKind};
 use crate::expr::{Cmp, Cond, Index, Source, SrcPath, Target};
-use crate::json::{Node, Text};
+use crate::json::{Node, Text, names};
 use crate::model::FastHash;
 use crate::model::*;
 use crate::sha256;
@@ -196,7 +196,7 @@ impl<'a> TextReader<'a> {
 /// An empty resource of this type, with room for its members.
 fn resource_body(resource_type: &str) -> Node {
     let mut members = Vec::with_capacity(16);
-    members.push(("resourceType".into(), Node::Str(resource_type.into())));
+    members.push((names().resource_type, Node::Str(resource_type.into())));
     Node::Obj(members)
 }
 
@@ -208,7 +208,7 @@ fn urn_uuid(id: &str) -> String {
 }
 
 fn reference(id: &str) -> Node {
-    Node::Obj(vec![("reference".into(), Node::Str(urn_uuid(id).into()))])
+    Node::Obj(vec![(names().reference, Node::Str(urn_uuid(id).into()))])
 }
 
 /// FHIR `dateTime` text (as [`DateTime::to_fhir_datetime`], written in one buffer).
@@ -308,6 +308,7 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
     }
 
     fn assemble(&mut self) -> Bundle {
+        let names = names();
         let mut entries = Vec::with_capacity(self.resources.len());
         for res in self.resources.drain(..) {
             let mut body = res.body;
@@ -340,22 +341,22 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
                 }
             }
             entries.push(Node::Obj(vec![
-                ("fullUrl".into(), Node::Str(urn_uuid(&res.id).into())),
-                ("resource".into(), body),
+                (names.full_url, Node::Str(urn_uuid(&res.id).into())),
+                (names.resource, body),
                 (
-                    "request".into(),
+                    names.request,
                     Node::Obj(vec![
-                        ("method".into(), Node::Str("PUT".into())),
-                        ("url".into(), Node::Str(url.into())),
+                        (names.method, Node::Str("PUT".into())),
+                        (names.url, Node::Str(url.into())),
                     ]),
                 ),
             ]));
         }
         Bundle {
             node: Node::Obj(vec![
-                ("resourceType".into(), Node::Str("Bundle".into())),
-                ("type".into(), Node::Str("transaction".into())),
-                ("entry".into(), Node::Arr(entries)),
+                (names.resource_type, Node::Str("Bundle".into())),
+                (names.kind, Node::Str("transaction".into())),
+                (names.entry, Node::Arr(entries)),
             ]),
         }
     }
@@ -406,7 +407,7 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
         }
         let id = sha256::uuid_text(&digest);
         if let Node::Obj(o) = &mut body {
-            o.insert(1.min(o.len()), ("id".into(), Node::Str(id.as_str().into())));
+            o.insert(1.min(o.len()), (names().id, Node::Str(id.as_str().into())));
         }
         self.by_id.insert(digest, self.resources.len());
         self.resources.push(Res {
@@ -943,9 +944,12 @@ pub(crate) fn set(out: &mut Node, target: &Target, node: Node) -> bool {
         match step.index {
             Index::None => {
                 if last {
-                    match cur.get_mut(step.key.as_str()) {
-                        Some(existing) => existing.merge(node),
-                        None => cur.insert(step.key, node),
+                    // Not an object (another rule wrote a value here): nothing to add to.
+                    if let Node::Obj(members) = cur {
+                        match members.iter_mut().find(|(k, _)| *k == step.key) {
+                            Some((_, existing)) => existing.merge(node),
+                            None => members.push((step.key, node)),
+                        }
                     }
                     return left_empty;
                 }

@@ -12,9 +12,49 @@ pub type Text = compact_str::CompactString;
 
 /// An object member's name. Names come from the compiled pack and the FHIR element
 /// names the executor writes; they are interned once per process, so building and
-/// dropping a resource never copies or counts a key.
-#[derive(Clone, Copy, PartialEq, Eq)]
+/// dropping a resource never copies or counts a key, and two keys are the same name
+/// exactly when they are the same interned text (compared by address, not by content).
+#[derive(Clone, Copy)]
 pub struct Key(&'static str);
+
+impl PartialEq for Key {
+    fn eq(&self, other: &Key) -> bool {
+        std::ptr::eq(self.0, other.0)
+    }
+}
+
+impl Eq for Key {}
+
+/// The member names the executor writes itself, interned once.
+pub(crate) struct Names {
+    pub(crate) resource_type: Key,
+    pub(crate) id: Key,
+    pub(crate) reference: Key,
+    pub(crate) full_url: Key,
+    pub(crate) resource: Key,
+    pub(crate) request: Key,
+    pub(crate) method: Key,
+    pub(crate) url: Key,
+    pub(crate) kind: Key,
+    pub(crate) entry: Key,
+}
+
+pub(crate) fn names() -> &'static Names {
+    use std::sync::OnceLock;
+    static NAMES: OnceLock<Names> = OnceLock::new();
+    NAMES.get_or_init(|| Names {
+        resource_type: "resourceType".into(),
+        id: "id".into(),
+        reference: "reference".into(),
+        full_url: "fullUrl".into(),
+        resource: "resource".into(),
+        request: "request".into(),
+        method: "method".into(),
+        url: "url".into(),
+        kind: "type".into(),
+        entry: "entry".into(),
+    })
+}
 
 impl Key {
     pub fn as_str(&self) -> &'static str {
@@ -49,7 +89,7 @@ impl fmt::Debug for Key {
 
 impl From<&'static str> for Key {
     fn from(s: &'static str) -> Key {
-        Key(s)
+        Key(intern(s))
     }
 }
 
@@ -102,16 +142,6 @@ impl Node {
     pub fn get(&self, key: &str) -> Option<&Node> {
         match self {
             Node::Obj(o) => o.iter().find(|(k, _)| k.as_str() == key).map(|(_, v)| v),
-            _ => None,
-        }
-    }
-
-    pub(crate) fn get_mut(&mut self, key: &str) -> Option<&mut Node> {
-        match self {
-            Node::Obj(o) => o
-                .iter_mut()
-                .find(|(k, _)| k.as_str() == key)
-                .map(|(_, v)| v),
             _ => None,
         }
     }
@@ -333,6 +363,19 @@ mod tests {
             n.to_json(false),
             r#"{"b":"x\"\n\u0001","a":1.50,"c":[true]}"#
         );
+    }
+
+    /// Keys compare by address: every way of making one must intern it.
+    #[test]
+    fn keys_of_the_same_name_are_equal_however_made() {
+        let made = [
+            Key::from("family"),
+            Key::from(String::from("family")),
+            Key::from(format!("fam{}", "ily")),
+        ];
+        assert!(made.iter().all(|k| *k == made[0] && *k == "family"));
+        assert!(Key::from("given") != made[0]);
+        assert!(names().resource_type == Key::from("resourceType"));
     }
 
     #[test]
