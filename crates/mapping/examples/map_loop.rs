@@ -1,6 +1,6 @@
 //! Runs one stage of the mapping bench N times, for instruction counts that a loaded
 //! machine does not skew: `perf stat -e instructions:u target/release/examples/map_loop
-//! oru_r01_chemistry.hl7 map 10000` (stages: `serialize`, `map`, `both`).
+//! oru_r01_chemistry.hl7 map 10000` (stages: `serialize`, `to_json`, `map`, `both`).
 
 #![allow(clippy::unwrap_used)]
 
@@ -26,6 +26,10 @@ fn main() {
         match stage.as_str() {
             "serialize" => {
                 black_box(serde_json::to_vec(black_box(&bundle)).unwrap());
+            }
+            // The writer the engine uses (`Bundle::to_json`).
+            "to_json" => {
+                black_box(black_box(&bundle).to_json(false));
             }
             "map" => {
                 black_box(pack.map(black_box(&message), &options).unwrap());

@@ -299,19 +299,49 @@ impl Node {
     }
 }
 
+/// A JSON string, escaped as serde_json escapes it. Runs of characters that need no
+/// escape are copied whole (a character is never split: every byte escaped is ASCII).
 fn write_str(out: &mut String, s: &str) {
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    /// The bytes that need an escape: controls, `"` and `\\`.
+    const NEEDS_ESCAPE: [bool; 256] = {
+        let mut table = [false; 256];
+        let mut b = 0;
+        while b < 0x20 {
+            table[b] = true;
+            b += 1;
         }
+        table[b'"' as usize] = true;
+        table[b'\\' as usize] = true;
+        table
+    };
+    out.push('"');
+    let mut start = 0;
+    for (i, &b) in s.as_bytes().iter().enumerate() {
+        if !NEEDS_ESCAPE[usize::from(b)] {
+            continue;
+        }
+        let escaped = match b {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            b'\t' => "\\t",
+            0x08 => "\\b",
+            0x0c => "\\f",
+            _ => "",
+        };
+        out.push_str(&s[start..i]);
+        if escaped.is_empty() {
+            out.push_str("\\u00");
+            out.push(char::from(HEX[usize::from(b >> 4)]));
+            out.push(char::from(HEX[usize::from(b & 0x0f)]));
+        } else {
+            out.push_str(escaped);
+        }
+        start = i + 1;
     }
+    out.push_str(&s[start..]);
     out.push('"');
 }
 
@@ -349,19 +379,26 @@ mod tests {
     #[test]
     fn writes_like_serde_json() {
         let mut n = Node::obj();
-        n.insert("b", Node::Str("x\"\n\u{1}".into()));
+        n.insert("b", Node::Str("x\"\n\u{1}\u{8}\u{c}\u{1f}é\\\t\r".into()));
         n.insert("a", Node::Num("1.50".into()));
         n.insert("c", Node::Arr(vec![Node::Bool(true), Node::obj()]));
         let mine = n.to_json(false);
-        assert_eq!(mine, r#"{"b":"x\"\n\u0001","a":1.50,"c":[true,{}]}"#);
+        assert_eq!(
+            mine,
+            r#"{"b":"x\"\n\u0001\b\f\u001fé\\\t\r","a":1.50,"c":[true,{}]}"#
+        );
         assert_eq!(
             serde_json::to_string(&n).ok().as_deref(),
             Some(mine.as_str())
         );
+        assert_eq!(
+            serde_json::to_string_pretty(&n).ok().as_deref(),
+            Some(n.to_json(true).as_str())
+        );
         n.prune();
         assert_eq!(
             n.to_json(false),
-            r#"{"b":"x\"\n\u0001","a":1.50,"c":[true]}"#
+            r#"{"b":"x\"\n\u0001\b\f\u001fé\\\t\r","a":1.50,"c":[true]}"#
         );
     }
 
