@@ -107,7 +107,6 @@ fn has_content(v: &Value<'_>) -> bool {
         .any(|&b| b != s.component && b != s.subcomponent && b != s.repetition && b != b' ')
 }
 
-/// The trimmed text of a value's first leaf; short texts are kept inline (no allocation).
 /// Reads the text of leaves. Most messages are ASCII, and most of their fields hold no
 /// escape sequence: there, a leaf's text is a slice of the message taken as one `str`,
 /// found in constant time (no unescaping, no character-set decoding, no UTF-8 check per
