@@ -352,26 +352,48 @@ fn check_reports_configuration_routes_and_destinations() {
         stderr.contains("passerelle.toml:") && stderr.contains("defaults.unrouted"),
         "{stderr}"
     );
-    // With the configuration fixed, the destination's missing url is found.
-    std::fs::write(
-        &config,
-        std::fs::read_to_string(&config)
-            .unwrap()
-            .replace("\"maybe\"", "\"error\""),
-    )
-    .unwrap();
-    let bad = passerelle(&[
-        "check",
-        "--mappings",
-        root.join("mappings").to_str().unwrap(),
-        "--config",
-        config.to_str().unwrap(),
-    ]);
-    let stderr = String::from_utf8_lossy(&bad.stderr);
+    // In the same run, the destination's missing url, located in its route file.
     assert!(
-        !bad.status.success() && stderr.contains("10-route.toml") && stderr.contains("url"),
+        stderr.contains("10-route.toml:3:3: destinations.url: missing setting `url`"),
         "{stderr}"
     );
+}
+
+/// An NDJSON destination whose folder cannot be written fails `check`, located at its
+/// `dir`, instead of the first delivery failing at night; a folder not there yet but
+/// makeable passes, and check leaves nothing behind.
+#[test]
+fn check_tries_that_ndjson_folders_can_be_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let route = |out: &str| {
+        format!(
+            "name = \"r\"\nmapping = \"v2-to-fhir\"\ndefault = true\n[[destinations]]\nname = \"files\"\ntype = \"ndjson\"\ndir = {out:?}\n"
+        )
+    };
+    let config = common::setup(dir.path(), &route("/proc/passerelle-out"), "");
+    let check = || passerelle(&["check", "--config", config.to_str().unwrap()]);
+    let bad = check();
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert_eq!(bad.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(
+            "10-route.toml:7:7: destinations.dir: invalid setting `dir`: cannot write in /proc"
+        ),
+        "{stderr}"
+    );
+    let makeable = dir.path().join("later/out");
+    std::fs::write(
+        dir.path().join("routes.d/10-route.toml"),
+        route(makeable.to_str().unwrap()),
+    )
+    .unwrap();
+    let good = check();
+    assert!(
+        good.status.success(),
+        "{}",
+        String::from_utf8_lossy(&good.stderr)
+    );
+    assert!(!dir.path().join("later").exists(), "check makes nothing");
 }
 
 #[test]
