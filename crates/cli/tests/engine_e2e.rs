@@ -597,3 +597,42 @@ fn messages_commands_go_through_the_running_engine() {
     assert_eq!(doc["items"].as_array().unwrap().len(), 1);
     common::stop(engine);
 }
+
+/// A sender that does not frame its messages (no 0x0B start block) has them dropped:
+/// the operator sees it at once, as a warning naming the listener, the peer and the byte
+/// count (never the bytes: they hold patient data), and as the listener event
+/// `unframed_data`, not only as a tolerated quirk in an info line.
+#[test]
+fn unframed_bytes_are_a_warning_and_a_listener_event_without_their_content() {
+    use std::io::{Read as _, Write as _};
+    let dir = tempfile::tempdir().unwrap();
+    let config = common::setup(dir.path(), ROUTE, "");
+    let (mut engine, mllp, admin) = common::start_with_env(&config, &[]);
+    let message = std::fs::read_to_string(workspace_root().join("fixtures/hl7/adt_a01_admit.hl7"))
+        .unwrap()
+        .replace('\n', "\r");
+    let mut sender = std::net::TcpStream::connect(&mllp).unwrap();
+    sender.write_all(message.as_bytes()).unwrap();
+    sender.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut answer = Vec::new();
+    sender.read_to_end(&mut answer).unwrap();
+    assert!(answer.is_empty(), "nothing to acknowledge");
+
+    let line = engine.wait_for_line("outside an MLLP frame", Duration::from_secs(10));
+    assert!(line.contains("WARN"), "{line}");
+    assert!(line.contains("listener=main"), "{line}");
+    assert!(line.contains("peer=127.0.0.1:"), "{line}");
+    assert!(line.contains(&format!("bytes={}", message.len())), "{line}");
+    for private in ["MSH|", "PID|", "RBGADT0000184467"] {
+        assert!(!line.contains(private), "{line}");
+    }
+    let (status, metrics) = common::http_get(&admin, "/metrics", None);
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains(
+            "passerelle_listener_events_total{listener=\"main\",event=\"unframed_data\"} 1"
+        ),
+        "{metrics}"
+    );
+    common::stop(engine);
+}

@@ -9,6 +9,12 @@
 //! Limits are explicit: [`CodecOptions::max_frame_size`] bounds a payload and
 //! [`CodecOptions::max_discard`] bounds the bytes skipped between frames. Every tolerated
 //! deviation is a named option with its background, and is counted in [`Tolerated`].
+//!
+//! Filler between frames (NUL, CR, LF, blanks) is a harmless quirk. Any other byte outside
+//! a frame is not: it is data the peer meant for someone and that nobody will read (a
+//! sender that does not frame its messages at all, a frame whose start block was lost).
+//! Each such run of bytes is handed out once by [`MllpCodec::take_unframed`], so that the
+//! listener can warn and count it as a protocol error.
 
 use std::fmt;
 
@@ -87,7 +93,7 @@ pub struct Tolerated {
     pub frames: u64,
     /// NUL, CR, LF, space and tab bytes skipped between frames.
     pub filler_bytes: u64,
-    /// Other bytes skipped before a start block.
+    /// Other bytes skipped before a start block (see [`MllpCodec::take_unframed`]).
     pub discarded_bytes: u64,
     /// End blocks without the CR after them.
     pub missing_cr: u64,
@@ -183,6 +189,10 @@ pub struct MllpCodec {
     pending_cr: bool,
     /// Bytes skipped since the last frame (bounded by `max_discard`).
     skipped: usize,
+    /// Some of `skipped` is not filler: the run is unframed data.
+    skipped_data: bool,
+    /// Bytes of runs of unframed data that a start block ended, not taken yet.
+    unframed_ended: usize,
     tolerated: Tolerated,
 }
 
@@ -200,6 +210,8 @@ impl MllpCodec {
             state: State::Between,
             pending_cr: false,
             skipped: 0,
+            skipped_data: false,
+            unframed_ended: 0,
             tolerated: Tolerated::default(),
         }
     }
@@ -219,11 +231,24 @@ impl MllpCodec {
         self.tolerated
     }
 
+    /// The size of each run of unframed data (bytes outside a frame, not all filler),
+    /// once: a run a start block ended, and with `at_end` (the connection is over) the
+    /// run under way. `None` when there is none. The bytes themselves are never kept.
+    pub fn take_unframed(&mut self, at_end: bool) -> Option<usize> {
+        let mut bytes = std::mem::take(&mut self.unframed_ended);
+        if at_end && self.skipped_data {
+            bytes += std::mem::take(&mut self.skipped);
+            self.skipped_data = false;
+        }
+        (bytes > 0).then_some(bytes)
+    }
+
     fn skip(&mut self, bytes: &[u8]) -> Result<(), FrameError> {
         let filler = bytes
             .iter()
             .filter(|b| matches!(b, 0 | b'\r' | b'\n' | b' ' | b'\t'))
             .count();
+        self.skipped_data |= filler < bytes.len();
         self.tolerated.filler_bytes += filler as u64;
         self.tolerated.discarded_bytes += (bytes.len() - filler) as u64;
         self.skipped = self.skipped.saturating_add(bytes.len());
@@ -281,6 +306,9 @@ impl Decoder for MllpCodec {
                             self.skip(&before)?;
                         }
                         buf.advance(1);
+                        if std::mem::take(&mut self.skipped_data) {
+                            self.unframed_ended += self.skipped;
+                        }
                         self.skipped = 0;
                         self.state = State::InFrame { scanned: 0 };
                     }
@@ -446,6 +474,27 @@ mod tests {
         assert_eq!(frames, vec![msg(b"A")]);
         assert_eq!(c.tolerated().discarded_bytes, 8);
         assert_eq!(c.tolerated().filler_bytes, 2);
+    }
+
+    #[test]
+    fn each_run_of_unframed_data_is_handed_out_once_with_its_size() {
+        let mut c = MllpCodec::default();
+        // Filler alone between frames is no run of data.
+        decode_all(&mut c, b"\0\r\n\x0bA\x1c\r").unwrap();
+        assert_eq!(c.take_unframed(true), None);
+        // A run a start block ends: its size counts filler inside it too.
+        let mut buf = BytesMut::from(&b"GET / HTTP\x0bA\x1c\r"[..]);
+        assert_eq!(c.decode(&mut buf).unwrap(), Some(msg(b"A")));
+        assert_eq!(c.take_unframed(false), Some(10));
+        assert_eq!(c.take_unframed(true), None, "once");
+        // A run the connection ends, in two reads: only at the end.
+        let mut buf = BytesMut::from(&b"MSH|^~\\&|"[..]);
+        assert_eq!(c.decode(&mut buf).unwrap(), None);
+        buf.extend_from_slice(b"\rPID|1\r");
+        assert_eq!(c.decode(&mut buf).unwrap(), None);
+        assert_eq!(c.take_unframed(false), None, "still under way");
+        assert_eq!(c.take_unframed(true), Some(16));
+        assert_eq!(c.take_unframed(true), None);
     }
 
     #[test]

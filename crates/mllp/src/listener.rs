@@ -242,6 +242,10 @@ counters! {
     oversized,
     /// Other framing errors (connection closed).
     protocol_errors,
+    /// Runs of bytes received outside a frame that are not filler: data dropped, from a
+    /// sender that does not frame its messages or lost a start block (warned, with the
+    /// peer and the size; `discarded_bytes` counts their bytes).
+    unframed_data,
     /// Connections closed for idleness.
     idle_timeouts,
     /// Connections closed because a frame did not complete in time.
@@ -596,6 +600,7 @@ async fn connection<H: Handler, S: AsyncRead + AsyncWrite + Unpin>(
 ) {
     let mut codec = MllpCodec::new(shared.config.codec.clone());
     let result = serve_connection(shared, &mut stream, peer, &mut codec).await;
+    note_unframed(shared, peer, &mut codec, true);
     let tolerated = codec.tolerated();
     shared.counters.add_tolerated(&tolerated);
     let deviations = tolerated.deviations();
@@ -611,9 +616,20 @@ async fn connection<H: Handler, S: AsyncRead + AsyncWrite + Unpin>(
         }
     }
     if deviations.is_empty() {
-        debug!(peer = %peer.addr, connection = peer.connection, frames = tolerated.frames, "connection closed");
+        debug!(listener = %peer.listener, peer = %peer.addr, connection = peer.connection, frames = tolerated.frames, "connection closed");
     } else {
-        info!(peer = %peer.addr, connection = peer.connection, frames = tolerated.frames, tolerated = ?deviations, "connection closed");
+        info!(listener = %peer.listener, peer = %peer.addr, connection = peer.connection, frames = tolerated.frames, tolerated = ?deviations, "connection closed");
+    }
+}
+
+/// Warns about, and counts, each run of unframed data the codec has finished (with
+/// `at_end`, also the one under way): bytes a sender meant as a message, or part of one,
+/// that nobody will read. Only their size is told, never their content.
+fn note_unframed<H>(shared: &Shared<H>, peer: &PeerInfo, codec: &mut MllpCodec, at_end: bool) {
+    if let Some(bytes) = codec.take_unframed(at_end) {
+        bump(&shared.counters.unframed_data);
+        warn!(listener = %peer.listener, peer = %peer.addr, connection = peer.connection, bytes,
+            "bytes received outside an MLLP frame were dropped: does the sender frame its messages (0x0B … 0x1C 0x0D)?");
     }
 }
 
@@ -663,7 +679,9 @@ async fn serve_connection<H: Handler, S: AsyncRead + AsyncWrite + Unpin>(
     loop {
         // Answer every complete frame already received, in order.
         loop {
-            match codec.decode(&mut buf) {
+            let decoded = codec.decode(&mut buf);
+            note_unframed(shared, peer, codec, false);
+            match decoded {
                 Ok(Some(Frame::Message(payload))) => {
                     bump(&counters.frames);
                     let size = payload.len();
