@@ -352,3 +352,33 @@ fn through_the_running_engine() {
     assert!(traffic.contains("\"key\":"), "the key went in the body");
     common::stop(engine);
 }
+
+/// A route file being edited (with a mistake in it) must not keep the operator from the
+/// messages: through the running engine, list, show and replay need only passerelle.toml
+/// (the engine routes with what it loaded); on a stopped engine's store, list and show
+/// need no routes either, while a replay, which routes, reports the route's problem.
+#[test]
+fn a_broken_route_file_does_not_lock_the_operator_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let (engine, config, _, adt, _) = engine_with_two_messages(dir.path());
+    let broken = dir.path().join("routes.d/20-being-edited.toml");
+    std::fs::write(&broken, "name = \"lab\nmapping = \"v2-to-fhir\"\n").unwrap();
+
+    let (code, stdout, stderr) = run(messages(&config, Some("t0k")).arg("list"));
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(stdout.lines().count(), 2, "{stdout}");
+    let (code, _, stderr) = run(messages(&config, Some("t0k")).args(["replay", &adt]));
+    assert_eq!(code, Some(0), "{stderr}");
+
+    common::stop(engine);
+    let local = |args: &[&str]| run(messages(&config, None).arg("--local").args(args));
+    let (code, stdout, stderr) = local(&["list"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(stdout.lines().count(), 2, "{stdout}");
+    let (code, stdout, stderr) = local(&["show", &adt]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("ADT^A01"), "{stdout}");
+    let (code, _, stderr) = local(&["replay", &adt]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("20-being-edited.toml:1:"), "{stderr}");
+}

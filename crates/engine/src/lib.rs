@@ -116,7 +116,33 @@ impl Loaded {
 
     /// Which store the configuration names (`[store] backend`, checked on load).
     pub fn store_backend(&self) -> StoreBackend {
-        match self.config.store.backend.as_str() {
+        self.config.store_backend()
+    }
+
+    /// Where the store is, for messages (see [`config::EngineConfig::store_location`]).
+    pub fn store_location(&self) -> String {
+        self.config.store_location()
+    }
+
+    /// Opens the PostgreSQL store the configuration names (`backend = "postgres"`).
+    pub async fn open_pg_store(
+        &self,
+    ) -> Result<passerelle_store::PgStore, passerelle_store::StoreError> {
+        self.config.open_pg_store().await
+    }
+
+    /// Opens the sled store the configuration names (`backend = "sled"`, the default).
+    pub fn open_store(&self) -> Result<passerelle_store::SledStore, passerelle_store::StoreError> {
+        self.config.open_store()
+    }
+}
+
+/// The store alone needs only `passerelle.toml`: operations on stored messages work while
+/// a route file is being edited (see `passerelle messages`).
+impl config::EngineConfig {
+    /// Which store the configuration names (`[store] backend`, checked on load).
+    pub fn store_backend(&self) -> StoreBackend {
+        match self.store.backend.as_str() {
             "postgres" => StoreBackend::Postgres,
             _ => StoreBackend::Sled,
         }
@@ -126,11 +152,11 @@ impl Loaded {
     /// database (never the user or password).
     pub fn store_location(&self) -> String {
         match self.store_backend() {
-            StoreBackend::Sled => self.config.store.path.display().to_string(),
+            StoreBackend::Sled => self.store.path.display().to_string(),
             StoreBackend::Postgres => {
                 format!(
                     "PostgreSQL ({})",
-                    passerelle_store::PgConfig::describe_url(&self.config.store.url)
+                    passerelle_store::PgConfig::describe_url(&self.store.url)
                 )
             }
         }
@@ -140,12 +166,12 @@ impl Loaded {
     pub async fn open_pg_store(
         &self,
     ) -> Result<passerelle_store::PgStore, passerelle_store::StoreError> {
-        passerelle_store::PgStore::open(self.config.store.pg_config()).await
+        passerelle_store::PgStore::open(self.store.pg_config()).await
     }
 
     /// Opens the sled store the configuration names (`backend = "sled"`, the default).
     pub fn open_store(&self) -> Result<passerelle_store::SledStore, passerelle_store::StoreError> {
-        let s = &self.config.store;
+        let s = &self.store;
         let mut store_config = passerelle_store::StoreConfig::new(&s.path);
         store_config.cache_capacity = s.cache_capacity_mb * 1024 * 1024;
         store_config.flush_every = std::time::Duration::from_millis(s.flush_every_ms);
