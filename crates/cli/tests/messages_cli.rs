@@ -250,6 +250,12 @@ fn through_the_running_engine() {
         stderr.contains("the store at") && !stderr.contains("no engine answers"),
         "{stderr}"
     );
+    // Said as what it is, not as sled's lock error.
+    assert!(
+        stderr.contains("another process has it open (a passerelle engine running on it?)")
+            && !stderr.contains("WouldBlock"),
+        "{stderr}"
+    );
 
     // Replays through the API count like local ones.
     let (code, stdout, stderr) = run(messages(&config, Some("t0k")).args(["replay", &oru]));
