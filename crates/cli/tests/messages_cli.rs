@@ -388,3 +388,20 @@ fn a_broken_route_file_does_not_lock_the_operator_out() {
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("20-being-edited.toml:1:"), "{stderr}");
 }
+
+/// Deleting a message is traced in the engine's log (which id, whether it went), like a
+/// replay: a hospital must be able to tell who removed what and when from its logs.
+#[test]
+fn a_purge_through_the_engine_is_in_its_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut engine, config, _, _, oru) = engine_with_two_messages(dir.path());
+    let (code, stdout, stderr) = run(messages(&config, Some("t0k")).args(["purge", &oru]));
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    let line = engine.wait_for_line(
+        "purge via the admin API",
+        std::time::Duration::from_secs(10),
+    );
+    assert!(line.contains(&format!("id={oru}")), "{line}");
+    assert!(line.contains("ok=true"), "{line}");
+    common::stop(engine);
+}

@@ -447,6 +447,8 @@ async fn purge<S: Store>(
             Ok(m) => (true, m),
             Err(m) => (false, m),
         };
+        // A deletion leaves a trace: which message, and whether it went.
+        tracing::info!(id, ok, outcome = %message, "purge via the admin API");
         results.push(serde_json::json!({ "id": id, "ok": ok, "message": message }));
     }
     axum::Json(serde_json::json!({ "results": results })).into_response()
