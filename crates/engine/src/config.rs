@@ -363,6 +363,12 @@ impl EngineConfig {
         if let Some(text) = &text {
             builder = builder.add_source(config::File::from_str(text, config::FileFormat::Toml));
         }
+        // The variables that override the file, so that a problem in their value is
+        // reported as theirs and not at the line of the file they override.
+        let overridden: std::collections::HashSet<String> = match &env {
+            Some(m) => m.keys().cloned().collect(),
+            None => std::env::vars().map(|(k, _)| k).collect(),
+        };
         builder = builder.add_source(
             config::Environment::with_prefix("PASSERELLE")
                 .prefix_separator("__")
@@ -377,9 +383,9 @@ impl EngineConfig {
             Ok(config) => config,
             Err(e) => {
                 errors.push(ConfigError {
-                    file: PathBuf::from("environment (PASSERELLE__…)"),
-                    line: 1,
-                    column: 1,
+                    file: PathBuf::from("environment"),
+                    line: 0,
+                    column: 0,
                     field: None,
                     message: e.to_string(),
                 });
@@ -407,7 +413,7 @@ impl EngineConfig {
                 }
             }
         }
-        if let Err(ConfigErrors(mut more)) = config.check(source.as_ref()) {
+        if let Err(ConfigErrors(mut more)) = config.check(source.as_ref(), &overridden) {
             errors.append(&mut more);
         }
         // One list in file order, whichever pass found each problem.
@@ -415,9 +421,25 @@ impl EngineConfig {
         (Some(config), errors)
     }
 
-    fn check(&self, src: Option<&SourceFile>) -> Result<(), ConfigErrors> {
+    /// `overridden`: the environment variables set, `PASSERELLE__SECTION__KEY` among them.
+    fn check(
+        &self,
+        src: Option<&SourceFile>,
+        overridden: &std::collections::HashSet<String>,
+    ) -> Result<(), ConfigErrors> {
         let mut errors = Vec::new();
         let mut report = |path: &[Step<'_>], field: &str, message: String| {
+            let variable = format!("PASSERELLE__{}", field.to_uppercase().replace('.', "__"));
+            if overridden.contains(&variable) {
+                errors.push(ConfigError {
+                    file: PathBuf::from(variable),
+                    line: 0,
+                    column: 0,
+                    field: Some(field.to_owned()),
+                    message,
+                });
+                return;
+            }
             errors.push(match src {
                 Some(s) => s.error_at(s.locate(path), Some(field), message),
                 None => ConfigError {

@@ -637,3 +637,48 @@ fn the_configuration_its_routes_and_their_destinations_are_reported_together() {
     );
     assert_eq!(lines.len(), 3, "{lines:?}");
 }
+
+/// A wrong value set by an environment variable is reported as that variable's, not at
+/// the line of the file it overrides (which holds a sound value: the operator would stare
+/// at it); and an environment error has no made-up line and column.
+#[test]
+fn a_wrong_value_from_the_environment_names_its_variable() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "passerelle.toml",
+        "[store]\nbackend = \"sled\"\n[admin]\nbind = \"nowhere\"\n",
+    );
+    let file = dir.path().join("passerelle.toml");
+    let env = HashMap::from([(
+        "PASSERELLE__STORE__BACKEND".to_owned(),
+        "postgress".to_owned(),
+    )]);
+    let errors = EngineConfig::load_with_env(Some(&file), Some(env)).unwrap_err();
+    let lines: Vec<String> = errors.0.iter().map(ToString::to_string).collect();
+    assert!(
+        lines.contains(
+            &"PASSERELLE__STORE__BACKEND: store.backend: \"postgress\" is not a store backend: \"sled\" or \"postgres\"".to_owned()
+        ),
+        "{lines:?}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l
+                .ends_with("passerelle.toml:4:8: admin.bind: \"nowhere\" is not an address:port")),
+        "the file's own mistakes stay located: {lines:?}"
+    );
+    assert_eq!(lines.len(), 2, "{lines:?}");
+
+    let env = HashMap::from([(
+        "PASSERELLE__STORE__MAX_QUEUE_DEPTH".to_owned(),
+        "lots".to_owned(),
+    )]);
+    let errors = EngineConfig::load_with_env(Some(&file), Some(env)).unwrap_err();
+    let text = errors.to_string();
+    assert!(
+        text.starts_with("environment: ") && text.contains("store.max_queue_depth"),
+        "{text}"
+    );
+}
