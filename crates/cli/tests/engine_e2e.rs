@@ -623,6 +623,11 @@ fn unframed_bytes_are_a_warning_and_a_listener_event_without_their_content() {
     assert!(line.contains("listener=main"), "{line}");
     assert!(line.contains("peer=127.0.0.1:"), "{line}");
     assert!(line.contains(&format!("bytes={}", message.len())), "{line}");
+    assert!(
+        line.contains("looks_like=\"hl7\"") || line.contains("looks_like=hl7"),
+        "{line}"
+    );
+    assert!(line.contains("HL7 sent without MLLP framing"), "{line}");
     for private in ["MSH|", "PID|", "RBGADT0000184467"] {
         assert!(!line.contains(private), "{line}");
     }

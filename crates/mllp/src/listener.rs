@@ -626,10 +626,11 @@ async fn connection<H: Handler, S: AsyncRead + AsyncWrite + Unpin>(
 /// `at_end`, also the one under way): bytes a sender meant as a message, or part of one,
 /// that nobody will read. Only their size is told, never their content.
 fn note_unframed<H>(shared: &Shared<H>, peer: &PeerInfo, codec: &mut MllpCodec, at_end: bool) {
-    if let Some(bytes) = codec.take_unframed(at_end) {
+    if let Some(unframed) = codec.take_unframed(at_end) {
         bump(&shared.counters.unframed_data);
-        warn!(listener = %peer.listener, peer = %peer.addr, connection = peer.connection, bytes,
-            "bytes received outside an MLLP frame were dropped: does the sender frame its messages (0x0B … 0x1C 0x0D)?");
+        warn!(listener = %peer.listener, peer = %peer.addr, connection = peer.connection,
+            bytes = unframed.bytes, looks_like = unframed.kind.name(),
+            "bytes received outside an MLLP frame were dropped: {}", unframed.kind.hint());
     }
 }
 
