@@ -641,3 +641,41 @@ fn unframed_bytes_are_a_warning_and_a_listener_event_without_their_content() {
     );
     common::stop(engine);
 }
+
+/// A destination's settings that cannot work are a configuration mistake like any other:
+/// `serve` refuses to start with exit status 2, the problem located, so that systemd
+/// (RestartPreventExitStatus=2) does not restart it in a loop as it would on status 1.
+#[test]
+fn serve_refuses_a_destination_it_cannot_use_with_status_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = common::setup(
+        dir.path(),
+        "name = \"r\"\nmapping = \"v2-to-fhir\"\n[[destinations]]\nname = \"fhir\"\ntype = \"fhir\"\nurl = \"not a url\"\n",
+        "",
+    );
+    let mut engine = Command::new(env!("CARGO_BIN_EXE_passerelle"))
+        .args(["serve", "--config", config.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Bounded: an engine that starts instead is killed and the test fails.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = engine.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            engine.kill().unwrap();
+            panic!("passerelle serve started with a destination it cannot use");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut engine.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("10-route.toml:6:7: destinations.url: invalid setting `url`"),
+        "{stderr}"
+    );
+}
