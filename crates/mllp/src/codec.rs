@@ -165,7 +165,9 @@ impl UnframedKind {
             UnframedKind::Hl7 => {
                 "HL7 sent without MLLP framing: set the sender up for MLLP (0x0B … 0x1C 0x0D), not raw TCP"
             }
-            UnframedKind::Tls => "a TLS handshake: the sender uses TLS and this listener does not",
+            UnframedKind::Tls => {
+                "a TLS handshake: the sender uses TLS and this listener does not (connection closed)"
+            }
             UnframedKind::Http => "an HTTP request: a web client or an HTTP probe on the MLLP port",
             UnframedKind::Other => {
                 "does the sender frame its messages with MLLP (0x0B … 0x1C 0x0D)?"

@@ -39,7 +39,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::codec::{CodecOptions, Frame, FrameError, MllpCodec, Tolerated};
+use crate::codec::{CodecOptions, Frame, FrameError, MllpCodec, Tolerated, UnframedKind};
 use crate::tls::{PeerIdentity, ServerTls};
 
 /// Receives every frame and returns its acknowledgement.
@@ -537,6 +537,11 @@ fn admit<H: Handler>(
                 };
                 let stream = match handshake {
                     Ok(Ok(s)) => s,
+                    Ok(Err(e)) if not_a_handshake(&e) => {
+                        bump(&shared.counters.tls_failed);
+                        warn!(listener = %shared.config.name, peer = %addr, connection = id, error = %e, "TLS handshake failed: the peer did not start one (a sender without TLS?)");
+                        return;
+                    }
                     Ok(Err(e)) => {
                         bump(&shared.counters.tls_failed);
                         warn!(listener = %shared.config.name, peer = %addr, connection = id, error = %e, "TLS handshake failed");
@@ -622,16 +627,33 @@ async fn connection<H: Handler, S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
+/// Whether a failed handshake failed because the peer sent something else than TLS (an
+/// MLLP frame, most likely: a sender set up without TLS).
+fn not_a_handshake(e: &io::Error) -> bool {
+    matches!(
+        e.get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>()),
+        Some(rustls::Error::InvalidMessage(
+            rustls::InvalidMessage::InvalidContentType
+        ))
+    )
+}
+
 /// Warns about, and counts, each run of unframed data the codec has finished (with
 /// `at_end`, also the one under way): bytes a sender meant as a message, or part of one,
-/// that nobody will read. Only their size is told, never their content.
-fn note_unframed<H>(shared: &Shared<H>, peer: &PeerInfo, codec: &mut MllpCodec, at_end: bool) {
-    if let Some(unframed) = codec.take_unframed(at_end) {
-        bump(&shared.counters.unframed_data);
-        warn!(listener = %peer.listener, peer = %peer.addr, connection = peer.connection,
-            bytes = unframed.bytes, looks_like = unframed.kind.name(),
-            "bytes received outside an MLLP frame were dropped: {}", unframed.kind.hint());
-    }
+/// that nobody will read. Only their size and kind are told, never their content.
+fn note_unframed<H>(
+    shared: &Shared<H>,
+    peer: &PeerInfo,
+    codec: &mut MllpCodec,
+    at_end: bool,
+) -> Option<UnframedKind> {
+    let unframed = codec.take_unframed(at_end)?;
+    bump(&shared.counters.unframed_data);
+    warn!(listener = %peer.listener, peer = %peer.addr, connection = peer.connection,
+        bytes = unframed.bytes, looks_like = unframed.kind.name(),
+        "bytes received outside an MLLP frame were dropped: {}", unframed.kind.hint());
+    Some(unframed.kind)
 }
 
 async fn write_all<S: AsyncWrite + Unpin>(
@@ -681,7 +703,11 @@ async fn serve_connection<H: Handler, S: AsyncRead + AsyncWrite + Unpin>(
         // Answer every complete frame already received, in order.
         loop {
             let decoded = codec.decode(&mut buf);
-            note_unframed(shared, peer, codec, false);
+            if note_unframed(shared, peer, codec, false) == Some(UnframedKind::Tls) {
+                // A TLS client will never frame: what the codec found in its handshake's
+                // bytes is no message to keep or answer.
+                return Ok(Close::Done);
+            }
             match decoded {
                 Ok(Some(Frame::Message(payload))) => {
                     bump(&counters.frames);
