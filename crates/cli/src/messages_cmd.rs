@@ -14,7 +14,9 @@
 //! rest on stderr, and exit non-zero if any failed (a replay that leaves a message
 //! unrouted, or with a mapping that still fails, counts as failed). Filters go to the
 //! engine in a request body, never in a URL (an ordering key holds a patient
-//! identifier). Times without a UTC offset are read in the site's offset. Whatever
+//! identifier). Only passerelle.toml is needed: a route file with a mistake does not lock
+//! the operator out; a replay on the store loads the routes, since it routes and maps.
+//! Times without a UTC offset are read in the site's offset. Whatever
 //! happens to stdout (`| head`), a store opened here is flushed before the command ends.
 
 use std::io::Write as _;
@@ -24,6 +26,7 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
+use passerelle_engine::config::EngineConfig;
 use passerelle_engine::ops::{self, ListFilter, ReplayOptions, ReplayResult};
 use passerelle_engine::{Loaded, StoreBackend, pipeline};
 use passerelle_hl7::Message;
@@ -225,7 +228,13 @@ const REPLAY_BATCH: usize = 100;
 /// Where the operations run: a running engine's API, or a store opened here (either
 /// backend, hence the type parameter; unused for `Remote`).
 enum Backend<S> {
-    Local { store: Box<S>, loaded: Box<Loaded> },
+    /// `routing`: the routes and packs, loaded only for a replay (which routes and maps);
+    /// listing, showing and purging need only the store.
+    Local {
+        store: Box<S>,
+        config: Box<EngineConfig>,
+        routing: Option<Box<Loaded>>,
+    },
     Remote(Remote),
 }
 
@@ -240,9 +249,12 @@ struct Remote {
 }
 
 pub(crate) fn run(args: &MessagesArgs) -> ExitCode {
-    let loaded = match Loaded::load(&args.config) {
-        Ok(l) => l,
-        Err(lines) => return fail(2, &lines.join("\n")),
+    // Only passerelle.toml: a route file being edited must not lock the operator out of
+    // the messages. The running engine routes with what it loaded; here, only a replay on
+    // the store routes, and it loads the routes then.
+    let config = match EngineConfig::load(Some(&args.config)) {
+        Ok(c) => c,
+        Err(errors) => return fail(2, &errors.to_string()),
     };
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -252,7 +264,7 @@ pub(crate) fn run(args: &MessagesArgs) -> ExitCode {
         Err(e) => return fail(1, &format!("cannot start the runtime: {e}")),
     };
     runtime.block_on(async {
-        let remote = match remote_if_running(args, &loaded).await {
+        let remote = match remote_if_running(args, &config).await {
             Ok(r) => r,
             Err(e) => return fail(1, &e),
         };
@@ -260,11 +272,19 @@ pub(crate) fn run(args: &MessagesArgs) -> ExitCode {
             Ok(remote) => return finish(Backend::<SledStore>::Remote(remote), args).await,
             Err(remote) => remote,
         };
+        let routing = if matches!(args.command, MessagesCommand::Replay { .. }) {
+            match Loaded::load(&args.config) {
+                Ok(loaded) => Some(Box::new(loaded)),
+                Err(lines) => return fail(2, &lines.join("\n")),
+            }
+        } else {
+            None
+        };
         // With --local, no engine was asked: only the store's failure applies.
-        let cannot_open = |loaded: &Loaded, e: StoreError| {
+        let cannot_open = |config: &EngineConfig, e: StoreError| {
             let store = format!(
                 "the store at {} cannot be opened ({e})",
-                loaded.store_location()
+                config.store_location()
             );
             if args.local {
                 fail(1, &store)
@@ -275,23 +295,29 @@ pub(crate) fn run(args: &MessagesArgs) -> ExitCode {
                 )
             }
         };
-        match loaded.store_backend() {
-            StoreBackend::Sled => match loaded.open_store() {
-                Ok(store) => local(store, loaded, args).await,
-                Err(e) => cannot_open(&loaded, e),
+        match config.store_backend() {
+            StoreBackend::Sled => match config.open_store() {
+                Ok(store) => local(store, config, routing, args).await,
+                Err(e) => cannot_open(&config, e),
             },
-            StoreBackend::Postgres => match loaded.open_pg_store().await {
-                Ok(store) => local(store, loaded, args).await,
-                Err(e) => cannot_open(&loaded, e),
+            StoreBackend::Postgres => match config.open_pg_store().await {
+                Ok(store) => local(store, config, routing, args).await,
+                Err(e) => cannot_open(&config, e),
             },
         }
     })
 }
 
-async fn local<S: Store>(store: S, loaded: Loaded, args: &MessagesArgs) -> ExitCode {
+async fn local<S: Store>(
+    store: S,
+    config: EngineConfig,
+    routing: Option<Box<Loaded>>,
+    args: &MessagesArgs,
+) -> ExitCode {
     let backend = Backend::Local {
         store: Box::new(store),
-        loaded: Box::new(loaded),
+        config: Box::new(config),
+        routing,
     };
     finish(backend, args).await
 }
@@ -301,7 +327,7 @@ async fn local<S: Store>(store: S, loaded: Loaded, args: &MessagesArgs) -> ExitC
 async fn finish<S: Store>(backend: Backend<S>, args: &MessagesArgs) -> ExitCode {
     let mut out = Output::stdout();
     let site_offset = match &backend {
-        Backend::Local { loaded, .. } => loaded.config.defaults.site_utc_offset_minutes,
+        Backend::Local { config, .. } => config.defaults.site_utc_offset_minutes,
         Backend::Remote(r) => r.site_offset,
     };
     let result = execute(&backend, &args.command, site_offset, &mut out).await;
@@ -322,9 +348,9 @@ async fn finish<S: Store>(backend: Backend<S>, args: &MessagesArgs) -> ExitCode 
 /// when `--admin` named an API that does not answer.
 async fn remote_if_running(
     args: &MessagesArgs,
-    loaded: &Loaded,
+    config: &EngineConfig,
 ) -> Result<Result<Remote, Remote>, String> {
-    let token = std::env::var(&loaded.config.admin.token_env)
+    let token = std::env::var(&config.admin.token_env)
         .ok()
         .filter(|t| !t.is_empty());
     let client = reqwest::Client::builder()
@@ -334,14 +360,14 @@ async fn remote_if_running(
         .map_err(|e| format!("cannot build an HTTP client: {e}"))?;
     let base = match &args.admin {
         Some(url) => url.trim_end_matches('/').to_owned(),
-        None => format!("http://{}", loopback_for(&loaded.config.admin.bind)),
+        None => format!("http://{}", loopback_for(&config.admin.bind)),
     };
     let remote = Remote {
         client,
         base,
         token,
-        token_env: loaded.config.admin.token_env.clone(),
-        site_offset: loaded.config.defaults.site_utc_offset_minutes,
+        token_env: config.admin.token_env.clone(),
+        site_offset: config.defaults.site_utc_offset_minutes,
     };
     if !args.local {
         match remote.health().await {
@@ -489,7 +515,10 @@ impl<S: Store> Backend<S> {
         options: &ReplayOptions,
     ) -> Result<Vec<ReplayResult>, String> {
         match self {
-            Backend::Local { store, loaded } => {
+            Backend::Local { store, routing, .. } => {
+                let Some(loaded) = routing else {
+                    return Err("the routes were not loaded for this replay".to_owned());
+                };
                 let remap_with = |raw: &[u8], listener: &str| route_and_map(loaded, raw, listener);
                 let mut results = Vec::with_capacity(ids.len());
                 for &id in ids {

@@ -352,26 +352,48 @@ fn check_reports_configuration_routes_and_destinations() {
         stderr.contains("passerelle.toml:") && stderr.contains("defaults.unrouted"),
         "{stderr}"
     );
-    // With the configuration fixed, the destination's missing url is found.
-    std::fs::write(
-        &config,
-        std::fs::read_to_string(&config)
-            .unwrap()
-            .replace("\"maybe\"", "\"error\""),
-    )
-    .unwrap();
-    let bad = passerelle(&[
-        "check",
-        "--mappings",
-        root.join("mappings").to_str().unwrap(),
-        "--config",
-        config.to_str().unwrap(),
-    ]);
-    let stderr = String::from_utf8_lossy(&bad.stderr);
+    // In the same run, the destination's missing url, located in its route file.
     assert!(
-        !bad.status.success() && stderr.contains("10-route.toml") && stderr.contains("url"),
+        stderr.contains("10-route.toml:3:3: destinations.url: missing setting `url`"),
         "{stderr}"
     );
+}
+
+/// An NDJSON destination whose folder cannot be written fails `check`, located at its
+/// `dir`, instead of the first delivery failing at night; a folder not there yet but
+/// makeable passes, and check leaves nothing behind.
+#[test]
+fn check_tries_that_ndjson_folders_can_be_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let route = |out: &str| {
+        format!(
+            "name = \"r\"\nmapping = \"v2-to-fhir\"\ndefault = true\n[[destinations]]\nname = \"files\"\ntype = \"ndjson\"\ndir = {out:?}\n"
+        )
+    };
+    let config = common::setup(dir.path(), &route("/proc/passerelle-out"), "");
+    let check = || passerelle(&["check", "--config", config.to_str().unwrap()]);
+    let bad = check();
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert_eq!(bad.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(
+            "10-route.toml:7:7: destinations.dir: invalid setting `dir`: cannot write in /proc"
+        ),
+        "{stderr}"
+    );
+    let makeable = dir.path().join("later/out");
+    std::fs::write(
+        dir.path().join("routes.d/10-route.toml"),
+        route(makeable.to_str().unwrap()),
+    )
+    .unwrap();
+    let good = check();
+    assert!(
+        good.status.success(),
+        "{}",
+        String::from_utf8_lossy(&good.stderr)
+    );
+    assert!(!dir.path().join("later").exists(), "check makes nothing");
 }
 
 #[test]
@@ -574,4 +596,86 @@ fn messages_commands_go_through_the_running_engine() {
     let doc: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
     assert_eq!(doc["items"].as_array().unwrap().len(), 1);
     common::stop(engine);
+}
+
+/// A sender that does not frame its messages (no 0x0B start block) has them dropped:
+/// the operator sees it at once, as a warning naming the listener, the peer and the byte
+/// count (never the bytes: they hold patient data), and as the listener event
+/// `unframed_data`, not only as a tolerated quirk in an info line.
+#[test]
+fn unframed_bytes_are_a_warning_and_a_listener_event_without_their_content() {
+    use std::io::{Read as _, Write as _};
+    let dir = tempfile::tempdir().unwrap();
+    let config = common::setup(dir.path(), ROUTE, "");
+    let (mut engine, mllp, admin) = common::start_with_env(&config, &[]);
+    let message = std::fs::read_to_string(workspace_root().join("fixtures/hl7/adt_a01_admit.hl7"))
+        .unwrap()
+        .replace('\n', "\r");
+    let mut sender = std::net::TcpStream::connect(&mllp).unwrap();
+    sender.write_all(message.as_bytes()).unwrap();
+    sender.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut answer = Vec::new();
+    sender.read_to_end(&mut answer).unwrap();
+    assert!(answer.is_empty(), "nothing to acknowledge");
+
+    let line = engine.wait_for_line("outside an MLLP frame", Duration::from_secs(10));
+    assert!(line.contains("WARN"), "{line}");
+    assert!(line.contains("listener=main"), "{line}");
+    assert!(line.contains("peer=127.0.0.1:"), "{line}");
+    assert!(line.contains(&format!("bytes={}", message.len())), "{line}");
+    assert!(
+        line.contains("looks_like=\"hl7\"") || line.contains("looks_like=hl7"),
+        "{line}"
+    );
+    assert!(line.contains("HL7 sent without MLLP framing"), "{line}");
+    for private in ["MSH|", "PID|", "RBGADT0000184467"] {
+        assert!(!line.contains(private), "{line}");
+    }
+    let (status, metrics) = common::http_get(&admin, "/metrics", None);
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains(
+            "passerelle_listener_events_total{listener=\"main\",event=\"unframed_data\"} 1"
+        ),
+        "{metrics}"
+    );
+    common::stop(engine);
+}
+
+/// A destination's settings that cannot work are a configuration mistake like any other:
+/// `serve` refuses to start with exit status 2, the problem located, so that systemd
+/// (RestartPreventExitStatus=2) does not restart it in a loop as it would on status 1.
+#[test]
+fn serve_refuses_a_destination_it_cannot_use_with_status_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = common::setup(
+        dir.path(),
+        "name = \"r\"\nmapping = \"v2-to-fhir\"\n[[destinations]]\nname = \"fhir\"\ntype = \"fhir\"\nurl = \"not a url\"\n",
+        "",
+    );
+    let mut engine = Command::new(env!("CARGO_BIN_EXE_passerelle"))
+        .args(["serve", "--config", config.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Bounded: an engine that starts instead is killed and the test fails.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = engine.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            engine.kill().unwrap();
+            panic!("passerelle serve started with a destination it cannot use");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut engine.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("10-route.toml:6:7: destinations.url: invalid setting `url`"),
+        "{stderr}"
+    );
 }

@@ -250,6 +250,12 @@ fn through_the_running_engine() {
         stderr.contains("the store at") && !stderr.contains("no engine answers"),
         "{stderr}"
     );
+    // Said as what it is, not as sled's lock error.
+    assert!(
+        stderr.contains("another process has it open (a passerelle engine running on it?)")
+            && !stderr.contains("WouldBlock"),
+        "{stderr}"
+    );
 
     // Replays through the API count like local ones.
     let (code, stdout, stderr) = run(messages(&config, Some("t0k")).args(["replay", &oru]));
@@ -350,5 +356,52 @@ fn through_the_running_engine() {
         "no filter in a URL: {request_lines:?}"
     );
     assert!(traffic.contains("\"key\":"), "the key went in the body");
+    common::stop(engine);
+}
+
+/// A route file being edited (with a mistake in it) must not keep the operator from the
+/// messages: through the running engine, list, show and replay need only passerelle.toml
+/// (the engine routes with what it loaded); on a stopped engine's store, list and show
+/// need no routes either, while a replay, which routes, reports the route's problem.
+#[test]
+fn a_broken_route_file_does_not_lock_the_operator_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let (engine, config, _, adt, _) = engine_with_two_messages(dir.path());
+    let broken = dir.path().join("routes.d/20-being-edited.toml");
+    std::fs::write(&broken, "name = \"lab\nmapping = \"v2-to-fhir\"\n").unwrap();
+
+    let (code, stdout, stderr) = run(messages(&config, Some("t0k")).arg("list"));
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(stdout.lines().count(), 2, "{stdout}");
+    let (code, _, stderr) = run(messages(&config, Some("t0k")).args(["replay", &adt]));
+    assert_eq!(code, Some(0), "{stderr}");
+
+    common::stop(engine);
+    let local = |args: &[&str]| run(messages(&config, None).arg("--local").args(args));
+    let (code, stdout, stderr) = local(&["list"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(stdout.lines().count(), 2, "{stdout}");
+    let (code, stdout, stderr) = local(&["show", &adt]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("ADT^A01"), "{stdout}");
+    let (code, _, stderr) = local(&["replay", &adt]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("20-being-edited.toml:1:"), "{stderr}");
+}
+
+/// Deleting a message is traced in the engine's log (which id, whether it went), like a
+/// replay: a hospital must be able to tell who removed what and when from its logs.
+#[test]
+fn a_purge_through_the_engine_is_in_its_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut engine, config, _, _, oru) = engine_with_two_messages(dir.path());
+    let (code, stdout, stderr) = run(messages(&config, Some("t0k")).args(["purge", &oru]));
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    let line = engine.wait_for_line(
+        "purge via the admin API",
+        std::time::Duration::from_secs(10),
+    );
+    assert!(line.contains(&format!("id={oru}")), "{line}");
+    assert!(line.contains("ok=true"), "{line}");
     common::stop(engine);
 }

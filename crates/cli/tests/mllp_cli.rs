@@ -235,6 +235,11 @@ fn mutual_tls_between_serve_and_send() {
     let (status, log) = serve.stop();
     assert!(status.success());
     assert!(log.contains("not in the allow-list"), "{log}");
+    // The plain sender is told apart from a failed handshake.
+    assert!(
+        log.contains("TLS handshake failed: the peer did not start one (a sender without TLS?)"),
+        "{log}"
+    );
 }
 
 #[test]

@@ -105,6 +105,17 @@ impl Destination {
         }
     }
 
+    /// Tries, on this machine, what the first delivery will need and that can be tried
+    /// without sending anything: an NDJSON destination's folder can be written (see
+    /// [`NdjsonDestination::probe`]). FHIR and MLLP destinations are not contacted (a
+    /// check must not post to a production server); they pass.
+    pub fn probe(&self) -> Result<(), SettingsError> {
+        match self {
+            Destination::Ndjson(d) => d.probe(),
+            Destination::Fhir(_) | Destination::Mllp(_) => Ok(()),
+        }
+    }
+
     /// The kind, as written in `type`.
     pub fn kind(&self) -> &'static str {
         match self {

@@ -128,6 +128,70 @@ impl NdjsonDestination {
         Ok(NdjsonDestination::new(dir, max))
     }
 
+    /// Whether this machine lets the destination write: `dir` is a folder a file can be
+    /// created in, or, not there yet, can be made (as the first delivery makes it) in
+    /// the nearest folder above it that exists. Tried by creating a probe file there and
+    /// removing it at once; nothing else is created. Permissions alone do not answer
+    /// it (a read-only mount, an ACL, or root, who passes every permission check).
+    pub fn probe(&self) -> Result<(), SettingsError> {
+        let mut existing = self.dir.as_path();
+        loop {
+            match fs::metadata(existing) {
+                Ok(m) if m.is_dir() => break,
+                Ok(_) => {
+                    return Err(invalid(
+                        "dir",
+                        format!(
+                            "{} cannot be made: {} is not a directory",
+                            self.dir.display(),
+                            existing.display()
+                        ),
+                    ));
+                }
+                // Not there, or a file on the way (`NotADirectory`): the walk up finds it.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+                    ) =>
+                {
+                    match existing.parent() {
+                        Some(parent) if !parent.as_os_str().is_empty() => existing = parent,
+                        _ => {
+                            existing = Path::new(".");
+                            break;
+                        }
+                    }
+                }
+                Err(e) => {
+                    return Err(invalid(
+                        "dir",
+                        format!("cannot look at {}: {e}", existing.display()),
+                    ));
+                }
+            }
+        }
+        let probe = existing.join(format!(".passerelle-probe-{}", std::process::id()));
+        match OpenOptions::new().write(true).create_new(true).open(&probe) {
+            Ok(file) => {
+                drop(file);
+                let _ = fs::remove_file(&probe);
+                Ok(())
+            }
+            Err(e) => {
+                let target = if existing == self.dir {
+                    String::new()
+                } else {
+                    format!(" (where {} would be made)", self.dir.display())
+                };
+                Err(invalid(
+                    "dir",
+                    format!("cannot write in {}{target}: {e}", existing.display()),
+                ))
+            }
+        }
+    }
+
     /// The output directory.
     pub fn dir(&self) -> &Path {
         &self.dir

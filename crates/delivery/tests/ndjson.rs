@@ -246,3 +246,38 @@ async fn concurrent_attempts_never_interleave_lines() {
     }
     assert_eq!(ids.len(), 80);
 }
+
+/// `probe` answers whether the first delivery could write, without writing anything that
+/// stays: a folder there or makeable passes; one under a file, or on a file system that
+/// refuses writes (even to root: /proc), fails, naming the folder.
+#[test]
+fn probe_says_whether_the_folder_can_be_written_and_leaves_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    destination(tmp.path(), "").probe().unwrap();
+    let not_yet = tmp.path().join("a/b/out");
+    destination(&not_yet, "").probe().unwrap();
+    assert!(!tmp.path().join("a").exists(), "nothing made");
+    assert_eq!(
+        fs::read_dir(tmp.path()).unwrap().count(),
+        0,
+        "no probe left"
+    );
+
+    fs::write(tmp.path().join("blocker"), b"").unwrap();
+    let under_a_file = destination(&tmp.path().join("blocker/out"), "")
+        .probe()
+        .unwrap_err();
+    assert_eq!(under_a_file.key(), "dir");
+    assert!(
+        under_a_file.to_string().contains("is not a directory"),
+        "{under_a_file}"
+    );
+
+    let read_only = destination(Path::new("/proc/passerelle-out"), "")
+        .probe()
+        .unwrap_err();
+    assert!(
+        read_only.to_string().contains("cannot write in /proc"),
+        "{read_only}"
+    );
+}

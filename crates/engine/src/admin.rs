@@ -246,8 +246,13 @@ async fn metrics<S: Store>(State(admin): State<Admin<S>>, headers: HeaderMap) ->
             ("acks", s.acks),
             ("oversized", s.oversized),
             ("protocol_errors", s.protocol_errors),
+            ("unframed_data", s.unframed_data),
             ("idle_timeouts", s.idle_timeouts),
             ("frame_timeouts", s.frame_timeouts),
+            ("truncated", s.truncated),
+            ("write_timeouts", s.write_timeouts),
+            ("missing_cr", s.missing_cr),
+            ("abandoned_frames", s.abandoned_frames),
         ];
         for (event, n) in events {
             let _ = writeln!(
@@ -442,6 +447,8 @@ async fn purge<S: Store>(
             Ok(m) => (true, m),
             Err(m) => (false, m),
         };
+        // A deletion leaves a trace: which message, and whether it went.
+        tracing::info!(id, ok, outcome = %message, "purge via the admin API");
         results.push(serde_json::json!({ "id": id, "ok": ok, "message": message }));
     }
     axum::Json(serde_json::json!({ "results": results })).into_response()

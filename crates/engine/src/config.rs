@@ -327,19 +327,48 @@ impl EngineConfig {
         path: Option<&Path>,
         env: Option<std::collections::HashMap<String, String>>,
     ) -> Result<EngineConfig, ConfigErrors> {
+        match Self::load_lenient(path, env) {
+            (Some(config), errors) if errors.is_empty() => Ok(config),
+            (_, errors) => Err(ConfigErrors(errors)),
+        }
+    }
+
+    /// Loads as [`load_with_env`](Self::load_with_env), but goes as far as it can: the
+    /// configuration read with every value of the wrong type left at its default (`None`
+    /// when the file cannot be read even so), and every problem found, type errors and
+    /// checks alike, in file order. With it, the routes can be checked too in the same run.
+    pub(crate) fn load_lenient(
+        path: Option<&Path>,
+        env: Option<std::collections::HashMap<String, String>>,
+    ) -> (Option<EngineConfig>, Vec<ConfigError>) {
         let source = match path {
-            Some(p) => Some(SourceFile::read(p).map_err(|e| ConfigErrors(vec![e]))?),
+            Some(p) => match SourceFile::read(p) {
+                Ok(source) => Some(source),
+                Err(e) => return (None, vec![e]),
+            },
             None => None,
         };
         // Syntax and types first, from the file alone, so that errors have a line.
+        let mut errors = Vec::new();
+        let mut text = None;
         if let Some(src) = &source {
-            src.parse_all::<EngineConfig>().map_err(ConfigErrors)?;
+            let lenient = src.parse_lenient::<EngineConfig>();
+            errors = lenient.errors;
+            if lenient.value.is_none() {
+                return (None, errors);
+            }
+            text = Some(lenient.text);
         }
         let mut builder = config::Config::builder();
-        if let Some(src) = &source {
-            builder =
-                builder.add_source(config::File::from_str(&src.text, config::FileFormat::Toml));
+        if let Some(text) = &text {
+            builder = builder.add_source(config::File::from_str(text, config::FileFormat::Toml));
         }
+        // The variables that override the file, so that a problem in their value is
+        // reported as theirs and not at the line of the file they override.
+        let overridden: std::collections::HashSet<String> = match &env {
+            Some(m) => m.keys().cloned().collect(),
+            None => std::env::vars().map(|(k, _)| k).collect(),
+        };
         builder = builder.add_source(
             config::Environment::with_prefix("PASSERELLE")
                 .prefix_separator("__")
@@ -347,19 +376,22 @@ impl EngineConfig {
                 .try_parsing(true)
                 .source(env.map(|m| m.into_iter().collect())),
         );
-        let merged: EngineConfig = builder
+        let merged = builder
             .build()
-            .and_then(config::Config::try_deserialize)
-            .map_err(|e| {
-                ConfigErrors(vec![ConfigError {
-                    file: PathBuf::from("environment (PASSERELLE__…)"),
-                    line: 1,
-                    column: 1,
+            .and_then(config::Config::try_deserialize::<EngineConfig>);
+        let mut config = match merged {
+            Ok(config) => config,
+            Err(e) => {
+                errors.push(ConfigError {
+                    file: PathBuf::from("environment"),
+                    line: 0,
+                    column: 0,
                     field: None,
                     message: e.to_string(),
-                }])
-            })?;
-        let mut config = merged;
+                });
+                return (None, errors);
+            }
+        };
         if let Some(dir) = path.and_then(Path::parent) {
             for p in [
                 &mut config.store.path,
@@ -381,13 +413,33 @@ impl EngineConfig {
                 }
             }
         }
-        config.check(source.as_ref())?;
-        Ok(config)
+        if let Err(ConfigErrors(mut more)) = config.check(source.as_ref(), &overridden) {
+            errors.append(&mut more);
+        }
+        // One list in file order, whichever pass found each problem.
+        errors.sort_by(|a, b| (&a.file, a.line, a.column).cmp(&(&b.file, b.line, b.column)));
+        (Some(config), errors)
     }
 
-    fn check(&self, src: Option<&SourceFile>) -> Result<(), ConfigErrors> {
+    /// `overridden`: the environment variables set, `PASSERELLE__SECTION__KEY` among them.
+    fn check(
+        &self,
+        src: Option<&SourceFile>,
+        overridden: &std::collections::HashSet<String>,
+    ) -> Result<(), ConfigErrors> {
         let mut errors = Vec::new();
         let mut report = |path: &[Step<'_>], field: &str, message: String| {
+            let variable = format!("PASSERELLE__{}", field.to_uppercase().replace('.', "__"));
+            if overridden.contains(&variable) {
+                errors.push(ConfigError {
+                    file: PathBuf::from(variable),
+                    line: 0,
+                    column: 0,
+                    field: Some(field.to_owned()),
+                    message,
+                });
+                return;
+            }
             errors.push(match src {
                 Some(s) => s.error_at(s.locate(path), Some(field), message),
                 None => ConfigError {

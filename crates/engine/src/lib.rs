@@ -54,34 +54,95 @@ pub struct Loaded {
 }
 
 impl Loaded {
-    /// Loads the configuration, the routes and their mapping packs. The error lists every
-    /// problem, one per line (`file:line:column: field: problem`).
+    /// Loads the configuration, the routes and their mapping packs, and checks each
+    /// destination's settings. The error lists every problem, one per line
+    /// (`file:line:column: field: problem`): those of passerelle.toml, of every route
+    /// file and of every pack the sound routes use, all in one run.
     pub fn load(path: &std::path::Path) -> Result<Loaded, Vec<String>> {
-        let config = config::EngineConfig::load(Some(path))
-            .map_err(|errors| errors.0.iter().map(ToString::to_string).collect::<Vec<_>>())?;
+        Self::load_checking(path, false)
+    }
+
+    /// As [`load`](Self::load), and also tries on this machine what destinations will
+    /// need ([`passerelle_delivery::Destination::probe`]: an NDJSON folder can be
+    /// written): `passerelle check`.
+    pub fn check(path: &std::path::Path) -> Result<Loaded, Vec<String>> {
+        Self::load_checking(path, true)
+    }
+
+    fn load_checking(path: &std::path::Path, probe: bool) -> Result<Loaded, Vec<String>> {
+        let (config, config_errors) = config::EngineConfig::load_lenient(Some(path), None);
+        let mut problems: Vec<String> = config_errors.iter().map(ToString::to_string).collect();
+        let Some(config) = config else {
+            return Err(problems);
+        };
+        // With `[paths]` wrong, the folders read would not be the ones meant.
+        let paths_wrong = config_errors
+            .iter()
+            .any(|e| e.field.as_deref().is_some_and(|f| f.starts_with("paths.")));
+        if paths_wrong {
+            return Err(problems);
+        }
         let available = known_packs(&config.paths.mappings);
-        let routes =
-            routes::RouteTable::load(&config.paths.routes, &available, &config.listener_names())
-                .map_err(|errors| errors.0.iter().map(ToString::to_string).collect::<Vec<_>>())?;
+        let listeners = config.listener_names();
+        let context = routes::RouteContext {
+            known_packs: &available,
+            known_listeners: &listeners,
+            base_dir: Some(path.parent().unwrap_or(std::path::Path::new(""))),
+            probe,
+        };
+        let (routes, route_errors) =
+            routes::RouteTable::load_partial(&config.paths.routes, &context);
+        problems.extend(route_errors.iter().map(ToString::to_string));
         let mut packs = std::collections::HashMap::new();
-        for route in &routes.routes {
+        for route in &routes {
             if !packs.contains_key(&route.mapping) {
-                let pack =
-                    passerelle_mapping::Pack::load(config.paths.mappings.join(&route.mapping))
-                        .map_err(|errors| vec![errors.to_string()])?;
-                packs.insert(route.mapping.clone(), pack);
+                match passerelle_mapping::Pack::load(config.paths.mappings.join(&route.mapping)) {
+                    Ok(pack) => {
+                        packs.insert(route.mapping.clone(), pack);
+                    }
+                    Err(errors) => problems.extend(errors.to_string().lines().map(str::to_owned)),
+                }
             }
+        }
+        if !problems.is_empty() {
+            return Err(problems);
         }
         Ok(Loaded {
             config,
-            routes,
+            routes: routes::RouteTable { routes },
             packs,
         })
     }
 
     /// Which store the configuration names (`[store] backend`, checked on load).
     pub fn store_backend(&self) -> StoreBackend {
-        match self.config.store.backend.as_str() {
+        self.config.store_backend()
+    }
+
+    /// Where the store is, for messages (see [`config::EngineConfig::store_location`]).
+    pub fn store_location(&self) -> String {
+        self.config.store_location()
+    }
+
+    /// Opens the PostgreSQL store the configuration names (`backend = "postgres"`).
+    pub async fn open_pg_store(
+        &self,
+    ) -> Result<passerelle_store::PgStore, passerelle_store::StoreError> {
+        self.config.open_pg_store().await
+    }
+
+    /// Opens the sled store the configuration names (`backend = "sled"`, the default).
+    pub fn open_store(&self) -> Result<passerelle_store::SledStore, passerelle_store::StoreError> {
+        self.config.open_store()
+    }
+}
+
+/// The store alone needs only `passerelle.toml`: operations on stored messages work while
+/// a route file is being edited (see `passerelle messages`).
+impl config::EngineConfig {
+    /// Which store the configuration names (`[store] backend`, checked on load).
+    pub fn store_backend(&self) -> StoreBackend {
+        match self.store.backend.as_str() {
             "postgres" => StoreBackend::Postgres,
             _ => StoreBackend::Sled,
         }
@@ -91,11 +152,11 @@ impl Loaded {
     /// database (never the user or password).
     pub fn store_location(&self) -> String {
         match self.store_backend() {
-            StoreBackend::Sled => self.config.store.path.display().to_string(),
+            StoreBackend::Sled => self.store.path.display().to_string(),
             StoreBackend::Postgres => {
                 format!(
                     "PostgreSQL ({})",
-                    passerelle_store::PgConfig::describe_url(&self.config.store.url)
+                    passerelle_store::PgConfig::describe_url(&self.store.url)
                 )
             }
         }
@@ -105,12 +166,12 @@ impl Loaded {
     pub async fn open_pg_store(
         &self,
     ) -> Result<passerelle_store::PgStore, passerelle_store::StoreError> {
-        passerelle_store::PgStore::open(self.config.store.pg_config()).await
+        passerelle_store::PgStore::open(self.store.pg_config()).await
     }
 
     /// Opens the sled store the configuration names (`backend = "sled"`, the default).
     pub fn open_store(&self) -> Result<passerelle_store::SledStore, passerelle_store::StoreError> {
-        let s = &self.config.store;
+        let s = &self.store;
         let mut store_config = passerelle_store::StoreConfig::new(&s.path);
         store_config.cache_capacity = s.cache_capacity_mb * 1024 * 1024;
         store_config.flush_every = std::time::Duration::from_millis(s.flush_every_ms);

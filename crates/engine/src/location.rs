@@ -3,7 +3,9 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-/// One problem in one file, at a line and column (1-based), about one field.
+/// One problem in one file, at a line and column (1-based), about one field. A problem
+/// with no place in a file (an environment variable's) has line 0, and `file` names where
+/// it comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
     pub file: PathBuf,
@@ -16,7 +18,11 @@ pub struct ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}:{}: ", self.file.display(), self.line, self.column)?;
+        if self.line == 0 {
+            write!(f, "{}: ", self.file.display())?;
+        } else {
+            write!(f, "{}:{}:{}: ", self.file.display(), self.line, self.column)?;
+        }
         if let Some(field) = &self.field {
             write!(f, "{field}: ")?;
         }
@@ -93,20 +99,42 @@ impl SourceFile {
     /// first: after each, the `key = value` line it points at is blanked (with as many
     /// spaces, so that positions stay the file's) and the text read again. An error on
     /// anything else (a table header, a value spread over lines) ends the search: what
-    /// would follow is its consequences, not other mistakes.
-    pub(crate) fn parse_all<T: serde::de::DeserializeOwned>(&self) -> Result<T, Vec<ConfigError>> {
+    /// would follow is its consequences, not other mistakes. So does a key the blanking
+    /// left missing (`missing field`): that is the same mistake again.
+    ///
+    /// The value comes back whenever the blanked text reads, errors or not: the keys in
+    /// error then hold their defaults, and the caller can still check the rest of the file,
+    /// so that one run reports every mistake (see [`Lenient`]).
+    pub(crate) fn parse_lenient<T: serde::de::DeserializeOwned>(&self) -> Lenient<T> {
         const MAX: usize = 50;
         let mut text = self.text.clone();
         let mut errors = Vec::new();
+        let mut blanked: Vec<String> = Vec::new();
         loop {
             let e = match toml::from_str::<T>(&text) {
-                Ok(value) if errors.is_empty() => return Ok(value),
-                Ok(_) => return Err(errors),
+                Ok(value) => {
+                    return Lenient {
+                        value: Some(value),
+                        text,
+                        errors,
+                    };
+                }
                 Err(e) => e,
             };
+            let stop = |errors| Lenient {
+                value: None,
+                text: String::new(),
+                errors,
+            };
+            let consequence = blanked
+                .iter()
+                .any(|key| e.message().trim() == format!("missing field `{key}`"));
+            if consequence {
+                return stop(errors);
+            }
             let Some(span) = e.span() else {
                 errors.push(self.toml_error(&e));
-                return Err(errors);
+                return stop(errors);
             };
             let at = span.start.min(text.len());
             let start = text[..at].rfind('\n').map_or(0, |i| i + 1);
@@ -116,11 +144,24 @@ impl SourceFile {
             let field = key_line.then(|| field_of(&text, start, line)).flatten();
             errors.push(self.error_at(at, field.as_deref(), e.message().trim().to_owned()));
             if !key_line || errors.len() >= MAX {
-                return Err(errors);
+                return stop(errors);
+            }
+            if let Some(key) = line.split('=').next() {
+                blanked.push(key.trim().trim_matches('"').to_owned());
             }
             text.replace_range(start..end, &" ".repeat(end - start));
         }
     }
+}
+
+/// A file read leniently: the errors of syntax and type, and the value read with the lines
+/// in error blanked (`None` when even that does not read).
+#[derive(Debug)]
+pub(crate) struct Lenient<T> {
+    pub(crate) value: Option<T>,
+    /// The text the value was read from: the file's, with the lines in error blanked.
+    pub(crate) text: String,
+    pub(crate) errors: Vec<ConfigError>,
 }
 
 /// The dotted name of the key on `line` (which starts at `start` in `text`): the key, after

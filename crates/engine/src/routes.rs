@@ -253,32 +253,62 @@ impl RouteTable {
     }
 
     /// Loads every `*.toml` of `dir`. `known_packs` and `known_listeners` are the names a
-    /// route may refer to. Reports every problem of every file.
+    /// route may refer to. Reports every problem of every file. Destination settings are
+    /// left to the delivery side (see [`load_in`](Self::load_in) to check them here).
     pub fn load(
         dir: &Path,
         known_packs: &[String],
         known_listeners: &[String],
     ) -> Result<RouteTable, ConfigErrors> {
+        Self::load_in(
+            dir,
+            &RouteContext {
+                known_packs,
+                known_listeners,
+                base_dir: None,
+                probe: false,
+            },
+        )
+    }
+
+    /// Loads every `*.toml` of `dir` in `context`, reporting every problem of every file.
+    pub fn load_in(dir: &Path, context: &RouteContext<'_>) -> Result<RouteTable, ConfigErrors> {
+        let (routes, errors) = Self::load_partial(dir, context);
+        if errors.is_empty() {
+            Ok(RouteTable { routes })
+        } else {
+            Err(ConfigErrors(errors))
+        }
+    }
+
+    /// The routes of `dir` that have no problem, and every problem found (those of the
+    /// other routes, and those across files): what is sound can still be checked further
+    /// (its mapping pack) in the same run.
+    pub(crate) fn load_partial(
+        dir: &Path,
+        context: &RouteContext<'_>,
+    ) -> (Vec<Route>, Vec<ConfigError>) {
         let mut files: Vec<PathBuf> = match std::fs::read_dir(dir) {
             Ok(entries) => entries
                 .filter_map(|e| e.ok().map(|e| e.path()))
                 .filter(|p| p.extension().is_some_and(|e| e == "toml"))
                 .collect(),
             Err(e) => {
-                return Err(ConfigErrors(vec![ConfigError {
+                let error = ConfigError {
                     file: dir.to_path_buf(),
                     line: 1,
                     column: 1,
                     field: None,
                     message: format!("cannot read the routes folder: {e}"),
-                }]));
+                };
+                return (Vec::new(), vec![error]);
             }
         };
         files.sort();
         let mut errors = Vec::new();
         let mut routes = Vec::new();
         for path in &files {
-            match load_route(path, known_packs, known_listeners) {
+            match load_route(path, context) {
                 Ok(route) => routes.push(route),
                 Err(mut e) => errors.append(&mut e),
             }
@@ -320,12 +350,24 @@ impl RouteTable {
                 message: "no route: every message would be unrouted".into(),
             });
         }
-        if errors.is_empty() {
-            Ok(RouteTable { routes })
-        } else {
-            Err(ConfigErrors(errors))
-        }
+        (routes, errors)
     }
+}
+
+/// What routes are checked against, beyond their own files.
+#[derive(Debug, Clone, Copy)]
+pub struct RouteContext<'a> {
+    /// The mapping packs a route may name.
+    pub known_packs: &'a [String],
+    /// The listeners a route may name.
+    pub known_listeners: &'a [String],
+    /// The folder destinations' relative paths start from (passerelle.toml's): each
+    /// destination's settings are then checked as the delivery side reads them, each
+    /// problem located at its key. `None`: settings are not checked here.
+    pub base_dir: Option<&'a Path>,
+    /// Also try, on this machine, what a destination will need at its first delivery
+    /// (an NDJSON folder that can be written): `passerelle check`. Needs `base_dir`.
+    pub probe: bool,
 }
 
 /// What a route or destination name may hold. The two name a queue together,
@@ -340,14 +382,17 @@ fn is_queue_part(name: &str) -> bool {
             .any(|c| c == '.' || c == '/' || c.is_whitespace() || c.is_control())
 }
 
-fn load_route(
-    path: &Path,
-    known_packs: &[String],
-    known_listeners: &[String],
-) -> Result<Route, Vec<ConfigError>> {
+fn load_route(path: &Path, context: &RouteContext<'_>) -> Result<Route, Vec<ConfigError>> {
+    let known_packs = context.known_packs;
+    let known_listeners = context.known_listeners;
     let src = SourceFile::read(path).map_err(|e| vec![e])?;
-    let file: RouteFile = src.parse_all()?;
-    let mut errors = Vec::new();
+    // A value of the wrong type does not hide the file's other mistakes: they are checked
+    // on what could be read, the wrong value left at its default.
+    let lenient = src.parse_lenient::<RouteFile>();
+    let mut errors = lenient.errors;
+    let Some(file) = lenient.value else {
+        return Err(errors);
+    };
     let at = |path: &[Step<'_>], field: &str, message: String| {
         src.error_at(src.locate(path), Some(field), message)
     };
@@ -545,6 +590,26 @@ fn load_route(
                 default_concurrency
             }
         };
+        if let (true, Some(base_dir)) = (
+            DESTINATION_TYPES.contains(&d.kind.as_str()),
+            context.base_dir,
+        ) {
+            let checked =
+                passerelle_delivery::Destination::from_settings(&d.kind, &d.settings, base_dir)
+                    .and_then(|target| match context.probe {
+                        true => target.probe(),
+                        false => Ok(()),
+                    });
+            if let Err(e) = checked {
+                let mut steps = vec![Step::Key("destinations"), Step::Index(i)];
+                steps.extend(e.key().split('.').map(Step::Key));
+                errors.push(at(
+                    &steps,
+                    &format!("destinations.{}", e.key()),
+                    e.to_string(),
+                ));
+            }
+        }
         destinations.push(Destination {
             name: d.name,
             kind: d.kind,
@@ -554,6 +619,7 @@ fn load_route(
         });
     }
     if !errors.is_empty() {
+        errors.sort_by_key(|e| (e.line, e.column));
         return Err(errors);
     }
     Ok(Route {

@@ -535,3 +535,150 @@ fn every_type_error_is_reported_with_its_field() {
         "{got:?}"
     );
 }
+
+/// A wrong type does not hide the other mistakes of the file: the values that are wrong
+/// only in meaning are reported in the same run (an operator fixing the file at night
+/// should not discover its problems one `check` at a time).
+#[test]
+fn type_errors_and_other_mistakes_of_passerelle_toml_are_reported_together() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "passerelle.toml",
+        "[store]\nmax_queue_depth = \"lots\"\n\n[admin]\nbind = \"nowhere\"\n\n[logging]\nformat = \"yaml\"\n",
+    );
+    let errors = EngineConfig::load_with_env(
+        Some(&dir.path().join("passerelle.toml")),
+        Some(HashMap::new()),
+    )
+    .unwrap_err();
+    let got = render(&errors);
+    assert_eq!(
+        got,
+        [
+            "passerelle.toml:2:19 store.max_queue_depth invalid type: string \"lots\", expected u64",
+            "passerelle.toml:5:8 admin.bind \"nowhere\" is not an address:port",
+            "passerelle.toml:8:10 logging.format must be \"text\" or \"json\"",
+        ],
+        "in file order"
+    );
+}
+
+/// The same in a route file: a retry setting of the wrong type and an unknown mapping
+/// pack, in one run.
+#[test]
+fn type_errors_and_other_mistakes_of_a_route_are_reported_together() {
+    let got = route_errors(
+        "name = \"r\"\nmapping = \"nope\"\n[[destinations]]\nname = \"d\"\ntype = \"ndjson\"\ndir = \"out\"\n[destinations.retry]\nmax_attempts = \"3\"\njitter = 2.0\n",
+    );
+    assert_eq!(got.len(), 3, "{got:?}");
+    assert!(
+        got[0].starts_with("10-r.toml:2:11 mapping no mapping pack \"nope\""),
+        "{got:?}"
+    );
+    assert!(
+        got[1].starts_with("10-r.toml:8:16 destinations.retry.max_attempts invalid type"),
+        "{got:?}"
+    );
+    assert!(
+        got[2].starts_with("10-r.toml:9:10 destinations.retry.jitter must be between 0 and 1"),
+        "{got:?}"
+    );
+}
+
+/// A syntax error on a key's line is one problem: the "missing field" that blanking the
+/// line makes is its consequence, not a second mistake.
+#[test]
+fn a_broken_required_key_is_one_error_not_two() {
+    let got = route_errors(
+        "name = \"broken\nmapping = \"fr\"\n[[destinations]]\nname = \"d\"\ntype = \"ndjson\"\ndir = \"out\"\n",
+    );
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert!(got[0].starts_with("10-r.toml:1:"), "{got:?}");
+}
+
+/// Everything `passerelle.toml` leads to is checked in one run: its own mistakes, every
+/// route file's, and each destination's settings, located at the key (`url`), not just
+/// named by the route file.
+#[test]
+fn the_configuration_its_routes_and_their_destinations_are_reported_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = workspace_root();
+    std::fs::create_dir_all(dir.path().join("routes.d")).unwrap();
+    write(
+        dir.path(),
+        "passerelle.toml",
+        &format!(
+            "[admin]\nbind = \"nowhere\"\n[paths]\nroutes = \"routes.d\"\nmappings = {:?}\n",
+            root.join("mappings")
+        ),
+    );
+    let routes = dir.path().join("routes.d");
+    write(
+        &routes,
+        "10-adt.toml",
+        "name = \"adt\"\nmapping = \"v2-to-fhirr\"\n[[destinations]]\nname = \"d\"\ntype = \"ndjson\"\ndir = \"out\"\n",
+    );
+    write(
+        &routes,
+        "20-lab.toml",
+        "name = \"lab\"\nmapping = \"v2-to-fhir\"\n[[destinations]]\nname = \"fhir\"\ntype = \"fhir\"\nurl = \"not a url\"\n",
+    );
+    let lines = passerelle_engine::Loaded::load(&dir.path().join("passerelle.toml")).unwrap_err();
+    let has = |want: &str| lines.iter().any(|l| l.contains(want));
+    assert!(has("passerelle.toml:2:8: admin.bind:"), "{lines:?}");
+    assert!(
+        has("10-adt.toml:2:11: mapping: no mapping pack"),
+        "{lines:?}"
+    );
+    assert!(
+        has("20-lab.toml:6:7: destinations.url: invalid setting `url`"),
+        "{lines:?}"
+    );
+    assert_eq!(lines.len(), 3, "{lines:?}");
+}
+
+/// A wrong value set by an environment variable is reported as that variable's, not at
+/// the line of the file it overrides (which holds a sound value: the operator would stare
+/// at it); and an environment error has no made-up line and column.
+#[test]
+fn a_wrong_value_from_the_environment_names_its_variable() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "passerelle.toml",
+        "[store]\nbackend = \"sled\"\n[admin]\nbind = \"nowhere\"\n",
+    );
+    let file = dir.path().join("passerelle.toml");
+    let env = HashMap::from([(
+        "PASSERELLE__STORE__BACKEND".to_owned(),
+        "postgress".to_owned(),
+    )]);
+    let errors = EngineConfig::load_with_env(Some(&file), Some(env)).unwrap_err();
+    let lines: Vec<String> = errors.0.iter().map(ToString::to_string).collect();
+    assert!(
+        lines.contains(
+            &"PASSERELLE__STORE__BACKEND: store.backend: \"postgress\" is not a store backend: \"sled\" or \"postgres\"".to_owned()
+        ),
+        "{lines:?}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l
+                .ends_with("passerelle.toml:4:8: admin.bind: \"nowhere\" is not an address:port")),
+        "the file's own mistakes stay located: {lines:?}"
+    );
+    assert_eq!(lines.len(), 2, "{lines:?}");
+
+    let env = HashMap::from([(
+        "PASSERELLE__STORE__MAX_QUEUE_DEPTH".to_owned(),
+        "lots".to_owned(),
+    )]);
+    let errors = EngineConfig::load_with_env(Some(&file), Some(env)).unwrap_err();
+    let text = errors.to_string();
+    assert!(
+        text.starts_with("environment: ") && text.contains("store.max_queue_depth"),
+        "{text}"
+    );
+}

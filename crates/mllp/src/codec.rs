@@ -9,6 +9,12 @@
 //! Limits are explicit: [`CodecOptions::max_frame_size`] bounds a payload and
 //! [`CodecOptions::max_discard`] bounds the bytes skipped between frames. Every tolerated
 //! deviation is a named option with its background, and is counted in [`Tolerated`].
+//!
+//! Filler between frames (NUL, CR, LF, blanks) is a harmless quirk. Any other byte outside
+//! a frame is not: it is data the peer meant for someone and that nobody will read (a
+//! sender that does not frame its messages at all, a frame whose start block was lost).
+//! Each such run of bytes is handed out once by [`MllpCodec::take_unframed`], so that the
+//! listener can warn and count it as a protocol error.
 
 use std::fmt;
 
@@ -87,7 +93,7 @@ pub struct Tolerated {
     pub frames: u64,
     /// NUL, CR, LF, space and tab bytes skipped between frames.
     pub filler_bytes: u64,
-    /// Other bytes skipped before a start block.
+    /// Other bytes skipped before a start block (see [`MllpCodec::take_unframed`]).
     pub discarded_bytes: u64,
     /// End blocks without the CR after them.
     pub missing_cr: u64,
@@ -108,6 +114,80 @@ impl Tolerated {
         .filter(|(_, n)| *n > 0)
         .collect()
     }
+}
+
+/// What a run of unframed data looks like, told from its first bytes so that a log can
+/// say what is wrong without showing them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnframedKind {
+    /// `MSH`, `BHS` or `FHS`: HL7 sent without MLLP framing (a sender set up for raw TCP).
+    Hl7,
+    /// A TLS handshake record: the sender uses TLS, the listener does not.
+    Tls,
+    /// An HTTP request line: a web client, or a load balancer's HTTP probe.
+    Http,
+    /// Anything else.
+    Other,
+}
+
+impl UnframedKind {
+    fn of(first: &[u8]) -> UnframedKind {
+        const HTTP: [&[u8]; 7] = [
+            b"GET ", b"POST", b"HEAD", b"PUT ", b"DELE", b"OPTI", b"PRI ",
+        ];
+        if [b"MSH", b"BHS", b"FHS"]
+            .iter()
+            .any(|h| first.starts_with(*h))
+        {
+            UnframedKind::Hl7
+        } else if first.starts_with(&[0x16, 0x03]) {
+            UnframedKind::Tls
+        } else if HTTP.iter().any(|m| first.starts_with(m)) {
+            UnframedKind::Http
+        } else {
+            UnframedKind::Other
+        }
+    }
+
+    /// A short name, for logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            UnframedKind::Hl7 => "hl7",
+            UnframedKind::Tls => "tls",
+            UnframedKind::Http => "http",
+            UnframedKind::Other => "other",
+        }
+    }
+
+    /// What an operator should look at.
+    pub fn hint(self) -> &'static str {
+        match self {
+            UnframedKind::Hl7 => {
+                "HL7 sent without MLLP framing: set the sender up for MLLP (0x0B … 0x1C 0x0D), not raw TCP"
+            }
+            UnframedKind::Tls => {
+                "a TLS handshake: the sender uses TLS and this listener does not (connection closed)"
+            }
+            UnframedKind::Http => "an HTTP request: a web client or an HTTP probe on the MLLP port",
+            UnframedKind::Other => {
+                "does the sender frame its messages with MLLP (0x0B … 0x1C 0x0D)?"
+            }
+        }
+    }
+}
+
+/// A run of bytes received outside a frame, not all filler: dropped data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unframed {
+    /// Its size, filler inside it included.
+    pub bytes: usize,
+    /// What its first bytes look like.
+    pub kind: UnframedKind,
+}
+
+/// NUL, CR, LF, space and tab: what senders put between frames, harmlessly.
+fn is_filler(b: u8) -> bool {
+    matches!(b, 0 | b'\r' | b'\n' | b' ' | b'\t')
 }
 
 /// One decoded frame.
@@ -183,6 +263,11 @@ pub struct MllpCodec {
     pending_cr: bool,
     /// Bytes skipped since the last frame (bounded by `max_discard`).
     skipped: usize,
+    /// Some of `skipped` is not filler: the run is unframed data, of this kind.
+    skipped_data: Option<UnframedKind>,
+    /// Runs of unframed data that a start block ended, not taken yet (summed; the first
+    /// one's kind).
+    unframed_ended: Option<Unframed>,
     tolerated: Tolerated,
 }
 
@@ -200,6 +285,8 @@ impl MllpCodec {
             state: State::Between,
             pending_cr: false,
             skipped: 0,
+            skipped_data: None,
+            unframed_ended: None,
             tolerated: Tolerated::default(),
         }
     }
@@ -219,11 +306,35 @@ impl MllpCodec {
         self.tolerated
     }
 
+    /// The size of each run of unframed data (bytes outside a frame, not all filler),
+    /// once: a run a start block ended, and with `at_end` (the connection is over) the
+    /// run under way. `None` when there is none. The bytes themselves are never kept.
+    pub fn take_unframed(&mut self, at_end: bool) -> Option<Unframed> {
+        if at_end {
+            self.end_unframed_run();
+        }
+        self.unframed_ended.take()
+    }
+
+    /// The run under way, if it holds data, joins those ended.
+    fn end_unframed_run(&mut self) {
+        if let Some(kind) = self.skipped_data.take() {
+            let bytes = std::mem::take(&mut self.skipped);
+            let ended = self
+                .unframed_ended
+                .get_or_insert(Unframed { bytes: 0, kind });
+            ended.bytes += bytes;
+        }
+    }
+
     fn skip(&mut self, bytes: &[u8]) -> Result<(), FrameError> {
-        let filler = bytes
-            .iter()
-            .filter(|b| matches!(b, 0 | b'\r' | b'\n' | b' ' | b'\t'))
-            .count();
+        let filler = bytes.iter().filter(|b| is_filler(**b)).count();
+        if self.skipped_data.is_none()
+            && let Some(first) = bytes.iter().position(|b| !is_filler(*b))
+        {
+            let head = &bytes[first..];
+            self.skipped_data = Some(UnframedKind::of(&head[..head.len().min(4)]));
+        }
         self.tolerated.filler_bytes += filler as u64;
         self.tolerated.discarded_bytes += (bytes.len() - filler) as u64;
         self.skipped = self.skipped.saturating_add(bytes.len());
@@ -281,6 +392,7 @@ impl Decoder for MllpCodec {
                             self.skip(&before)?;
                         }
                         buf.advance(1);
+                        self.end_unframed_run();
                         self.skipped = 0;
                         self.state = State::InFrame { scanned: 0 };
                     }
@@ -446,6 +558,32 @@ mod tests {
         assert_eq!(frames, vec![msg(b"A")]);
         assert_eq!(c.tolerated().discarded_bytes, 8);
         assert_eq!(c.tolerated().filler_bytes, 2);
+    }
+
+    #[test]
+    fn each_run_of_unframed_data_is_handed_out_once_with_its_size() {
+        let mut c = MllpCodec::default();
+        // Filler alone between frames is no run of data.
+        decode_all(&mut c, b"\0\r\n\x0bA\x1c\r").unwrap();
+        assert_eq!(c.take_unframed(true), None);
+        // A run a start block ends: its size counts filler inside it too.
+        let mut buf = BytesMut::from(&b"GET / HTTP\x0bA\x1c\r"[..]);
+        assert_eq!(c.decode(&mut buf).unwrap(), Some(msg(b"A")));
+        let unframed = |bytes, kind| Some(Unframed { bytes, kind });
+        assert_eq!(c.take_unframed(false), unframed(10, UnframedKind::Http));
+        assert_eq!(c.take_unframed(true), None, "once");
+        // A run the connection ends, in two reads: only at the end.
+        let mut buf = BytesMut::from(&b"MSH|^~\\&|"[..]);
+        assert_eq!(c.decode(&mut buf).unwrap(), None);
+        buf.extend_from_slice(b"\rPID|1\r");
+        assert_eq!(c.decode(&mut buf).unwrap(), None);
+        assert_eq!(c.take_unframed(false), None, "still under way");
+        assert_eq!(c.take_unframed(true), unframed(16, UnframedKind::Hl7));
+        assert_eq!(c.take_unframed(true), None);
+        // A TLS client on a plain listener, after filler.
+        let mut buf = BytesMut::from(&b"\r\n\x16\x03\x01\x02\x00"[..]);
+        assert_eq!(c.decode(&mut buf).unwrap(), None);
+        assert_eq!(c.take_unframed(true), unframed(7, UnframedKind::Tls));
     }
 
     #[test]

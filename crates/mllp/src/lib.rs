@@ -42,7 +42,7 @@ pub mod listener;
 pub mod tls;
 
 pub use client::{Ack, Client, ClientConfig, ClientError};
-pub use codec::{CodecOptions, Frame, FrameError, MllpCodec, Tolerated};
+pub use codec::{CodecOptions, Frame, FrameError, MllpCodec, Tolerated, Unframed, UnframedKind};
 pub use handler::ParseAckHandler;
 pub use listener::{Cidr, Handler, Listener, ListenerConfig, PeerInfo, RunningListener, Stats};
 pub use tls::{ClientTlsConfig, PeerIdentity, ServerTls, ServerTlsConfig, TlsError};

@@ -39,7 +39,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::codec::{CodecOptions, Frame, FrameError, MllpCodec, Tolerated};
+use crate::codec::{CodecOptions, Frame, FrameError, MllpCodec, Tolerated, UnframedKind};
 use crate::tls::{PeerIdentity, ServerTls};
 
 /// Receives every frame and returns its acknowledgement.
@@ -242,6 +242,10 @@ counters! {
     oversized,
     /// Other framing errors (connection closed).
     protocol_errors,
+    /// Runs of bytes received outside a frame that are not filler: data dropped, from a
+    /// sender that does not frame its messages or lost a start block (warned, with the
+    /// peer and the size; `discarded_bytes` counts their bytes).
+    unframed_data,
     /// Connections closed for idleness.
     idle_timeouts,
     /// Connections closed because a frame did not complete in time.
@@ -533,6 +537,11 @@ fn admit<H: Handler>(
                 };
                 let stream = match handshake {
                     Ok(Ok(s)) => s,
+                    Ok(Err(e)) if not_a_handshake(&e) => {
+                        bump(&shared.counters.tls_failed);
+                        warn!(listener = %shared.config.name, peer = %addr, connection = id, error = %e, "TLS handshake failed: the peer did not start one (a sender without TLS?)");
+                        return;
+                    }
                     Ok(Err(e)) => {
                         bump(&shared.counters.tls_failed);
                         warn!(listener = %shared.config.name, peer = %addr, connection = id, error = %e, "TLS handshake failed");
@@ -596,6 +605,7 @@ async fn connection<H: Handler, S: AsyncRead + AsyncWrite + Unpin>(
 ) {
     let mut codec = MllpCodec::new(shared.config.codec.clone());
     let result = serve_connection(shared, &mut stream, peer, &mut codec).await;
+    note_unframed(shared, peer, &mut codec, true);
     let tolerated = codec.tolerated();
     shared.counters.add_tolerated(&tolerated);
     let deviations = tolerated.deviations();
@@ -611,10 +621,39 @@ async fn connection<H: Handler, S: AsyncRead + AsyncWrite + Unpin>(
         }
     }
     if deviations.is_empty() {
-        debug!(peer = %peer.addr, connection = peer.connection, frames = tolerated.frames, "connection closed");
+        debug!(listener = %peer.listener, peer = %peer.addr, connection = peer.connection, frames = tolerated.frames, "connection closed");
     } else {
-        info!(peer = %peer.addr, connection = peer.connection, frames = tolerated.frames, tolerated = ?deviations, "connection closed");
+        info!(listener = %peer.listener, peer = %peer.addr, connection = peer.connection, frames = tolerated.frames, tolerated = ?deviations, "connection closed");
     }
+}
+
+/// Whether a failed handshake failed because the peer sent something else than TLS (an
+/// MLLP frame, most likely: a sender set up without TLS).
+fn not_a_handshake(e: &io::Error) -> bool {
+    matches!(
+        e.get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>()),
+        Some(rustls::Error::InvalidMessage(
+            rustls::InvalidMessage::InvalidContentType
+        ))
+    )
+}
+
+/// Warns about, and counts, each run of unframed data the codec has finished (with
+/// `at_end`, also the one under way): bytes a sender meant as a message, or part of one,
+/// that nobody will read. Only their size and kind are told, never their content.
+fn note_unframed<H>(
+    shared: &Shared<H>,
+    peer: &PeerInfo,
+    codec: &mut MllpCodec,
+    at_end: bool,
+) -> Option<UnframedKind> {
+    let unframed = codec.take_unframed(at_end)?;
+    bump(&shared.counters.unframed_data);
+    warn!(listener = %peer.listener, peer = %peer.addr, connection = peer.connection,
+        bytes = unframed.bytes, looks_like = unframed.kind.name(),
+        "bytes received outside an MLLP frame were dropped: {}", unframed.kind.hint());
+    Some(unframed.kind)
 }
 
 async fn write_all<S: AsyncWrite + Unpin>(
@@ -663,7 +702,13 @@ async fn serve_connection<H: Handler, S: AsyncRead + AsyncWrite + Unpin>(
     loop {
         // Answer every complete frame already received, in order.
         loop {
-            match codec.decode(&mut buf) {
+            let decoded = codec.decode(&mut buf);
+            if note_unframed(shared, peer, codec, false) == Some(UnframedKind::Tls) {
+                // A TLS client will never frame: what the codec found in its handshake's
+                // bytes is no message to keep or answer.
+                return Ok(Close::Done);
+            }
+            match decoded {
                 Ok(Some(Frame::Message(payload))) => {
                     bump(&counters.frames);
                     let size = payload.len();

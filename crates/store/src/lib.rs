@@ -160,6 +160,9 @@ pub enum StoreError {
     },
     #[error("record {key} in {tree} is corrupted; it was moved to quarantine")]
     Corrupt { tree: &'static str, key: String },
+    /// The sled store is locked by another process: sled allows one at a time.
+    #[error("another process has it open (a passerelle engine running on it?)")]
+    InUse,
     #[error("message {0} not found")]
     NotFound(MessageId),
     #[error("message {id} is {state}; {action} needs {needed}")]

@@ -433,10 +433,10 @@ impl SledStore {
         let deadline = std::time::Instant::now() + Duration::from_secs(3);
         let db = loop {
             match sled_config.open() {
-                Err(sled::Error::Io(e))
-                    if e.to_string().contains("could not acquire lock")
-                        && std::time::Instant::now() < deadline =>
-                {
+                Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
+                    if std::time::Instant::now() >= deadline {
+                        return Err(StoreError::InUse);
+                    }
                     std::thread::sleep(Duration::from_millis(20));
                 }
                 other => break other?,
