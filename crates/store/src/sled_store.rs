@@ -217,12 +217,47 @@ impl JournalSpaces<'_> {
             return Ok(());
         }
         let Some(record) = decode::<MessageRecord>(&r.record) else {
-            tracing::error!(id = r.id, "a journal log record does not decode; skipped");
+            // The frame is intact (the log record's CRC held); only what was noted about
+            // it does not read. The message was acknowledged: it is kept, as received
+            // now, so that the engine routes and maps it again from its frame.
+            tracing::error!(
+                id = r.id,
+                "a journal log record's metadata does not decode; its message is kept as received, to be mapped again"
+            );
+            let record = unreadable_metadata_record(r.id, r.frame.len(), SystemClock.now_ms());
+            self.writes(&record, &encode(&record), &payload(&r.frame, None))
+                .commit(data)?;
             return Ok(());
         };
         self.writes(&record, &r.record, &payload(&r.frame, None))
             .commit(data)?;
         Ok(())
+    }
+}
+
+/// The record of a message whose frame the journal log kept but whose record does not
+/// read: received (to be routed and mapped again), its origin unknown.
+fn unreadable_metadata_record(id: MessageId, size: usize, now: Millis) -> MessageRecord {
+    let state = MessageState::Received;
+    MessageRecord {
+        id,
+        received_at_ms: now,
+        listener: String::new(),
+        peer: String::new(),
+        size: size as u64,
+        msh: None,
+        route: None,
+        state,
+        error: None,
+        bundle: None,
+        deliveries: Vec::new(),
+        history: vec![Transition {
+            at_ms: now,
+            state: state.name().to_owned(),
+            detail: "recovered from the journal log, whose record of it did not read: \
+                     listener, peer and reception time unknown"
+                .to_owned(),
+        }],
     }
 }
 
@@ -1523,6 +1558,49 @@ mod tests {
         for bad in [&bad_flag[..], &long_frame, &trailing, &[], &[0, 0]] {
             assert_eq!(split_payload(bad), None, "{bad:?}");
         }
+    }
+
+    /// A journal log record whose frame is intact but whose record does not read (written
+    /// by a version that encoded it otherwise) is kept, as received, to be mapped again:
+    /// the message was acknowledged. Dropping it, as recovery once did, lost it.
+    #[tokio::test]
+    async fn a_logged_message_whose_record_does_not_read_is_kept_as_received() {
+        let dir = tempfile::tempdir().unwrap();
+        let frame = b"MSH|^~\\&|LAB|H|||20240101||ORU^R01|C1|P|2.5\rPID|1||42\r";
+        let meta = || JournalMeta {
+            listener: "main".into(),
+            peer: "127.0.0.1:1".into(),
+            msh: None,
+            rejected: None,
+        };
+        let first = {
+            let store = SledStore::open(StoreConfig::new(dir.path())).unwrap();
+            let id = store.journal(frame, meta()).await.unwrap();
+            store.flush().await.unwrap();
+            id
+        };
+        // The next message was acknowledged (its log record synced), then the engine
+        // stopped before sled had it; the record's encoding is not this version's.
+        let lost = first + 1;
+        {
+            let (wal, applied) = Wal::recover(dir.path(), |_| Ok(()), || Ok(())).unwrap();
+            assert_eq!(applied, 0, "a clean stop leaves no log records");
+            wal.append(lost, b"{not a record of this version", frame)
+                .unwrap();
+            wal.sync().unwrap();
+        }
+        let store = SledStore::open(StoreConfig::new(dir.path())).unwrap();
+        let record = store.get(lost).await.unwrap().expect("the message is kept");
+        assert_eq!(record.state, MessageState::Received);
+        assert_eq!(record.size, frame.len() as u64);
+        assert!(
+            record.history[0].detail.contains("journal log"),
+            "{record:?}"
+        );
+        assert_eq!(store.raw(lost).await.unwrap().as_deref(), Some(&frame[..]));
+        assert_eq!(store.unprocessed(10).await.unwrap(), [first, lost]);
+        let next = store.journal(frame, meta()).await.unwrap();
+        assert!(next > lost, "ids go on after the recovered one: {next}");
     }
 
     /// The journal log refuses an append (a failing disk): that journal call fails, and
