@@ -138,7 +138,7 @@ impl Destination {
                 message_id = item.message_id,
                 outcome = ?report.outcome,
                 class = %report.error_class,
-                status = ?report.status,
+                status = report.status,
                 "delivery attempt failed"
             );
         }

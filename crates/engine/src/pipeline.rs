@@ -885,7 +885,7 @@ impl<S: Store> Pipeline<S> {
                             id = lease.message_id,
                             attempt = lease.attempt,
                             class = %error_class,
-                            status = ?status,
+                            status,
                             "delivery failed for good: in the dead letter"
                         );
                     }
@@ -896,7 +896,7 @@ impl<S: Store> Pipeline<S> {
                             id = lease.message_id,
                             attempt = lease.attempt,
                             class = %error_class,
-                            status = ?status,
+                            status,
                             "delivery failed; will retry"
                         );
                     }
