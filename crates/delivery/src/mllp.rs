@@ -22,15 +22,20 @@
 //! | MLLP release 2 commit NAK (the receiver could not store it) | transient | `commit_nak` |
 //! | the message has no MSH-10 or holds an MLLP framing byte | permanent | `no_control_id` / `framing_byte` |
 //!
-//! Both negative ACK families are permanent: sending the same bytes again gets the same
-//! answer, so the message goes to dead letter for an operator (who can `replay` it once
-//! the peer is fixed). Transport failures are transient: the connection is dropped and the
+//! Both negative ACK families are permanent by default: sending the same bytes again
+//! gets the same answer, so the message goes to dead letter for an operator (who can
+//! `replay` it once the peer is fixed). Some receivers answer AE for a passing trouble of
+//! their own (a locked record, a database down); for those, `application_errors =
+//! "retry"` makes AE and CE transient, retried with the destination's backoff until its
+//! retry policy gives up. AR and CR (the receiver refuses the message's type, version or
+//! processing id) stay permanent. Transport failures are transient: the connection is dropped and the
 //! next attempt reconnects. A NAK's `detail` holds its code, control id and the peer's
 //! diagnostic (ERR-8 or MSA-3), truncated; never the message.
 //!
 //! Settings: `peer` (`host:port`, required), `ack_timeout_s` (30), `connect_timeout_s`
 //! (10), `tls = { ca, client_cert, client_key, server_name }` (all optional; an empty
-//! table means TLS with the system's roots), `charset` (optional).
+//! table means TLS with the system's roots), `charset` (optional), `application_errors`
+//! (`"dead"`, the default, or `"retry"`).
 //!
 //! **Raw or re-encoded.** By default the peer gets the bytes the sender sent. With
 //! `charset = "UNICODE UTF-8"` (or `8859/1`, `8859/15`, `ASCII`), the message is decoded
@@ -63,6 +68,8 @@ pub struct MllpDestination {
     jobs: mpsc::Sender<Job>,
     /// Re-encode into this character set before sending (`None`: the raw bytes).
     reencode: Option<Charset>,
+    /// AE and CE are retried (transient) rather than dead-lettered.
+    retry_application_errors: bool,
 }
 
 impl std::fmt::Debug for Job {
@@ -101,6 +108,7 @@ impl MllpDestination {
             peer,
             jobs,
             reencode: None,
+            retry_application_errors: false,
         })
     }
 
@@ -118,8 +126,19 @@ impl MllpDestination {
                 "connect_timeout_s",
                 "tls",
                 "charset",
+                "application_errors",
             ],
         )?;
+        let retry_application_errors = match r.string("application_errors")? {
+            None | Some("dead") => false,
+            Some("retry") => true,
+            Some(other) => {
+                return Err(invalid(
+                    "application_errors",
+                    format!("expected \"dead\" or \"retry\", found {other:?}"),
+                ));
+            }
+        };
         let reencode = match r.string("charset")? {
             None => None,
             Some(name) => Some(Charset::from_name(name).ok_or_else(|| {
@@ -184,6 +203,7 @@ impl MllpDestination {
             other => invalid("peer", other.to_string()),
         })?;
         destination.reencode = reencode;
+        destination.retry_application_errors = retry_application_errors;
         Ok(destination)
     }
 
@@ -215,18 +235,21 @@ impl MllpDestination {
         };
         match result {
             Ok(ack) => {
-                let class = match ack.code.as_str() {
+                let report = match ack.code.as_str() {
                     "AA" | "CA" => return AttemptReport::delivered(),
-                    "AE" | "CE" => "nak_ae",
-                    "AR" | "CR" => "nak_ar",
-                    _ => "nak_other",
+                    "AE" | "CE" if self.retry_application_errors => {
+                        AttemptReport::transient("nak_ae")
+                    }
+                    "AE" | "CE" => AttemptReport::permanent("nak_ae"),
+                    "AR" | "CR" => AttemptReport::permanent("nak_ar"),
+                    _ => AttemptReport::permanent("nak_other"),
                 };
                 let mut detail = format!("{} for {}", ack.code, ack.control_id);
                 if let Some(text) = ack.text.as_deref().filter(|t| !t.is_empty()) {
                     detail.push_str(": ");
                     detail.push_str(text);
                 }
-                with_detail(AttemptReport::permanent(class), detail)
+                with_detail(report, detail)
             }
             Err(e) => {
                 let report = match &e {

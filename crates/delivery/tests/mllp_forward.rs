@@ -117,6 +117,36 @@ async fn naks_are_permanent_and_silence_is_a_transient_timeout() {
     assert_eq!(report.outcome, AttemptOutcome::Delivered, "{report:?}");
 }
 
+/// A receiver whose AE means a passing trouble of its own: with `application_errors =
+/// "retry"` an AE is retried (transient), while an AR is still a refusal for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn application_errors_can_be_retried_while_rejects_stay_permanent() {
+    let (_peer, port) = tokio::task::spawn_blocking(start_nak_server).await.unwrap();
+    let dest = destination(port, "application_errors = \"retry\"");
+
+    let report = dest.deliver(&item(&message("AE2"))).await;
+    assert_eq!(report.outcome, AttemptOutcome::Transient, "{report:?}");
+    assert_eq!(report.error_class, "nak_ae");
+    assert!(report.detail.starts_with("AE for AE2"), "{report:?}");
+
+    let report = dest.deliver(&item(&message("AR2"))).await;
+    assert_eq!(report.outcome, AttemptOutcome::Permanent, "{report:?}");
+    assert_eq!(report.error_class, "nak_ar");
+
+    let report = dest.deliver(&item(&message("OK3"))).await;
+    assert_eq!(report.outcome, AttemptOutcome::Delivered, "{report:?}");
+
+    let settings: toml::Table =
+        toml::from_str("type = \"mllp\"\npeer = \"127.0.0.1:1\"\napplication_errors = \"later\"")
+            .unwrap();
+    let refused = Destination::from_settings("mllp", &settings, Path::new("/"))
+        .expect_err("an unknown value is refused");
+    assert!(
+        refused.to_string().contains("application_errors"),
+        "{refused}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_connection_is_transient_connect() {
     let port = {
