@@ -8,7 +8,10 @@
 //! name = "adt"
 //! mapping = "v2-to-fhir"                      # a pack in mappings/
 //! listeners = ["main"]                        # optional: all listeners
-//! ordering_key = ["MSH-4", "PID-3[1].1"]      # optional: this is the default
+//! ordering_key = ["MSH-4.1", "PID-3[1].1", "PID-3[1].4.1"]   # optional: the default
+//! # A part can also name the patient identifier of one type, wherever it is among the
+//! # repetitions (PAM FR: the IPP, whether or not the INS comes first):
+//! # ordering_key = ["MSH-4.1", { identifier = "PID-3", type = "PI" }]
 //!
 //! [match]                                     # each: a value, a glob (* ?), or a list
 //! message_type = "ADT"
@@ -102,13 +105,70 @@ struct RouteFile {
     mapping: String,
     #[serde(default)]
     listeners: Vec<String>,
-    ordering_key: Option<Vec<String>>,
+    ordering_key: Option<Vec<KeyPartFile>>,
     #[serde(default)]
     default: bool,
     #[serde(default, rename = "match")]
     matches: BTreeMap<String, OneOrMany>,
     #[serde(default)]
     destinations: Vec<DestinationFile>,
+}
+
+/// One part of an ordering key as written: a path, or an identifier of one type.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum KeyPartFile {
+    Path(String),
+    Identifier(IdentifierOfTypeFile),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IdentifierOfTypeFile {
+    identifier: String,
+    #[serde(rename = "type")]
+    kind: String,
+}
+
+/// One part of a message's ordering key.
+#[derive(Debug, Clone, PartialEq)]
+pub enum KeyPart {
+    /// The text of the value a path selects.
+    Path(Hl7Path),
+    /// The first repetition of a CX field whose identifier type (CX-5) is `kind`, as its
+    /// value and assigning authority (`CX-1^CX-4.1`); empty when no repetition has that
+    /// type. A sender may list a patient's identifiers in any order (a PAM FR feed puts
+    /// the INS first once the identity is qualified): a part by type keeps one key for
+    /// one patient where `PID-3[1]` would change with the order.
+    IdentifierOfType { field: Hl7Path, kind: String },
+}
+
+impl KeyPart {
+    fn text(&self, message: &Message<'_>) -> String {
+        match self {
+            KeyPart::Path(p) => message
+                .get(p)
+                .map(|v| v.text().into_owned())
+                .unwrap_or_default(),
+            KeyPart::IdentifierOfType { field, kind } => message
+                .iter(field)
+                .find(|cx| cx.component(5).is_some_and(|t| t.text().trim() == kind))
+                .map(|cx| {
+                    let part = |n: usize| {
+                        cx.component(n)
+                            .map(|c| c.first_leaf().text().into_owned())
+                            .unwrap_or_default()
+                    };
+                    format!("{}^{}", part(1), part(4))
+                })
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// `PID-3` as `PID-3[*]`: the path of every repetition of a field.
+fn all_repetitions(field: &str) -> Option<Hl7Path> {
+    format!("{field}[*]").parse().ok()
 }
 
 /// A glob over one MSH field: `*` any run, `?` any one character; case-sensitive.
@@ -161,7 +221,7 @@ pub struct Route {
     pub mapping: String,
     /// Empty: every listener.
     pub listeners: Vec<String>,
-    pub ordering_key: Vec<Hl7Path>,
+    pub ordering_key: Vec<KeyPart>,
     pub is_default: bool,
     /// Field name → accepted globs (any of them).
     pub matches: BTreeMap<String, Vec<Glob>>,
@@ -219,16 +279,7 @@ impl Route {
 
     /// The ordering key of a message: the key paths' values joined with `|`.
     pub fn ordering_key(&self, message: &Message<'_>) -> String {
-        let parts: Vec<String> = self
-            .ordering_key
-            .iter()
-            .map(|p| {
-                message
-                    .get(p)
-                    .map(|v| v.text().into_owned())
-                    .unwrap_or_default()
-            })
-            .collect();
+        let parts: Vec<String> = self.ordering_key.iter().map(|p| p.text(message)).collect();
         parts.join("|")
     }
 }
@@ -427,26 +478,48 @@ fn load_route(path: &Path, context: &RouteContext<'_>) -> Result<Route, Vec<Conf
             ));
         }
     }
-    let key_paths = file.ordering_key.unwrap_or_else(|| {
+    let key_parts = file.ordering_key.unwrap_or_else(|| {
         DEFAULT_ORDERING_KEY
             .iter()
-            .map(|s| (*s).to_owned())
+            .map(|s| KeyPartFile::Path((*s).to_owned()))
             .collect()
     });
     let mut ordering_key = Vec::new();
-    for (i, text) in key_paths.iter().enumerate() {
-        match text.parse::<Hl7Path>() {
-            Ok(p) if p.is_multiple() => errors.push(at(
-                &[Step::Key("ordering_key"), Step::Index(i)],
-                "ordering_key",
-                format!("{text:?} selects several values; an ordering key part must select one"),
-            )),
-            Ok(p) => ordering_key.push(p),
-            Err(e) => errors.push(at(
-                &[Step::Key("ordering_key"), Step::Index(i)],
-                "ordering_key",
-                e.to_string(),
-            )),
+    for (i, part) in key_parts.into_iter().enumerate() {
+        let place = [Step::Key("ordering_key"), Step::Index(i)];
+        match part {
+            KeyPartFile::Path(text) => match text.parse::<Hl7Path>() {
+                Ok(p) if p.is_multiple() => errors.push(at(
+                    &place,
+                    "ordering_key",
+                    format!(
+                        "{text:?} selects several values; an ordering key part must select one"
+                    ),
+                )),
+                Ok(p) => ordering_key.push(KeyPart::Path(p)),
+                Err(e) => errors.push(at(&place, "ordering_key", e.to_string())),
+            },
+            KeyPartFile::Identifier(IdentifierOfTypeFile { identifier, kind }) => {
+                match identifier.parse::<Hl7Path>() {
+                    Ok(p) if p.field().is_some() && p.component().is_none() && !kind.is_empty() => {
+                        // Every repetition of the field is looked at.
+                        ordering_key.push(KeyPart::IdentifierOfType {
+                            field: all_repetitions(&identifier).unwrap_or(p),
+                            kind,
+                        })
+                    }
+                    Ok(_) => errors.push(at(
+                        &place,
+                        "ordering_key",
+                        format!(
+                            "{{ identifier = {identifier:?}, type = {kind:?} }}: the identifier \
+                             must name a whole field (such as \"PID-3\") and the type a code \
+                             (such as \"PI\")"
+                        ),
+                    )),
+                    Err(e) => errors.push(at(&place, "ordering_key", e.to_string())),
+                }
+            }
         }
     }
     let mut matches = BTreeMap::new();

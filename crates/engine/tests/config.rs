@@ -236,7 +236,7 @@ fn a_plain_logging_level_keeps_libraries_at_warn() {
 
 #[test]
 fn route_errors_are_located_one_per_kind() {
-    let cases: [(&str, &str); 15] = [
+    let cases: [(&str, &str); 16] = [
         (
             "name = \"r\"\nmapping = \"fr\"\n[match]\ntrigger_event = [\"A01\", \"\"]\n[[destinations]]\nname = \"d\"\ntype = \"ndjson\"\n",
             "10-r.toml:4:17 match.trigger_event an empty pattern",
@@ -264,6 +264,10 @@ fn route_errors_are_located_one_per_kind() {
         (
             "name = \"r\"\nmapping = \"fr\"\nordering_key = [\"PID-3[*].1\"]\n[[destinations]]\nname = \"d\"\ntype = \"ndjson\"\n",
             "10-r.toml:3:17 ordering_key",
+        ),
+        (
+            "name = \"r\"\nmapping = \"fr\"\nordering_key = [{ identifier = \"PID-3.1\", type = \"PI\" }]\n[[destinations]]\nname = \"d\"\ntype = \"ndjson\"\n",
+            "10-r.toml:3:17 ordering_key { identifier = \"PID-3.1\", type = \"PI\" }: the identifier must name a whole field",
         ),
         (
             "name = \"r\"\nmapping = \"fr\"\n[match]\nmessage_typ = \"ADT\"\n[[destinations]]\nname = \"d\"\ntype = \"ndjson\"\n",
@@ -439,6 +443,59 @@ fn default_ordering_key_is_facility_and_patient_identifier() {
     let bytes = b"MSH|^~\\&|APP|FAC^9.9^ISO|||20240101||ADT^A01|1|P|2.5\rPID|1||123^^^HOSP&1.2.3&ISO^PI~456^^^NAT^NH\r";
     let message = Message::parse(bytes).unwrap();
     assert_eq!(table.routes[0].ordering_key(&message), "FAC|123|HOSP");
+}
+
+/// A PAM FR feed lists the INS first once the identity is qualified: one patient's A28
+/// (IPP only) and A31 (INS, then IPP) must share a key, which `PID-3[1]` does not give
+/// and a part by identifier type does. The repository's French route uses it.
+#[test]
+fn an_ordering_key_part_by_identifier_type_ignores_the_order_of_repetitions() {
+    let ipp_only = "PID|1||8842^^^CHSA&1.2.250.1.9&ISO^PI\r";
+    let ins_first = "PID|1||1234567890123^^^ASIP-SANTE-INS-NIR&1.2.250.1.213.1.4.8&ISO^INS~\
+                     8842^^^CHSA&1.2.250.1.9&ISO^PI\r";
+    let no_ipp = "PID|1||1234567890123^^^ASIP-SANTE-INS-NIR&1.2.250.1.213.1.4.8&ISO^INS\r";
+    let message = |pid: &str| {
+        format!("MSH|^~\\&|GAM|CHSA|||20250101||ADT^A31^ADT_A05|1|P|2.5^FRA^2.11\r{pid}")
+    };
+    let key = |table: &RouteTable, pid: &str| {
+        let text = message(pid);
+        let parsed = Message::parse(text.as_bytes()).unwrap();
+        table.routes[0].ordering_key(&parsed)
+    };
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "10-r.toml",
+        "name = \"r\"\nmapping = \"fr\"\ndefault = true\n\
+         ordering_key = [\"MSH-4.1\", { identifier = \"PID-3\", type = \"PI\" }]\n\
+         [[destinations]]\nname = \"d\"\ntype = \"ndjson\"\ndir = \"out\"\n",
+    );
+    let by_type = RouteTable::load(dir.path(), &packs(), &listeners()).unwrap();
+    assert_eq!(key(&by_type, ipp_only), "CHSA|8842^CHSA");
+    assert_eq!(key(&by_type, ins_first), "CHSA|8842^CHSA");
+    assert_eq!(
+        key(&by_type, no_ipp),
+        "CHSA|",
+        "no IPP: one shared key, in order"
+    );
+
+    let default_dir = tempfile::tempdir().unwrap();
+    write(default_dir.path(), "10-adt.toml", GOOD_ROUTE);
+    let default = RouteTable::load(default_dir.path(), &packs(), &listeners()).unwrap();
+    assert_ne!(key(&default, ipp_only), key(&default, ins_first));
+
+    let repository =
+        RouteTable::load(&workspace_root().join("routes.d"), &packs(), &listeners()).unwrap();
+    let fr = repository
+        .routes
+        .iter()
+        .find(|r| r.name == "fr-pam")
+        .unwrap();
+    let text = message(ins_first);
+    assert_eq!(
+        fr.ordering_key(&Message::parse(text.as_bytes()).unwrap()),
+        "CHSA|8842^CHSA"
+    );
 }
 
 #[test]
