@@ -32,6 +32,18 @@ fn route_errors(text: &str) -> Vec<String> {
     render(&errors)
 }
 
+/// The errors of a passerelle.toml holding `text`, no environment overrides, rendered.
+fn config_errors(text: &str) -> Vec<String> {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "passerelle.toml", text);
+    let errors = EngineConfig::load_with_env(
+        Some(&dir.path().join("passerelle.toml")),
+        Some(HashMap::new()),
+    )
+    .unwrap_err();
+    render(&errors)
+}
+
 fn render(errors: &ConfigErrors) -> Vec<String> {
     errors
         .0
@@ -139,7 +151,6 @@ fn defaults_without_a_file_and_environment_overrides() {
 
 #[test]
 fn configuration_errors_are_located() {
-    let dir = tempfile::tempdir().unwrap();
     let cases: [(&str, &str); 15] = [
         (
             "[[listeners]]\nname = \"a\"\nbind = \"127.0.0.1:1\"\nidle_timeout_s = 0\n",
@@ -200,13 +211,7 @@ fn configuration_errors_are_located() {
         ("[store\npath = 1\n", "passerelle.toml:1:"),
     ];
     for (text, want) in cases {
-        write(dir.path(), "passerelle.toml", text);
-        let errors = EngineConfig::load_with_env(
-            Some(&dir.path().join("passerelle.toml")),
-            Some(HashMap::new()),
-        )
-        .unwrap_err();
-        let got = render(&errors);
+        let got = config_errors(text);
         assert!(
             got.iter().any(|e| e.starts_with(want)),
             "{text:?}: wanted {want}, got {got:?}"
@@ -557,18 +562,9 @@ async fn a_destination_can_hold_its_keys_behind_a_dead_delivery() {
 /// first.
 #[test]
 fn every_type_error_is_reported_with_its_field() {
-    let dir = tempfile::tempdir().unwrap();
-    write(
-        dir.path(),
-        "passerelle.toml",
+    let got = config_errors(
         "[store]\npool_size = \"x\"\n\n[[listeners]]\nname = \"a\"\nbind = \"127.0.0.1:1\"\nmax_connections = -5\n\n[defaults]\nunrouted = 3\n",
     );
-    let errors = EngineConfig::load_with_env(
-        Some(&dir.path().join("passerelle.toml")),
-        Some(HashMap::new()),
-    )
-    .unwrap_err();
-    let got = render(&errors);
     for want in [
         "passerelle.toml:2:13 store.pool_size",
         "passerelle.toml:7:19 listeners.max_connections",
@@ -598,18 +594,9 @@ fn every_type_error_is_reported_with_its_field() {
 /// should not discover its problems one `check` at a time).
 #[test]
 fn type_errors_and_other_mistakes_of_passerelle_toml_are_reported_together() {
-    let dir = tempfile::tempdir().unwrap();
-    write(
-        dir.path(),
-        "passerelle.toml",
+    let got = config_errors(
         "[store]\nmax_queue_depth = \"lots\"\n\n[admin]\nbind = \"nowhere\"\n\n[logging]\nformat = \"yaml\"\n",
     );
-    let errors = EngineConfig::load_with_env(
-        Some(&dir.path().join("passerelle.toml")),
-        Some(HashMap::new()),
-    )
-    .unwrap_err();
-    let got = render(&errors);
     assert_eq!(
         got,
         [

@@ -400,14 +400,12 @@ mod tests {
         assert!(f.component(0).is_none());
     }
 
-    /// The index gives what `child` gives, at every level, past its room included.
-    #[test]
-    fn child_index_matches_child() {
-        let wide = (1..=30)
-            .map(|i| i.to_string())
-            .collect::<Vec<_>>()
-            .join("^");
-        for raw in [
+    /// Fields of every shape the fast paths must agree with the general ones on: empty
+    /// pieces, trailing delimiters, several levels at once, more components than a
+    /// [`ChildIndex`] has room for.
+    fn shapes() -> Vec<String> {
+        let wide = (1..=30).map(|i| i.to_string()).collect::<Vec<_>>();
+        let mut shapes: Vec<String> = [
             "",
             "a",
             "a^b&c~d",
@@ -415,15 +413,34 @@ mod tests {
             "~",
             "a&b^&&c^d",
             "x~y~",
-            wide.as_str(),
-        ] {
-            let f = field(raw);
-            let mut values = vec![f];
-            values.extend(f.children());
-            values.extend(f.children().flat_map(|r| r.children().collect::<Vec<_>>()));
-            let deeper: Vec<_> = values.iter().flat_map(|v| v.children()).collect();
-            values.extend(deeper);
-            for v in values {
+            "&b",
+            "ab&c~d^e",
+            "a^b~c^d^e",
+            "~^b",
+            "a^",
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        shapes.push(wide.join("^"));
+        shapes
+    }
+
+    /// A field of `raw` and every piece of it, level by level down to subcomponents.
+    fn pieces(raw: &str) -> Vec<Value<'_>> {
+        let mut values = vec![field(raw)];
+        let mut level = values.clone();
+        for _ in 0..3 {
+            level = level.iter().flat_map(|v| v.children()).collect();
+            values.extend(level.iter().copied());
+        }
+        values
+    }
+
+    /// The index gives what `child` gives, at every level, past its room included.
+    #[test]
+    fn child_index_matches_child() {
+        for raw in shapes() {
+            for v in pieces(&raw) {
                 let index = v.index_children();
                 for n in 0..40 {
                     assert_eq!(
@@ -439,18 +456,8 @@ mod tests {
 
     #[test]
     fn first_repetition_component_is_child_of_child() {
-        for raw in [
-            "",
-            "a",
-            "a^b&c~d",
-            "^^x^",
-            "~",
-            "a^b~c^d^e",
-            "x~y~",
-            "~^b",
-            "a^",
-        ] {
-            let f = field(raw);
+        for raw in shapes() {
+            let f = field(&raw);
             for c in 0..6 {
                 let expected = f.child(1).and_then(|r| r.child(c));
                 assert_eq!(
@@ -464,22 +471,8 @@ mod tests {
 
     #[test]
     fn first_leaf_is_first_child_down_to_a_subcomponent() {
-        for raw in [
-            "",
-            "a",
-            "a^b&c~d",
-            "^^x^",
-            "~",
-            "a&b^&&c^d",
-            "x~y~",
-            "&b",
-            "ab&c~d^e",
-        ] {
-            let f = field(raw);
-            let mut values = vec![f];
-            values.extend(f.children());
-            values.extend(f.children().flat_map(|r| r.children().collect::<Vec<_>>()));
-            for v in values {
+        for raw in shapes() {
+            for v in pieces(&raw) {
                 let mut expected = v;
                 while let Some(c) = expected.child(1).filter(|c| c.level() != expected.level()) {
                     expected = c;
