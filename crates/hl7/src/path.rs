@@ -206,17 +206,8 @@ impl Path {
         let (Some(field), Selector::Nth(rep)) = (self.field, self.repetition()) else {
             return None;
         };
-        let field = segment.field(field as usize);
-        if let (Some(field), 1, Some(c)) = (field, rep, self.component)
-            && let Some(component) = field.first_repetition_component(c as usize)
-        {
-            let value = match self.subcomponent {
-                None => component,
-                Some(s) => component.and_then(|comp| comp.child(s as usize)),
-            };
-            return Some(value.filter(|v| !v.is_empty()));
-        }
-        let value = field
+        let value = segment
+            .field(field as usize)
             .and_then(|f| f.repetitions().nth(rep as usize - 1))
             .and_then(|rep| self.within_repetition(rep))
             .filter(|v| !v.is_empty());

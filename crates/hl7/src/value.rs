@@ -158,41 +158,6 @@ impl<'a> Value<'a> {
         index
     }
 
-    /// Component `c` (1-based) of a field's first repetition, what `child(1)` then
-    /// `child(c)` give, found in one pass that stops at the component's end (most paths
-    /// a mapping reads are `PID-5.1`-like: without this, finding the first repetition
-    /// scans the whole field first). `None` when this is not a field.
-    pub(crate) fn first_repetition_component(&self, c: usize) -> Option<Option<Value<'a>>> {
-        if self.level != Level::Field {
-            return None;
-        }
-        if c == 0 {
-            return Some(None);
-        }
-        let separators = &self.encoding.separators;
-        let component = |piece| Some(Some(Value::new(piece, Level::Component, self.encoding)));
-        let mut n = 1;
-        let mut start = 0;
-        for (i, &b) in self.raw.iter().enumerate() {
-            if b == separators.repetition {
-                break;
-            }
-            if b == separators.component {
-                if n == c {
-                    return component(&self.raw[start..i]);
-                }
-                n += 1;
-                start = i + 1;
-            }
-        }
-        if n != c {
-            return Some(None);
-        }
-        let end = find_byte(separators.repetition, &self.raw[start..])
-            .map_or(self.raw.len(), |e| start + e);
-        component(&self.raw[start..end])
-    }
-
     /// The first leaf: the first subcomponent of the first component of the first
     /// repetition (as many levels as this value has), found in one pass. A subcomponent
     /// or a literal value is its own first leaf.
@@ -450,21 +415,6 @@ mod tests {
                         v.level()
                     );
                 }
-            }
-        }
-    }
-
-    #[test]
-    fn first_repetition_component_is_child_of_child() {
-        for raw in shapes() {
-            let f = field(&raw);
-            for c in 0..6 {
-                let expected = f.child(1).and_then(|r| r.child(c));
-                assert_eq!(
-                    f.first_repetition_component(c),
-                    Some(expected),
-                    "{raw:?} {c}"
-                );
             }
         }
     }
