@@ -41,7 +41,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use passerelle_hl7::{HeaderSummary, Message, Path as Hl7Path};
+use passerelle_hl7::{HeaderSummary, Message, Path as Hl7Path, Selector};
 use passerelle_store::RetryPolicy;
 use serde::Deserialize;
 
@@ -164,11 +164,6 @@ impl KeyPart {
                 .unwrap_or_default(),
         }
     }
-}
-
-/// `PID-3` as `PID-3[*]`: the path of every repetition of a field.
-fn all_repetitions(field: &str) -> Option<Hl7Path> {
-    format!("{field}[*]").parse().ok()
 }
 
 /// A glob over one MSH field: `*` any run, `?` any one character; case-sensitive.
@@ -504,7 +499,7 @@ fn load_route(path: &Path, context: &RouteContext<'_>) -> Result<Route, Vec<Conf
                     Ok(p) if p.field().is_some() && p.component().is_none() && !kind.is_empty() => {
                         // Every repetition of the field is looked at.
                         ordering_key.push(KeyPart::IdentifierOfType {
-                            field: all_repetitions(&identifier).unwrap_or(p),
+                            field: p.with_repetition(Selector::All),
                             kind,
                         })
                     }

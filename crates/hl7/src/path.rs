@@ -199,6 +199,14 @@ impl Path {
         }
     }
 
+    /// The same path with another repetition selector (`PID-3` → `PID-3[*]`).
+    pub fn with_repetition(&self, repetition: Selector) -> Path {
+        Path {
+            repetition: Some(repetition),
+            ..*self
+        }
+    }
+
     /// The one value this path selects in one segment when it names a single repetition
     /// (`PID-5.1`, `PID-3[2].4`): what [`Path::values_in`] yields, found without building
     /// an iterator. `None` when the path selects every repetition or names no field.
