@@ -94,15 +94,15 @@ pub(crate) async fn run(path: &Path, shutdown: impl std::future::Future<Output =
         Err(lines) => return fail(2, lines),
     };
     let cannot_open = |loaded: &Loaded, e: StoreError| {
-        let where_ = loaded.store_location();
+        let where_ = loaded.config.store_location();
         fail(1, [format!("cannot open the store at {where_}: {e}")])
     };
-    match loaded.store_backend() {
-        StoreBackend::Sled => match loaded.open_store() {
+    match loaded.config.store_backend() {
+        StoreBackend::Sled => match loaded.config.open_store() {
             Ok(store) => serve(path, loaded, Arc::new(store), shutdown).await,
             Err(e) => cannot_open(&loaded, e),
         },
-        StoreBackend::Postgres => match loaded.open_pg_store().await {
+        StoreBackend::Postgres => match loaded.config.open_pg_store().await {
             Ok(store) => serve(path, loaded, Arc::new(store), shutdown).await,
             Err(e) => cannot_open(&loaded, e),
         },
@@ -116,7 +116,7 @@ async fn serve<S: Store>(
     store: Arc<S>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> ExitCode {
-    let location = loaded.store_location();
+    let location = loaded.config.store_location();
     let Loaded {
         config,
         routes,

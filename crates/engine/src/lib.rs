@@ -113,28 +113,6 @@ impl Loaded {
             packs,
         })
     }
-
-    /// Which store the configuration names (`[store] backend`, checked on load).
-    pub fn store_backend(&self) -> StoreBackend {
-        self.config.store_backend()
-    }
-
-    /// Where the store is, for messages (see [`config::EngineConfig::store_location`]).
-    pub fn store_location(&self) -> String {
-        self.config.store_location()
-    }
-
-    /// Opens the PostgreSQL store the configuration names (`backend = "postgres"`).
-    pub async fn open_pg_store(
-        &self,
-    ) -> Result<passerelle_store::PgStore, passerelle_store::StoreError> {
-        self.config.open_pg_store().await
-    }
-
-    /// Opens the sled store the configuration names (`backend = "sled"`, the default).
-    pub fn open_store(&self) -> Result<passerelle_store::SledStore, passerelle_store::StoreError> {
-        self.config.open_store()
-    }
 }
 
 /// The store alone needs only `passerelle.toml`: operations on stored messages work while

@@ -562,7 +562,7 @@ async fn a_destination_can_hold_its_keys_behind_a_dead_delivery() {
     assert!(destinations[0].retry.dead_holds_key);
     assert!(!destinations[1].retry.dead_holds_key, "off unless asked");
     passerelle_store::contract::a_dead_delivery_holds_its_key(
-        loaded.open_store().unwrap(),
+        loaded.config.open_store().unwrap(),
         &destinations[0].retry,
     )
     .await;
