@@ -54,6 +54,19 @@ fn assert_prefixes(got: &[String], wants: &[&str]) {
     }
 }
 
+/// A folder with a passerelle.toml of `head` and a `[paths]` table: an empty routes.d of
+/// its own, the repository's mapping packs.
+fn engine_dir(head: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("routes.d")).unwrap();
+    let paths = format!(
+        "[paths]\nroutes = \"routes.d\"\nmappings = {:?}\n",
+        workspace_root().join("mappings")
+    );
+    write(dir.path(), "passerelle.toml", &format!("{head}{paths}"));
+    dir
+}
+
 fn render(errors: &ConfigErrors) -> Vec<String> {
     errors
         .0
@@ -541,17 +554,7 @@ fn concurrency_defaults_by_destination_kind_and_a_route_can_set_it() {
 /// which a dead delivery holds its ordering key in the store the engine opens.
 #[tokio::test]
 async fn a_destination_can_hold_its_keys_behind_a_dead_delivery() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = workspace_root();
-    std::fs::create_dir_all(dir.path().join("routes.d")).unwrap();
-    write(
-        dir.path(),
-        "passerelle.toml",
-        &format!(
-            "[store]\npath = \"store\"\n[paths]\nroutes = \"routes.d\"\nmappings = {:?}\n",
-            root.join("mappings")
-        ),
-    );
+    let dir = engine_dir("[store]\npath = \"store\"\n");
     write(
         &dir.path().join("routes.d"),
         "10-r.toml",
@@ -648,17 +651,7 @@ fn a_broken_required_key_is_one_error_not_two() {
 /// named by the route file.
 #[test]
 fn the_configuration_its_routes_and_their_destinations_are_reported_together() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = workspace_root();
-    std::fs::create_dir_all(dir.path().join("routes.d")).unwrap();
-    write(
-        dir.path(),
-        "passerelle.toml",
-        &format!(
-            "[admin]\nbind = \"nowhere\"\n[paths]\nroutes = \"routes.d\"\nmappings = {:?}\n",
-            root.join("mappings")
-        ),
-    );
+    let dir = engine_dir("[admin]\nbind = \"nowhere\"\n");
     let routes = dir.path().join("routes.d");
     write(
         &routes,
