@@ -147,10 +147,20 @@ impl DateTime {
 
     /// FHIR `date` (`YYYY`, `YYYY-MM` or `YYYY-MM-DD`), dropping any time part.
     pub fn to_fhir_date(&self) -> String {
-        match self.precision {
-            Precision::Year => format!("{:04}", self.year),
-            Precision::Month => format!("{:04}-{:02}", self.year, self.month),
-            _ => format!("{:04}-{:02}-{:02}", self.year, self.month, self.day),
+        let mut out = String::with_capacity(10);
+        self.write_fhir_date(&mut out);
+        out
+    }
+
+    fn write_fhir_date(&self, out: &mut String) {
+        push_digits(out, u32::from(self.year), 4);
+        if self.precision >= Precision::Month {
+            out.push('-');
+            push_digits(out, u32::from(self.month), 2);
+        }
+        if self.precision >= Precision::Day {
+            out.push('-');
+            push_digits(out, u32::from(self.day), 2);
         }
     }
 
@@ -165,19 +175,30 @@ impl DateTime {
             .offset_minutes
             .or(default_offset)
             .ok_or(TypeError::NoOffset)?;
-        let mut out = format!(
-            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}",
-            self.year, self.month, self.day, self.hour, self.minute, self.second
-        );
-        if let Precision::Fraction(n) = self.precision {
-            out.push_str(&format!(
-                ".{:0width$}",
-                self.fraction,
-                width = usize::from(n)
-            ));
+        Ok(self.to_fhir_datetime_at(offset))
+    }
+
+    /// FHIR `dateTime` in the zone `offset` minutes from UTC, whatever offset was sent (a
+    /// caller that works out summer time gives its own); a date alone when no time of day
+    /// was sent.
+    pub fn to_fhir_datetime_at(&self, offset: i16) -> String {
+        let mut out = String::with_capacity(32);
+        self.write_fhir_date(&mut out);
+        if !self.has_time() {
+            return out;
         }
-        out.push_str(&format_offset(offset, true));
-        Ok(out)
+        out.push('T');
+        push_digits(&mut out, u32::from(self.hour), 2);
+        out.push(':');
+        push_digits(&mut out, u32::from(self.minute), 2);
+        out.push(':');
+        push_digits(&mut out, u32::from(self.second), 2);
+        if let Precision::Fraction(n) = self.precision {
+            out.push('.');
+            push_digits(&mut out, self.fraction, usize::from(n));
+        }
+        push_offset(&mut out, offset, true);
+        out
     }
 
     /// Milliseconds since 1970-01-01 UTC, reading a missing offset as `default_offset`
@@ -244,7 +265,9 @@ impl fmt::Display for DateTime {
             write!(f, ".{:0width$}", self.fraction, width = usize::from(n))?;
         }
         if let Some(o) = self.offset_minutes {
-            f.write_str(&format_offset(o, false))?;
+            let mut text = String::with_capacity(5);
+            push_offset(&mut text, o, false);
+            f.write_str(&text)?;
         }
         Ok(())
     }
@@ -266,17 +289,32 @@ fn parse_offset(s: &[u8]) -> Result<i16, TypeError> {
     Ok(if *sign == b'-' { -total } else { total })
 }
 
-fn format_offset(minutes: i16, fhir: bool) -> String {
-    let sign = if minutes < 0 { '-' } else { '+' };
-    let m = minutes.unsigned_abs();
-    if fhir {
-        if minutes == 0 {
-            return "Z".to_owned();
-        }
-        format!("{sign}{:02}:{:02}", m / 60, m % 60)
-    } else {
-        format!("{sign}{:02}{:02}", m / 60, m % 60)
+/// Writes `n` with exactly `width` decimal digits, zeros in front (dates and times are
+/// written for every timestamp a mapping converts: no formatting machinery).
+fn push_digits(out: &mut String, n: u32, width: usize) {
+    let mut buf = [b'0'; 10];
+    let width = width.min(buf.len());
+    let mut n = n;
+    for digit in buf[..width].iter_mut().rev() {
+        *digit = b'0' + (n % 10) as u8;
+        n /= 10;
     }
+    out.extend(buf[..width].iter().map(|&b| char::from(b)));
+}
+
+/// A UTC offset: `+hh:mm` (FHIR, `Z` for zero) or `+hhmm` (HL7).
+fn push_offset(out: &mut String, minutes: i16, fhir: bool) {
+    if fhir && minutes == 0 {
+        out.push('Z');
+        return;
+    }
+    out.push(if minutes < 0 { '-' } else { '+' });
+    let m = u32::from(minutes.unsigned_abs());
+    push_digits(out, m / 60, 2);
+    if fhir {
+        out.push(':');
+    }
+    push_digits(out, m % 60, 2);
 }
 
 /// (year, month, day) to days since 1970-01-01 (H. Hinnant's algorithm).
@@ -427,6 +465,25 @@ mod tests {
         let no_zone = DateTime::parse("202401011200").unwrap();
         assert_eq!(no_zone.to_fhir_datetime(None), Err(TypeError::NoOffset));
         assert_eq!(no_zone.to_fhir_date(), "2024-01-01");
+    }
+
+    /// An explicit zone wins over the one sent (a caller that applies summer time gives
+    /// its own); dates are written to their precision.
+    #[test]
+    fn fhir_text_in_a_given_zone() {
+        for (text, offset, fhir) in [
+            ("20240311084512-0500", -300, "2024-03-11T08:45:12-05:00"),
+            ("202403110845", 60, "2024-03-11T08:45:00+01:00"),
+            ("2024031108", 0, "2024-03-11T08:00:00Z"),
+            ("20240311084512.1234", 330, "2024-03-11T08:45:12.1234+05:30"),
+            ("20241231235959.5", -720, "2024-12-31T23:59:59.5-12:00"),
+            ("20240311", 60, "2024-03-11"),
+            ("202403", 60, "2024-03"),
+            ("0999", 60, "0999"),
+        ] {
+            let dt = DateTime::parse(text).unwrap();
+            assert_eq!(dt.to_fhir_datetime_at(offset), fhir, "{text}");
+        }
     }
 
     #[test]
