@@ -213,3 +213,63 @@ async fn a_french_feed_goes_through_the_fr_pack_to_ndjson() {
         "nothing of the other feed in out/fr"
     );
 }
+
+/// PAM FR's optional pending and tracking events used to reach the `fr` route and fail
+/// with "no message map"; they now map and are delivered, each cancellation rewriting
+/// the planned movement its pending event wrote.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_and_tracking_events_are_delivered() {
+    let engine = repository_engine();
+    let store = Arc::clone(&engine.store);
+    let out = engine.work.path().join("out");
+    let listener = engine.start(UnroutedAnswer::Error).await;
+    let mut client = Client::new(ClientConfig::new(listener.local_addr().to_string())).unwrap();
+
+    let feed = [
+        "fr_60_a14_pending_admit.hl7",
+        "fr_61_a27_cancel_pending_admit.hl7",
+        "fr_62_a09_depart_imaging.hl7",
+        "fr_65_a15_pending_transfer.hl7",
+        "fr_66_a26_cancel_pending_transfer.hl7",
+    ];
+    for name in feed {
+        assert_eq!(route_of(&engine.routes, &french(name)), "fr-pam", "{name}");
+        let ack = client.send(&french(name)).await.unwrap();
+        assert!(
+            matches!(ack.code.as_str(), "AA" | "CA"),
+            "{name}: {}",
+            ack.code
+        );
+    }
+    wait_until("the pending events to be delivered", || {
+        let store = Arc::clone(&store);
+        async move {
+            store
+                .counts()
+                .await
+                .unwrap()
+                .deliveries
+                .get(&("fr-pam.ndjson".to_owned(), "delivered".to_owned()))
+                .copied()
+                == Some(feed.len() as u64)
+        }
+    })
+    .await;
+    listener.shutdown().await;
+
+    let encounters = lines(&out.join("fr").join("Encounter.ndjson"));
+    let statuses = |value: &str| -> Vec<String> {
+        with_identifier(&encounters, value)
+            .iter()
+            .map(|e| e["status"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(statuses("MVT-250124-0140"), ["planned", "cancelled"]);
+    assert_eq!(statuses("250004410"), ["planned", "cancelled"]);
+    assert_eq!(statuses("MVT-250119-0085"), ["planned", "cancelled"]);
+    assert_eq!(
+        statuses("250001473"),
+        ["in-progress", "in-progress", "in-progress"],
+        "A09, A15 and A26 leave the stay in progress"
+    );
+}

@@ -2,7 +2,8 @@
 //! The `fr` pack (IHE PAM FR 2.11 → fr-core) over the French fixtures: every message maps
 //! and every bundle passes both FHIR R4 validators with zero errors; then field-level
 //! checks of identifiers (INS only for a qualified identity), identity reliability,
-//! names, movements and their cancellations, merges, documents and character sets.
+//! names, movements and their cancellations, pending (planned) movements and tracking,
+//! merges, documents and character sets.
 
 mod common;
 
@@ -24,17 +25,37 @@ fn fixture_files() -> Vec<PathBuf> {
     passerelle_testkit::fixture_files("fr")
 }
 
-fn map(name: &str) -> Bundle {
-    let bytes = std::fs::read(
+fn fixture_bytes(name: &str) -> Vec<u8> {
+    std::fs::read(
         passerelle_testkit::workspace_root()
             .join("fixtures/fr")
             .join(name),
     )
-    .unwrap_or_else(|e| panic!("{name}: {e}"));
-    let message = passerelle_hl7::Message::parse(&bytes).unwrap();
+    .unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+fn map(name: &str) -> Bundle {
+    map_bytes(name, &fixture_bytes(name))
+}
+
+fn map_bytes(name: &str, bytes: &[u8]) -> Bundle {
+    let message = passerelle_hl7::Message::parse(bytes).unwrap();
     pack()
         .map(&message, &MapOptions::default())
         .unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+/// A fixture's bytes with every `from` replaced by `to` (ASCII edits keep the charset).
+fn edited(name: &str, edits: &[(&str, &str)]) -> Vec<u8> {
+    let mut text: Vec<u8> = fixture_bytes(name);
+    for (from, to) in edits {
+        let at = text
+            .windows(from.len())
+            .position(|w| w == from.as_bytes())
+            .unwrap_or_else(|| panic!("{name} has no {from}"));
+        text.splice(at..at + from.len(), to.bytes());
+    }
+    text
 }
 
 #[test]
@@ -49,6 +70,14 @@ fn every_french_fixture_maps_and_validates() {
             std::fs::write(format!("{dir}/{name}.json"), map(&name).to_json(true)).unwrap();
         }
         bundles.push((name, json));
+    }
+    // The edited messages of the pending / tracking tests validate too.
+    for (name, bytes) in [
+        ("A16 with PV1-45", a16_with_pv1_45()),
+        ("Z99 over A15", z99_over_a15()),
+        ("A10 with a ZBE", a10_with_zbe()),
+    ] {
+        bundles.push((name.to_owned(), map_bytes(name, &bytes).to_json(false)));
     }
     common::assert_all_valid(&bundles);
 }
@@ -458,6 +487,11 @@ fn preadmission_cancelled_admission_and_historic_movement() {
         text(resource(&b, &visit_url("250001400")), "status"),
         "planned"
     );
+    // A planned visit's bed is a planned location, not one the patient occupies.
+    assert_eq!(
+        locations(&b, resource(&b, &visit_url("250001400"))),
+        places(&[("312/1", "planned")])
+    );
     assert_eq!(
         text(resource(&b, &movement_url("MVT-250106-0001")), "status"),
         "planned"
@@ -719,4 +753,227 @@ fn mapping_is_deterministic_and_ids_are_stable_across_messages() {
     .collect();
     assert_eq!(urls[0], urls[1]);
     assert_eq!(urls[0], urls[2]);
+}
+
+/// An A16 that (wrongly) sends the expected discharge in PV1-45.
+fn a16_with_pv1_45() -> Vec<u8> {
+    edited(
+        "fr_67_a16_pending_discharge.hl7",
+        &[("|20250114091500\r", "|20250114091500|20250119180000\r")],
+    )
+}
+
+/// A Z99 that moves the pending transfer of fr_65 to 16:00 (ZBE-4 UPDATE, ZBE-6 A15).
+fn z99_over_a15() -> Vec<u8> {
+    edited(
+        "fr_65_a15_pending_transfer.hl7",
+        &[
+            ("ADT^A15^ADT_A15", "ADT^Z99^ADT_A01"),
+            (
+                "|20250119150000||INSERT|N|",
+                "|20250119160000||UPDATE|N|A15",
+            ),
+        ],
+    )
+}
+
+/// The A10 of fr_63 from a feed that sends a ZBE with tracking events.
+fn a10_with_zbe() -> Vec<u8> {
+    let mut bytes = fixture_bytes("fr_63_a10_arrive_imaging.hl7");
+    bytes.extend_from_slice(
+        b"ZBE|MVT-250117-0055^GAM_HEXAFLUX^2.999.250.1.10.4^ISO|20250117101000||INSERT|N\r",
+    );
+    bytes
+}
+
+/// Where an Encounter's locations are, as `room/bed` (or `room`), with their status.
+fn locations(bundle: &Bundle, encounter: &Node) -> Vec<(String, String)> {
+    let place = |reference: &Node| {
+        let location = follow(bundle, reference);
+        match location.get("partOf") {
+            Some(room) => format!(
+                "{}/{}",
+                text(follow(bundle, room), "name"),
+                text(location, "name")
+            ),
+            None => text(location, "name").to_owned(),
+        }
+    };
+    encounter
+        .get("location")
+        .map(|l| l.items())
+        .unwrap_or(&[])
+        .iter()
+        .map(|l| {
+            (
+                place(l.get("location").unwrap()),
+                text(l, "status").to_owned(),
+            )
+        })
+        .collect()
+}
+
+fn places(list: &[(&str, &str)]) -> Vec<(String, String)> {
+    list.iter()
+        .map(|(p, s)| ((*p).to_owned(), (*s).to_owned()))
+        .collect()
+}
+
+#[test]
+fn pending_admission_is_a_planned_movement_that_its_cancellation_cancels() {
+    let visit = visit_url("250004410");
+    let movement = movement_url("MVT-250124-0140");
+    let expected = "2025-01-27T08:30:00+01:00";
+
+    let planned = map("fr_60_a14_pending_admit.hl7");
+    let v = entry(&planned, &visit);
+    let m = entry(&planned, &movement);
+    assert_eq!(text(m, "request.method"), "PUT");
+    assert_eq!(text(m, "resource.status"), "planned");
+    assert_eq!(text(m, "resource.period.start"), expected, "PV2-8");
+    assert_eq!(text(m, "resource.type.0.coding.0.code"), "A14");
+    assert_eq!(
+        text(m, "resource.type.0.coding.0.display"),
+        "Admission prévisionnelle"
+    );
+    assert_eq!(text(m, "resource.partOf.reference"), text(v, "fullUrl"));
+    assert_eq!(
+        locations(&planned, m.get("resource").unwrap()),
+        places(&[("315/1", "planned")])
+    );
+    // The visit is planned, not in progress, and starts on the expected date (no PV1-44).
+    assert_eq!(text(v, "resource.status"), "planned");
+    assert_eq!(text(v, "resource.period.start"), expected);
+    assert_eq!(
+        locations(&planned, v.get("resource").unwrap()),
+        places(&[("315/1", "planned")])
+    );
+
+    // A27: the same conditional update (same URL, same fullUrl), now cancelled; the
+    // movement keeps its date and original trigger, the visit is cancelled.
+    let cancelled = map("fr_61_a27_cancel_pending_admit.hl7");
+    let m2 = entry(&cancelled, &movement);
+    assert_eq!(text(m2, "fullUrl"), text(m, "fullUrl"));
+    assert_eq!(text(m2, "request.method"), "PUT");
+    assert_eq!(text(m2, "resource.status"), "cancelled");
+    assert_eq!(text(m2, "resource.period.start"), expected);
+    assert_eq!(text(m2, "resource.type.0.coding.0.code"), "A14");
+    assert_eq!(
+        text(entry(&cancelled, &visit), "resource.status"),
+        "cancelled"
+    );
+}
+
+#[test]
+fn pending_transfer_and_discharge_leave_the_visit_in_progress() {
+    // A15: a planned movement to the pending location (PV1-42), on the expected date.
+    let (v, m, _) = stay("fr_65_a15_pending_transfer.hl7", "MVT-250119-0085");
+    assert_eq!((v.as_str(), m.as_str()), ("in-progress", "planned"));
+    let b = map("fr_65_a15_pending_transfer.hl7");
+    let mvt = resource(&b, &movement_url("MVT-250119-0085"));
+    assert_eq!(text(mvt, "period.start"), "2025-01-19T15:00:00+01:00");
+    assert_eq!(text(mvt, "type.0.coding.0.code"), "A15");
+    assert_eq!(locations(&b, mvt), places(&[("312/2", "planned")]));
+    assert_eq!(
+        text(
+            follow(&b, mvt.get("serviceProvider").unwrap()),
+            "identifier.0.value"
+        ),
+        "4201",
+        "ZBE-7: the UF of the planned movement"
+    );
+    // The visit: still in bed 207-2, the destination planned.
+    let visit = resource(&b, &visit_url("250001473"));
+    assert_eq!(
+        locations(&b, visit),
+        places(&[("207/2", "active"), ("312/2", "planned")])
+    );
+
+    // A26: the same movement, cancelled, still pointing at the planned destination.
+    let (v, m, _) = stay("fr_66_a26_cancel_pending_transfer.hl7", "MVT-250119-0085");
+    assert_eq!((v.as_str(), m.as_str()), ("in-progress", "cancelled"));
+    let b = map("fr_66_a26_cancel_pending_transfer.hl7");
+    let mvt = resource(&b, &movement_url("MVT-250119-0085"));
+    assert_eq!(locations(&b, mvt), places(&[("312/2", "planned")]));
+    assert_eq!(
+        locations(&b, resource(&b, &visit_url("250001473"))),
+        places(&[("207/2", "active")])
+    );
+
+    // A16: planned discharge at the expected discharge date (PV2-9); the visit goes on.
+    let (v, m, _) = stay("fr_67_a16_pending_discharge.hl7", "MVT-250119-0087");
+    assert_eq!((v.as_str(), m.as_str()), ("in-progress", "planned"));
+    let b = map("fr_67_a16_pending_discharge.hl7");
+    let mvt = resource(&b, &movement_url("MVT-250119-0087"));
+    assert_eq!(text(mvt, "period.start"), "2025-01-19T18:00:00+01:00");
+    assert!(at(resource(&b, &visit_url("250001473")), "period.end").is_none());
+
+    // A25: cancelled.
+    let (v, m, _) = stay("fr_68_a25_cancel_pending_discharge.hl7", "MVT-250119-0087");
+    assert_eq!((v.as_str(), m.as_str()), ("in-progress", "cancelled"));
+
+    // A pending discharge that (wrongly) sends PV1-45 does not finish the visit.
+    let b = map_bytes("A16 with PV1-45", &a16_with_pv1_45());
+    let visit = resource(&b, &visit_url("250001473"));
+    assert_eq!(text(visit, "status"), "in-progress");
+    assert!(at(visit, "period.end").is_none());
+}
+
+#[test]
+fn a_z99_over_a_pending_movement_keeps_it_planned() {
+    let b = map_bytes("Z99 over A15", &z99_over_a15());
+    let mvt = resource(&b, &movement_url("MVT-250119-0085"));
+    assert_eq!(text(mvt, "status"), "planned");
+    assert_eq!(text(mvt, "period.start"), "2025-01-19T16:00:00+01:00");
+    assert_eq!(text(mvt, "type.0.coding.0.code"), "A15");
+    assert_eq!(locations(&b, mvt), places(&[("312/2", "planned")]));
+    assert_eq!(
+        text(resource(&b, &visit_url("250001473")), "status"),
+        "in-progress"
+    );
+}
+
+#[test]
+fn tracking_moves_the_patient_on_the_visit_without_a_movement() {
+    let cases = [
+        (
+            "fr_62_a09_depart_imaging.hl7",
+            [("207/2", "reserved"), ("SCAN2", "planned")],
+        ),
+        (
+            "fr_63_a10_arrive_imaging.hl7",
+            [("207/2", "reserved"), ("SCAN2", "active")],
+        ),
+        (
+            "fr_64_a10_back_in_room.hl7",
+            [("207/2", "active"), ("SCAN2", "completed")],
+        ),
+    ];
+    for (file, expected) in cases {
+        let b = map(file);
+        let visit = resource(&b, &visit_url("250001473"));
+        assert_eq!(text(visit, "status"), "in-progress", "{file}");
+        assert_eq!(locations(&b, visit), places(&expected), "{file}");
+        assert_eq!(entries(&b, "Encounter").len(), 1, "{file}: no movement");
+        assert_eq!(entries(&b, "Patient").len(), 1, "{file}");
+    }
+    // The CT room is managed by its UF (PV1-11.1 = 7300).
+    let b = map("fr_63_a10_arrive_imaging.hl7");
+    let visit = resource(&b, &visit_url("250001473"));
+    let room = follow(&b, at(visit, "location.1.location").unwrap());
+    assert_eq!(text(room, "physicalType.coding.0.code"), "ro");
+    assert_eq!(
+        text(
+            follow(&b, room.get("managingOrganization").unwrap()),
+            "identifier.0.value"
+        ),
+        "7300"
+    );
+
+    // A feed that sends a ZBE with A10 gets a movement, in progress, at PV1-11.
+    let b = map_bytes("A10 with a ZBE", &a10_with_zbe());
+    let mvt = resource(&b, &movement_url("MVT-250117-0055"));
+    assert_eq!(text(mvt, "status"), "in-progress");
+    assert_eq!(text(mvt, "type.0.coding.0.code"), "A10");
+    assert_eq!(locations(&b, mvt), places(&[("SCAN2", "active")]));
 }
