@@ -1607,6 +1607,51 @@ mod tests {
 
     use super::*;
 
+    /// A crash after a resubmission's copy reached the journal log but before sled had
+    /// the original's side of the link: replaying the log links the original again, once.
+    #[tokio::test]
+    async fn a_copy_recovered_from_the_log_links_its_original_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(StoreConfig::new(dir.path())).unwrap();
+        let original = store
+            .journal(b"MSH|^~\\&|A\r", JournalMeta::default())
+            .await
+            .unwrap();
+        let unlinked = store.read_message(original).unwrap().unwrap();
+        let copy = store
+            .resubmit(original, b"MSH|^~\\&|B\r", JournalMeta::default())
+            .await
+            .unwrap();
+        let copy_record = store.read_message(copy).unwrap().unwrap();
+        // What sled holds after such a crash: the original as it was, no copy.
+        store
+            .messages
+            .insert(be(original), encode(&unlinked))
+            .unwrap();
+        store.messages.remove(be(copy)).unwrap();
+        let replay = || WalRecord {
+            id: copy,
+            record: encode(&copy_record),
+            frame: b"MSH|^~\\&|B\r".to_vec(),
+        };
+        store
+            .journal_spaces()
+            .recover(&store.data, replay())
+            .unwrap();
+        // Applied twice (a log replayed again after another crash): still one link.
+        store
+            .journal_spaces()
+            .recover(&store.data, replay())
+            .unwrap();
+        let relinked = store.read_message(original).unwrap().unwrap();
+        assert_eq!(relinked.links.resubmitted_as, [copy]);
+        let last = relinked.history.last().unwrap();
+        assert_eq!(last.state, "resubmitted");
+        assert_eq!(last.detail, format!("resubmitted as message {copy}"));
+        assert_eq!(relinked.history.len(), unlinked.history.len() + 1);
+        assert_eq!(store.read_message(copy).unwrap().unwrap(), copy_record);
+    }
+
     #[test]
     fn a_payload_gives_back_its_frame_and_bundle() {
         let frame = b"MSH|^~\\&|A\rPID|1\r";
