@@ -9,6 +9,11 @@
 //!   starts); a PostgreSQL store is shared, so this works beside running nodes (which
 //!   see a replay at their workers' next poll).
 //!
+//! `resubmit` checks the corrected message here first (it must parse: the parser's located
+//! error otherwise, and nothing is sent), then journals it where the operations run: a
+//! running engine routes it at once and says where it stands; on the store, it waits as
+//! `received` for the engine's start. `--edit` is in [`crate::resubmit_edit`].
+//!
 //! Output is a text table or, with `--json`, the API's JSON documents, whichever the
 //! place. Replays and purges print one line per message, successes on stdout and the
 //! rest on stderr, and exit non-zero if any failed (a replay that leaves a message
@@ -91,8 +96,8 @@ enum MessagesCommand {
         dry_run: bool,
     },
     /// Journal a corrected copy of a message that failed on its content (a date the
-    /// mapping refuses, an identifier without its type, a frame that does not parse) as a
-    /// new message, linked to the original, and route it as the original's listener would.
+    /// mapping refuses, a frame that does not parse, a bundle a server refused) as a new
+    /// message, linked to the original, and route it as the original's listener would.
     /// Give the corrected message with --file, or correct it in an editor with --edit.
     /// The original keeps its state, frame and deliveries (its dead deliveries are not
     /// replayed; purge it when done); `show` names its copy, and the copy its original.
@@ -817,6 +822,12 @@ async fn execute<S: Store>(
                 }
                 (None, false) => return Err("give --file FIXED.hl7 or --edit".into()),
             };
+            // Checked here before anything is sent: the engine would refuse it the same way.
+            if let Err(e) = Message::parse(&frame) {
+                return Err(format!(
+                    "the new message does not parse, nothing was stored: {e}"
+                ));
+            }
             let request = ops::Resubmission {
                 original: *id,
                 frame,

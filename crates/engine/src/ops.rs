@@ -685,3 +685,27 @@ fn destinations<'a>(names: impl Iterator<Item = &'a str>) -> String {
         names.join(", ")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_operator_is_named_by_a_plain_login_only() {
+        assert_eq!(operator_origin(Some("alice")), "operator alice");
+        assert_eq!(
+            operator_origin(Some(" j.doe-2@chu ")),
+            "operator j.doe-2@chu"
+        );
+        for odd in [
+            None,
+            Some(""),
+            Some("  "),
+            Some("a b"),
+            Some("x\u{1b}[31m"),
+            Some(&*"a".repeat(65)),
+        ] {
+            assert_eq!(operator_origin(odd), "operator", "{odd:?}");
+        }
+    }
+}

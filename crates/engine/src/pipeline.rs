@@ -11,6 +11,10 @@
 //!   `duplicate` instead (see [`crate::duplicates`]). Messages journaled but not yet mapped when the
 //!   engine stopped are mapped on start, before the listener opens, so that they keep
 //!   their place in their ordering key's queue.
+//! - An operator's resubmission (a corrected copy journaled by [`crate::ops::resubmit`])
+//!   goes through the mapper's queue too ([`Pipeline::route_journaled`]), behind what the
+//!   listeners journaled before it; it is routed as its original's listener, and the
+//!   duplicate check does not take it for a resend of the message it corrects.
 //! - One delivery worker per (route, destination) queue leases due deliveries (at most one
 //!   per ordering key at a time, by the store's contract), delivers with
 //!   `passerelle-delivery` (FHIR HTTP, MLLP forward, NDJSON), and reports the attempt; the

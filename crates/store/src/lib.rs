@@ -22,6 +22,9 @@
 //! - Transient failures wait with exponential backoff and jitter ([`RetryPolicy`]) until
 //!   attempts or age run out; then, as for permanent failures, the delivery is dead, with
 //!   its whole attempt history, until replayed.
+//! - An operator's corrected copy of a message ([`Store::resubmit`]) is journaled like a
+//!   frame, as a new message, and linked both ways with its original ([`Links`]) in the
+//!   same change; the original keeps its state, frame and deliveries.
 //! - Counts per state are counters updated in the same transaction as the state change:
 //!   reading them scans nothing.
 //!

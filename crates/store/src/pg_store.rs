@@ -7,7 +7,7 @@
 //!
 //! | table                   | one row per                                                  |
 //! |-------------------------|--------------------------------------------------------------|
-//! | `passerelle_messages`   | message: its record, MSH summary and history as `jsonb`      |
+//! | `passerelle_messages`   | message: its record, MSH summary, history and resubmission links as `jsonb` |
 //! | `passerelle_frames`     | message: the frame's bytes (apart, so state changes do not copy them) |
 //! | `passerelle_deliveries` | delivery (destination, seq): state, attempts, history, and the queue columns below |
 //! | `passerelle_counters`   | (counter, shard): counts per state                           |
