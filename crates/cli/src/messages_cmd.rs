@@ -843,11 +843,11 @@ async fn execute<S: Store>(
                     ExitCode::FAILURE
                 });
             }
-            let line = if result.ok {
-                Ok(result.message)
-            } else {
-                Err(result.message)
+            let message = match &result.warning {
+                Some(warning) => format!("{} (careful: {warning})", result.message),
+                None => result.message,
             };
+            let line = if result.ok { Ok(message) } else { Err(message) };
             Ok(report(out, vec![(*id, line)]))
         }
     }

@@ -6,7 +6,8 @@
 //!   `show` is the only one that carries message content (the raw HL7 and the bundle):
 //!   it is what an operator asks for, behind the admin token; lists carry ids, types,
 //!   control ids, states and sizes only.
-//! - Replay never changes a rejected message (the sender must fix it), leaves a
+//! - Replay never changes a rejected message (the sender must fix it, or an operator
+//!   resubmit a corrected copy), leaves a
 //!   `received` one to the mapper, routes and maps unrouted and mapping-failed messages
 //!   again, and queues the final deliveries of a mapped message again in their key's
 //!   order, with a new bundle when asked to re-map. A message that stays unrouted, or
@@ -321,9 +322,10 @@ async fn replay_inner<S: Store>(
     };
     let dry = if dry_run { " (dry run)" } else { "" };
     match record.state {
-        MessageState::Rejected => {
-            Err("rejected (it does not parse): the sender must fix and resend it".into())
-        }
+        MessageState::Rejected => Err(format!(
+            "rejected (it does not parse): the sender must fix and resend it, or correct \
+                 it with `passerelle messages resubmit {id} --edit`"
+        )),
         MessageState::Received => Ok(Replayed::moved_on(
             "not yet routed; the engine routes it (at start if it is stopped)".into(),
             Vec::new(),
@@ -495,6 +497,9 @@ pub struct ResubmitResult {
     /// it is a duplicate), or would not, for a dry run that could route and map it.
     pub ok: bool,
     pub message: String,
+    /// What the operator should know besides: the original's dead deliveries, which stay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
 }
 
 /// Why a resubmission was refused: nothing was journaled.
@@ -559,6 +564,24 @@ pub async fn resubmit<S: Store>(
              (passerelle messages replay {original} --remap)"
         )));
     }
+    // The original's dead deliveries stay dead; one that holds its ordering key
+    // (`dead_holds_key`) holds the copy too, which has the same key: said, not changed.
+    let dead: Vec<String> = store
+        .deliveries(original)
+        .await
+        .map_err(store_error)?
+        .into_iter()
+        .filter(|d| d.state == DeliveryState::Dead)
+        .map(|d| d.destination)
+        .collect();
+    let warning = (!dead.is_empty()).then(|| {
+        format!(
+            "message {original}'s dead deliveries ({}) stay dead: where a destination holds \
+             its key behind a dead delivery (dead_holds_key), the copy waits until message \
+             {original} is purged",
+            dead.join(", ")
+        )
+    });
     if *dry_run {
         let listener = before.links.routing_listener(&before.listener).to_owned();
         let (ok, would) = match remap_with {
@@ -589,6 +612,7 @@ pub async fn resubmit<S: Store>(
             id: None,
             state: None,
             ok,
+            warning,
             message: format!(
                 "would be journaled as a new {} message, resubmitted from {original}{would} (dry run)",
                 header.kind()
@@ -622,6 +646,7 @@ pub async fn resubmit<S: Store>(
         state: Some(MessageState::Received.name().to_owned()),
         ok: true,
         message: format!("journaled as message {id}, resubmitted from {original}"),
+        warning,
     })
 }
 

@@ -392,3 +392,68 @@ async fn a_copy_journaled_while_the_engine_is_stopped_is_routed_at_start() {
         1
     );
 }
+
+/// An original whose delivery is dead (a server refused its bundle): the copy goes on its
+/// own; the original's dead delivery stays dead, and the answer says so, naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dead_deliveries_of_the_original_stay_dead_and_are_named() {
+    use passerelle_engine::ops::{self, Resubmission};
+    use passerelle_store::{AttemptReport, Enqueue, Outcome, RetryPolicy};
+
+    let engine = Harness::new(ROUTE);
+    let store = Arc::clone(&engine.store);
+    let original = store
+        .journal(
+            &fixture("adt_a01_admit.hl7"),
+            JournalMeta {
+                listener: "mllp".into(),
+                ..JournalMeta::default()
+            },
+        )
+        .await
+        .unwrap();
+    let queued = Outcome::Mapped {
+        route: "adt".into(),
+        bundle: "{}".into(),
+        deliveries: vec![Enqueue {
+            destination: "adt.files".into(),
+            ordering_key: "k".into(),
+        }],
+    };
+    store.record_outcome(original, queued).await.unwrap();
+    let lease = store.lease("adt.files", 1).await.unwrap().remove(0);
+    let refused = AttemptReport::permanent("operation_outcome");
+    let state = store
+        .complete(&lease, refused, &RetryPolicy::default())
+        .await
+        .unwrap();
+    assert_eq!(state, DeliveryState::Dead);
+
+    let request = Resubmission {
+        original,
+        frame: with_birth_date("19780413"),
+        origin: "operator".into(),
+        dry_run: false,
+    };
+    let result = ops::resubmit(store.as_ref(), None, &request).await.unwrap();
+    let warning = result.warning.unwrap();
+    assert!(
+        warning.contains(&format!(
+            "message {original}'s dead deliveries (adt.files) stay dead"
+        )),
+        "{warning}"
+    );
+    let copy = result.id.unwrap();
+    let deliveries = store.deliveries(original).await.unwrap();
+    assert_eq!(deliveries.len(), 1);
+    assert_eq!(deliveries[0].state, DeliveryState::Dead, "not replayed");
+
+    // The engine's start routes the copy (the original's delivery released its key: the
+    // default), and delivers it.
+    let _listener = engine.start(UnroutedAnswer::Accept).await;
+    wait_delivered(&store, copy).await;
+    assert_eq!(
+        store.deliveries(original).await.unwrap()[0].state,
+        DeliveryState::Dead
+    );
+}
