@@ -16,6 +16,7 @@ mod map_cmd;
 mod messages_cmd;
 mod output;
 mod parse_cmd;
+mod resubmit_edit;
 mod send_cmd;
 mod serve_cmd;
 

@@ -1,4 +1,4 @@
-//! `passerelle messages list|show|replay|purge`: operations on stored messages.
+//! `passerelle messages list|show|replay|resubmit|purge`: operations on stored messages.
 //!
 //! The same operations ([`passerelle_engine::ops`]) run in one of two places:
 //! - **through a running engine**: its admin API (the address in `[admin] bind`, or
@@ -8,6 +8,11 @@
 //!   time, so this needs the engine stopped (the engine delivers what was queued when it
 //!   starts); a PostgreSQL store is shared, so this works beside running nodes (which
 //!   see a replay at their workers' next poll).
+//!
+//! `resubmit` checks the corrected message here first (it must parse: the parser's located
+//! error otherwise, and nothing is sent), then journals it where the operations run: a
+//! running engine routes it at once and says where it stands; on the store, it waits as
+//! `received` for the engine's start. `--edit` is in [`crate::resubmit_edit`].
 //!
 //! Output is a text table or, with `--json`, the API's JSON documents, whichever the
 //! place. Replays and purges print one line per message, successes on stdout and the
@@ -89,6 +94,42 @@ enum MessagesCommand {
         /// Say what would happen, change nothing.
         #[arg(long)]
         dry_run: bool,
+    },
+    /// Journal a corrected copy of a message that failed on its content (a date the
+    /// mapping refuses, a frame that does not parse, a bundle a server refused) as a new
+    /// message, linked to the original, and route it as the original's listener would.
+    /// Give the corrected message with --file, or correct it in an editor with --edit.
+    /// The original keeps its state, frame and deliveries (its dead deliveries are not
+    /// replayed; purge it when done); `show` names its copy, and the copy its original.
+    /// With a running engine the copy is routed and mapped at once and the answer says
+    /// where it stands; on a stopped engine's store it is left received, and the engine
+    /// routes it when it starts. Refused, with nothing stored: a message that is empty, does
+    /// not parse (the parser's error says where), or is the original unchanged. Exits 1
+    /// when the copy does not get on its way (its mapping fails, no route takes it).
+    Resubmit {
+        /// The message to correct (its id as `list` shows it).
+        id: MessageId,
+        /// The corrected message: an HL7 file, segments ending with CR, LF or CRLF, in the
+        /// character set its MSH-18 names.
+        #[arg(
+            long,
+            value_name = "FIXED.hl7",
+            required_unless_present = "edit",
+            conflicts_with = "edit"
+        )]
+        file: Option<PathBuf>,
+        /// Correct the message in $VISUAL or $EDITOR (vi when neither is set): it opens one
+        /// segment per line, as `show` prints it; saved unchanged or empty, nothing is
+        /// resubmitted. An edit that does not parse is kept in its file, for --file.
+        #[arg(long)]
+        edit: bool,
+        /// Check the corrected message and say what would happen (routed and mapped with
+        /// the running engine's configuration, or the one on disk); store nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// The answer as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Delete messages whose deliveries are all finished (delivered or dead).
     Purge {
@@ -272,7 +313,12 @@ pub(crate) fn run(args: &MessagesArgs) -> ExitCode {
             Ok(remote) => return finish(Backend::<SledStore>::Remote(remote), args).await,
             Err(remote) => remote,
         };
-        let routing = if matches!(args.command, MessagesCommand::Replay { .. }) {
+        // Only what routes and maps here needs the routes: a replay, a resubmission's dry run.
+        let routes_here = matches!(
+            args.command,
+            MessagesCommand::Replay { .. } | MessagesCommand::Resubmit { dry_run: true, .. }
+        );
+        let routing = if routes_here {
             match Loaded::load(&args.config) {
                 Ok(loaded) => Some(Box::new(loaded)),
                 Err(lines) => return fail(2, &lines.join("\n")),
@@ -404,6 +450,19 @@ impl Remote {
         }
     }
 
+    /// What to say when the admin API answers 401.
+    fn token_refused(&self) -> String {
+        let env = &self.token_env;
+        match self.token {
+            Some(_) => {
+                format!("the admin API refused the token in ${env}: set it to the engine's token")
+            }
+            None => format!(
+                "the admin API wants a token: set ${env} (the variable [admin] token_env names)"
+            ),
+        }
+    }
+
     async fn health(&self) -> Result<(), String> {
         let response = self
             .client
@@ -430,15 +489,7 @@ impl Remote {
             return Ok(None);
         }
         if status == reqwest::StatusCode::UNAUTHORIZED {
-            let env = &self.token_env;
-            return Err(match self.token {
-                Some(_) => format!(
-                    "the admin API refused the token in ${env}: set it to the engine's token"
-                ),
-                None => format!(
-                    "the admin API wants a token: set ${env} (the variable [admin] token_env names)"
-                ),
-            });
+            return Err(self.token_refused());
         }
         if !status.is_success() {
             let body = response.text().await.unwrap_or_default();
@@ -543,6 +594,72 @@ impl<S: Store> Backend<S> {
                     .ok_or_else(|| "the admin API has no replay endpoint".to_owned())?;
                 serde_json::from_value(doc["results"].clone())
                     .map_err(|e| format!("unexpected replay answer: {e}"))
+            }
+        }
+    }
+
+    /// Journals (or, for a dry run, checks) a corrected copy of a message.
+    async fn resubmit(&self, request: &ops::Resubmission) -> Result<ops::ResubmitResult, String> {
+        match self {
+            Backend::Local { store, routing, .. } => {
+                let remap_with = |raw: &[u8], listener: &str| match routing {
+                    Some(loaded) => route_and_map(loaded, raw, listener),
+                    None => Err("the routes were not loaded".to_owned()),
+                };
+                let remap: Option<ops::Remap<'_>> = match routing {
+                    Some(_) => Some(&remap_with),
+                    None => None,
+                };
+                let mut result = ops::resubmit(store.as_ref(), remap, request)
+                    .await
+                    .map_err(|refusal| refusal.to_string())?;
+                // Left received: the engine routes it at its start (a running node of a
+                // shared PostgreSQL store, at its recheck).
+                ops::resubmitted_outcome(store.as_ref(), &mut result).await;
+                Ok(result)
+            }
+            Backend::Remote(r) => {
+                use base64::Engine as _;
+                let body = json!({
+                    "original": request.original,
+                    "frame": base64::engine::general_purpose::STANDARD.encode(&request.frame),
+                    "operator": operator_login(),
+                    "dry_run": request.dry_run,
+                });
+                let response = r
+                    .request(reqwest::Method::POST, "/api/messages/resubmit")
+                    .json(&body)
+                    .send()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let status = response.status();
+                if status == reqwest::StatusCode::UNAUTHORIZED {
+                    return Err(r.token_refused());
+                }
+                if status.is_success() {
+                    return response
+                        .json()
+                        .await
+                        .map_err(|e| format!("unexpected resubmit answer: {e}"));
+                }
+                let text = response.text().await.unwrap_or_default();
+                let text = text.trim();
+                Err(match status {
+                    // An engine without the endpoint answers 404 or 405 with no text.
+                    reqwest::StatusCode::NOT_FOUND | reqwest::StatusCode::METHOD_NOT_ALLOWED
+                        if text.is_empty() =>
+                    {
+                        format!(
+                            "the engine at {} has no POST /api/messages/resubmit (an older \
+                             version?): upgrade it, or stop it and use --local",
+                            r.base
+                        )
+                    }
+                    reqwest::StatusCode::NOT_FOUND | reqwest::StatusCode::BAD_REQUEST => {
+                        text.to_owned()
+                    }
+                    _ => format!("the admin API answered {status}: {text}"),
+                })
             }
         }
     }
@@ -683,6 +800,56 @@ async fn execute<S: Store>(
             ))
         }
         MessagesCommand::Purge { ids } => Ok(report(out, backend.purge(ids).await?)),
+        MessagesCommand::Resubmit {
+            id,
+            file,
+            edit,
+            dry_run,
+            json,
+        } => {
+            let frame = match (file, edit) {
+                (Some(path), _) => {
+                    let bytes = std::fs::read(path)
+                        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+                    crate::resubmit_edit::with_cr_terminators(&bytes)
+                }
+                (None, true) => {
+                    let doc = backend
+                        .show(*id)
+                        .await?
+                        .ok_or_else(|| format!("no message {id}"))?;
+                    crate::resubmit_edit::edit(*id, text(&doc, "raw"))?
+                }
+                (None, false) => return Err("give --file FIXED.hl7 or --edit".into()),
+            };
+            // Checked here before anything is sent: the engine would refuse it the same way.
+            if let Err(e) = Message::parse(&frame) {
+                return Err(format!(
+                    "the new message does not parse, nothing was stored: {e}"
+                ));
+            }
+            let request = ops::Resubmission {
+                original: *id,
+                frame,
+                origin: ops::operator_origin(operator_login().as_deref()),
+                dry_run: *dry_run,
+            };
+            let result = backend.resubmit(&request).await?;
+            if *json {
+                outln!(out, "{}", json!(result));
+                return Ok(if result.ok {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                });
+            }
+            let message = match &result.warning {
+                Some(warning) => format!("{} (careful: {warning})", result.message),
+                None => result.message,
+            };
+            let line = if result.ok { Ok(message) } else { Err(message) };
+            Ok(report(out, vec![(*id, line)]))
+        }
     }
 }
 
@@ -701,7 +868,7 @@ fn text<'a>(v: &'a Value, key: &str) -> &'a str {
 }
 
 fn summary_line(r: &Value) -> String {
-    format!(
+    let line = format!(
         "{:>20}  {}  {:<14} {:<8} {:<20} {:<12} {}",
         r["id"].as_u64().unwrap_or_default(),
         time_of(&r["received_at_ms"]),
@@ -710,7 +877,30 @@ fn summary_line(r: &Value) -> String {
         text(r, "control_id"),
         r["route"].as_str().unwrap_or("-"),
         text(r, "error"),
-    )
+    );
+    match links_text(r) {
+        Some(links) => format!("{}  [{links}]", line.trim_end()),
+        None => line,
+    }
+}
+
+/// "resubmitted from 12", "resubmitted as 15, 17": a record's resubmission links, if any.
+fn links_text(r: &Value) -> Option<String> {
+    let mut parts = Vec::new();
+    if let Some(from) = r["resubmitted_from"].as_u64() {
+        parts.push(format!("resubmitted from {from}"));
+    }
+    let copies: Vec<String> = r["resubmitted_as"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_u64)
+        .map(|id| id.to_string())
+        .collect();
+    if !copies.is_empty() {
+        parts.push(format!("resubmitted as {}", copies.join(", ")));
+    }
+    (!parts.is_empty()).then(|| parts.join("; "))
 }
 
 fn print_message(out: &mut Output<std::io::Stdout>, doc: &Value) {
@@ -802,6 +992,11 @@ fn report(
     } else {
         ExitCode::SUCCESS
     }
+}
+
+/// The operator's login (`$USER`), for the copy's record of a resubmission.
+fn operator_login() -> Option<String> {
+    std::env::var("USER").ok().filter(|u| !u.trim().is_empty())
 }
 
 /// Routes and maps a stored message with the configuration on disk.

@@ -107,7 +107,7 @@ fn messages_of(name: &str, bytes: &[u8]) -> Result<Vec<Outgoing>, String> {
 }
 
 /// LF and CRLF terminators become CR; blank lines go; the message ends with one CR.
-fn with_cr_terminators(message: &[u8]) -> Vec<u8> {
+pub(crate) fn with_cr_terminators(message: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(message.len() + 1);
     for line in message.split(|b| *b == b'\r' || *b == b'\n') {
         if !line.is_empty() {

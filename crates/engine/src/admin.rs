@@ -10,6 +10,14 @@
 //! | `GET /api/messages/{id}`        | one message in full: raw HL7, bundle, attempts    |
 //! | `POST /api/messages/replay`     | `{"ids":[…]` or `"filter":{…}`, `"remap"`, `"dry_run"`, `"destination"`, `"delivery_state"`} |
 //! | `POST /api/messages/purge`      | `{"ids":[…]}`                                     |
+//! | `POST /api/messages/resubmit`   | `{"original":id,"frame":base64,"operator":login,"dry_run":bool}` |
+//!
+//! A resubmission (an operator's corrected copy of a message, [`ops::resubmit`]) carries
+//! the frame in the body, base64 (HL7 bytes need not be UTF-8), never in the URL. It is
+//! journaled, then routed and mapped through the mapper's queue before the answer, which
+//! says where the copy stands: 200 with [`ops::ResubmitResult`]; 400 for a frame that is
+//! empty, does not parse (the parser's located error) or is the original unchanged, with
+//! nothing stored; 404 with `no message ID` for an original that does not exist.
 //!
 //! `/health` and `/ready` answer anyone (probes); everything else requires
 //! `Authorization: Bearer <token>` when the token variable named in `[admin] token_env`
@@ -117,6 +125,7 @@ pub fn router<S: Store>(admin: Admin<S>) -> Router {
         .route("/api/messages/{id}", get(show::<S>))
         .route("/api/messages/replay", post(replay::<S>))
         .route("/api/messages/purge", post(purge::<S>))
+        .route("/api/messages/resubmit", post(resubmit::<S>))
         .with_state(admin)
 }
 
@@ -452,4 +461,79 @@ async fn purge<S: Store>(
         results.push(serde_json::json!({ "id": id, "ok": ok, "message": message }));
     }
     axum::Json(serde_json::json!({ "results": results })).into_response()
+}
+
+/// A resubmission request (see the module doc).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResubmitRequest {
+    original: u64,
+    /// The corrected frame, base64 (standard alphabet, padded).
+    frame: String,
+    /// The operator's login, for the copy's record (`operator LOGIN`).
+    operator: Option<String>,
+    #[serde(default)]
+    dry_run: bool,
+}
+
+/// How long a resubmission's answer waits for the mapper (behind what the listeners
+/// journaled before it); after that, the copy is left `received` for the recheck.
+const RESUBMIT_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+async fn resubmit<S: Store>(
+    State(admin): State<Admin<S>>,
+    headers: HeaderMap,
+    request: Result<axum::Json<ResubmitRequest>, JsonRejection>,
+) -> Response {
+    use base64::Engine as _;
+    if !authorised(&admin, &headers) {
+        return StatusCode::UNAUTHORIZED.into_response();
+    }
+    let request = match json_body(request) {
+        Ok(r) => r,
+        Err(refused) => return refused.into_response(),
+    };
+    let frame = match base64::engine::general_purpose::STANDARD.decode(request.frame.trim()) {
+        Ok(frame) => frame,
+        Err(e) => {
+            return (StatusCode::BAD_REQUEST, format!("frame: not base64: {e}\n")).into_response();
+        }
+    };
+    let resubmission = ops::Resubmission {
+        original: request.original,
+        frame,
+        origin: ops::operator_origin(request.operator.as_deref()),
+        dry_run: request.dry_run,
+    };
+    let pipeline = &admin.pipeline;
+    let remap = |raw: &[u8], listener: &str| pipeline.remap(raw, listener);
+    let store = pipeline.store().as_ref();
+    let mut result = match ops::resubmit(store, Some(&remap), &resubmission).await {
+        Ok(result) => result,
+        Err(refusal) => {
+            let status = match &refusal {
+                ops::ResubmitRefusal::NotFound(_) => StatusCode::NOT_FOUND,
+                ops::ResubmitRefusal::BadFrame(_) => StatusCode::BAD_REQUEST,
+                ops::ResubmitRefusal::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+            };
+            tracing::info!(
+                original = request.original,
+                size = resubmission.frame.len(),
+                status = status.as_u16(),
+                "resubmission via the admin API refused"
+            );
+            return (status, format!("{refusal}\n")).into_response();
+        }
+    };
+    if let Some(id) = result.id {
+        pipeline.route_journaled(id, RESUBMIT_WAIT).await;
+        ops::resubmitted_outcome(store, &mut result).await;
+        tracing::info!(
+            original = request.original,
+            id,
+            state = result.state.as_deref().unwrap_or(""),
+            "resubmission via the admin API"
+        );
+    }
+    axum::Json(result).into_response()
 }

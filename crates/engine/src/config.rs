@@ -467,6 +467,17 @@ impl EngineConfig {
                     format!("listener {:?} is defined twice", l.name),
                 );
             }
+            if l.name == crate::ops::RESUBMIT_LISTENER {
+                report(
+                    &at("name"),
+                    "listeners.name",
+                    format!(
+                        "the listener name {:?} is reserved: operators' resubmissions are \
+                         recorded under it",
+                        l.name
+                    ),
+                );
+            }
             if l.bind.parse::<SocketAddr>().is_err() {
                 report(
                     &at("bind"),

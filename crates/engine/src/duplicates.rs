@@ -17,6 +17,14 @@
 //!   was delivered nowhere (and an unrouted one may have been answered AE, which asks for
 //!   the resend): the new copy is routed as any message.
 //!
+//! One exemption: an operator's corrected copy (`passerelle messages resubmit`) is never
+//! a duplicate **of the message it corrects**, nor of an earlier copy of that message
+//! (the chain of resubmissions it comes from): resubmitting is an explicit
+//! decision, and an original still `mapped` (its deliveries dead at a server that refused
+//! its content, say) must not swallow its correction. The copy is still checked against
+//! every other message: if the sender also sent the same corrected message, one of the two
+//! is a duplicate of the other.
+//!
 //! "Earlier" is by store id: the journal's order. The rule needs nothing but what the
 //! store keeps, so a duplicate is found the same way after a restart, by the recheck, or
 //! by another node of a shared store. Two copies journaled at the very same moment on two
@@ -55,7 +63,9 @@ impl Default for Duplicates {
 const CANDIDATES: usize = 16;
 
 /// The earlier copy of message `id` (received at `received_at_ms`, with this header and
-/// these bytes), if there is one within the window.
+/// these bytes), if there is one within the window. `corrects`: the chain of messages an
+/// operator's resubmission `id` corrects (see the module doc), never taken as its earlier
+/// copy.
 pub(crate) async fn earlier_copy<S: Store>(
     store: &S,
     settings: &Duplicates,
@@ -63,6 +73,7 @@ pub(crate) async fn earlier_copy<S: Store>(
     received_at_ms: Millis,
     msh: &HeaderSummary,
     frame: &[u8],
+    corrects: &[MessageId],
 ) -> Result<Option<MessageId>, StoreError> {
     if settings.window.is_zero() || msh.control_id.is_empty() {
         return Ok(None);
@@ -87,7 +98,7 @@ pub(crate) async fn earlier_copy<S: Store>(
             earlier.state,
             MessageState::Mapped | MessageState::Received | MessageState::Duplicate
         );
-        if earlier.id >= id || !on_its_way || !same_header {
+        if earlier.id >= id || !on_its_way || !same_header || corrects.contains(&earlier.id) {
             continue;
         }
         if let Some(bytes) = store.raw(earlier.id).await?

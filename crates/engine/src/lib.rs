@@ -11,7 +11,7 @@
 //!   other route wants (and there may be only one).
 //! - [`pipeline`]: journal (ACK after flush) → route → map → outboxes → delivery workers;
 //!   [`duplicates`]: a sender's resend is kept but not routed.
-//! - [`ops`] (list, show, replay, purge, over the store or the admin API), [`admin`] (the
+//! - [`ops`] (list, show, replay, resubmit, purge, over the store or the admin API), [`admin`] (the
 //!   HTTP API) and [`metrics`] (Prometheus, no patient data in labels).
 //!
 //! Invariant: every problem in the operator's files is reported with the file, the line

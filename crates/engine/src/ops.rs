@@ -6,17 +6,25 @@
 //!   `show` is the only one that carries message content (the raw HL7 and the bundle):
 //!   it is what an operator asks for, behind the admin token; lists carry ids, types,
 //!   control ids, states and sizes only.
-//! - Replay never changes a rejected message (the sender must fix it), leaves a
+//! - Replay never changes a rejected message (the sender must fix it, or an operator
+//!   resubmit a corrected copy), leaves a
 //!   `received` one to the mapper, routes and maps unrouted and mapping-failed messages
 //!   again, and queues the final deliveries of a mapped message again in their key's
 //!   order, with a new bundle when asked to re-map. A message that stays unrouted, or
 //!   whose mapping still fails, is left as it was and reported as not replayed
 //!   ([`ReplayResult::replayed`]). `dry_run` says what would happen and changes nothing.
+//! - Resubmit ([`resubmit`]) journals an operator's corrected copy of a message as a new
+//!   message (listener [`RESUBMIT_LISTENER`], peer `operator LOGIN`), linked both ways with
+//!   its original, and refuses, storing nothing, a frame that is empty, does not parse or
+//!   is the original unchanged. The original is left as it was: its state, frame and
+//!   deliveries stay (its dead deliveries are not replayed; `purge` stays the operator's
+//!   tool), and `show`/`list` carry the link (`links` in the JSON).
 
 use passerelle_hl7::Message;
 use passerelle_hl7::types::DateTime;
 use passerelle_store::{
-    DeliveryState, MessageId, MessageRecord, MessageState, Outcome, Query, ReplaySelection, Store,
+    DeliveryState, JournalMeta, MessageId, MessageRecord, MessageState, Outcome, Query,
+    ReplaySelection, Store,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -133,6 +141,8 @@ pub fn record_json(r: &MessageRecord) -> Value {
         "error": r.error,
         "deliveries": r.deliveries.iter().map(|d| json!({"destination": d.destination, "seq": d.seq})).collect::<Vec<_>>(),
         "history": r.history.iter().map(|t| json!({"at_ms": t.at_ms, "state": t.state, "detail": t.detail})).collect::<Vec<_>>(),
+        "resubmitted_from": r.links.resubmitted_from,
+        "resubmitted_as": r.links.resubmitted_as,
     })
 }
 
@@ -312,9 +322,10 @@ async fn replay_inner<S: Store>(
     };
     let dry = if dry_run { " (dry run)" } else { "" };
     match record.state {
-        MessageState::Rejected => {
-            Err("rejected (it does not parse): the sender must fix and resend it".into())
-        }
+        MessageState::Rejected => Err(format!(
+            "rejected (it does not parse): the sender must fix and resend it, or correct \
+                 it with `passerelle messages resubmit {id} --edit`"
+        )),
         MessageState::Received => Ok(Replayed::moved_on(
             "not yet routed; the engine routes it (at start if it is stopped)".into(),
             Vec::new(),
@@ -436,5 +447,290 @@ pub async fn purge<S: Store>(store: &S, id: MessageId) -> Result<String, String>
         Ok(true) => Ok("purged".to_owned()),
         Ok(false) => Err("no such message".to_owned()),
         Err(e) => Err(e.to_string()),
+    }
+}
+
+/// The listener name an operator's resubmission is journaled under (its record's
+/// `listener`); it is routed as its original's listener ([`passerelle_store::Links`]).
+pub const RESUBMIT_LISTENER: &str = "resubmit";
+
+/// The record's `peer` for a resubmission by `login` (`$USER` of the operator's shell, when
+/// set): who did it, never where from. A login is not patient data; anything but a short
+/// plain name is left out.
+pub fn operator_origin(login: Option<&str>) -> String {
+    match login.map(str::trim) {
+        Some(login)
+            if !login.is_empty()
+                && login.len() <= 64
+                && login
+                    .chars()
+                    .all(|c| c.is_alphanumeric() || matches!(c, '.' | '_' | '-' | '@')) =>
+        {
+            format!("operator {login}")
+        }
+        _ => "operator".to_owned(),
+    }
+}
+
+/// An operator's resubmission: a corrected copy of message `original`.
+#[derive(Debug, Clone)]
+pub struct Resubmission {
+    pub original: MessageId,
+    /// The corrected frame, segments separated by CR.
+    pub frame: Vec<u8>,
+    /// The record's `peer` ([`operator_origin`]).
+    pub origin: String,
+    /// Say what would happen, journal nothing.
+    pub dry_run: bool,
+}
+
+/// What a resubmission did, or would do.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResubmitResult {
+    pub original: MessageId,
+    /// The new message; `None` for a dry run.
+    pub id: Option<MessageId>,
+    /// The new message's state when the answer was made (`received` when it is left for
+    /// the engine to route).
+    pub state: Option<String>,
+    /// False when the copy did not get on its way (no route takes it, its mapping fails,
+    /// it is a duplicate), or would not, for a dry run that could route and map it.
+    pub ok: bool,
+    pub message: String,
+    /// What the operator should know besides: the original's dead deliveries, which stay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
+}
+
+/// Why a resubmission was refused: nothing was journaled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ResubmitRefusal {
+    /// No message `original`.
+    NotFound(MessageId),
+    /// The new frame is empty, does not parse, or is the original unchanged.
+    BadFrame(String),
+    /// The store failed.
+    Store(String),
+}
+
+impl std::fmt::Display for ResubmitRefusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ResubmitRefusal::NotFound(id) => write!(f, "no message {id}"),
+            ResubmitRefusal::BadFrame(why) | ResubmitRefusal::Store(why) => f.write_str(why),
+        }
+    }
+}
+
+/// Checks a corrected frame and, unless it is a dry run, journals it as a copy of its
+/// original, linked both ways ([`Store::resubmit`]). The copy is then `received`: the caller
+/// routes it (a running engine, [`crate::pipeline::Pipeline::route_journaled`]) or leaves
+/// it to the engine's next start. A dry run routes and maps it with `remap_with` when
+/// given. Refused, with nothing stored: an empty frame, one that does not parse (with the
+/// parser's located error), the original's own bytes (that is a replay), an original that
+/// does not exist. Logs ids and sizes, never the frame.
+pub async fn resubmit<S: Store>(
+    store: &S,
+    remap_with: Option<Remap<'_>>,
+    request: &Resubmission,
+) -> Result<ResubmitResult, ResubmitRefusal> {
+    let Resubmission {
+        original,
+        frame,
+        origin,
+        dry_run,
+    } = request;
+    let original = *original;
+    if frame.iter().all(|b| b.is_ascii_whitespace()) {
+        return Err(ResubmitRefusal::BadFrame(
+            "the new message is empty: nothing resubmitted".into(),
+        ));
+    }
+    let message = Message::parse(frame).map_err(|e| {
+        ResubmitRefusal::BadFrame(format!(
+            "the new message does not parse, nothing was stored: {e}"
+        ))
+    })?;
+    let header = passerelle_hl7::HeaderSummary::of(&message);
+    let store_error = |e: passerelle_store::StoreError| ResubmitRefusal::Store(e.to_string());
+    let before = store
+        .get(original)
+        .await
+        .map_err(store_error)?
+        .ok_or(ResubmitRefusal::NotFound(original))?;
+    if store.raw(original).await.map_err(store_error)?.as_deref() == Some(frame.as_slice()) {
+        return Err(ResubmitRefusal::BadFrame(format!(
+            "the new message is message {original} unchanged: replay it instead \
+             (passerelle messages replay {original} --remap)"
+        )));
+    }
+    // The original's dead deliveries stay dead; one that holds its ordering key
+    // (`dead_holds_key`) holds the copy too, which has the same key: said, not changed.
+    let dead: Vec<String> = store
+        .deliveries(original)
+        .await
+        .map_err(store_error)?
+        .into_iter()
+        .filter(|d| d.state == DeliveryState::Dead)
+        .map(|d| d.destination)
+        .collect();
+    let warning = (!dead.is_empty()).then(|| {
+        format!(
+            "message {original}'s dead deliveries ({}) stay dead: where a destination holds \
+             its key behind a dead delivery (dead_holds_key), the copy waits until message \
+             {original} is purged",
+            dead.join(", ")
+        )
+    });
+    if *dry_run {
+        let listener = before.links.routing_listener(&before.listener).to_owned();
+        let (ok, would) = match remap_with {
+            None => (true, String::new()),
+            Some(remap) => {
+                let (ok, what) = match remap(frame, &listener).map_err(ResubmitRefusal::BadFrame)? {
+                    Outcome::Mapped {
+                        route, deliveries, ..
+                    } => (
+                        true,
+                        format!(
+                            "mapped by route {route}, queued for {}",
+                            destinations(deliveries.iter().map(|d| d.destination.as_str()))
+                        ),
+                    ),
+                    Outcome::MappingFailed { error, .. } => {
+                        (false, format!("its mapping fails: {error}"))
+                    }
+                    Outcome::Unrouted | Outcome::Duplicate { .. } => {
+                        (false, "no route takes it".to_owned())
+                    }
+                };
+                (ok, format!("; with the current configuration: {what}"))
+            }
+        };
+        return Ok(ResubmitResult {
+            original,
+            id: None,
+            state: None,
+            ok,
+            warning,
+            message: format!(
+                "would be journaled as a new {} message, resubmitted from {original}{would} (dry run)",
+                header.kind()
+            ),
+        });
+    }
+    let meta = JournalMeta {
+        listener: RESUBMIT_LISTENER.to_owned(),
+        peer: origin.clone(),
+        msh: Some(crate::pipeline::msh_summary(&header)),
+        rejected: None,
+    };
+    let id = store
+        .resubmit(original, frame, meta)
+        .await
+        .map_err(|e| match e {
+            passerelle_store::StoreError::NotFound(id) => ResubmitRefusal::NotFound(id),
+            e => store_error(e),
+        })?;
+    tracing::info!(
+        original,
+        id,
+        size = frame.len(),
+        kind = %header.kind(),
+        control_id = %header.control_id,
+        "resubmitted by an operator"
+    );
+    Ok(ResubmitResult {
+        original,
+        id: Some(id),
+        state: Some(MessageState::Received.name().to_owned()),
+        ok: true,
+        message: format!("journaled as message {id}, resubmitted from {original}"),
+        warning,
+    })
+}
+
+/// Completes a resubmission's answer with where its copy stands now (once a running
+/// engine routed it, or not).
+pub async fn resubmitted_outcome<S: Store>(store: &S, result: &mut ResubmitResult) {
+    let Some(id) = result.id else {
+        return;
+    };
+    let record = match store.get(id).await {
+        Ok(Some(r)) => r,
+        Ok(None) => return,
+        Err(e) => {
+            result
+                .message
+                .push_str(&format!("; its state cannot be read: {e}"));
+            return;
+        }
+    };
+    result.state = Some(record.state.name().to_owned());
+    let (ok, what) = match record.state {
+        MessageState::Mapped => (
+            true,
+            format!(
+                "mapped by route {}, queued for {}",
+                record.route.as_deref().unwrap_or("?"),
+                destinations(record.deliveries.iter().map(|d| d.destination.as_str()))
+            ),
+        ),
+        MessageState::MappingFailed => (
+            false,
+            format!(
+                "its mapping fails: {} (fix it and resubmit {id})",
+                record.error.as_deref().unwrap_or("?")
+            ),
+        ),
+        MessageState::Unrouted => (false, "no route takes it".to_owned()),
+        MessageState::Duplicate => (
+            false,
+            record
+                .history
+                .last()
+                .map(|t| t.detail.clone())
+                .unwrap_or_else(|| "a duplicate".to_owned()),
+        ),
+        MessageState::Received => (
+            true,
+            "not routed yet: the engine routes it (at its next start if it is stopped)".to_owned(),
+        ),
+        MessageState::Rejected => (false, "rejected".to_owned()),
+    };
+    result.ok = ok;
+    result.message.push_str(&format!("; {what}"));
+}
+
+fn destinations<'a>(names: impl Iterator<Item = &'a str>) -> String {
+    let names: Vec<&str> = names.collect();
+    if names.is_empty() {
+        "no destination".to_owned()
+    } else {
+        names.join(", ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_operator_is_named_by_a_plain_login_only() {
+        assert_eq!(operator_origin(Some("alice")), "operator alice");
+        assert_eq!(
+            operator_origin(Some(" j.doe-2@chu ")),
+            "operator j.doe-2@chu"
+        );
+        for odd in [
+            None,
+            Some(""),
+            Some("  "),
+            Some("a b"),
+            Some("x\u{1b}[31m"),
+            Some(&*"a".repeat(65)),
+        ] {
+            assert_eq!(operator_origin(odd), "operator", "{odd:?}");
+        }
     }
 }

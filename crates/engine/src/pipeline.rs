@@ -11,6 +11,10 @@
 //!   `duplicate` instead (see [`crate::duplicates`]). Messages journaled but not yet mapped when the
 //!   engine stopped are mapped on start, before the listener opens, so that they keep
 //!   their place in their ordering key's queue.
+//! - An operator's resubmission (a corrected copy journaled by [`crate::ops::resubmit`])
+//!   goes through the mapper's queue too ([`Pipeline::route_journaled`]), behind what the
+//!   listeners journaled before it; it is routed as its original's listener, and the
+//!   duplicate check does not take it for a resend of the message it corrects.
 //! - One delivery worker per (route, destination) queue leases due deliveries (at most one
 //!   per ordering key at a time, by the store's contract), delivers with
 //!   `passerelle-delivery` (FHIR HTTP, MLLP forward, NDJSON), and reports the attempt; the
@@ -165,6 +169,9 @@ const LEASE_CHUNK: usize = 16;
 /// Jobs waiting for the mapper; when it is full, ACKs wait (backpressure).
 const MAPPER_QUEUE: usize = 1024;
 
+/// Resubmissions followed back from a corrected copy, at most, for its duplicate check.
+const CHAIN_MAX: usize = 32;
+
 /// Messages a recheck looks at, at most (the oldest received).
 const RECHECK_BATCH: usize = 256;
 
@@ -174,6 +181,8 @@ const RECHECK_BATCH: usize = 256;
 struct MapJob {
     id: MessageId,
     journaled: Option<(Bytes, Arc<str>)>,
+    /// Told once the job is done (an operator's resubmission waits for its outcome).
+    done: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 /// What routing and mapping read, swapped whole by [`Pipeline::reload`].
@@ -239,7 +248,8 @@ pub enum StartError {
     Recovery(#[from] StoreError),
 }
 
-fn msh_summary(h: &HeaderSummary) -> MshSummary {
+/// The MSH fields the store keeps with a message.
+pub(crate) fn msh_summary(h: &HeaderSummary) -> MshSummary {
     MshSummary {
         message_type: h.message_type.clone(),
         trigger_event: h.trigger_event.clone(),
@@ -320,6 +330,7 @@ impl<S: Store> Pipeline<S> {
                     .map_one(MapJob {
                         id,
                         journaled: None,
+                        done: None,
                     })
                     .await;
                 recovered += 1;
@@ -540,6 +551,47 @@ impl<S: Store> Pipeline<S> {
         }
     }
 
+    /// Routes and maps a message journaled outside the listeners (an operator's
+    /// resubmission), through the mapper's queue so that it keeps its place in journal
+    /// order behind what the listeners journaled before it. Returns once its routing
+    /// outcome is recorded, or after `wait`: then it stays `received`, and the engine's
+    /// recheck (or the next start) routes it.
+    pub async fn route_journaled(&self, id: MessageId, wait: Duration) -> bool {
+        let (done, finished) = tokio::sync::oneshot::channel();
+        let job = MapJob {
+            id,
+            journaled: None,
+            done: Some(done),
+        };
+        let sent = tokio::time::timeout(wait, self.inner.mapper.send(job)).await;
+        if !matches!(sent, Ok(Ok(()))) {
+            warn!(
+                id,
+                "the mapper does not take the message now; the recheck routes it"
+            );
+            return false;
+        }
+        matches!(tokio::time::timeout(wait, finished).await, Ok(Ok(())))
+    }
+
+    /// The messages an operator's corrected copy corrects: its original, the original's
+    /// original, and so on (at most [`CHAIN_MAX`], against a loop in damaged records).
+    async fn corrected_chain(&self, mut from: Option<MessageId>) -> Vec<MessageId> {
+        let mut chain = Vec::new();
+        while let Some(id) = from {
+            if chain.len() >= CHAIN_MAX || chain.contains(&id) {
+                break;
+            }
+            chain.push(id);
+            from = match self.inner.store.get(id).await {
+                Ok(Some(r)) => r.links.resubmitted_from,
+                // Purged, or unreadable: the chain stops there.
+                _ => None,
+            };
+        }
+        chain
+    }
+
     async fn run_mapper(self, mut rx: mpsc::Receiver<MapJob>) {
         while let Some(job) = rx.recv().await {
             self.inner.mapping.store(true, Relaxed);
@@ -608,6 +660,7 @@ impl<S: Store> Pipeline<S> {
                         .try_send(MapJob {
                             id,
                             journaled: None,
+                            done: None,
                         })
                         .is_ok()
                 {
@@ -623,8 +676,18 @@ impl<S: Store> Pipeline<S> {
         }
     }
 
-    /// Routes and maps one journaled message, and queues its deliveries.
-    async fn map_one(&self, job: MapJob) {
+    /// Routes and maps one journaled message, queues its deliveries, and tells whoever
+    /// waits for the job.
+    async fn map_one(&self, mut job: MapJob) {
+        let done = job.done.take();
+        self.map_job(job).await;
+        if let Some(done) = done {
+            // The waiter may have given up: nothing to tell then.
+            let _ = done.send(());
+        }
+    }
+
+    async fn map_job(&self, job: MapJob) {
         let store = &self.inner.store;
         let id = job.id;
         let unreadable = |error: String| Outcome::MappingFailed {
@@ -660,17 +723,19 @@ impl<S: Store> Pipeline<S> {
                 error: e.to_string(),
             },
             Ok(message) => {
-                // Fresh from a listener: received just now. Otherwise (start-up, recheck)
-                // the record says when, and on which listener.
-                let (listener, received_at_ms) = match listener {
-                    Some(l) => (l, now_ms()),
-                    None => store
-                        .get(id)
-                        .await
-                        .ok()
-                        .flatten()
-                        .map(|r| (Arc::from(r.listener), r.received_at_ms))
-                        .unwrap_or_else(|| (Arc::from(""), now_ms())),
+                // Fresh from a listener: received just now. Otherwise (start-up, recheck,
+                // an operator's resubmission) the record says when, on which listener it
+                // is routed (a corrected copy: its original's), and what it corrects.
+                let (listener, received_at_ms, corrects) = match listener {
+                    Some(l) => (l, now_ms(), Vec::new()),
+                    None => match store.get(id).await.ok().flatten() {
+                        Some(r) => {
+                            let corrects = self.corrected_chain(r.links.resubmitted_from).await;
+                            let listener = Arc::from(r.links.routing_listener(&r.listener));
+                            (listener, r.received_at_ms, corrects)
+                        }
+                        None => (Arc::from(""), now_ms(), Vec::new()),
+                    },
                 };
                 // Read once, for the duplicate check and for routing.
                 let header = HeaderSummary::of(&message);
@@ -681,6 +746,7 @@ impl<S: Store> Pipeline<S> {
                     received_at_ms,
                     &header,
                     &raw,
+                    &corrects,
                 )
                 .await
                 .unwrap_or_else(|e| {
@@ -1107,7 +1173,11 @@ impl<S: Store> Pipeline<S> {
                 if self
                     .inner
                     .mapper
-                    .send(MapJob { id, journaled })
+                    .send(MapJob {
+                        id,
+                        journaled,
+                        done: None,
+                    })
                     .await
                     .is_err()
                 {

@@ -721,3 +721,16 @@ fn a_wrong_value_from_the_environment_names_its_variable() {
         "{text}"
     );
 }
+
+#[test]
+fn the_resubmit_listener_name_is_reserved() {
+    let errors = config_errors(
+        "[store]\npath = \"data\"\n[[listeners]]\nname = \"resubmit\"\nbind = \"127.0.0.1:2575\"\n",
+    );
+    assert!(
+        errors.iter().any(|e| e.starts_with("passerelle.toml:4:")
+            && e.contains("listeners.name")
+            && e.contains("\"resubmit\" is reserved")),
+        "{errors:?}"
+    );
+}

@@ -89,6 +89,7 @@ pub async fn run_all<S: Store, F: Future<Output = S>>(mut make: impl FnMut(Arc<M
     unprocessed_and_outcomes(make(clock()).await).await;
     purge_and_retention(make_with(&mut make).await).await;
     oldest_unfinished_follows_the_queue(make_with(&mut make).await).await;
+    resubmission_links_the_copy_and_its_original(make_with(&mut make).await).await;
 }
 
 fn clock() -> Arc<ManualClock> {
@@ -641,6 +642,127 @@ pub async fn unprocessed_and_outcomes<S: Store>(store: S) {
         store.get(c).await.unwrap().unwrap().state,
         MessageState::Mapped
     );
+}
+
+/// An operator's corrected copy: a new message, `received` (to be routed), linked both
+/// ways with its original, which keeps its state, error and frame.
+pub async fn resubmission_links_the_copy_and_its_original<S: Store>(
+    (store, clock): (S, Arc<ManualClock>),
+) {
+    let original = store.journal(&frame("bad"), meta("bad")).await.unwrap();
+    let failure = Outcome::MappingFailed {
+        route: "r1".into(),
+        error: "PID-7: not a date".into(),
+    };
+    store.record_outcome(original, failure).await.unwrap();
+    clock.advance(1_000);
+    let operator = || JournalMeta {
+        listener: "resubmit".into(),
+        peer: "operator alice".into(),
+        ..meta("fixed")
+    };
+    let copy = store
+        .resubmit(original, &frame("fixed"), operator())
+        .await
+        .unwrap();
+    assert!(copy > original, "the copy is a new, later message");
+
+    let record = store.get(copy).await.unwrap().unwrap();
+    assert_eq!(record.state, MessageState::Received);
+    assert_eq!(
+        (record.listener.as_str(), record.peer.as_str()),
+        ("resubmit", "operator alice")
+    );
+    assert_eq!(record.received_at_ms, T0 + 1_000);
+    assert_eq!(
+        record.links,
+        Links {
+            resubmitted_from: Some(original),
+            original_listener: Some("test".into()),
+            resubmitted_as: Vec::new(),
+        }
+    );
+    assert_eq!(record.links.routing_listener(&record.listener), "test");
+    assert_eq!(record.history.len(), 1);
+    assert_eq!(record.history[0].state, "received");
+    assert_eq!(
+        record.history[0].detail,
+        format!("resubmitted from message {original}")
+    );
+    assert_eq!(store.raw(copy).await.unwrap().unwrap(), frame("fixed"));
+    assert_eq!(
+        store.unprocessed(10).await.unwrap(),
+        [copy],
+        "the copy is routed and mapped as a received message is"
+    );
+
+    let before = store.get(original).await.unwrap().unwrap();
+    assert_eq!(before.state, MessageState::MappingFailed, "keeps its state");
+    assert_eq!(before.error.as_deref(), Some("PID-7: not a date"));
+    assert_eq!(before.links.resubmitted_as, [copy]);
+    assert_eq!(before.links.resubmitted_from, None);
+    let last = before.history.last().unwrap();
+    assert_eq!(
+        (last.at_ms, last.state.as_str(), last.detail.clone()),
+        (
+            T0 + 1_000,
+            "resubmitted",
+            format!("resubmitted as message {copy}")
+        )
+    );
+    assert_eq!(store.raw(original).await.unwrap().unwrap(), frame("bad"));
+    let counts = store.counts().await.unwrap();
+    assert_eq!(counts.messages.get("received").copied(), Some(1));
+    assert_eq!(counts.messages.get("mapping_failed").copied(), Some(1));
+
+    // A list shows the links too (an operator sees them without opening each message).
+    let page = store
+        .list(&Query {
+            limit: 10,
+            ..Query::default()
+        })
+        .await
+        .unwrap();
+    let listed: Vec<(MessageId, Links)> = page.items.into_iter().map(|r| (r.id, r.links)).collect();
+    assert_eq!(
+        listed,
+        [
+            (original, before.links.clone()),
+            (copy, record.links.clone())
+        ]
+    );
+
+    // The copy is routed like any message; a copy of the copy routes as the first original.
+    store
+        .record_outcome(copy, mapped(&[("fhir", "K")]))
+        .await
+        .unwrap();
+    let second = store
+        .resubmit(copy, &frame("fixed2"), operator())
+        .await
+        .unwrap();
+    let record = store.get(second).await.unwrap().unwrap();
+    assert_eq!(record.links.resubmitted_from, Some(copy));
+    assert_eq!(record.links.original_listener.as_deref(), Some("test"));
+    let middle = store.get(copy).await.unwrap().unwrap();
+    assert_eq!(middle.state, MessageState::Mapped);
+    assert_eq!(middle.links.resubmitted_from, Some(original));
+    assert_eq!(middle.links.resubmitted_as, [second]);
+
+    // No original: refused, nothing journaled.
+    let missing = second + 1_000_000;
+    assert!(matches!(
+        store.resubmit(missing, &frame("x"), operator()).await,
+        Err(StoreError::NotFound(id)) if id == missing
+    ));
+    let counts = store.counts().await.unwrap();
+    let total: u64 = counts.messages.values().sum();
+    assert_eq!(total, 3, "nothing journaled for a missing original");
+
+    // Purging the original leaves the copy whole, pointing at an id that is gone.
+    assert!(store.purge(original).await.unwrap());
+    let record = store.get(copy).await.unwrap().unwrap();
+    assert_eq!(record.links.resubmitted_from, Some(original));
 }
 
 pub async fn purge_and_retention<S: Store>((store, clock): (S, Arc<ManualClock>)) {

@@ -22,6 +22,9 @@
 //! - Transient failures wait with exponential backoff and jitter ([`RetryPolicy`]) until
 //!   attempts or age run out; then, as for permanent failures, the delivery is dead, with
 //!   its whole attempt history, until replayed.
+//! - An operator's corrected copy of a message ([`Store::resubmit`]) is journaled like a
+//!   frame, as a new message, and linked both ways with its original ([`Links`]) in the
+//!   same change; the original keeps its state, frame and deliveries.
 //! - Counts per state are counters updated in the same transaction as the state change:
 //!   reading them scans nothing.
 //!
@@ -202,6 +205,21 @@ pub(crate) fn validate_destination(destination: &str) -> Result<(), StoreError> 
     Ok(())
 }
 
+/// The first transition detail of an operator's corrected copy of message `original`.
+pub(crate) fn resubmitted_from_detail(original: MessageId) -> String {
+    format!("resubmitted from message {original}")
+}
+
+/// The transition state and detail an original gets when its corrected copy `copy` is
+/// journaled: the time and the new id, no content.
+pub(crate) fn resubmitted_as_transition(at_ms: Millis, copy: MessageId) -> Transition {
+    Transition {
+        at_ms,
+        state: "resubmitted".to_owned(),
+        detail: format!("resubmitted as message {copy}"),
+    }
+}
+
 /// The transition detail of a message recorded as a duplicate of `of`.
 pub(crate) fn duplicate_detail(of: MessageId) -> String {
     format!("the same message as #{of}: not routed (replay it to route it)")
@@ -280,6 +298,23 @@ pub trait Store: Send + Sync + 'static {
     /// Stores a received frame and returns once it is durable.
     fn journal(
         &self,
+        frame: &[u8],
+        meta: JournalMeta,
+    ) -> impl Future<Output = Result<MessageId, StoreError>> + Send;
+
+    /// Journals `frame` as an operator's corrected copy of message `original`, and returns
+    /// once the copy and the link are durable (as [`Store::journal`] does). The copy is a
+    /// new message, `received` (or `rejected` when `meta` says so), with "resubmitted from
+    /// message ORIGINAL" in its history and, in its [`Links`], the original's id and the
+    /// listener the chain's first message arrived on. The original keeps its state, its
+    /// frame and its deliveries; it gets a `resubmitted` transition ("resubmitted as
+    /// message NEW") and the copy's id in its links. Both records change together (one
+    /// transaction; for sled, one batch, and a copy recovered from the journal log gets
+    /// its link back on the original). [`StoreError::NotFound`] when there is no message
+    /// `original`: nothing is journaled then.
+    fn resubmit(
+        &self,
+        original: MessageId,
         frame: &[u8],
         meta: JournalMeta,
     ) -> impl Future<Output = Result<MessageId, StoreError>> + Send;

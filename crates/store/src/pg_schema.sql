@@ -41,6 +41,10 @@ BEGIN
                              'duplicate')) NOT VALID;
     END IF;
 END $$;
+-- An operator's resubmission links a corrected copy and its original (`Links` as JSON;
+-- null for every other message). Databases created before it get the column at the next
+-- open; the schema version stays 1, since older readers name their columns.
+ALTER TABLE passerelle_messages ADD COLUMN IF NOT EXISTS links jsonb;
 CREATE INDEX IF NOT EXISTS passerelle_messages_state ON passerelle_messages (state, id);
 CREATE INDEX IF NOT EXISTS passerelle_messages_received ON passerelle_messages (received_at_ms);
 CREATE INDEX IF NOT EXISTS passerelle_messages_control_id ON passerelle_messages (control_id, id);

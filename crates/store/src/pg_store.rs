@@ -7,7 +7,7 @@
 //!
 //! | table                   | one row per                                                  |
 //! |-------------------------|--------------------------------------------------------------|
-//! | `passerelle_messages`   | message: its record, MSH summary and history as `jsonb`      |
+//! | `passerelle_messages`   | message: its record, MSH summary, history and resubmission links as `jsonb` |
 //! | `passerelle_frames`     | message: the frame's bytes (apart, so state changes do not copy them) |
 //! | `passerelle_deliveries` | delivery (destination, seq): state, attempts, history, and the queue columns below |
 //! | `passerelle_counters`   | (counter, shard): counts per state                           |
@@ -434,7 +434,7 @@ impl RowReader<'_> {
 }
 
 const MESSAGE_COLUMNS: &str =
-    "id, received_at_ms, listener, peer, size, msh, route, state, error, bundle, history";
+    "id, received_at_ms, listener, peer, size, msh, route, state, error, bundle, history, links";
 
 fn message_from(row: &Row) -> Result<MessageRecord, StoreError> {
     let id: i64 = row.try_get("id").map_err(|e| StoreError::BadRow {
@@ -462,6 +462,7 @@ fn message_from(row: &Row) -> Result<MessageRecord, StoreError> {
         bundle: r.get("bundle")?,
         deliveries: Vec::new(),
         history: r.json("history")?,
+        links: r.opt_json("links")?.unwrap_or_default(),
     })
 }
 
@@ -1077,13 +1078,31 @@ async fn check_durability(conn: &Object) -> Result<(), StoreError> {
     Ok(())
 }
 
-impl Store for PgStore {
-    async fn journal(&self, frame: &[u8], meta: JournalMeta) -> Result<MessageId, StoreError> {
+impl PgStore {
+    /// Journals a frame in one transaction; for an operator's corrected copy of
+    /// `original` ([`Store::resubmit`]), links both records in the same transaction.
+    async fn journal_linked(
+        &self,
+        frame: &[u8],
+        meta: JournalMeta,
+        original: Option<MessageId>,
+    ) -> Result<MessageId, StoreError> {
         let now = self.now();
-        let (state, detail) = match &meta.rejected {
+        let (state, mut detail) = match &meta.rejected {
             Some(error) => (MessageState::Rejected, clean(error)),
             None => (MessageState::Received, String::new()),
         };
+        if let Some(original) = original {
+            let from = crate::resubmitted_from_detail(original);
+            detail = if detail.is_empty() {
+                from
+            } else {
+                format!("{from}; {detail}")
+            };
+        }
+        let original_sql = original
+            .map(|o| i64::try_from(o).map_err(|_| StoreError::NotFound(o)))
+            .transpose()?;
         let msh = meta.msh.map(|m| MshSummary {
             message_type: clean(&m.message_type),
             trigger_event: clean(&m.trigger_event),
@@ -1103,11 +1122,37 @@ impl Store for PgStore {
         let size = big(frame.len() as u64);
         let id: i64 = on_connection!(self, "journal", |c| async {
             let tx = c.transaction().await?;
+            // The original, locked until the commit: its links are read and written whole.
+            let before = match (original, original_sql) {
+                (Some(original), Some(sql)) => {
+                    let row = query_opt(
+                        &tx,
+                        "SELECT listener, links FROM passerelle_messages WHERE id = $1 FOR UPDATE",
+                        &[&sql],
+                    )
+                    .await?
+                    .ok_or(StoreError::NotFound(original))?;
+                    let r = RowReader {
+                        row: &row,
+                        table: "passerelle_messages",
+                        key: original.to_string(),
+                    };
+                    let listener: String = r.get("listener")?;
+                    let links: Links = r.opt_json("links")?.unwrap_or_default();
+                    Some((sql, listener, links))
+                }
+                _ => None,
+            };
+            let links = before.as_ref().map(|(sql, listener, links)| Links {
+                resubmitted_from: Some(*sql as u64),
+                original_listener: Some(links.routing_listener(listener).to_owned()),
+                resubmitted_as: Vec::new(),
+            });
             let row = query(
                 &tx,
                 "INSERT INTO passerelle_messages (id, received_at_ms, listener, peer, size, msh, \
-                     control_id, state, error, history) \
-                 VALUES (nextval('passerelle_message_id'), $1, $2, $3, $4, $5, $6, $7, $8, $9) \
+                     control_id, state, error, history, links) \
+                 VALUES (nextval('passerelle_message_id'), $1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
                  RETURNING id",
                 &[
                     &now,
@@ -1119,6 +1164,7 @@ impl Store for PgStore {
                     &state.name(),
                     &error,
                     &Json(&history),
+                    &links.as_ref().map(Json),
                 ],
             )
             .await?;
@@ -1132,6 +1178,17 @@ impl Store for PgStore {
                 &[&id, &frame],
             )
             .await?;
+            if let Some((sql, _, mut links)) = before {
+                links.resubmitted_as.push(id as u64);
+                let transition = [crate::resubmitted_as_transition(now as u64, id as u64)];
+                execute(
+                    &tx,
+                    "UPDATE passerelle_messages SET links = $2, history = history || $3::jsonb \
+                     WHERE id = $1",
+                    &[&sql, &Json(&links), &Json(&transition)],
+                )
+                .await?;
+            }
             let mut deltas = Deltas::default();
             deltas.add(message_counter(state), 1);
             self.apply(&tx, deltas).await?;
@@ -1139,6 +1196,21 @@ impl Store for PgStore {
             Ok(id)
         })?;
         Ok(id as u64)
+    }
+}
+
+impl Store for PgStore {
+    async fn journal(&self, frame: &[u8], meta: JournalMeta) -> Result<MessageId, StoreError> {
+        self.journal_linked(frame, meta, None).await
+    }
+
+    async fn resubmit(
+        &self,
+        original: MessageId,
+        frame: &[u8],
+        meta: JournalMeta,
+    ) -> Result<MessageId, StoreError> {
+        self.journal_linked(frame, meta, Some(original)).await
     }
 
     async fn record_outcome(&self, id: MessageId, outcome: Outcome) -> Result<(), StoreError> {

@@ -229,9 +229,50 @@ impl JournalSpaces<'_> {
                 .commit(data)?;
             return Ok(());
         };
-        self.writes(&record, &r.record, &payload(&r.frame, None))
-            .commit(data)?;
+        let mut w = self.writes(&record, &r.record, &payload(&r.frame, None));
+        // An operator's corrected copy whose original lost its side of the link (a crash
+        // between the log's sync and sled's flush): linked again, at the copy's time.
+        if let Some(original) = record.links.resubmitted_from
+            && let Some(value) = self.messages.get(be(original))?
+            && let Some(mut before) = decode::<MessageRecord>(&value)
+            && !before.links.resubmitted_as.contains(&record.id)
+        {
+            before.links.resubmitted_as.push(record.id);
+            before.history.push(crate::resubmitted_as_transition(
+                record.received_at_ms,
+                record.id,
+            ));
+            w.insert(self.messages, be(original), encode(&before).as_slice());
+        }
+        w.commit(data)?;
         Ok(())
+    }
+}
+
+/// The record of a frame journaled now: `received`, or `rejected` with its parse error.
+fn new_record(id: MessageId, now: Millis, frame: &[u8], meta: JournalMeta) -> MessageRecord {
+    let (state, detail) = match &meta.rejected {
+        Some(error) => (MessageState::Rejected, error.clone()),
+        None => (MessageState::Received, String::new()),
+    };
+    MessageRecord {
+        id,
+        received_at_ms: now,
+        listener: meta.listener,
+        peer: meta.peer,
+        size: frame.len() as u64,
+        msh: meta.msh,
+        route: None,
+        state,
+        error: meta.rejected,
+        bundle: None,
+        deliveries: Vec::new(),
+        history: vec![Transition {
+            at_ms: now,
+            state: state.name().to_owned(),
+            detail,
+        }],
+        links: Links::default(),
     }
 }
 
@@ -258,6 +299,7 @@ fn unreadable_metadata_record(id: MessageId, size: usize, now: Millis) -> Messag
                      listener, peer and reception time unknown"
                 .to_owned(),
         }],
+        links: Links::default(),
     }
 }
 
@@ -596,6 +638,15 @@ impl SledStore {
         self.config.clock.now_ms()
     }
 
+    fn journal_spaces(&self) -> JournalSpaces<'_> {
+        JournalSpaces {
+            messages: &self.messages,
+            payloads: &self.payloads,
+            index: &self.index,
+            counts: &self.counts,
+        }
+    }
+
     fn low_water(&self) -> MutexGuard<'_, std::collections::HashMap<String, u64>> {
         self.low_water.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -870,38 +921,10 @@ impl SledStore {
 impl Store for SledStore {
     async fn journal(&self, frame: &[u8], meta: JournalMeta) -> Result<MessageId, StoreError> {
         let id = self.db.generate_id()?;
-        let now = self.now();
-        let (state, detail) = match &meta.rejected {
-            Some(error) => (MessageState::Rejected, error.clone()),
-            None => (MessageState::Received, String::new()),
-        };
-        let record = MessageRecord {
-            id,
-            received_at_ms: now,
-            listener: meta.listener,
-            peer: meta.peer,
-            size: frame.len() as u64,
-            msh: meta.msh,
-            route: None,
-            state,
-            error: meta.rejected,
-            bundle: None,
-            deliveries: Vec::new(),
-            history: vec![Transition {
-                at_ms: now,
-                state: state.name().to_owned(),
-                detail,
-            }],
-        };
+        let record = new_record(id, self.now(), frame, meta);
         let value = encode(&record);
         let payload = payload(frame, None);
-        let w = JournalSpaces {
-            messages: &self.messages,
-            payloads: &self.payloads,
-            index: &self.index,
-            counts: &self.counts,
-        }
-        .writes(&record, &value, &payload);
+        let w = self.journal_spaces().writes(&record, &value, &payload);
         let ticket = {
             // The counter update reads then writes, and the log and sled must see records
             // in the same order (see the wal module): under the lock, which is held only
@@ -916,6 +939,55 @@ impl Store for SledStore {
             ticket
         };
         self.commit.wait(ticket).await?;
+        Ok(id)
+    }
+
+    async fn resubmit(
+        &self,
+        original: MessageId,
+        frame: &[u8],
+        meta: JournalMeta,
+    ) -> Result<MessageId, StoreError> {
+        let id = self.db.generate_id()?;
+        let ticket = {
+            // The original is read, and both records written, under the lock: a change to
+            // the original made meanwhile (its routing outcome) is not overwritten.
+            let _guard = self.lock();
+            let mut before = self
+                .read_message(original)?
+                .ok_or(StoreError::NotFound(original))?;
+            let now = self.now();
+            let mut record = new_record(id, now, frame, meta);
+            record.history[0].detail = match &record.error {
+                Some(error) => format!("{}; {error}", crate::resubmitted_from_detail(original)),
+                None => crate::resubmitted_from_detail(original),
+            };
+            record.links = Links {
+                resubmitted_from: Some(original),
+                original_listener: Some(before.links.routing_listener(&before.listener).to_owned()),
+                resubmitted_as: Vec::new(),
+            };
+            before.links.resubmitted_as.push(id);
+            before
+                .history
+                .push(crate::resubmitted_as_transition(now, id));
+            let value = encode(&record);
+            let mut w = self
+                .journal_spaces()
+                .writes(&record, &value, &payload(frame, None));
+            w.insert(&self.messages, be(original), encode(&before).as_slice());
+            self.wal
+                .append(id, &value, frame)
+                .map_err(sled::Error::Io)?;
+            let ticket = self.commit.ticket_and_start();
+            w.commit(&self.data)?;
+            ticket
+        };
+        self.commit.wait(ticket).await?;
+        // The copy is in the journal log, durable; the original's side of the link is
+        // made durable here too rather than at the next background flush (a crash in
+        // between gets it back from the log: see `JournalSpaces::recover`).
+        self.flush().await?;
         Ok(id)
     }
 
@@ -1535,6 +1607,51 @@ mod tests {
 
     use super::*;
 
+    /// A crash after a resubmission's copy reached the journal log but before sled had
+    /// the original's side of the link: replaying the log links the original again, once.
+    #[tokio::test]
+    async fn a_copy_recovered_from_the_log_links_its_original_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(StoreConfig::new(dir.path())).unwrap();
+        let original = store
+            .journal(b"MSH|^~\\&|A\r", JournalMeta::default())
+            .await
+            .unwrap();
+        let unlinked = store.read_message(original).unwrap().unwrap();
+        let copy = store
+            .resubmit(original, b"MSH|^~\\&|B\r", JournalMeta::default())
+            .await
+            .unwrap();
+        let copy_record = store.read_message(copy).unwrap().unwrap();
+        // What sled holds after such a crash: the original as it was, no copy.
+        store
+            .messages
+            .insert(be(original), encode(&unlinked))
+            .unwrap();
+        store.messages.remove(be(copy)).unwrap();
+        let replay = || WalRecord {
+            id: copy,
+            record: encode(&copy_record),
+            frame: b"MSH|^~\\&|B\r".to_vec(),
+        };
+        store
+            .journal_spaces()
+            .recover(&store.data, replay())
+            .unwrap();
+        // Applied twice (a log replayed again after another crash): still one link.
+        store
+            .journal_spaces()
+            .recover(&store.data, replay())
+            .unwrap();
+        let relinked = store.read_message(original).unwrap().unwrap();
+        assert_eq!(relinked.links.resubmitted_as, [copy]);
+        let last = relinked.history.last().unwrap();
+        assert_eq!(last.state, "resubmitted");
+        assert_eq!(last.detail, format!("resubmitted as message {copy}"));
+        assert_eq!(relinked.history.len(), unlinked.history.len() + 1);
+        assert_eq!(store.read_message(copy).unwrap().unwrap(), copy_record);
+    }
+
     #[test]
     fn a_payload_gives_back_its_frame_and_bundle() {
         let frame = b"MSH|^~\\&|A\rPID|1\r";
@@ -1655,6 +1772,7 @@ mod tests {
             bundle: Some("{\"old\":true}".into()),
             deliveries: Vec::new(),
             history: Vec::new(),
+            links: Links::default(),
         };
         store.messages.insert(be(id), encode(&record)).unwrap();
         store

@@ -140,6 +140,39 @@ pub struct MessageRecord {
     /// The ordering keys and destinations it was queued for.
     pub deliveries: Vec<DeliveryRef>,
     pub history: Vec<Transition>,
+    /// Its links to other messages by an operator's resubmission (none for most messages;
+    /// absent from records written before resubmission existed).
+    #[serde(default, skip_serializing_if = "Links::is_empty")]
+    pub links: Links,
+}
+
+/// How an operator's resubmission ([`crate::Store::resubmit`]) links two messages: the
+/// original (kept as it was, in its state) and a corrected copy of it, journaled as a new
+/// message. The link is both ways, so that either message leads to the other.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Links {
+    /// This message is an operator's corrected copy of that one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resubmitted_from: Option<MessageId>,
+    /// The listener the first message of the chain arrived on: a corrected copy is routed
+    /// as if it had arrived there (a route may take some listeners only), while its record's
+    /// `listener` says where it came from (`resubmit`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub original_listener: Option<String>,
+    /// This message's corrected copies, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub resubmitted_as: Vec<MessageId>,
+}
+
+impl Links {
+    pub fn is_empty(&self) -> bool {
+        self == &Links::default()
+    }
+
+    /// The listener a message is routed as: the original's for a corrected copy.
+    pub fn routing_listener<'a>(&'a self, listener: &'a str) -> &'a str {
+        self.original_listener.as_deref().unwrap_or(listener)
+    }
 }
 
 /// Which queue entry carries a message to a destination.

@@ -62,7 +62,7 @@ async fn postgres_passes_the_store_contract() {
     .await;
     assert_eq!(
         databases.load(Ordering::SeqCst),
-        12,
+        13,
         "every check ran on a store of its own"
     );
 }
@@ -516,6 +516,38 @@ async fn a_database_from_before_the_duplicate_state_is_upgraded_on_open() {
     assert_eq!(
         store.get(resend).await.unwrap().unwrap().state,
         MessageState::Duplicate
+    );
+}
+
+/// A database made before resubmissions (no `links` column) takes the column at the next
+/// open; its messages read with no links, and can be resubmitted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_from_before_resubmissions_is_upgraded_on_open() {
+    let server = server().await;
+    let url = server.create_database("links");
+    let clock: Arc<dyn Clock> = Arc::new(ManualClock::new(1));
+    let store = PgStore::open(config(url.clone(), clock.clone()))
+        .await
+        .unwrap();
+    let old = store
+        .journal(b"MSH|^~\\&|old", JournalMeta::default())
+        .await
+        .unwrap();
+    drop(store);
+    let db = common::client(&url).await;
+    db.batch_execute("ALTER TABLE passerelle_messages DROP COLUMN links;")
+        .await
+        .unwrap();
+
+    let store = PgStore::open(config(url, clock)).await.unwrap();
+    assert!(store.get(old).await.unwrap().unwrap().links.is_empty());
+    let copy = store
+        .resubmit(old, b"MSH|^~\\&|new", JournalMeta::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get(old).await.unwrap().unwrap().links.resubmitted_as,
+        [copy]
     );
 }
 
