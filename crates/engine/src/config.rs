@@ -649,3 +649,56 @@ impl EngineConfig {
         self.listeners.iter().map(|l| l.name.clone()).collect()
     }
 }
+
+/// The store backends `[store] backend` names. The engine is generic over
+/// [`passerelle_store::Store`]; the binary opens the one named and runs with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreBackend {
+    /// The embedded sled store (one node).
+    Sled,
+    /// A PostgreSQL database that several nodes share.
+    Postgres,
+}
+
+/// The store alone needs only `passerelle.toml`: operations on stored messages work while
+/// a route file is being edited (see `passerelle messages`).
+impl EngineConfig {
+    /// Which store the configuration names (`[store] backend`, checked on load).
+    pub fn store_backend(&self) -> StoreBackend {
+        match self.store.backend.as_str() {
+            "postgres" => StoreBackend::Postgres,
+            _ => StoreBackend::Sled,
+        }
+    }
+
+    /// Where the store is, for messages: the sled folder, or the PostgreSQL server and
+    /// database (never the user or password).
+    pub fn store_location(&self) -> String {
+        match self.store_backend() {
+            StoreBackend::Sled => self.store.path.display().to_string(),
+            StoreBackend::Postgres => {
+                format!(
+                    "PostgreSQL ({})",
+                    passerelle_store::PgConfig::describe_url(&self.store.url)
+                )
+            }
+        }
+    }
+
+    /// Opens the PostgreSQL store the configuration names (`backend = "postgres"`).
+    pub async fn open_pg_store(
+        &self,
+    ) -> Result<passerelle_store::PgStore, passerelle_store::StoreError> {
+        passerelle_store::PgStore::open(self.store.pg_config()).await
+    }
+
+    /// Opens the sled store the configuration names (`backend = "sled"`, the default).
+    pub fn open_store(&self) -> Result<passerelle_store::SledStore, passerelle_store::StoreError> {
+        let s = &self.store;
+        let mut store_config = passerelle_store::StoreConfig::new(&s.path);
+        store_config.cache_capacity = s.cache_capacity_mb * 1024 * 1024;
+        store_config.flush_every = std::time::Duration::from_millis(s.flush_every_ms);
+        store_config.visibility_timeout = std::time::Duration::from_secs(s.visibility_timeout_s);
+        passerelle_store::SledStore::open(store_config)
+    }
+}

@@ -20,6 +20,7 @@
 
 pub mod admin;
 pub mod config;
+pub use config::StoreBackend;
 pub mod duplicates;
 mod location;
 pub mod metrics;
@@ -32,16 +33,6 @@ pub use location::{ConfigError, ConfigErrors};
 /// The mapping packs in `mappings_dir`: its folders that hold a `pack.toml`, by name.
 pub fn known_packs(mappings_dir: &std::path::Path) -> Vec<String> {
     passerelle_mapping::packs_in(mappings_dir)
-}
-
-/// The store backends `[store] backend` names. The engine is generic over
-/// [`passerelle_store::Store`]; the binary opens the one named and runs with it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StoreBackend {
-    /// The embedded sled store (one node).
-    Sled,
-    /// A PostgreSQL database that several nodes share.
-    Postgres,
 }
 
 /// Everything `passerelle.toml` points to, loaded and checked.
@@ -112,48 +103,5 @@ impl Loaded {
             routes: routes::RouteTable { routes },
             packs,
         })
-    }
-}
-
-/// The store alone needs only `passerelle.toml`: operations on stored messages work while
-/// a route file is being edited (see `passerelle messages`).
-impl config::EngineConfig {
-    /// Which store the configuration names (`[store] backend`, checked on load).
-    pub fn store_backend(&self) -> StoreBackend {
-        match self.store.backend.as_str() {
-            "postgres" => StoreBackend::Postgres,
-            _ => StoreBackend::Sled,
-        }
-    }
-
-    /// Where the store is, for messages: the sled folder, or the PostgreSQL server and
-    /// database (never the user or password).
-    pub fn store_location(&self) -> String {
-        match self.store_backend() {
-            StoreBackend::Sled => self.store.path.display().to_string(),
-            StoreBackend::Postgres => {
-                format!(
-                    "PostgreSQL ({})",
-                    passerelle_store::PgConfig::describe_url(&self.store.url)
-                )
-            }
-        }
-    }
-
-    /// Opens the PostgreSQL store the configuration names (`backend = "postgres"`).
-    pub async fn open_pg_store(
-        &self,
-    ) -> Result<passerelle_store::PgStore, passerelle_store::StoreError> {
-        passerelle_store::PgStore::open(self.store.pg_config()).await
-    }
-
-    /// Opens the sled store the configuration names (`backend = "sled"`, the default).
-    pub fn open_store(&self) -> Result<passerelle_store::SledStore, passerelle_store::StoreError> {
-        let s = &self.store;
-        let mut store_config = passerelle_store::StoreConfig::new(&s.path);
-        store_config.cache_capacity = s.cache_capacity_mb * 1024 * 1024;
-        store_config.flush_every = std::time::Duration::from_millis(s.flush_every_ms);
-        store_config.visibility_timeout = std::time::Duration::from_secs(s.visibility_timeout_s);
-        passerelle_store::SledStore::open(store_config)
     }
 }
