@@ -724,8 +724,12 @@ async fn execute<S: Store>(
             if *json {
                 outln!(out, "{page}");
             } else {
-                for r in page["items"].as_array().into_iter().flatten() {
-                    outln!(out, "{}", summary_line(r));
+                let items = page["items"].as_array().map_or(&[][..], Vec::as_slice);
+                if !items.is_empty() {
+                    outln!(out, "{}", list_header());
+                }
+                for r in items {
+                    outln!(out, "{}", summary_line(r, site_offset));
                 }
                 if let Some(next) = page["next"].as_u64() {
                     outln!(out, "… more: --after {next}");
@@ -741,7 +745,7 @@ async fn execute<S: Store>(
             if *json {
                 outln!(out, "{doc}");
             } else {
-                print_message(out, &doc);
+                print_message(out, &doc, site_offset);
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -859,27 +863,90 @@ fn fail(code: u8, message: &str) -> ExitCode {
     ExitCode::from(code)
 }
 
-fn time_of(ms: &Value) -> String {
-    DateTime::from_unix(ms.as_u64().unwrap_or_default() / 1_000).to_string()
+/// A stored time (milliseconds since 1970) at the site's offset, in the form `--since` and
+/// `--until` accept back: `2026-11-23T01:48:17+01:00`.
+fn time_of(ms: &Value, site_offset: i16) -> String {
+    let secs = ms.as_u64().unwrap_or_default() / 1_000;
+    let local = secs.saturating_add_signed(i64::from(site_offset) * 60);
+    DateTime::from_unix(local).to_fhir_datetime_at(site_offset)
 }
 
 fn text<'a>(v: &'a Value, key: &str) -> &'a str {
     v[key].as_str().unwrap_or("")
 }
 
-fn summary_line(r: &Value) -> String {
+/// The columns of `list`, as [`summary_line`] fills them.
+fn list_header() -> String {
+    columns([
+        "ID",
+        "RECEIVED",
+        "STATE",
+        "TYPE",
+        "CONTROL ID",
+        "ROUTE",
+        "DELIVERIES",
+        "ERROR",
+    ])
+}
+
+/// One line of `list`: id, received, state, type, control id, route, deliveries, error.
+fn columns(cells: [&str; 8]) -> String {
+    let [
+        id,
+        received,
+        state,
+        message_type,
+        control_id,
+        route,
+        deliveries,
+        error,
+    ] = cells;
     let line = format!(
-        "{:>20}  {}  {:<14} {:<8} {:<20} {:<12} {}",
-        r["id"].as_u64().unwrap_or_default(),
-        time_of(&r["received_at_ms"]),
+        "{id:>10}  {received:<25}  {state:<14} {message_type:<8} {control_id:<20} {route:<12} {deliveries:<24} {error}"
+    );
+    line.trim_end().to_owned()
+}
+
+/// Where a message's deliveries stand, destination by destination (`files=delivered`):
+/// from a listed record (`delivery_states`) or a shown one (`delivery_details`). A
+/// destination's name is `route.destination`; the route is in its own column.
+fn deliveries_text(r: &Value) -> String {
+    let route = text(r, "route");
+    let list = r["delivery_states"]
+        .as_array()
+        .or_else(|| r["delivery_details"].as_array());
+    let states: Vec<String> = list
+        .into_iter()
+        .flatten()
+        .map(|d| {
+            let destination = text(d, "destination");
+            let short = destination
+                .strip_prefix(route)
+                .and_then(|rest| rest.strip_prefix('.'))
+                .unwrap_or(destination);
+            format!("{short}={}", text(d, "state"))
+        })
+        .collect();
+    if states.is_empty() {
+        "-".to_owned()
+    } else {
+        states.join(",")
+    }
+}
+
+fn summary_line(r: &Value, site_offset: i16) -> String {
+    let line = columns([
+        &r["id"].as_u64().unwrap_or_default().to_string(),
+        &time_of(&r["received_at_ms"], site_offset),
         text(r, "state"),
         text(r, "message_type"),
         text(r, "control_id"),
         r["route"].as_str().unwrap_or("-"),
+        &deliveries_text(r),
         text(r, "error"),
-    );
+    ]);
     match links_text(r) {
-        Some(links) => format!("{}  [{links}]", line.trim_end()),
+        Some(links) => format!("{line}  [{links}]"),
         None => line,
     }
 }
@@ -903,14 +970,14 @@ fn links_text(r: &Value) -> Option<String> {
     (!parts.is_empty()).then(|| parts.join("; "))
 }
 
-fn print_message(out: &mut Output<std::io::Stdout>, doc: &Value) {
-    outln!(out, "{}", summary_line(doc));
+fn print_message(out: &mut Output<std::io::Stdout>, doc: &Value, site_offset: i16) {
+    outln!(out, "{}", summary_line(doc, site_offset));
     outln!(out, "\n# history");
     for t in doc["history"].as_array().into_iter().flatten() {
         outln!(
             out,
             "  {}  {:<16} {}",
-            time_of(&t["at_ms"]),
+            time_of(&t["at_ms"], site_offset),
             text(t, "state"),
             text(t, "detail")
         );
@@ -952,7 +1019,7 @@ fn print_message(out: &mut Output<std::io::Stdout>, doc: &Value) {
             outln!(
                 out,
                 "  {}  {} {} {} {}",
-                time_of(&a["at_ms"]),
+                time_of(&a["at_ms"], site_offset),
                 text(a, "outcome"),
                 status,
                 text(a, "error_class"),

@@ -155,6 +155,34 @@ fn on_a_stopped_engine_store() {
     assert_eq!(listed(&["--since", day]), 2, "--since {day}");
     assert_eq!(listed(&["--until", day]), 0, "--until {day}");
 
+    // The text list: a header; each message's deliveries as the store has them (the ADT's
+    // one destination, `adt.files`, shown without its route; the unrouted ORU has none);
+    // reception times at the site's offset, in a form --since and --until take back.
+    let (code, stdout, stderr) = local(&["list"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 3, "{stdout}");
+    let header: Vec<&str> = lines[0].split_whitespace().collect();
+    assert_eq!(header[..3], ["ID", "RECEIVED", "STATE"], "{stdout}");
+    assert!(lines[0].contains("DELIVERIES"), "{stdout}");
+    let (_, shown, _) = local(&["show", &adt, "--json"]);
+    let shown: serde_json::Value = serde_json::from_str(&shown).unwrap();
+    let delivery_state = shown["delivery_details"][0]["state"].as_str().unwrap();
+    let adt_cells: Vec<&str> = lines[1].split_whitespace().collect();
+    assert_eq!(adt_cells[0], adt, "{stdout}");
+    assert!(
+        adt_cells.contains(&format!("files={delivery_state}").as_str()),
+        "{stdout}"
+    );
+    let oru_cells: Vec<&str> = lines[2].split_whitespace().collect();
+    assert_eq!(oru_cells[0], oru, "{stdout}");
+    assert_eq!(oru_cells[2], "unrouted", "{stdout}");
+    assert!(oru_cells.contains(&"-"), "{stdout}");
+    let printed = adt_cells[1];
+    assert_eq!(printed, format!("{at}+01:00"), "{stdout}");
+    assert_eq!(listed(&["--since", printed]), 2, "--since {printed}");
+    assert_eq!(listed(&["--until", printed]), 0, "--until {printed}");
+
     // Nobody reading: no panic, and the replay is done and flushed.
     for args in [vec!["list"], vec!["show", &adt]] {
         let (code, stderr) =
@@ -372,7 +400,11 @@ fn a_broken_route_file_does_not_lock_the_operator_out() {
 
     let (code, stdout, stderr) = run(messages(&config, Some("t0k")).arg("list"));
     assert_eq!(code, Some(0), "{stderr}");
-    assert_eq!(stdout.lines().count(), 2, "{stdout}");
+    assert_eq!(
+        stdout.lines().count(),
+        3,
+        "a header and two messages: {stdout}"
+    );
     let (code, _, stderr) = run(messages(&config, Some("t0k")).args(["replay", &adt]));
     assert_eq!(code, Some(0), "{stderr}");
 
@@ -380,7 +412,11 @@ fn a_broken_route_file_does_not_lock_the_operator_out() {
     let local = |args: &[&str]| run(messages(&config, None).arg("--local").args(args));
     let (code, stdout, stderr) = local(&["list"]);
     assert_eq!(code, Some(0), "{stderr}");
-    assert_eq!(stdout.lines().count(), 2, "{stdout}");
+    assert_eq!(
+        stdout.lines().count(),
+        3,
+        "a header and two messages: {stdout}"
+    );
     let (code, stdout, stderr) = local(&["show", &adt]);
     assert_eq!(code, Some(0), "{stderr}");
     assert!(stdout.contains("ADT^A01"), "{stdout}");

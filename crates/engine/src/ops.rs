@@ -146,14 +146,29 @@ pub fn record_json(r: &MessageRecord) -> Value {
     })
 }
 
-/// One page: `{"items": [record…], "next": id or null}`.
+/// One page: `{"items": [record…], "next": id or null}`. Each record of a mapped message
+/// also says where its deliveries stand (`delivery_states`: destination and state): a
+/// message stays `mapped` whether its deliveries went through or died, and an operator
+/// listing dead letters must see which.
 pub async fn list<S: Store>(store: &S, filter: &ListFilter) -> Result<Value, String> {
     let page = store
         .list(&filter.query()?)
         .await
         .map_err(|e| e.to_string())?;
+    let mut items = Vec::with_capacity(page.items.len());
+    for r in &page.items {
+        let mut item = record_json(r);
+        if !r.deliveries.is_empty() {
+            let deliveries = store.deliveries(r.id).await.map_err(|e| e.to_string())?;
+            item["delivery_states"] = deliveries
+                .iter()
+                .map(|d| json!({"destination": d.destination, "state": d.state.name()}))
+                .collect();
+        }
+        items.push(item);
+    }
     Ok(json!({
-        "items": page.items.iter().map(record_json).collect::<Vec<_>>(),
+        "items": items,
         "next": page.next,
     }))
 }
