@@ -110,15 +110,37 @@ fn files_in(dir: &Path) -> Vec<PathBuf> {
 /// (1) A message the mapping refuses, sent by a third-party sender, corrected in a file
 /// and resubmitted through the running engine: the copy is delivered, and both histories
 /// show the link.
+/// An engine in a fresh folder, its admin API on a fixed port with the token set: the
+/// folder, another for the operator's temporary files, the config, the engine and its
+/// MLLP address.
+fn started_engine() -> (
+    tempfile::TempDir,
+    tempfile::TempDir,
+    PathBuf,
+    passerelle_testkit::mllp::PeerProcess,
+    String,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let config = common::setup(dir.path(), ROUTE, "");
+    common::fixed_admin(&config, TOKEN_ENV);
+    let (engine, mllp, _) = common::start_with_env(&config, &[(TOKEN_ENV, TOKEN)]);
+    (dir, tmp, config, engine, mllp)
+}
+
+/// `passerelle send FILE --to MLLP`.
+fn send(file: &Path, mllp: &str) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_passerelle"))
+        .args(["send", file.to_str().unwrap(), "--to", mllp])
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn a_mapping_failure_corrected_in_a_file_is_delivered_through_the_running_engine() {
     python(); // the python hl7 peer, installed on first use
-    let dir = tempfile::tempdir().unwrap();
-    let tmp = tempfile::tempdir().unwrap();
+    let (dir, tmp, config, engine, mllp) = started_engine();
     let (tmp, work) = (tmp.path(), dir.path());
-    let config = common::setup(work, ROUTE, "");
-    common::fixed_admin(&config, TOKEN_ENV);
-    let (engine, mllp, _) = common::start_with_env(&config, &[(TOKEN_ENV, TOKEN)]);
     let patients = work.join("out/Patient.ndjson");
 
     let bad = work.join("bad.hl7");
@@ -228,17 +250,10 @@ fn a_mapping_failure_corrected_in_a_file_is_delivered_through_the_running_engine
 /// for the operator; an edit saved unchanged resubmits nothing; the right edit goes out.
 #[test]
 fn a_rejected_frame_corrected_in_the_editor() {
-    let dir = tempfile::tempdir().unwrap();
-    let tmp = tempfile::tempdir().unwrap();
+    let (dir, tmp, config, engine, mllp) = started_engine();
     let (tmp, work) = (tmp.path(), dir.path());
-    let config = common::setup(work, ROUTE, "");
-    common::fixed_admin(&config, TOKEN_ENV);
-    let (engine, mllp, _) = common::start_with_env(&config, &[(TOKEN_ENV, TOKEN)]);
     let broken = workspace_root().join("fixtures/malformed/segid_lowercase.hl7");
-    let sent = Command::new(env!("CARGO_BIN_EXE_passerelle"))
-        .args(["send", broken.to_str().unwrap(), "--to", &mllp])
-        .output()
-        .unwrap();
+    let sent = send(&broken, &mllp);
     assert!(!sent.status.success(), "the sender got a NAK");
     let original = wait_for_state(&config, tmp, "rejected");
     let id = original.to_string();
@@ -314,18 +329,11 @@ fn a_rejected_frame_corrected_in_the_editor() {
 /// and delivers it.
 #[test]
 fn on_a_stopped_engine_store_the_copy_waits_for_the_next_start() {
-    let dir = tempfile::tempdir().unwrap();
-    let tmp = tempfile::tempdir().unwrap();
+    let (dir, tmp, config, engine, mllp) = started_engine();
     let (tmp, work) = (tmp.path(), dir.path());
-    let config = common::setup(work, ROUTE, "");
-    common::fixed_admin(&config, TOKEN_ENV);
-    let (engine, mllp, _) = common::start_with_env(&config, &[(TOKEN_ENV, TOKEN)]);
     let bad = work.join("bad.hl7");
     std::fs::write(&bad, admission_with(GOOD_ADMIT, BAD_ADMIT)).unwrap();
-    let sent = Command::new(env!("CARGO_BIN_EXE_passerelle"))
-        .args(["send", bad.to_str().unwrap(), "--to", &mllp])
-        .output()
-        .unwrap();
+    let sent = send(&bad, &mllp);
     assert!(sent.status.success(), "accepted, then fails to map");
     let original = wait_for_state(&config, tmp, "mapping_failed").to_string();
     common::stop(engine);

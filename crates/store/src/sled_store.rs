@@ -647,6 +647,26 @@ impl SledStore {
         }
     }
 
+    /// Appends a journaled message (its encoded `record` and its `frame`) to the journal
+    /// log and commits `w`, its batch, to the overlay; returns the group-commit ticket to
+    /// wait for. The caller holds the queue lock: counter updates read then write, and
+    /// the log and sled must see records in the same order (see the wal module).
+    fn log_and_commit(
+        &self,
+        id: MessageId,
+        record: &[u8],
+        frame: &[u8],
+        w: Writes,
+    ) -> Result<u64, StoreError> {
+        self.wal
+            .append(id, record, frame)
+            .map_err(sled::Error::Io)?;
+        // The log syncs (on the blocking pool) while sled takes the same record.
+        let ticket = self.commit.ticket_and_start();
+        w.commit(&self.data)?;
+        Ok(ticket)
+    }
+
     fn low_water(&self) -> MutexGuard<'_, std::collections::HashMap<String, u64>> {
         self.low_water.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -926,17 +946,10 @@ impl Store for SledStore {
         let payload = payload(frame, None);
         let w = self.journal_spaces().writes(&record, &value, &payload);
         let ticket = {
-            // The counter update reads then writes, and the log and sled must see records
-            // in the same order (see the wal module): under the lock, which is held only
-            // for an append and an in-memory batch, never across the flush.
+            // Under the lock, which is held only for an append and an in-memory batch,
+            // never across the flush.
             let _guard = self.lock();
-            self.wal
-                .append(id, &value, frame)
-                .map_err(sled::Error::Io)?;
-            // The log syncs (on the blocking pool) while sled takes the same record.
-            let ticket = self.commit.ticket_and_start();
-            w.commit(&self.data)?;
-            ticket
+            self.log_and_commit(id, &value, frame, w)?
         };
         self.commit.wait(ticket).await?;
         Ok(id)
@@ -976,12 +989,7 @@ impl Store for SledStore {
                 .journal_spaces()
                 .writes(&record, &value, &payload(frame, None));
             w.insert(&self.messages, be(original), encode(&before).as_slice());
-            self.wal
-                .append(id, &value, frame)
-                .map_err(sled::Error::Io)?;
-            let ticket = self.commit.ticket_and_start();
-            w.commit(&self.data)?;
-            ticket
+            self.log_and_commit(id, &value, frame, w)?
         };
         self.commit.wait(ticket).await?;
         // The copy is in the journal log, durable; the original's side of the link is
