@@ -376,10 +376,34 @@ fn write_batch(dir: &Path, max: u64, batch: Vec<Queued>) {
     }
 }
 
-/// An NDJSON file open for appending, and its length.
+/// An NDJSON file open for appending: its length (the lines not yet written included),
+/// and the lines the batch has for it, written with one call when the file is synced or
+/// rotated (one `write` per file and batch, not one per message and file).
 struct Appending {
     file: File,
     len: u64,
+    pending: Vec<u8>,
+}
+
+impl Appending {
+    fn open(path: &Path, len: u64) -> io::Result<Appending> {
+        Ok(Appending {
+            file: OpenOptions::new().create(true).append(true).open(path)?,
+            len,
+            pending: Vec::new(),
+        })
+    }
+
+    /// Writes the pending lines and syncs the file.
+    fn write_and_sync(&mut self) -> io::Result<()> {
+        self.file.write_all(&self.pending)?;
+        self.pending.clear();
+        self.file.sync_data()
+    }
+}
+
+fn file_path(dir: &Path, kind: &str) -> PathBuf {
+    dir.join(format!("{kind}.ndjson"))
 }
 
 /// Appends each message's lines in order, rotating a file before a message's lines would
@@ -392,13 +416,12 @@ fn write_all(dir: &Path, max: u64, messages: &[&BTreeMap<String, String>]) -> io
     fs::create_dir_all(dir)?;
     let mut files: BTreeMap<&str, Appending> = BTreeMap::new();
     let mut dir_changed = false;
-    let open = |path: &Path| OpenOptions::new().create(true).append(true).open(path);
     for lines in messages {
         for (kind, text) in *lines {
-            let path = dir.join(format!("{kind}.ndjson"));
             let appending = match files.entry(kind.as_str()) {
                 std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
                 std::collections::btree_map::Entry::Vacant(e) => {
+                    let path = file_path(dir, kind);
                     let len = match fs::metadata(&path) {
                         Ok(m) => m.len(),
                         Err(err) if err.kind() == io::ErrorKind::NotFound => {
@@ -407,27 +430,23 @@ fn write_all(dir: &Path, max: u64, messages: &[&BTreeMap<String, String>]) -> io
                         }
                         Err(err) => return Err(err),
                     };
-                    e.insert(Appending {
-                        file: open(&path)?,
-                        len,
-                    })
+                    e.insert(Appending::open(&path, len)?)
                 }
             };
             if appending.len > 0 && appending.len + text.len() as u64 > max {
-                appending.file.sync_data()?;
+                // The lines already taken belong to the file being rotated.
+                appending.write_and_sync()?;
+                let path = file_path(dir, kind);
                 fs::rename(&path, rotated_path(dir, kind)?)?;
                 dir_changed = true;
-                *appending = Appending {
-                    file: open(&path)?,
-                    len: 0,
-                };
+                *appending = Appending::open(&path, 0)?;
             }
-            appending.file.write_all(text.as_bytes())?;
+            appending.pending.extend_from_slice(text.as_bytes());
             appending.len += text.len() as u64;
         }
     }
-    for appending in files.values() {
-        appending.file.sync_data()?;
+    for appending in files.values_mut() {
+        appending.write_and_sync()?;
     }
     if dir_changed {
         File::open(dir)?.sync_all()?;
