@@ -178,9 +178,10 @@ impl DateTime {
         Ok(self.to_fhir_datetime_at(offset))
     }
 
-    /// FHIR `dateTime` in the zone `offset` minutes from UTC, whatever offset was sent (a
-    /// caller that works out summer time gives its own); a date alone when no time of day
-    /// was sent.
+    /// FHIR `dateTime` with `offset` minutes from UTC as its zone; a date alone when no
+    /// time of day was sent. The time is written as sent, not converted: give the sent
+    /// offset when there is one, and otherwise the one the caller works out (the mapper
+    /// applies the site's summer time).
     pub fn to_fhir_datetime_at(&self, offset: i16) -> String {
         let mut out = String::with_capacity(32);
         self.write_fhir_date(&mut out);
@@ -467,8 +468,8 @@ mod tests {
         assert_eq!(no_zone.to_fhir_date(), "2024-01-01");
     }
 
-    /// An explicit zone wins over the one sent (a caller that applies summer time gives
-    /// its own); dates are written to their precision.
+    /// The zone is the one given (the sent one, or the caller's for a time sent without);
+    /// dates are written to their precision.
     #[test]
     fn fhir_text_in_a_given_zone() {
         for (text, offset, fhir) in [
