@@ -526,6 +526,10 @@ async fn resubmit<S: Store>(
         }
     };
     if let Some(id) = result.id {
+        pipeline
+            .metrics()
+            .resubmitted
+            .fetch_add(1, Ordering::Relaxed);
         pipeline.route_journaled(id, RESUBMIT_WAIT).await;
         ops::resubmitted_outcome(store, &mut result).await;
         tracing::info!(

@@ -209,6 +209,8 @@ impl<K: Ord + Clone, V> Family<K, V> {
 pub struct Metrics {
     /// 1 while the engine is over a queue or disk limit.
     pub backpressure: AtomicU64,
+    /// Operators' corrected copies journaled through the admin API (`messages resubmit`).
+    pub resubmitted: AtomicU64,
     listeners: Family<String, ListenerMetrics>,
     routes: Family<String, RouteMetrics>,
     /// Keyed by (route, destination).
@@ -219,6 +221,7 @@ impl Default for Metrics {
     fn default() -> Self {
         Metrics {
             backpressure: AtomicU64::new(0),
+            resubmitted: AtomicU64::new(0),
             listeners: Family::new(),
             routes: Family::new(),
             queues: Family::new(),
@@ -228,8 +231,9 @@ impl Default for Metrics {
 
 /// The names [`Metrics::render`] writes (histograms without their `_bucket`, `_sum`,
 /// `_count` suffixes).
-pub const ENGINE_METRIC_NAMES: [&str; 11] = [
+pub const ENGINE_METRIC_NAMES: [&str; 12] = [
     "passerelle_backpressure",
+    "passerelle_resubmitted_total",
     "passerelle_received_total",
     "passerelle_acks_total",
     "passerelle_rejected_total",
@@ -280,6 +284,11 @@ impl Metrics {
             out,
             "# HELP passerelle_backpressure 1 while the engine is over a queue or disk limit and holds back new messages.\n# TYPE passerelle_backpressure gauge\npasserelle_backpressure {}",
             self.backpressure.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP passerelle_resubmitted_total Operators' corrected copies of messages journaled through the admin API.\n# TYPE passerelle_resubmitted_total counter\npasserelle_resubmitted_total {}",
+            self.resubmitted.load(Ordering::Relaxed)
         );
         let listeners = self.listeners.snapshot();
         let counter = |out: &mut String, name: &str, help: &str| {

@@ -168,6 +168,20 @@ async fn a_corrected_copy_is_routed_as_its_original_and_delivered() {
         )),
         "{answer}"
     );
+    // Counted once: the refused request and the dry run journaled nothing.
+    let metrics = reqwest::Client::new()
+        .get(format!("{base}/metrics"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("\npasserelle_resubmitted_total 1\n"),
+        "{metrics}"
+    );
     wait_delivered(&store, copy).await;
     assert_eq!(
         common_lines(&patients),
