@@ -902,7 +902,7 @@ fn columns(cells: [&str; 8]) -> String {
         error,
     ] = cells;
     let line = format!(
-        "{id:>10}  {received:<25}  {state:<14} {message_type:<8} {control_id:<20} {route:<12} {deliveries:<24} {error}"
+        "{id:>10}  {received:<25}  {state:<14} {message_type:<8} {control_id:<20} {route:<16} {deliveries:<24} {error}"
     );
     line.trim_end().to_owned()
 }
