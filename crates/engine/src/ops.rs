@@ -347,7 +347,7 @@ async fn replay_inner<S: Store>(
         )),
         // A duplicate is routed like a message no route took: the operator means it.
         MessageState::Unrouted | MessageState::MappingFailed | MessageState::Duplicate => {
-            let outcome = remap_with(&raw().await?, &record.listener)?;
+            let outcome = remap_with(&raw().await?, record.routing_listener())?;
             let (what, queued) = match &outcome {
                 Outcome::Unrouted | Outcome::Duplicate { .. } => {
                     ("still unrouted".to_owned(), Vec::new())
@@ -378,7 +378,7 @@ async fn replay_inner<S: Store>(
         }
         MessageState::Mapped => {
             let bundle = if remap {
-                match remap_with(&raw().await?, &record.listener)? {
+                match remap_with(&raw().await?, record.routing_listener())? {
                     Outcome::Mapped { bundle, .. } => Some(bundle),
                     Outcome::MappingFailed { error, .. } => {
                         return Err(format!("re-mapping fails: {error}"));
@@ -598,11 +598,12 @@ pub async fn resubmit<S: Store>(
         )
     });
     if *dry_run {
-        let listener = before.links.routing_listener(&before.listener).to_owned();
         let (ok, would) = match remap_with {
             None => (true, String::new()),
             Some(remap) => {
-                let (ok, what) = match remap(frame, &listener).map_err(ResubmitRefusal::BadFrame)? {
+                let (ok, what) = match remap(frame, before.routing_listener())
+                    .map_err(ResubmitRefusal::BadFrame)?
+                {
                     Outcome::Mapped {
                         route, deliveries, ..
                     } => (

@@ -731,7 +731,7 @@ impl<S: Store> Pipeline<S> {
                     None => match store.get(id).await.ok().flatten() {
                         Some(r) => {
                             let corrects = self.corrected_chain(r.links.resubmitted_from).await;
-                            let listener = Arc::from(r.links.routing_listener(&r.listener));
+                            let listener = Arc::from(r.routing_listener());
                             (listener, r.received_at_ms, corrects)
                         }
                         None => (Arc::from(""), now_ms(), Vec::new()),

@@ -214,6 +214,55 @@ async fn a_corrected_copy_is_routed_as_its_original_and_delivered() {
     assert_eq!(listed["items"][1]["resubmitted_from"], json!(original));
 }
 
+/// A corrected copy is routed as its original's listener wherever it is routed again: a
+/// replay of a copy whose mapping still fails reaches the route (which takes the `mllp`
+/// listener only) and its mapping, rather than finding no route for `resubmit`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_copy_is_routed_as_its_original() {
+    let engine = Harness::new(ROUTE);
+    let store = Arc::clone(&engine.store);
+    let (listener, pipeline) = engine
+        .start_with(UnroutedAnswer::Accept, Default::default())
+        .await;
+    let base = serve_admin(pipeline.clone()).await;
+    let mut client = Client::new(ClientConfig::new(listener.local_addr().to_string())).unwrap();
+    let ack = client.send(&with_birth_date("19781399")).await.unwrap();
+    assert!(accepted(&ack.code), "{}", ack.code);
+    let original = store.list(&all()).await.unwrap().items[0].id;
+    wait_until("the original to fail its mapping", || {
+        let store = Arc::clone(&store);
+        async move { state_of(&store, original).await == MessageState::MappingFailed }
+    })
+    .await;
+
+    // Corrected, but wrongly again (month 13): the copy fails its mapping too.
+    let still_wrong = with_birth_date("19781332");
+    let (status, text) = post(
+        &base,
+        Some(TOKEN),
+        &resubmission(original, &still_wrong, false),
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    let answer: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(answer["state"], "mapping_failed", "{answer}");
+    let copy = answer["id"].as_u64().unwrap();
+
+    let remap = |raw: &[u8], listener: &str| pipeline.remap(raw, listener);
+    let replayed = passerelle_engine::ops::replay(
+        store.as_ref(),
+        &remap,
+        copy,
+        &passerelle_engine::ops::ReplayOptions::default(),
+    )
+    .await;
+    assert!(!replayed.replayed, "{replayed:?}");
+    assert!(
+        replayed.message.starts_with("mapping still fails: "),
+        "routed by the route of its original's listener: {replayed:?}"
+    );
+}
+
 /// AA, or CA for the fixture, which asks for enhanced acknowledgements (MSH-15 `AL`).
 fn accepted(code: &str) -> bool {
     matches!(code, "AA" | "CA")

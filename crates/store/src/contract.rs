@@ -682,7 +682,7 @@ pub async fn resubmission_links_the_copy_and_its_original<S: Store>(
             resubmitted_as: Vec::new(),
         }
     );
-    assert_eq!(record.links.routing_listener(&record.listener), "test");
+    assert_eq!(record.routing_listener(), "test");
     assert_eq!(record.history.len(), 1);
     assert_eq!(record.history[0].state, "received");
     assert_eq!(

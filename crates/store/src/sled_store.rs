@@ -977,7 +977,7 @@ impl Store for SledStore {
             };
             record.links = Links {
                 resubmitted_from: Some(original),
-                original_listener: Some(before.links.routing_listener(&before.listener).to_owned()),
+                original_listener: Some(before.routing_listener().to_owned()),
                 resubmitted_as: Vec::new(),
             };
             before.links.resubmitted_as.push(id);

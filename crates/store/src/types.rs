@@ -175,6 +175,15 @@ impl Links {
     }
 }
 
+impl MessageRecord {
+    /// The listener this message is routed as, wherever it is routed (the pipeline, a
+    /// replay, a dry run): where it arrived, or for an operator's corrected copy, where
+    /// its original arrived ([`Links::routing_listener`]).
+    pub fn routing_listener(&self) -> &str {
+        self.links.routing_listener(&self.listener)
+    }
+}
+
 /// Which queue entry carries a message to a destination.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeliveryRef {
