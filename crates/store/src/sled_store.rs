@@ -992,10 +992,9 @@ impl Store for SledStore {
             self.log_and_commit(id, &value, frame, w)?
         };
         self.commit.wait(ticket).await?;
-        // The copy is in the journal log, durable; the original's side of the link is
-        // made durable here too rather than at the next background flush (a crash in
-        // between gets it back from the log: see `JournalSpaces::recover`).
-        self.flush().await?;
+        // Durable as a journaled frame is: the copy's log record carries the link, and a
+        // crash before sled has the original's side of it links it again on open (see
+        // `JournalSpaces::recover`), so no flush of sled is waited for here.
         Ok(id)
     }
 
