@@ -815,7 +815,7 @@ async fn execute<S: Store>(
                 (Some(path), _) => {
                     let bytes = std::fs::read(path)
                         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-                    crate::resubmit_edit::with_cr_terminators(&bytes)
+                    crate::send_cmd::with_cr_terminators(&bytes)
                 }
                 (None, true) => {
                     let doc = backend

@@ -17,11 +17,6 @@ use std::process::Command;
 
 use passerelle_hl7::{Charset, Message};
 
-/// LF and CRLF terminators become CR; blank lines go; the message ends with one CR.
-pub(crate) fn with_cr_terminators(bytes: &[u8]) -> Vec<u8> {
-    crate::send_cmd::with_cr_terminators(bytes)
-}
-
 /// The segments of a message's text, without their terminators or blank lines.
 fn segments(text: &str) -> Vec<&str> {
     text.split(['\r', '\n']).filter(|s| !s.is_empty()).collect()
