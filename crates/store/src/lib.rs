@@ -205,9 +205,24 @@ pub(crate) fn validate_destination(destination: &str) -> Result<(), StoreError> 
     Ok(())
 }
 
-/// The first transition detail of an operator's corrected copy of message `original`.
-pub(crate) fn resubmitted_from_detail(original: MessageId) -> String {
-    format!("resubmitted from message {original}")
+/// The first transition detail of an operator's corrected copy of message `original`,
+/// with the parse error of a copy journaled as rejected (`detail`, empty otherwise).
+pub(crate) fn resubmitted_from_detail(original: MessageId, detail: &str) -> String {
+    if detail.is_empty() {
+        format!("resubmitted from message {original}")
+    } else {
+        format!("resubmitted from message {original}; {detail}")
+    }
+}
+
+/// The links of an operator's corrected copy of message `original`, which is routed as
+/// `original_listener` (the original's own routing listener).
+pub(crate) fn copy_links(original: MessageId, original_listener: &str) -> Links {
+    Links {
+        resubmitted_from: Some(original),
+        original_listener: Some(original_listener.to_owned()),
+        resubmitted_as: Vec::new(),
+    }
 }
 
 /// The transition state and detail an original gets when its corrected copy `copy` is

@@ -1093,12 +1093,7 @@ impl PgStore {
             None => (MessageState::Received, String::new()),
         };
         if let Some(original) = original {
-            let from = crate::resubmitted_from_detail(original);
-            detail = if detail.is_empty() {
-                from
-            } else {
-                format!("{from}; {detail}")
-            };
+            detail = crate::resubmitted_from_detail(original, &detail);
         }
         let original_sql = original
             .map(|o| i64::try_from(o).map_err(|_| StoreError::NotFound(o)))
@@ -1143,10 +1138,8 @@ impl PgStore {
                 }
                 _ => None,
             };
-            let links = before.as_ref().map(|(sql, listener, links)| Links {
-                resubmitted_from: Some(*sql as u64),
-                original_listener: Some(links.routing_listener(listener).to_owned()),
-                resubmitted_as: Vec::new(),
+            let links = before.as_ref().map(|(sql, listener, links)| {
+                crate::copy_links(*sql as u64, links.routing_listener(listener))
             });
             let row = query(
                 &tx,

@@ -971,15 +971,9 @@ impl Store for SledStore {
                 .ok_or(StoreError::NotFound(original))?;
             let now = self.now();
             let mut record = new_record(id, now, frame, meta);
-            record.history[0].detail = match &record.error {
-                Some(error) => format!("{}; {error}", crate::resubmitted_from_detail(original)),
-                None => crate::resubmitted_from_detail(original),
-            };
-            record.links = Links {
-                resubmitted_from: Some(original),
-                original_listener: Some(before.routing_listener().to_owned()),
-                resubmitted_as: Vec::new(),
-            };
+            record.history[0].detail =
+                crate::resubmitted_from_detail(original, &record.history[0].detail);
+            record.links = crate::copy_links(original, before.routing_listener());
             before.links.resubmitted_as.push(id);
             before
                 .history
