@@ -1080,13 +1080,15 @@ impl Store for SledStore {
                 delivery_key(&e.destination, *seq),
                 encode(&d),
             );
-            w.insert(
+            // New sequence numbers: sled cannot have these keys yet. Delivered before the
+            // next apply, the delivery's entries never reach sled (see the space module).
+            w.insert_new(
                 &self.keys,
                 key_entry(&e.destination, &e.ordering_key, *seq),
                 &[][..],
             );
             if *is_head {
-                w.insert(&self.ready, timed_key(&e.destination, now, *seq), &[][..]);
+                w.insert_new(&self.ready, timed_key(&e.destination, now, *seq), &[][..]);
             }
             w.insert(&self.index, index_key(b'k', &e.ordering_key, id), &[][..]);
             w.bump(
@@ -1152,7 +1154,8 @@ impl Store for SledStore {
 
             w.remove(&self.ready, ready_key.as_slice());
             w.insert(&self.deliveries, dkey.as_slice(), value.as_slice());
-            w.insert(
+            // A delivery has one lease at a time, and this one starts now: a new key.
+            w.insert_new(
                 &self.inflight,
                 timed_key(destination, lease_until, seq),
                 &[][..],

@@ -27,6 +27,14 @@
 //!   the scan would otherwise bring back keys the snapshot already gave (that leased one
 //!   delivery twice, once).
 //!
+//! **Short-lived keys.** A delivery's `ready`, `inflight` and `keys` entries often live
+//! for a few milliseconds: written when it is queued or leased, removed when it is leased
+//! or delivered. Written with [`Writes::insert_new`] (the caller knows sled has no such
+//! key), such an entry is marked *unsent* in the overlay, and its removal within the same
+//! generation drops the entry instead of recording a removal: sled never sees either.
+//! Half of the writes a delivered message made reached sled only to be undone there, and
+//! sled applies a generation under a lock that stops every read of it meanwhile.
+//!
 //! What a crash loses: the writes not yet applied to sled, at most [`APPLY_EVERY`] of
 //! them (plus what sled had not flushed, as before). The journal does not depend on this:
 //! its records are in the store's own log and are applied again on open (see the `wal`
@@ -48,8 +56,17 @@ pub(crate) const APPLY_EVERY: Duration = Duration::from_millis(10);
 /// Overlay size (keys and values) past which a writer wakes the applier early.
 pub(crate) const APPLY_BYTES: usize = 1024 * 1024;
 
-/// Written values by full key; `None` is a removal.
-type Generation = BTreeMap<Vec<u8>, Option<IVec>>;
+/// A key's newest value in a generation.
+#[derive(Debug, Clone)]
+struct Slot {
+    /// `None`: removed.
+    value: Option<IVec>,
+    /// Neither sled nor an older generation has the key: a removal just drops the slot.
+    unsent: bool,
+}
+
+/// Written values by full key.
+type Generation = BTreeMap<Vec<u8>, Slot>;
 
 #[derive(Debug, Default)]
 struct Overlay {
@@ -62,12 +79,30 @@ struct Overlay {
 
 impl Overlay {
     fn lookup(&self, key: &[u8]) -> Option<&Option<IVec>> {
-        self.active.get(key).or_else(|| self.sealed.get(key))
+        self.active
+            .get(key)
+            .or_else(|| self.sealed.get(key))
+            .map(|slot| &slot.value)
     }
 
     fn set_counter(&mut self, key: Vec<u8>, value: u64) {
-        self.active_bytes += key.len() + 8;
-        self.active.insert(key, Some(IVec::from(&be(value)[..])));
+        self.write(key, Some(IVec::from(&be(value)[..])), false);
+    }
+
+    /// Puts one write into the active generation. `new`: the writer knows sled has no
+    /// such key; it is believed only when no generation in the overlay has one either.
+    fn write(&mut self, key: Vec<u8>, value: Option<IVec>, new: bool) {
+        let unsent = match self.active.get(&key) {
+            Some(slot) => slot.unsent,
+            None => new && !self.sealed.contains_key(&key),
+        };
+        if value.is_none() && unsent {
+            // Written and removed before sled heard of it.
+            self.active.remove(&key);
+            return;
+        }
+        self.active_bytes += key.len() + value.as_ref().map_or(0, |v| v.len());
+        self.active.insert(key, Slot { value, unsent });
     }
 }
 
@@ -109,15 +144,15 @@ impl Layered {
         // only after sled has it, so sled read afterwards misses nothing of it.
         let mut overlay: Vec<(Vec<u8>, Option<IVec>)> = {
             let o = self.overlay();
-            let mut merged: Generation = o
+            let mut merged: BTreeMap<Vec<u8>, Option<IVec>> = o
                 .sealed
                 .range::<Vec<u8>, _>(bounds.clone())
-                .map(|(k, v)| (k.clone(), v.clone()))
+                .map(|(k, slot)| (k.clone(), slot.value.clone()))
                 .collect();
             merged.extend(
                 o.active
                     .range::<Vec<u8>, _>(bounds)
-                    .map(|(k, v)| (k.clone(), v.clone())),
+                    .map(|(k, slot)| (k.clone(), slot.value.clone())),
             );
             merged.into_iter().collect()
         };
@@ -149,9 +184,8 @@ impl Layered {
             let current = self.counter(&o, &key)?;
             o.set_counter(key, current.saturating_add_signed(delta));
         }
-        for (key, value) in writes.ops {
-            o.active_bytes += key.len() + value.as_ref().map_or(0, |v| v.len());
-            o.active.insert(key, value);
+        for (key, value, new) in writes.ops {
+            o.write(key, value, new);
         }
         if o.active_bytes >= APPLY_BYTES {
             self.grown.notify_one();
@@ -182,8 +216,8 @@ impl Layered {
             generation
         };
         let mut batch = Batch::default();
-        for (key, value) in sealed.iter() {
-            match value {
+        for (key, slot) in sealed.iter() {
+            match &slot.value {
                 Some(v) => batch.insert(key.as_slice(), v.clone()),
                 None => batch.remove(key.as_slice()),
             }
@@ -387,8 +421,9 @@ impl Space {
 /// Writes to apply together, counters included.
 #[derive(Debug, Default)]
 pub(crate) struct Writes {
-    /// Full keys and new values (`None`: removed), in order (a later write wins).
-    ops: Vec<(Vec<u8>, Option<IVec>)>,
+    /// Full keys, new values (`None`: removed), and whether the writer knows the key is
+    /// new to sled; in order (a later write wins).
+    ops: Vec<(Vec<u8>, Option<IVec>, bool)>,
     /// Counter deltas by full counter key, summed, applied at commit.
     counters: BTreeMap<Vec<u8>, i64>,
 }
@@ -396,11 +431,26 @@ pub(crate) struct Writes {
 impl Writes {
     pub(crate) fn insert(&mut self, space: &Space, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) {
         self.ops
-            .push((space.full_key(key), Some(IVec::from(value.as_ref()))));
+            .push((space.full_key(key), Some(IVec::from(value.as_ref())), false));
+    }
+
+    /// An insert of a key that sled does not have, nor will have once the overlay is
+    /// applied, because it names something that did not exist before this change (a
+    /// delivery sequence number just drawn, a lease just taken). Removed before the next
+    /// apply, the key never reaches sled (see the module doc). Wrongly used on a key
+    /// sled has, a removal in the same generation would leave sled's copy behind.
+    pub(crate) fn insert_new(
+        &mut self,
+        space: &Space,
+        key: impl AsRef<[u8]>,
+        value: impl AsRef<[u8]>,
+    ) {
+        self.ops
+            .push((space.full_key(key), Some(IVec::from(value.as_ref())), true));
     }
 
     pub(crate) fn remove(&mut self, space: &Space, key: impl AsRef<[u8]>) {
-        self.ops.push((space.full_key(key), None));
+        self.ops.push((space.full_key(key), None, false));
     }
 
     pub(crate) fn bump(&mut self, counters: &Space, name: &[u8], delta: i64) {
@@ -547,6 +597,65 @@ mod tests {
         assert_eq!(read_be(&c.get(b"n").unwrap().unwrap()), Some(13));
         layer.apply().unwrap();
         assert_eq!(read_be(&layer.tree.get(b"cn").unwrap().unwrap()), Some(13));
+    }
+
+    #[test]
+    fn a_new_key_removed_before_the_apply_never_reaches_sled() {
+        let (_dir, layer) = layer();
+        let s = Space::new(&layer, b's');
+        let mut w = Writes::default();
+        w.insert_new(&s, b"short", b"lived");
+        w.insert_new(&s, b"kept", b"v");
+        w.commit(&layer).unwrap();
+        assert_eq!(keys(s.iter()).len(), 2);
+        s.remove(b"short").unwrap();
+        assert_eq!(s.get(b"short").unwrap(), None);
+        assert_eq!(keys(s.iter()), vec![(b"kept".to_vec(), b"v".to_vec())]);
+        assert_eq!(
+            layer.overlay().active.len(),
+            1,
+            "the pair left no removal behind"
+        );
+        layer.apply().unwrap();
+        assert_eq!(layer.tree.len(), 1);
+
+        // Once sled has it, a removal goes to sled, even of a key written as new.
+        s.remove(b"kept").unwrap();
+        layer.apply().unwrap();
+        assert_eq!(layer.tree.len(), 0);
+    }
+
+    #[test]
+    fn a_key_the_overlay_has_is_not_taken_for_new() {
+        let (_dir, layer) = layer();
+        let s = Space::new(&layer, b's');
+        // In sled, then removed in the overlay: written again "as new", then removed
+        // again, the removal must still reach sled.
+        s.insert(b"k", b"old").unwrap();
+        layer.apply().unwrap();
+        s.remove(b"k").unwrap();
+        let mut w = Writes::default();
+        w.insert_new(&s, b"k", b"again");
+        w.commit(&layer).unwrap();
+        s.remove(b"k").unwrap();
+        layer.apply().unwrap();
+        assert_eq!(layer.tree.get(b"sk").unwrap(), None);
+
+        // Being applied (sealed) when written "as new": not new to sled after all.
+        s.insert(b"j", b"sealed").unwrap();
+        {
+            let mut o = layer.overlay();
+            let generation = Arc::new(std::mem::take(&mut o.active));
+            o.sealed = generation;
+        }
+        let mut w = Writes::default();
+        w.insert_new(&s, b"j", b"newer");
+        w.commit(&layer).unwrap();
+        s.remove(b"j").unwrap();
+        assert!(
+            layer.overlay().active.contains_key(&b"sj"[..]),
+            "the removal is kept"
+        );
     }
 
     #[test]
