@@ -76,22 +76,26 @@
 //! counted and reported; the rest of the store stays readable. A change that touches
 //! several records (counters included) is committed whole into an in-memory overlay that
 //! every read consults before sled; a background applier hands the overlay to sled every
-//! 10 ms as one `apply_batch`, which sled applies atomically, so a crash leaves sled with
-//! whole changes only (see the `space` module for why: one sled batch per change cost
-//! 37 to 42 % of the engine's CPU). Writers hold a lock while they read and commit (a few
-//! in-memory B-tree operations), never across a flush.
+//! 10 ms as one generation: written to the journal's log and synced first, then given to
+//! sled key by key (a sled batch would stop every read of the tree while it is applied).
+//! A crash in the middle leaves the log able to give the generation again whole, so the
+//! store reopens with whole changes only (see the `space` module for why: one sled batch
+//! per change cost 37 to 42 % of the engine's CPU, one per generation stalled every
+//! reader). Writers hold a lock while they read and commit (a few in-memory B-tree
+//! operations), never across a flush.
 //!
 //! **Durability, honestly.** `journal` appends the frame and its record to the journal's
 //! write-ahead log (`journal-wal/` in the store's folder, see the `wal` module) and returns
 //! after group commit has `fdatasync`ed it: an acknowledged frame survives a crash of
 //! passerelle (`kill -9`, panic, OOM kill), of the kernel, and a power loss on a disk that
-//! honours cache flushes. The rest of the store (routing outcomes, delivery states) lives
-//! in sled, applied within 10 ms, flushed in the background (`flush_every`) and at
-//! checkpoints; on Linux sled 0.34 makes its log durable with `sync_file_range`, not
-//! `fsync` (sled issues #1351, #1452), so a `kill -9` can take back the last 10 ms of
-//! those later states, and a power loss can take them back to an earlier point: a
-//! message then routes again or a delivery goes out again (at least once), but none is
-//! lost. On open, every logged record sled lacks is applied again before anything else.
+//! honours cache flushes. The rest of the store (routing outcomes, delivery states)
+//! reaches the log (synced) and sled within about 10 ms of the change; sled flushes in
+//! the background (`flush_every`) and at checkpoints, and on Linux sled 0.34 makes its
+//! log durable with `sync_file_range`, not `fsync` (sled issues #1351, #1452), which is
+//! why the journal's log, not sled, is what recovery trusts. A `kill -9` or a power loss
+//! can take back the changes of the last 10 ms or so, never part of one: a message then
+//! routes again or a delivery goes out again (at least once), but none is lost. On open,
+//! the log is applied again, in order, before anything else.
 //! The crash test in `tests/crash.rs` proves the `kill -9` claim and counts the records
 //! the log gave back; a power loss cannot be proven from a test.
 //!

@@ -13,7 +13,7 @@ use crate::commit::{GroupCommit, GroupCommitConfig};
 use crate::retry::{Jitter, settle};
 use crate::space::{APPLY_EVERY, Layered, Space, Writes};
 use crate::types::*;
-use crate::wal::{Wal, WalRecord};
+use crate::wal::{Logged, Wal, WalRecord};
 use crate::{Store, StoreError};
 
 const SCHEMA_VERSION: &str = "1";
@@ -318,10 +318,10 @@ fn lock(m: &Mutex<()>) -> MutexGuard<'_, ()> {
 }
 
 impl Shared {
-    /// Hands the overlay to sled (one generation, atomically).
+    /// Hands the overlay to sled: one generation, logged and synced first.
     fn apply(&self) -> Result<(), sled::Error> {
         let _apply = lock(&self.apply_lock);
-        self.data.apply()
+        self.data.apply(|record| self.wal.log_generation(record))
     }
 
     /// Starts a new log segment, hands sled every change made so far and flushes it (sled
@@ -334,8 +334,9 @@ impl Shared {
                 let _queue = lock(&self.queue_lock);
                 self.wal.switch().map_err(sled::Error::Io)?
             };
-            // Every change committed before the switch is in the overlay: to sled with it.
-            self.data.apply()?;
+            // Every change committed before the switch is in the overlay: to sled with it
+            // (its generation record goes to the new segment, which stays).
+            self.data.apply(|record| self.wal.log_generation(record))?;
             keep_from
         };
         self.db.flush()?;
@@ -546,10 +547,17 @@ impl SledStore {
         };
         let (wal, recovered) = Wal::recover(
             &config.path,
-            |r| spaces.recover(&data, r).map_err(io::Error::other),
+            |r| match r {
+                Logged::Journal(r) => spaces.recover(&data, r).map_err(io::Error::other),
+                Logged::Generation(ops) => {
+                    data.replay(ops);
+                    Ok(())
+                }
+            },
             || {
                 // The replayed records go to sled (recovery is single-threaded: no lock).
-                data.apply().map_err(io::Error::other)?;
+                // Not logged again: the old segments stay until sled is flushed.
+                data.apply(|_| Ok(())).map_err(io::Error::other)?;
                 db.flush().map(|_| ()).map_err(io::Error::other)
             },
         )
@@ -560,6 +568,13 @@ impl SledStore {
                 "journal log replayed: acknowledged frames sled had not flushed"
             );
         }
+        // Message ids come from sled's generator, which persists a high-water mark every
+        // million ids and restarts two marks above the last one on disk. The first mark
+        // after a restart is not waited for: two crashes in a row before sled writes it
+        // out (nothing else forces sled's buffer out early now that generations reach it
+        // without batches) would hand out the same ids again. Written out now, once.
+        db.generate_id()?;
+        db.flush()?;
         let wal = Arc::new(wal);
         let commit = Arc::new(GroupCommit::start(
             {

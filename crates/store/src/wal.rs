@@ -6,9 +6,15 @@
 //! sled's own flush (slow, and `sync_file_range` only) then runs in the background and at
 //! checkpoints; a record is in the log until a sled flush that covers it has finished.
 //!
-//! - **Records**: `[payload length u32][CRC-32 of payload u32][payload]`, the payload being
-//!   `[id u64][record length u32][record JSON][frame bytes]` (integers big-endian). A crash
-//!   can leave the last record of the last segment torn: reading stops there.
+//! - **Records**: `[payload length u32][CRC-32 of payload u32][payload]` (integers
+//!   big-endian), of two kinds. A *journal* record's payload is `[id u64][record length
+//!   u32][record JSON][frame bytes]`. A *generation* record (the length's top bit set) is
+//!   what the store's overlay is about to hand sled, key by key: `[count u32]` then, per
+//!   key, `[key length u32][key][value length u32, or u32::MAX for a removal][value]`. It
+//!   is synced before sled receives any of it, so a crash while sled takes a generation
+//!   (sled takes it without a batch: see the `space` module) leaves the log able to give
+//!   it again whole. A crash can leave the last record of the last segment torn: reading
+//!   stops there.
 //! - **Preallocation**: a segment is filled with zeros ahead of its records
 //!   ([`PREALLOCATE`] bytes at a time) and records are written over them. An `fdatasync`
 //!   after an append that grows a file must also commit the new size and blocks through
@@ -25,13 +31,21 @@
 //! - **Group commit and switches**: the committer reads the last ticket, then takes the
 //!   current segment, then syncs it. A record appended before the ticket was read is in
 //!   that segment, or in an older one that the switch synced before retiring it.
-//! - **Recovery** (on open): every intact record whose message sled does not have is
-//!   applied again, sled is flushed, and the log starts afresh.
+//! - **Recovery** (on open): the intact records are applied again in log order (a
+//!   journal record only when its message is not there yet), sled is flushed, and the log
+//!   starts afresh. A journal record comes before the generation that holds its changes
+//!   (appended before its change is committed to the overlay, which happens before that
+//!   generation is sealed), so a generation replayed after it sets every value it touched,
+//!   counters included, to what the running store had.
+//! - **A failed sync** poisons the log: every later sync fails too. Linux reports a
+//!   write-back error once; a later sync that succeeds says nothing about the pages the
+//!   failed one lost, so nothing written before it may be called durable again.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::types::MessageId;
@@ -42,12 +56,62 @@ pub(crate) const WAL_DIR: &str = "journal-wal";
 /// How far a segment is filled with zeros ahead of its records, at a time.
 pub(crate) const PREALLOCATE: u64 = 4 * 1024 * 1024;
 
-/// A record read back: the message id, its record (JSON, sealed as stored) and frame.
+/// A journal record read back: the message id, its record (JSON, sealed as stored) and
+/// frame.
 #[derive(Debug)]
 pub(crate) struct WalRecord {
     pub(crate) id: MessageId,
     pub(crate) record: Vec<u8>,
     pub(crate) frame: Vec<u8>,
+}
+
+/// A generation's writes: full keys and values (`None`: removed).
+pub(crate) type GenerationOps = Vec<(Vec<u8>, Option<Vec<u8>>)>;
+
+/// A record read back.
+#[derive(Debug)]
+pub(crate) enum Logged {
+    Journal(WalRecord),
+    Generation(GenerationOps),
+}
+
+/// The length word's top bit: a generation record.
+const GENERATION: u32 = 1 << 31;
+
+/// A removal's value length in a generation record.
+const REMOVED: u32 = u32::MAX;
+
+/// A generation record, whole (header and CRC), for [`Wal::log_generation`].
+pub(crate) fn generation_record<'a>(
+    ops: impl ExactSizeIterator<Item = (&'a [u8], Option<&'a [u8]>)> + Clone,
+) -> io::Result<Vec<u8>> {
+    let too_large = || io::Error::other("generation too large for one log record");
+    let size: usize = 4 + ops
+        .clone()
+        .map(|(k, v)| 8 + k.len() + v.map_or(0, <[u8]>::len))
+        .sum::<usize>();
+    let len = u32::try_from(size)
+        .ok()
+        .filter(|&l| l < GENERATION)
+        .ok_or_else(too_large)?;
+    let mut out = Vec::with_capacity(8 + size);
+    out.extend_from_slice(&(len | GENERATION).to_be_bytes());
+    out.extend_from_slice(&[0; 4]);
+    out.extend_from_slice(&(ops.len() as u32).to_be_bytes());
+    for (key, value) in ops {
+        out.extend_from_slice(&(key.len() as u32).to_be_bytes());
+        out.extend_from_slice(key);
+        match value {
+            Some(v) => {
+                out.extend_from_slice(&(v.len() as u32).to_be_bytes());
+                out.extend_from_slice(v);
+            }
+            None => out.extend_from_slice(&REMOVED.to_be_bytes()),
+        }
+    }
+    let crc = crc32fast::hash(&out[8..]);
+    out[4..8].copy_from_slice(&crc.to_be_bytes());
+    Ok(out)
 }
 
 #[derive(Debug)]
@@ -72,6 +136,8 @@ struct Current {
 pub(crate) struct Wal {
     dir: PathBuf,
     current: Mutex<Current>,
+    /// A sync failed: none may succeed again (see the module doc).
+    poisoned: AtomicBool,
 }
 
 fn segment_path(dir: &Path, number: u64) -> PathBuf {
@@ -127,9 +193,10 @@ impl Wal {
     /// Reads every intact record left in `store_dir`'s log, oldest first, and hands them
     /// to `apply`; then, once `flushed` (sled made durable) succeeds, deletes them and
     /// opens a fresh log.
+    /// Returns the log and how many journal records it gave back.
     pub(crate) fn recover(
         store_dir: &Path,
-        mut apply: impl FnMut(WalRecord) -> io::Result<()>,
+        mut apply: impl FnMut(Logged) -> io::Result<()>,
         flushed: impl FnOnce() -> io::Result<()>,
     ) -> io::Result<(Wal, usize)> {
         let dir = store_dir.join(WAL_DIR);
@@ -147,8 +214,10 @@ impl Wal {
                 );
             }
             for r in records {
+                if matches!(r, Logged::Journal(_)) {
+                    applied += 1;
+                }
                 apply(r)?;
-                applied += 1;
             }
         }
         flushed()?;
@@ -169,6 +238,7 @@ impl Wal {
                     damaged: false,
                     oldest_id: None,
                 }),
+                poisoned: AtomicBool::new(false),
             },
             applied,
         ))
@@ -183,7 +253,9 @@ impl Wal {
         let record_len =
             u32::try_from(record.len()).map_err(|_| io::Error::other("record too large"))?;
         let len = u32::try_from(12 + record.len() + frame.len())
-            .map_err(|_| io::Error::other("frame too large"))?;
+            .ok()
+            .filter(|&l| l < GENERATION)
+            .ok_or_else(|| io::Error::other("frame too large"))?;
         // One buffer, header first: the CRC is filled in once the payload is in place.
         let mut out = Vec::with_capacity(8 + len as usize);
         out.extend_from_slice(&len.to_be_bytes());
@@ -194,6 +266,18 @@ impl Wal {
         out.extend_from_slice(frame);
         let crc = crc32fast::hash(&out[8..]);
         out[4..8].copy_from_slice(&crc.to_be_bytes());
+        self.write(&out, Some(id))
+    }
+
+    /// Appends a generation record (from [`generation_record`]) and syncs it: once this
+    /// returns, sled may receive the generation.
+    pub(crate) fn log_generation(&self, record: &[u8]) -> io::Result<()> {
+        self.write(record, None)?;
+        self.sync()
+    }
+
+    /// Appends one whole record; `id`: a journal record's message.
+    fn write(&self, out: &[u8], id: Option<MessageId>) -> io::Result<()> {
         let mut current = self.current();
         if current.damaged {
             return Err(io::Error::other(
@@ -207,7 +291,7 @@ impl Wal {
                 let more = (end - current.allocated).max(PREALLOCATE);
                 current.allocated = zero_fill(&current.file, current.allocated, more)?;
             }
-            current.file.write_all_at(&out, at)
+            current.file.write_all_at(out, at)
         })();
         if let Err(e) = written {
             // A partial record would hide every later one from recovery: cut it off.
@@ -218,15 +302,29 @@ impl Wal {
             return Err(e);
         }
         current.bytes = end;
-        current.oldest_id.get_or_insert(id);
+        if let Some(id) = id {
+            current.oldest_id.get_or_insert(id);
+        }
         Ok(())
     }
 
     /// Makes every record appended before this call durable (see the module doc for why
     /// taking the current segment here is enough).
     pub(crate) fn sync(&self) -> io::Result<()> {
+        let poisoned = || io::Error::other("an earlier sync of the journal log failed");
+        if self.poisoned.load(Ordering::SeqCst) {
+            return Err(poisoned());
+        }
         let file = Arc::clone(&self.current().file);
-        file.sync_data()
+        let synced = file.sync_data();
+        if synced.is_err() {
+            self.poisoned.store(true, Ordering::SeqCst);
+        }
+        // Another sync may have failed while this one ran: its lost pages may be ours.
+        if self.poisoned.load(Ordering::SeqCst) {
+            return synced.and(Err(poisoned()));
+        }
+        synced
     }
 
     /// Whether the current segment refused a record it could not cut off again: it takes
@@ -249,7 +347,15 @@ impl Wal {
     /// Call under the store's lock.
     pub(crate) fn switch(&self) -> io::Result<u64> {
         let mut current = self.current();
-        current.file.sync_data()?;
+        if self.poisoned.load(Ordering::SeqCst) {
+            return Err(io::Error::other(
+                "an earlier sync of the journal log failed",
+            ));
+        }
+        if let Err(e) = current.file.sync_data() {
+            self.poisoned.store(true, Ordering::SeqCst);
+            return Err(e);
+        }
         let next = current.number + 1;
         let (file, allocated) = open_segment(&self.dir, next)?;
         current.number = next;
@@ -273,7 +379,7 @@ impl Wal {
 }
 
 /// The intact records of a segment, and whether it ends with a torn or damaged one.
-fn parse(bytes: &[u8]) -> (Vec<WalRecord>, bool) {
+fn parse(bytes: &[u8]) -> (Vec<Logged>, bool) {
     let mut records = Vec::new();
     let mut rest = bytes;
     while !rest.is_empty() {
@@ -300,18 +406,46 @@ fn be_u64(b: &[u8]) -> Option<u64> {
 }
 
 /// One record at the start of `bytes`: its payload length and the record.
-fn next_record(bytes: &[u8]) -> Option<(usize, WalRecord)> {
-    let len = be_u32(bytes)? as usize;
+fn next_record(bytes: &[u8]) -> Option<(usize, Logged)> {
+    let word = be_u32(bytes)?;
+    let len = (word & !GENERATION) as usize;
     let crc = be_u32(bytes.get(4..)?)?;
     let payload = bytes.get(8..8 + len)?;
     if crc32fast::hash(payload) != crc {
         return None;
     }
+    if word & GENERATION != 0 {
+        return Some((len, Logged::Generation(generation_ops(payload)?)));
+    }
     let id = be_u64(payload)?;
     let record_len = be_u32(payload.get(8..)?)? as usize;
     let record = payload.get(12..12 + record_len)?.to_vec();
     let frame = payload.get(12 + record_len..)?.to_vec();
-    Some((len, WalRecord { id, record, frame }))
+    Some((len, Logged::Journal(WalRecord { id, record, frame })))
+}
+
+/// A generation record's writes (its CRC already checked).
+fn generation_ops(payload: &[u8]) -> Option<GenerationOps> {
+    let count = be_u32(payload)? as usize;
+    let mut rest = payload.get(4..)?;
+    // Each write takes at least 8 bytes: a count larger than that is damage.
+    let mut ops = Vec::with_capacity(count.min(rest.len() / 8));
+    for _ in 0..count {
+        let key_len = be_u32(rest)? as usize;
+        let key = rest.get(4..4 + key_len)?.to_vec();
+        rest = rest.get(4 + key_len..)?;
+        let value_len = be_u32(rest)?;
+        rest = rest.get(4..)?;
+        let value = if value_len == REMOVED {
+            None
+        } else {
+            let v = rest.get(..value_len as usize)?.to_vec();
+            rest = rest.get(value_len as usize..)?;
+            Some(v)
+        };
+        ops.push((key, value));
+    }
+    rest.is_empty().then_some(ops)
 }
 
 /// For the store's tests: a log whose disk refuses writes.
@@ -333,6 +467,11 @@ pub(crate) mod tests_support {
     pub(crate) fn segment_number(wal: &Wal) -> u64 {
         wal.current().number
     }
+
+    /// The records in `bytes` (a segment's), and whether they end torn.
+    pub(crate) fn parse(bytes: &[u8]) -> (Vec<Logged>, bool) {
+        super::parse(bytes)
+    }
 }
 
 #[cfg(test)]
@@ -341,19 +480,87 @@ mod tests {
 
     use super::*;
 
-    fn recover_all(dir: &Path) -> (Wal, Vec<WalRecord>) {
-        let mut seen = Vec::new();
+    /// The journal records of a log, and its generations.
+    fn recover_both(dir: &Path) -> (Wal, Vec<WalRecord>, Vec<GenerationOps>) {
+        let (mut journal, mut generations) = (Vec::new(), Vec::new());
         let (wal, n) = Wal::recover(
             dir,
             |r| {
-                seen.push(r);
+                match r {
+                    Logged::Journal(r) => journal.push(r),
+                    Logged::Generation(ops) => generations.push(ops),
+                }
                 Ok(())
             },
             || Ok(()),
         )
         .unwrap();
-        assert_eq!(n, seen.len());
-        (wal, seen)
+        assert_eq!(n, journal.len());
+        (wal, journal, generations)
+    }
+
+    fn recover_all(dir: &Path) -> (Wal, Vec<WalRecord>) {
+        let (wal, journal, _) = recover_both(dir);
+        (wal, journal)
+    }
+
+    fn journal_ids(records: &[Logged]) -> Vec<u64> {
+        records
+            .iter()
+            .filter_map(|r| match r {
+                Logged::Journal(r) => Some(r.id),
+                Logged::Generation(_) => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn generations_are_read_back_in_log_order_among_journal_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let (wal, _) = recover_all(dir.path());
+        wal.append(1, b"{}", b"MSH|one").unwrap();
+        let ops: Vec<(&[u8], Option<&[u8]>)> = vec![
+            (b"m1", Some(b"record")),
+            (b"q1", None),
+            (b"empty", Some(b"")),
+        ];
+        wal.log_generation(&generation_record(ops.iter().copied()).unwrap())
+            .unwrap();
+        wal.append(2, b"{}", b"MSH|two").unwrap();
+        wal.sync().unwrap();
+        assert_eq!(wal.oldest_id(), Some(1), "a generation names no message");
+        drop(wal);
+        let segment = segments(&dir.path().join(WAL_DIR)).unwrap()[0];
+        let bytes = fs::read(segment_path(&dir.path().join(WAL_DIR), segment)).unwrap();
+        let (records, torn) = parse(&bytes);
+        assert!(!torn);
+        assert_eq!(journal_ids(&records), [1, 2]);
+        let Logged::Generation(got) = &records[1] else {
+            panic!("the second record is the generation");
+        };
+        let want: GenerationOps = ops
+            .iter()
+            .map(|(k, v)| (k.to_vec(), v.map(<[u8]>::to_vec)))
+            .collect();
+        assert_eq!(got, &want);
+        let (_, journal, generations) = recover_both(dir.path());
+        assert_eq!(journal.len(), 2);
+        assert_eq!(generations, [want]);
+    }
+
+    #[test]
+    fn a_failed_sync_fails_every_later_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (wal, _) = recover_all(dir.path());
+        wal.append(1, b"{}", b"MSH|one").unwrap();
+        wal.sync().unwrap();
+        wal.poisoned.store(true, Ordering::SeqCst);
+        assert!(wal.sync().is_err());
+        assert!(
+            wal.log_generation(&generation_record(std::iter::empty()).unwrap())
+                .is_err()
+        );
+        assert!(wal.switch().is_err());
     }
 
     #[test]
@@ -425,7 +632,7 @@ mod tests {
         bytes[last] ^= 0xFF;
         let (records, torn) = parse(&bytes);
         assert!(torn);
-        assert_eq!(records.iter().map(|r| r.id).collect::<Vec<_>>(), [1]);
+        assert_eq!(journal_ids(&records), [1]);
     }
 
     #[test]
@@ -445,8 +652,8 @@ mod tests {
         assert!(bytes[end as usize..].iter().all(|&b| b == 0));
         let (records, torn) = parse(&bytes);
         assert!(!torn, "zeros after the last record are not damage");
-        assert_eq!(records.iter().map(|r| r.id).collect::<Vec<_>>(), [1, 2, 3]);
-        assert_eq!(records[1].frame, big);
+        assert_eq!(journal_ids(&records), [1, 2, 3]);
+        assert!(matches!(&records[1], Logged::Journal(r) if r.frame == big));
         // Bytes past a zero header: a record whose start never reached the disk.
         let mut damaged = bytes.clone();
         damaged[end as usize + 9] = 7;
