@@ -5,7 +5,7 @@ use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::codec::{be, decode, encode, open, read_be, seal};
@@ -117,6 +117,9 @@ pub struct SledStore {
     queue_lock: Arc<Mutex<()>>,
     /// Held while a generation of the overlay is applied to sled: one at a time, in order.
     apply_lock: Arc<Mutex<()>>,
+    /// Shared by a journal record's append and commit, taken alone by a checkpoint's
+    /// switch to a new log segment (see the wal module).
+    switch_lock: Arc<RwLock<()>>,
     /// The journal's write-ahead log (what group commit syncs).
     wal: Arc<Wal>,
     commit: Arc<GroupCommit>,
@@ -311,6 +314,7 @@ struct Shared {
     data: Arc<Layered>,
     queue_lock: Arc<Mutex<()>>,
     apply_lock: Arc<Mutex<()>>,
+    switch_lock: Arc<RwLock<()>>,
 }
 
 fn lock(m: &Mutex<()>) -> MutexGuard<'_, ()> {
@@ -331,7 +335,8 @@ impl Shared {
             // The apply lock first: the generation sealed below is the only one in flight.
             let _apply = lock(&self.apply_lock);
             let keep_from = {
-                let _queue = lock(&self.queue_lock);
+                // No journal record between its append and its commit meanwhile.
+                let _appends = self.switch_lock.write().unwrap_or_else(|p| p.into_inner());
                 self.wal.switch().map_err(sled::Error::Io)?
             };
             // Every change committed before the switch is in the overlay: to sled with it
@@ -589,6 +594,7 @@ impl SledStore {
             data: Arc::clone(&data),
             queue_lock: Arc::new(Mutex::new(())),
             apply_lock: Arc::new(Mutex::new(())),
+            switch_lock: Arc::new(RwLock::new(())),
         };
         let checkpointer = Checkpointer::start(shared.clone()).map_err(sled::Error::Io)?;
         let applier = Applier::start(shared.clone()).map_err(sled::Error::Io)?;
@@ -609,6 +615,7 @@ impl SledStore {
             db,
             queue_lock: shared.queue_lock,
             apply_lock: shared.apply_lock,
+            switch_lock: shared.switch_lock,
             wal,
             commit,
             _checkpointer: checkpointer,
@@ -664,8 +671,9 @@ impl SledStore {
 
     /// Appends a journaled message (its encoded `record` and its `frame`) to the journal
     /// log and commits `w`, its batch, to the overlay; returns the group-commit ticket to
-    /// wait for. The caller holds the queue lock: counter updates read then write, and
-    /// the log and sled must see records in the same order (see the wal module).
+    /// wait for. The two happen with no switch of log segment in between (see the wal
+    /// module). `w` reads nothing it writes back but its counters, which the overlay
+    /// updates under its own lock: a journal call needs no queue lock.
     fn log_and_commit(
         &self,
         id: MessageId,
@@ -673,6 +681,7 @@ impl SledStore {
         frame: &[u8],
         w: Writes,
     ) -> Result<u64, StoreError> {
+        let _no_switch = self.switch_lock.read().unwrap_or_else(|p| p.into_inner());
         self.wal
             .append(id, record, frame)
             .map_err(sled::Error::Io)?;
@@ -704,6 +713,7 @@ impl SledStore {
             data: Arc::clone(&self.data),
             queue_lock: Arc::clone(&self.queue_lock),
             apply_lock: Arc::clone(&self.apply_lock),
+            switch_lock: Arc::clone(&self.switch_lock),
         }
     }
 
@@ -960,12 +970,10 @@ impl Store for SledStore {
         let value = encode(&record);
         let payload = payload(frame, None);
         let w = self.journal_spaces().writes(&record, &value, &payload);
-        let ticket = {
-            // Under the lock, which is held only for an append and an in-memory batch,
-            // never across the flush.
-            let _guard = self.lock();
-            self.log_and_commit(id, &value, frame, w)?
-        };
+        // Without the queue lock: a new message's records are new keys, and ACKs do not
+        // wait behind routing outcomes and deliveries (measured: with 64 connections,
+        // the mapper's outcomes waited 70 µs each for that lock).
+        let ticket = self.log_and_commit(id, &value, frame, w)?;
         self.commit.wait(ticket).await?;
         Ok(id)
     }

@@ -496,8 +496,8 @@ impl Writes {
     }
 
     /// Commits the change: it becomes visible to every read at once, whole, and reaches
-    /// sled whole (see the module doc). Counter read-modify-writes are only safe because
-    /// every caller holds the store's write lock.
+    /// sled whole (see the module doc). Counters are read and updated under the overlay's
+    /// lock; a change that reads a record to write it back needs the store's queue lock.
     pub(crate) fn commit(self, layer: &Layered) -> Result<(), sled::Error> {
         layer.commit(self)
     }

@@ -24,10 +24,11 @@
 //!   length is never 0, so a zero length marks the end of the records.
 //! - **Segments**: `<n>.wal`, numbered from 1. A checkpoint starts a new segment (syncing
 //!   the old one first), hands the overlay to sled, flushes sled, then deletes the older
-//!   segments. Appending a record and committing it to the overlay happen under the
-//!   store's lock, and so does the switch, so every record of a retired segment is in the
-//!   overlay at the switch, in sled after the apply that follows, and durable after the
-//!   flush that retires the segment.
+//!   segments. A journal record's append and its commit to the overlay happen under the
+//!   store's switch lock (shared between appends), which the switch takes alone, so every
+//!   record of a retired segment is in the overlay at the switch, in sled after the apply
+//!   that follows, and durable after the flush that retires the segment. Appends are not
+//!   in id order (ids are drawn before the lock): a segment keeps the lowest id it holds.
 //! - **Group commit and switches**: the committer reads the last ticket, then takes the
 //!   current segment, then syncs it. A record appended before the ticket was read is in
 //!   that segment, or in an older one that the switch synced before retiring it.
@@ -126,12 +127,12 @@ struct Current {
     /// A failed append could not be cut off: nothing more may go into this segment, or
     /// recovery, which stops at the damage, would miss it.
     damaged: bool,
-    /// The first id appended to a segment still on disk (`None`: none since the last
+    /// The lowest id appended to a segment still on disk (`None`: none since the last
     /// checkpoint).
     oldest_id: Option<MessageId>,
 }
 
-/// The log: the current segment, appended under the store's lock.
+/// The log: the current segment, appended under the store's switch lock.
 #[derive(Debug)]
 pub(crate) struct Wal {
     dir: PathBuf,
@@ -248,7 +249,8 @@ impl Wal {
         self.current.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Appends one record (not yet durable: see [`Wal::sync`]). Call under the store's lock.
+    /// Appends one record (not yet durable: see [`Wal::sync`]). Call under the store's
+    /// switch lock, shared.
     pub(crate) fn append(&self, id: MessageId, record: &[u8], frame: &[u8]) -> io::Result<()> {
         let record_len =
             u32::try_from(record.len()).map_err(|_| io::Error::other("record too large"))?;
@@ -303,7 +305,7 @@ impl Wal {
         }
         current.bytes = end;
         if let Some(id) = id {
-            current.oldest_id.get_or_insert(id);
+            current.oldest_id = Some(current.oldest_id.map_or(id, |oldest| oldest.min(id)));
         }
         Ok(())
     }
@@ -344,7 +346,7 @@ impl Wal {
     }
 
     /// Starts a new segment; returns the numbers below it, to delete once sled is flushed.
-    /// Call under the store's lock.
+    /// Call under the store's switch lock, alone.
     pub(crate) fn switch(&self) -> io::Result<u64> {
         let mut current = self.current();
         if self.poisoned.load(Ordering::SeqCst) {
