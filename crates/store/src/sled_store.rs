@@ -1016,13 +1016,21 @@ impl Store for SledStore {
     }
 
     async fn record_outcome(&self, id: MessageId, outcome: Outcome) -> Result<(), StoreError> {
+        // Built before the lock: a frame never changes once journaled, and copying it
+        // with the bundle (a few KiB, and their CRC) need not hold up other changes.
+        let new_payload = match &outcome {
+            Outcome::Mapped { bundle, .. } => {
+                let frame = self.read_frame(id)?.unwrap_or_default();
+                Some(payload(&frame, Some(bundle.as_bytes())))
+            }
+            _ => None,
+        };
         let _guard = self.lock();
         let mut record = self.read_message(id)?.ok_or(StoreError::NotFound(id))?;
         let before = record.state;
         crate::check_routable(id, before)?;
         let now = self.now();
         let mut new_deliveries = Vec::new();
-        let mut new_bundle = None;
         let (state, detail) = match outcome {
             Outcome::Unrouted => (MessageState::Unrouted, "no route matched".to_owned()),
             Outcome::Duplicate { of } => (MessageState::Duplicate, crate::duplicate_detail(of)),
@@ -1033,13 +1041,12 @@ impl Store for SledStore {
             }
             Outcome::Mapped {
                 route,
-                bundle,
+                bundle: _,
                 deliveries,
             } => {
                 crate::validate_deliveries(&deliveries)?;
                 record.route = Some(route.clone());
                 record.bundle = None;
-                new_bundle = Some(bundle);
                 record.error = None;
                 for e in deliveries {
                     let seq = self.db.generate_id()?;
@@ -1074,13 +1081,8 @@ impl Store for SledStore {
         let mut w = Writes::default();
 
         w.insert(&self.messages, key, value.as_slice());
-        if let Some(bundle) = &new_bundle {
-            let frame = self.read_frame(id)?.unwrap_or_default();
-            w.insert(
-                &self.payloads,
-                key,
-                payload(&frame, Some(bundle.as_bytes())),
-            );
+        if let Some(p) = new_payload {
+            w.insert(&self.payloads, key, p);
         }
         w.bump(&self.counts, &message_counter(before), -1);
         w.bump(&self.counts, &message_counter(state), 1);
