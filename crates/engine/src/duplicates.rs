@@ -83,6 +83,9 @@ pub(crate) async fn earlier_copy<S: Store>(
         .list(&Query {
             control_id: Some(msh.control_id.clone()),
             since_ms: Some(received_at_ms.saturating_sub(window_ms)),
+            // Only earlier copies: the message itself, found by its own control id, is
+            // not read (most control ids are unique: most checks then read nothing).
+            before: Some(id),
             limit: CANDIDATES,
             ..Query::default()
         })

@@ -550,6 +550,24 @@ pub async fn list_filters_and_pages<S: Store>(store: S) {
         by_control.items.iter().map(|r| r.id).collect::<Vec<_>>(),
         [ids[3]]
     );
+    let below = |before: MessageId, control_id: Option<&str>| {
+        let query = Query {
+            before: Some(before),
+            control_id: control_id.map(str::to_owned),
+            ..Query::default()
+        };
+        let store = &store;
+        async move {
+            let page = store.list(&query).await.unwrap();
+            page.items.iter().map(|r| r.id).collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(below(ids[3], None).await, ids[..3], "only ids below");
+    assert!(
+        below(ids[3], Some("L3")).await.is_empty(),
+        "not the id itself"
+    );
+    assert_eq!(below(ids[4], Some("L3")).await, [ids[3]]);
     let by_key = store
         .list(&Query {
             ordering_key: Some("ODD".into()),

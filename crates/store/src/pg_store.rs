@@ -1715,6 +1715,9 @@ impl Store for PgStore {
             params.push(value);
             format!("${}", params.len())
         };
+        if let Some(before) = q.before {
+            conditions.push(format!("m.id < {}", bind(Box::new(big(before)))));
+        }
         if let Some(s) = q.state {
             conditions.push(format!("m.state = {}", bind(Box::new(s.name()))));
         }

@@ -1559,6 +1559,10 @@ impl Store for SledStore {
         let mut next = None;
         for id in candidates {
             let id = id?;
+            // Candidates come in id order.
+            if query.before.is_some_and(|before| id >= before) {
+                break;
+            }
             let record = match self.read_message(id) {
                 Ok(Some(r)) => r,
                 Ok(None) | Err(StoreError::Corrupt { .. }) => continue,

@@ -374,6 +374,8 @@ pub struct Query {
     pub ordering_key: Option<String>,
     /// Page after this id (exclusive); pages go by increasing id.
     pub after: Option<MessageId>,
+    /// Only ids below this one (exclusive): messages journaled before it.
+    pub before: Option<MessageId>,
     pub limit: usize,
 }
 
