@@ -214,7 +214,8 @@ impl JournalSpaces<'_> {
         w
     }
 
-    /// Applies a record from the log again, unless sled already has its message.
+    /// Applies a record from the log again, unless the store already has its message
+    /// (in sled, or in a generation replayed before it).
     fn recover(&self, data: &Layered, r: WalRecord) -> Result<(), StoreError> {
         if self.messages.get(be(r.id))?.is_some() {
             return Ok(());

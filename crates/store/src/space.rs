@@ -40,21 +40,20 @@
 //! or delivered. Written with [`Writes::insert_new`] (the caller knows sled has no such
 //! key), such an entry is marked *unsent* in the overlay, and its removal within the same
 //! generation drops the entry instead of recording a removal: sled never sees either.
-//! Half of the writes a delivered message made reached sled only to be undone there, and
-//! sled applies a generation under a lock that stops every read of it meanwhile.
+//! Half of the writes a delivered message made reached sled only to be undone there.
 //!
-//! What a crash loses: the writes not yet applied to sled, at most [`APPLY_EVERY`] of
-//! them (plus what sled had not flushed, as before). The journal does not depend on this:
+//! What a crash loses: the writes of the generation not yet in the log, at most
+//! [`APPLY_EVERY`] of them (what sled had not flushed of the logged ones is given again
+//! from the log). The journal does not depend on this:
 //! its records are in the store's own log and are applied again on open (see the `wal`
 //! module). A lost state change means a message routed again or a delivery sent again:
 //! at least once, never lost.
 
 use std::collections::BTreeMap;
+use std::io;
 use std::ops::Bound;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
-
-use std::io;
 
 use sled::{IVec, Tree};
 
@@ -238,8 +237,13 @@ impl Layered {
         } else {
             let mut o = self.overlay();
             let newer = std::mem::take(&mut o.active);
-            o.active = Arc::try_unwrap(std::mem::take(&mut o.sealed))
+            let mut failed = Arc::try_unwrap(std::mem::take(&mut o.sealed))
                 .unwrap_or_else(|shared| (*shared).clone());
+            // sled may have taken some of it: none of its keys is new to sled any more.
+            for slot in failed.values_mut() {
+                slot.unsent = false;
+            }
+            o.active = failed;
             o.active.extend(newer);
         }
         applied
@@ -708,10 +712,17 @@ mod tests {
         let (_dir, layer) = layer();
         let s = Space::new(&layer, b's');
         s.insert(b"1", b"one").unwrap();
+        let mut w = Writes::default();
+        w.insert_new(&s, b"new", b"short-lived");
+        w.commit(&layer).unwrap();
         let refused = layer.apply(|_| Err(io::Error::other("disk full")));
         assert!(refused.is_err());
         assert_eq!(layer.tree.len(), 0);
         assert_eq!(s.get(b"1").unwrap().unwrap().as_ref(), b"one");
+        // A failed apply may have reached sled in part: its new keys are new no more, and
+        // their removal must reach sled.
+        s.remove(b"new").unwrap();
+        assert!(layer.overlay().active.contains_key(&b"snew"[..]));
         s.insert(b"2", b"two").unwrap();
         let mut logged = Vec::new();
         layer
