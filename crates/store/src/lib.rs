@@ -89,13 +89,14 @@
 //! after group commit has `fdatasync`ed it: an acknowledged frame survives a crash of
 //! passerelle (`kill -9`, panic, OOM kill), of the kernel, and a power loss on a disk that
 //! honours cache flushes. The rest of the store (routing outcomes, delivery states)
-//! reaches the log (synced) and sled within about 10 ms of the change; sled flushes in
-//! the background (`flush_every`) and at checkpoints, and on Linux sled 0.34 makes its
-//! log durable with `sync_file_range`, not `fsync` (sled issues #1351, #1452), which is
-//! why the journal's log, not sled, is what recovery trusts. A `kill -9` or a power loss
-//! can take back the changes of the last 10 ms or so, never part of one: a message then
-//! routes again or a delivery goes out again (at least once), but none is lost. On open,
-//! the log is applied again, in order, before anything else.
+//! reaches the same log in generations, synced, about every 10 ms, and sled after that.
+//! On Linux sled 0.34 writes its own log out with `sync_file_range`, not `fsync` (sled
+//! issues #1351, #1452), so the journal's log is what recovery trusts: its segments are
+//! deleted only at a checkpoint, once sled has been flushed and its file `fsync`ed. A
+//! `kill -9` or a power loss can take back the changes of the last 10 ms or so, never
+//! part of one: a message then routes again or a delivery goes out again (at least
+//! once), but none is lost. On open, the log is applied again, in order, before anything
+//! else.
 //! The crash test in `tests/crash.rs` proves the `kill -9` claim and counts the records
 //! the log gave back; a power loss cannot be proven from a test.
 //!

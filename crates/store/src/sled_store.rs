@@ -2,6 +2,7 @@
 //! the durability guarantee.
 
 use std::fmt;
+use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -311,11 +312,23 @@ fn unreadable_metadata_record(id: MessageId, size: usize, now: Millis) -> Messag
 #[derive(Debug, Clone)]
 struct Shared {
     db: sled::Db,
+    /// The store's folder (sled's file is `db` in it).
+    path: PathBuf,
     wal: Arc<Wal>,
     data: Arc<Layered>,
     queue_lock: Arc<Mutex<()>>,
     apply_lock: Arc<Mutex<()>>,
     switch_lock: Arc<RwLock<()>>,
+}
+
+/// Flushes sled so that what it holds survives a power loss, before the journal's log
+/// lets go of it. sled writes its buffers out with `sync_file_range`, which neither
+/// commits the file's size nor empties the disk's write cache: an `fsync` of its file
+/// does both.
+fn flush_durably(db: &sled::Db, path: &Path) -> Result<(), sled::Error> {
+    db.flush()?;
+    File::open(path.join("db")).and_then(|f| f.sync_all())?;
+    Ok(())
 }
 
 fn lock(m: &Mutex<()>) -> MutexGuard<'_, ()> {
@@ -345,7 +358,7 @@ impl Shared {
             self.data.apply(|record| self.wal.log_generation(record))?;
             keep_from
         };
-        self.db.flush()?;
+        flush_durably(&self.db, &self.path)?;
         self.wal.retire_before(keep_from).map_err(sled::Error::Io)?;
         Ok(())
     }
@@ -564,7 +577,7 @@ impl SledStore {
                 // The replayed records go to sled (recovery is single-threaded: no lock).
                 // Not logged again: the old segments stay until sled is flushed.
                 data.apply(|_| Ok(())).map_err(io::Error::other)?;
-                db.flush().map(|_| ()).map_err(io::Error::other)
+                flush_durably(&db, &config.path).map_err(io::Error::other)
             },
         )
         .map_err(sled::Error::Io)?;
@@ -591,6 +604,7 @@ impl SledStore {
         ));
         let shared = Shared {
             db: db.clone(),
+            path: config.path.clone(),
             wal: Arc::clone(&wal),
             data: Arc::clone(&data),
             queue_lock: Arc::new(Mutex::new(())),
@@ -710,6 +724,7 @@ impl SledStore {
     fn shared(&self) -> Shared {
         Shared {
             db: self.db.clone(),
+            path: self.path.clone(),
             wal: Arc::clone(&self.wal),
             data: Arc::clone(&self.data),
             queue_lock: Arc::clone(&self.queue_lock),
