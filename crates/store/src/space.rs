@@ -122,6 +122,8 @@ pub(crate) struct Layered {
     overlay: Mutex<Overlay>,
     /// Wakes the applier early when the overlay grows past [`APPLY_BYTES`].
     grown: Condvar,
+    /// The buffer a generation's log record is written into (see [`Layered::apply`]).
+    record: Mutex<Vec<u8>>,
 }
 
 impl Layered {
@@ -130,6 +132,7 @@ impl Layered {
             tree,
             overlay: Mutex::new(Overlay::default()),
             grown: Condvar::new(),
+            record: Mutex::new(Vec::new()),
         })
     }
 
@@ -257,7 +260,17 @@ impl Layered {
         let ops = generation
             .iter()
             .map(|(key, slot)| (key.as_slice(), slot.value.as_deref()));
-        log(&crate::wal::generation_record(ops)?)?;
+        let mut record = self.record.lock().unwrap_or_else(|p| p.into_inner());
+        crate::wal::generation_record(&mut record, ops)?;
+        let logged = log(&record);
+        // One buffer for every generation (a fresh one each time, a megabyte at a time
+        // under load, left the allocator holding as much again as the live heap); not
+        // kept larger than a usual generation after a big one.
+        if record.capacity() > 4 * APPLY_BYTES {
+            *record = Vec::new();
+        }
+        drop(record);
+        logged?;
         for (key, slot) in generation {
             match &slot.value {
                 Some(v) => {

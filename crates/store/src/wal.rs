@@ -82,10 +82,12 @@ const GENERATION: u32 = 1 << 31;
 /// A removal's value length in a generation record.
 const REMOVED: u32 = u32::MAX;
 
-/// A generation record, whole (header and CRC), for [`Wal::log_generation`].
+/// Writes a generation record, whole (header and CRC), for [`Wal::log_generation`], into
+/// `out` (emptied first: the applier reuses one buffer).
 pub(crate) fn generation_record<'a>(
+    out: &mut Vec<u8>,
     ops: impl ExactSizeIterator<Item = (&'a [u8], Option<&'a [u8]>)> + Clone,
-) -> io::Result<Vec<u8>> {
+) -> io::Result<()> {
     let too_large = || io::Error::other("generation too large for one log record");
     let size: usize = 4 + ops
         .clone()
@@ -95,7 +97,8 @@ pub(crate) fn generation_record<'a>(
         .ok()
         .filter(|&l| l < GENERATION)
         .ok_or_else(too_large)?;
-    let mut out = Vec::with_capacity(8 + size);
+    out.clear();
+    out.reserve(8 + size);
     out.extend_from_slice(&(len | GENERATION).to_be_bytes());
     out.extend_from_slice(&[0; 4]);
     out.extend_from_slice(&(ops.len() as u32).to_be_bytes());
@@ -112,7 +115,7 @@ pub(crate) fn generation_record<'a>(
     }
     let crc = crc32fast::hash(&out[8..]);
     out[4..8].copy_from_slice(&crc.to_be_bytes());
-    Ok(out)
+    Ok(())
 }
 
 #[derive(Debug)]
@@ -526,8 +529,9 @@ mod tests {
             (b"q1", None),
             (b"empty", Some(b"")),
         ];
-        wal.log_generation(&generation_record(ops.iter().copied()).unwrap())
-            .unwrap();
+        let mut record = Vec::new();
+        generation_record(&mut record, ops.iter().copied()).unwrap();
+        wal.log_generation(&record).unwrap();
         wal.append(2, b"{}", b"MSH|two").unwrap();
         wal.sync().unwrap();
         assert_eq!(wal.oldest_id(), Some(1), "a generation names no message");
@@ -559,8 +563,12 @@ mod tests {
         wal.poisoned.store(true, Ordering::SeqCst);
         assert!(wal.sync().is_err());
         assert!(
-            wal.log_generation(&generation_record(std::iter::empty()).unwrap())
-                .is_err()
+            wal.log_generation(&{
+                let mut record = Vec::new();
+                generation_record(&mut record, std::iter::empty()).unwrap();
+                record
+            })
+            .is_err()
         );
         assert!(wal.switch().is_err());
     }
