@@ -50,6 +50,7 @@
 //! at least once, never lost.
 
 use std::collections::BTreeMap;
+use std::collections::btree_map;
 use std::io;
 use std::ops::Bound;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -101,17 +102,26 @@ impl Overlay {
     /// Puts one write into the active generation. `new`: the writer knows sled has no
     /// such key; it is believed only when no generation in the overlay has one either.
     fn write(&mut self, key: Vec<u8>, value: Option<IVec>, new: bool) {
-        let unsent = match self.active.get(&key) {
-            Some(slot) => slot.unsent,
-            None => new && !self.sealed.contains_key(&key),
-        };
-        if value.is_none() && unsent {
-            // Written and removed before sled heard of it.
-            self.active.remove(&key);
-            return;
+        let bytes = key.len() + value.as_ref().map_or(0, |v| v.len());
+        // One search of the generation per write (this runs for every key of every change).
+        match self.active.entry(key) {
+            btree_map::Entry::Occupied(mut slot) => {
+                if value.is_none() && slot.get().unsent {
+                    // Written and removed before sled heard of it.
+                    slot.remove();
+                    return;
+                }
+                slot.get_mut().value = value;
+            }
+            btree_map::Entry::Vacant(slot) => {
+                let unsent = new && !self.sealed.contains_key(slot.key());
+                if value.is_none() && unsent {
+                    return;
+                }
+                slot.insert(Slot { value, unsent });
+            }
         }
-        self.active_bytes += key.len() + value.as_ref().map_or(0, |v| v.len());
-        self.active.insert(key, Slot { value, unsent });
+        self.active_bytes += bytes;
     }
 }
 
