@@ -316,11 +316,16 @@ impl Wal {
     /// Makes every record appended before this call durable (see the module doc for why
     /// taking the current segment here is enough).
     pub(crate) fn sync(&self) -> io::Result<()> {
+        let file = Arc::clone(&self.current().file);
+        self.sync_file(&file)
+    }
+
+    /// `fdatasync`s a segment, unless the log is poisoned; poisons it if that fails.
+    fn sync_file(&self, file: &File) -> io::Result<()> {
         let poisoned = || io::Error::other("an earlier sync of the journal log failed");
         if self.poisoned.load(Ordering::SeqCst) {
             return Err(poisoned());
         }
-        let file = Arc::clone(&self.current().file);
         let synced = file.sync_data();
         if synced.is_err() {
             self.poisoned.store(true, Ordering::SeqCst);
@@ -352,15 +357,7 @@ impl Wal {
     /// Call under the store's switch lock, alone.
     pub(crate) fn switch(&self) -> io::Result<u64> {
         let mut current = self.current();
-        if self.poisoned.load(Ordering::SeqCst) {
-            return Err(io::Error::other(
-                "an earlier sync of the journal log failed",
-            ));
-        }
-        if let Err(e) = current.file.sync_data() {
-            self.poisoned.store(true, Ordering::SeqCst);
-            return Err(e);
-        }
+        self.sync_file(&current.file)?;
         let next = current.number + 1;
         let (file, allocated) = open_segment(&self.dir, next)?;
         current.number = next;
