@@ -61,7 +61,9 @@ fn no_retry_limit() -> RetryPolicy {
     }
 }
 
-async fn journal_mapped<S: Store>(
+/// Journals a message with control id `control_id` and maps it, queued for `dests`
+/// (destination, ordering key).
+pub(crate) async fn journal_mapped<S: Store>(
     store: &S,
     control_id: &str,
     dests: &[(&str, &str)],

@@ -1710,24 +1710,7 @@ mod tests {
     async fn a_generation_sled_took_in_part_is_given_again_whole_from_the_log() {
         let dir = tempfile::tempdir().unwrap();
         let store = SledStore::open(StoreConfig::new(dir.path())).unwrap();
-        let id = store
-            .journal(b"MSH|^~\\&|A\r", JournalMeta::default())
-            .await
-            .unwrap();
-        store
-            .record_outcome(
-                id,
-                Outcome::Mapped {
-                    route: "r".into(),
-                    bundle: "{}".into(),
-                    deliveries: vec![Enqueue {
-                        destination: "files".into(),
-                        ordering_key: "K".into(),
-                    }],
-                },
-            )
-            .await
-            .unwrap();
+        let id = crate::contract::journal_mapped(&store, "C1", &[("files", "K")]).await;
         store.shared().apply().unwrap();
         let seq = store.read_message(id).unwrap().unwrap().deliveries[0].seq;
         // What sled may hold after a crash in the middle of that generation.
