@@ -15,11 +15,11 @@ use passerelle_engine::routes::RouteTable;
 use passerelle_hl7::HeaderSummary;
 use passerelle_mapping::Pack;
 use passerelle_mllp::{Client, ClientConfig};
-use passerelle_store::{SledStore, Store, StoreConfig};
+use passerelle_store::{SledStore, StoreConfig};
 use passerelle_testkit::workspace_root;
 
 mod common;
-use common::{Harness, fixture, wait_until};
+use common::{Harness, fixture, wait_queue_delivered};
 
 /// A harness over the repository's own routes and packs (not a test route).
 fn repository_engine() -> Harness {
@@ -49,6 +49,16 @@ fn repository_engine() -> Harness {
 
 fn french(name: &str) -> Vec<u8> {
     std::fs::read(workspace_root().join("fixtures/fr").join(name)).unwrap()
+}
+
+/// Sends a French fixture and checks that it is accepted (AA, or CA in enhanced mode).
+async fn send_accepted(client: &mut Client, name: &str) {
+    let ack = client.send(&french(name)).await.unwrap();
+    assert!(
+        matches!(ack.code.as_str(), "AA" | "CA"),
+        "{name}: {}",
+        ack.code
+    );
 }
 
 fn route_of(routes: &RouteTable, bytes: &[u8]) -> String {
@@ -124,36 +134,24 @@ async fn a_french_feed_goes_through_the_fr_pack_to_ndjson() {
         "fr_50_oru_r01_cda.hl7",
     ];
     for name in feed {
-        let ack = client.send(&french(name)).await.unwrap();
-        assert!(
-            matches!(ack.code.as_str(), "AA" | "CA"),
-            "{name}: {}",
-            ack.code
-        );
+        send_accepted(&mut client, name).await;
     }
     let other = client.send(&fixture("adt_a01_admit.hl7")).await.unwrap();
     assert!(matches!(other.code.as_str(), "AA" | "CA"), "{}", other.code);
 
-    let delivered = |route: &'static str, n: usize| {
-        let store = Arc::clone(&store);
-        async move {
-            store
-                .counts()
-                .await
-                .unwrap()
-                .deliveries
-                .get(&(route.to_owned(), "delivered".to_owned()))
-                .copied()
-                == Some(n as u64)
-        }
-    };
-    wait_until("the French feed to be delivered", || {
-        delivered("fr-pam.ndjson", feed.len())
-    })
+    wait_queue_delivered(
+        "the French feed to be delivered",
+        &store,
+        "fr-pam.ndjson",
+        feed.len(),
+    )
     .await;
-    wait_until("the other feed to be delivered", || {
-        delivered("default-ndjson.ndjson", 1)
-    })
+    wait_queue_delivered(
+        "the other feed to be delivered",
+        &store,
+        "default-ndjson.ndjson",
+        1,
+    )
     .await;
     listener.shutdown().await;
 
@@ -234,26 +232,14 @@ async fn pending_and_tracking_events_are_delivered() {
     ];
     for name in feed {
         assert_eq!(route_of(&engine.routes, &french(name)), "fr-pam", "{name}");
-        let ack = client.send(&french(name)).await.unwrap();
-        assert!(
-            matches!(ack.code.as_str(), "AA" | "CA"),
-            "{name}: {}",
-            ack.code
-        );
+        send_accepted(&mut client, name).await;
     }
-    wait_until("the pending events to be delivered", || {
-        let store = Arc::clone(&store);
-        async move {
-            store
-                .counts()
-                .await
-                .unwrap()
-                .deliveries
-                .get(&("fr-pam.ndjson".to_owned(), "delivered".to_owned()))
-                .copied()
-                == Some(feed.len() as u64)
-        }
-    })
+    wait_queue_delivered(
+        "the pending events to be delivered",
+        &store,
+        "fr-pam.ndjson",
+        feed.len(),
+    )
     .await;
     listener.shutdown().await;
 

@@ -8,27 +8,11 @@ use std::sync::Arc;
 
 use passerelle_engine::pipeline::UnroutedAnswer;
 use passerelle_mllp::{Client, ClientConfig};
-use passerelle_store::{DeliveryState, MessageId, MessageState, Query, SledStore, Store};
+use passerelle_store::{DeliveryState, MessageState, Query, Store};
 use passerelle_testkit::workspace_root;
 
 mod common;
-use common::{Harness, fixture, wait_until};
-
-/// Waits until the first delivery of message `id` is delivered.
-async fn wait_delivered(store: &Arc<SledStore>, id: MessageId, what: &str) {
-    wait_until(what, || {
-        let store = Arc::clone(store);
-        async move {
-            store
-                .deliveries(id)
-                .await
-                .unwrap()
-                .first()
-                .is_some_and(|d| d.state == DeliveryState::Delivered)
-        }
-    })
-    .await;
-}
+use common::{Harness, fixture, wait_delivered, wait_queue_delivered, wait_until};
 
 /// ADT messages to NDJSON files under `out` (relative to the engine's folder).
 const ROUTE: &str = "name = \"adt\"\nmapping = \"v2-to-fhir\"\n[match]\nmessage_type = \"ADT\"\n[[destinations]]\nname = \"files\"\ntype = \"ndjson\"\ndir = \"out\"\n";
@@ -71,20 +55,7 @@ async fn journal_route_map_and_deliver_to_ndjson() {
         nak.code
     );
 
-    wait_until("the ADT to be delivered", || {
-        let store = Arc::clone(&store);
-        async move {
-            store
-                .counts()
-                .await
-                .unwrap()
-                .deliveries
-                .get(&("adt.files".to_owned(), "delivered".to_owned()))
-                .copied()
-                == Some(1)
-        }
-    })
-    .await;
+    wait_queue_delivered("the ADT to be delivered", &store, "adt.files", 1).await;
     let patients = std::fs::read_to_string(out.join("Patient.ndjson")).unwrap();
     let lines: Vec<&str> = patients.lines().collect();
     assert_eq!(lines.len(), 1, "one Patient line");
@@ -138,7 +109,7 @@ async fn journaled_but_unmapped_messages_are_mapped_on_start() {
         MessageState::Mapped,
         "mapped before start returns"
     );
-    wait_delivered(&store, id, "the recovered message to be delivered").await;
+    wait_delivered(&store, id).await;
     assert!(out.join("Patient.ndjson").exists());
 }
 
@@ -239,5 +210,5 @@ async fn a_message_left_received_while_running_is_mapped_by_the_recheck() {
         "mapped after {:?}",
         journaled_at.elapsed()
     );
-    wait_delivered(&store, id, "its delivery").await;
+    wait_delivered(&store, id).await;
 }

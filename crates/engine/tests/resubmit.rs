@@ -17,7 +17,7 @@ use passerelle_store::{
 use serde_json::{Value, json};
 
 mod common;
-use common::{Harness, fixture, wait_until};
+use common::{Harness, fixture, wait_delivered, wait_until};
 
 /// ADT messages from the `mllp` listener only, to NDJSON files under `out`: a corrected
 /// copy (journaled under the listener `resubmit`) is taken only if it is routed as its
@@ -93,21 +93,6 @@ async fn total_messages(store: &SledStore) -> u64 {
 
 async fn state_of(store: &SledStore, id: MessageId) -> MessageState {
     store.get(id).await.unwrap().unwrap().state
-}
-
-async fn wait_delivered(store: &Arc<SledStore>, id: MessageId) {
-    wait_until(&format!("message {id} to be delivered"), || {
-        let store = Arc::clone(store);
-        async move {
-            store
-                .deliveries(id)
-                .await
-                .unwrap()
-                .first()
-                .is_some_and(|d| d.state == DeliveryState::Delivered)
-        }
-    })
-    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,7 +12,7 @@ use passerelle_engine::pipeline::{Limits, Pipeline, PipelineConfig, Recheck, Unr
 use passerelle_engine::routes::RouteTable;
 use passerelle_mapping::{MapOptions, Pack};
 use passerelle_mllp::{Listener, ListenerConfig, RunningListener};
-use passerelle_store::{SledStore, StoreConfig};
+use passerelle_store::{DeliveryState, MessageId, SledStore, Store, StoreConfig};
 use passerelle_testkit::workspace_root;
 
 pub(crate) struct Harness {
@@ -94,4 +94,35 @@ pub(crate) async fn wait_until<F: Future<Output = bool>>(what: &str, mut check: 
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(50)).await; // polls an observable effect
     }
+}
+
+/// Waits until the store counts `n` deliveries of `queue` (`route.destination`) delivered.
+pub(crate) async fn wait_queue_delivered<S: Store>(
+    what: &str,
+    store: &Arc<S>,
+    queue: &str,
+    n: usize,
+) {
+    wait_until(what, || {
+        let store = Arc::clone(store);
+        let key = (queue.to_owned(), "delivered".to_owned());
+        async move { store.counts().await.unwrap().deliveries.get(&key).copied() == Some(n as u64) }
+    })
+    .await;
+}
+
+/// Waits until the first delivery of message `id` is delivered.
+pub(crate) async fn wait_delivered<S: Store>(store: &Arc<S>, id: MessageId) {
+    wait_until(&format!("message {id} to be delivered"), || {
+        let store = Arc::clone(store);
+        async move {
+            store
+                .deliveries(id)
+                .await
+                .unwrap()
+                .first()
+                .is_some_and(|d| d.state == DeliveryState::Delivered)
+        }
+    })
+    .await;
 }
