@@ -564,6 +564,13 @@ impl SledStore {
             index: &index,
             counts: &counts,
         };
+        // Message ids come from sled's generator, which persists a high-water mark every
+        // million ids and restarts two marks above the last one on disk. The first mark
+        // after a restart is not waited for: two crashes in a row before sled writes it
+        // out (nothing else forces sled's buffer out early now that generations reach it
+        // without batches) would hand out the same ids again. Drawn now, the mark is
+        // written out by the durable flush that ends the log's recovery below.
+        db.generate_id()?;
         let (wal, recovered) = Wal::recover(
             &config.path,
             |r| match r {
@@ -587,13 +594,6 @@ impl SledStore {
                 "journal log replayed: acknowledged frames sled had not flushed"
             );
         }
-        // Message ids come from sled's generator, which persists a high-water mark every
-        // million ids and restarts two marks above the last one on disk. The first mark
-        // after a restart is not waited for: two crashes in a row before sled writes it
-        // out (nothing else forces sled's buffer out early now that generations reach it
-        // without batches) would hand out the same ids again. Written out now, once.
-        db.generate_id()?;
-        db.flush()?;
         let wal = Arc::new(wal);
         let commit = Arc::new(GroupCommit::start(
             {
