@@ -89,6 +89,8 @@ pub enum MapErrorKind {
     NoOffset,
     /// A code missing from a vocabulary whose policy is `error`.
     UnknownCode { vocabulary: String },
+    /// The bundle would hold more than 4 GiB of text or 4 billion nodes.
+    TooLarge,
 }
 
 /// A mapping error: where in the message (segment, field) and which rule.
@@ -124,6 +126,7 @@ impl fmt::Display for MapError {
                 f,
                 "code not in vocabulary {vocabulary:?}, whose policy is unknown = \"error\""
             )?,
+            MapErrorKind::TooLarge => write!(f, "the bundle would pass 4 GiB")?,
         }
         if let Some(r) = &self.rule {
             write!(f, " (rule at {r})")?;

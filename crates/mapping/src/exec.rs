@@ -1,6 +1,6 @@
 //! The executor: applies a compiled message map to one parsed message and assembles the
-//! transaction Bundle. It reads the message through borrowed [`Value`]s and allocates
-//! only the output.
+//! transaction Bundle. It reads the message through borrowed [`Value`]s and writes the
+//! output into one [`Doc`] (flat buffers of nodes and text).
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -8,9 +8,10 @@ use std::collections::HashMap;
 use passerelle_hl7::types::{DateTime, Number};
 use passerelle_hl7::{ChildIndex, Message, Segment, Selector, Value};
 
+use crate::doc::{Doc, Id};
 use crate::error::{MapError, MapErrorKind};
 use crate::expr::{Cmp, Cond, Index, Source, SrcPath, Target};
-use crate::json::{Node, Text, names};
+use crate::json::names;
 use crate::model::FastHash;
 use crate::model::*;
 use crate::sha256;
@@ -28,7 +29,7 @@ struct Here<'h, 'm, 'a> {
 struct Res<'p> {
     resource_type: &'p str,
     id: String,
-    body: Node,
+    body: Id,
     conditional: bool,
     /// Group instance of the segment the resource comes from.
     instance: usize,
@@ -39,6 +40,10 @@ struct Exec<'p, 'm, 'a> {
     pack: &'p Pack,
     msg: &'m Message<'a>,
     tree: Tree,
+    /// The output: every resource and, at the end, the bundle around them.
+    doc: Doc,
+    /// Reused for the text a resource's content id is hashed from.
+    scratch: String,
     offset: Option<i16>,
     resources: Vec<Res<'p>>,
     /// Resources by the digest their id is written from.
@@ -81,6 +86,10 @@ pub(crate) fn map(
         pack,
         msg,
         tree,
+        // Room for a typical bundle's nodes and its text (about the message's size); a
+        // larger one grows the buffers a few times.
+        doc: Doc::with_capacity(512, 1024 + msg.bytes().len()),
+        scratch: String::new(),
         offset: options.site_offset.or(pack.settings.site_offset),
         resources: Vec::new(),
         by_id: HashMap::with_capacity_and_hasher(32, FastHash::default()),
@@ -89,7 +98,16 @@ pub(crate) fn map(
         left_empty: false,
         text: TextReader::new(msg),
     };
-    exec.run(mm)
+    let bundle = exec.run(mm)?;
+    if bundle.overflowed() {
+        return Err(MapError {
+            kind: MapErrorKind::TooLarge,
+            segment: None,
+            path: None,
+            rule: None,
+        });
+    }
+    Ok(bundle)
 }
 
 fn seg_name(seg: Segment<'_, '_>) -> String {
@@ -142,13 +160,13 @@ impl<'a> TextReader<'a> {
         }
     }
 
-    /// The trimmed text of a value's first leaf; short texts are kept inline.
-    fn leaf_text(&self, v: Value<'a>) -> Text {
+    /// The trimmed text of a value's first leaf.
+    fn leaf_text(&self, v: Value<'a>) -> Cow<'a, str> {
         let l = v.first_leaf();
         if l.is_null() {
-            return Text::default();
+            return Cow::Borrowed("");
         }
-        Text::from(&*self.trimmed_text(l))
+        self.trimmed_text(l)
     }
 
     /// The text of a value when it is a slice of the plain message.
@@ -192,22 +210,20 @@ impl<'a> TextReader<'a> {
     }
 }
 
-/// An empty resource of this type, with room for its members.
-fn resource_body(resource_type: &str) -> Node {
-    let mut members = Vec::with_capacity(16);
-    members.push((names().resource_type, Node::Str(resource_type.into())));
-    Node::Obj(members)
+/// An empty resource of this type.
+fn resource_body(doc: &mut Doc, resource_type: &str) -> Id {
+    let body = doc.obj();
+    let t = doc.str(resource_type);
+    doc.push_member(body, names().resource_type, t);
+    body
 }
 
-fn urn_uuid(id: &str) -> String {
-    let mut r = String::with_capacity(9 + id.len());
-    r.push_str("urn:uuid:");
-    r.push_str(id);
+/// `{"reference": "urn:uuid:<id>"}`.
+fn reference(doc: &mut Doc, id: &str) -> Id {
+    let r = doc.obj();
+    let urn = doc.str_of(&["urn:uuid:", id]);
+    doc.push_member(r, names().reference, urn);
     r
-}
-
-fn reference(id: &str) -> Node {
-    Node::Obj(vec![(names().reference, Node::Str(urn_uuid(id).into()))])
 }
 
 impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
@@ -231,19 +247,19 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
                 {
                     continue;
                 }
-                let mut body = match &map.spec {
-                    Some(spec) => resource_body(&spec.resource_type),
-                    None => Node::obj(),
+                let body = match &map.spec {
+                    Some(spec) => resource_body(&mut self.doc, &spec.resource_type),
+                    None => self.doc.obj(),
                 };
-                self.apply(&map.rules, here, &mut body)?;
+                self.apply(&map.rules, here, body)?;
                 if let (Some(label), Some(spec)) = (&row.label, &map.spec) {
                     let idx = self.create(spec, body, here, inst, Some(label))?;
                     pending.push((idx, row));
                 } else if let Some(into) = &row.into
                     && let Some(target) = self.nearest(into, inst)
                 {
-                    body.remove("resourceType");
-                    self.resources[target].body.merge(body);
+                    self.doc.remove(body, "resourceType");
+                    self.doc.merge(self.resources[target].body, body);
                 }
             }
         }
@@ -253,14 +269,17 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
                 let targets = self.resolve(&r.label, &r.within, inst, idx);
                 let take = if r.to.appends() { targets.len() } else { 1 };
                 for t in targets.into_iter().take(take) {
-                    let mut node = reference(&self.resources[t].id);
+                    let mut node = reference(&mut self.doc, &self.resources[t].id);
                     if let Some(at) = &r.at {
-                        node = Node::Obj(vec![(*at, node)]);
+                        let wrapper = self.doc.obj();
+                        self.doc.push_member(wrapper, *at, node);
+                        node = wrapper;
                     }
                     for (k, v) in &r.with {
-                        node.insert(*k, v.clone());
+                        let value = self.doc.import(v);
+                        self.doc.insert(node, *k, value);
                     }
-                    self.left_empty |= set(&mut self.resources[idx].body, &r.to, node);
+                    self.left_empty |= set(&mut self.doc, self.resources[idx].body, &r.to, node);
                 }
             }
         }
@@ -269,63 +288,66 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
 
     fn assemble(&mut self) -> Bundle {
         let names = names();
-        let mut entries = Vec::with_capacity(self.resources.len());
+        let doc = &mut self.doc;
+        let entries = doc.arr();
+        let mut url = std::mem::take(&mut self.scratch);
         for res in self.resources.drain(..) {
-            let mut body = res.body;
+            let body = res.body;
             if self.left_empty {
-                body.prune();
+                doc.prune(body);
             }
             // `Type?identifier=system|value` for a conditional update, else `Type/id`.
+            url.clear();
+            url.push_str(res.resource_type);
             let identifier = if res.conditional {
-                body.get("identifier").and_then(|ids| {
-                    ids.items()
-                        .iter()
-                        .find_map(|i| Some((i.get("system")?.as_str()?, i.get("value")?.as_str()?)))
+                doc.get(body, "identifier").and_then(|ids| {
+                    doc.children(ids).find_map(|i| {
+                        let system = doc.as_str(doc.get(i, "system")?)?;
+                        let value = doc.as_str(doc.get(i, "value")?)?;
+                        url.push_str("?identifier=");
+                        url_encode_into(&mut url, system);
+                        url.push('|');
+                        url_encode_into(&mut url, value);
+                        Some(())
+                    })
                 })
             } else {
                 None
             };
-            let mut url = String::with_capacity(64);
-            url.push_str(res.resource_type);
             match identifier {
-                Some((system, value)) => {
-                    url.push_str("?identifier=");
-                    url_encode_into(&mut url, system);
-                    url.push('|');
-                    url_encode_into(&mut url, value);
-                    body.remove("id");
-                }
+                Some(()) => doc.remove(body, "id"),
                 None => {
                     url.push('/');
                     url.push_str(&res.id);
                 }
             }
-            entries.push(Node::Obj(vec![
-                (names.full_url, Node::Str(urn_uuid(&res.id).into())),
-                (names.resource, body),
-                (
-                    names.request,
-                    Node::Obj(vec![
-                        (names.method, Node::Str("PUT".into())),
-                        (names.url, Node::Str(url.into())),
-                    ]),
-                ),
-            ]));
+            let entry = doc.obj();
+            let full_url = doc.str_of(&["urn:uuid:", &res.id]);
+            doc.push_member(entry, names.full_url, full_url);
+            doc.push_member(entry, names.resource, body);
+            let request = doc.obj();
+            let method = doc.str("PUT");
+            doc.push_member(request, names.method, method);
+            let target = doc.str(&url);
+            doc.push_member(request, names.url, target);
+            doc.push_member(entry, names.request, request);
+            doc.push_item(entries, entry);
         }
-        Bundle {
-            node: Node::Obj(vec![
-                (names.resource_type, Node::Str("Bundle".into())),
-                (names.kind, Node::Str("transaction".into())),
-                (names.entry, Node::Arr(entries)),
-            ]),
-        }
+        self.scratch = url;
+        let root = doc.obj();
+        let bundle_type = doc.str("Bundle");
+        doc.push_member(root, names.resource_type, bundle_type);
+        let kind = doc.str("transaction");
+        doc.push_member(root, names.kind, kind);
+        doc.push_member(root, names.entry, entries);
+        Bundle::new(std::mem::take(doc), root)
     }
 
     /// Adds a resource, or merges it into the one with the same type and id.
     fn create(
         &mut self,
         spec: &'p ResourceSpec,
-        mut body: Node,
+        body: Id,
         here: Here<'_, 'm, 'a>,
         instance: usize,
         label: Option<&'p str>,
@@ -345,13 +367,15 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
         if !any {
             // No key sent: the content itself identifies the resource.
             key.update(b"\x1e");
-            key.update(body.to_json(false).as_bytes());
+            self.scratch.clear();
+            self.doc.write(body, &mut self.scratch, false, 0);
+            key.update(self.scratch.as_bytes());
         }
         let mut digest = key.clone().digest();
         if let Some(&existing) = self.by_id.get(&digest) {
             if spec.merge {
-                body.remove("resourceType");
-                self.resources[existing].body.merge(body);
+                self.doc.remove(body, "resourceType");
+                self.doc.merge(self.resources[existing].body, body);
                 if self.resources[existing].label.is_none() {
                     self.resources[existing].label = label;
                 }
@@ -366,9 +390,8 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
             }
         }
         let id = sha256::uuid_text(&digest);
-        if let Node::Obj(o) = &mut body {
-            o.insert(1.min(o.len()), (names().id, Node::Str(id.as_str().into())));
-        }
+        let id_node = self.doc.str(&id);
+        self.doc.insert_second(body, names().id, id_node);
         self.by_id.insert(digest, self.resources.len());
         self.resources.push(Res {
             resource_type: &spec.resource_type,
@@ -454,12 +477,7 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
         }
     }
 
-    fn apply(
-        &mut self,
-        rules: &[Rule],
-        here: Here<'_, 'm, 'a>,
-        out: &mut Node,
-    ) -> Result<(), MapError> {
+    fn apply(&mut self, rules: &[Rule], here: Here<'_, 'm, 'a>, out: Id) -> Result<(), MapError> {
         for rule in rules {
             if let Some(c) = &rule.when
                 && !self.cond(c, here)
@@ -468,7 +486,8 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
             }
             let Some(src) = &rule.from else {
                 if let Some(v) = &rule.value {
-                    self.left_empty |= set(out, &rule.to, v.clone());
+                    let node = self.doc.import(v);
+                    self.left_empty |= set(&mut self.doc, out, &rule.to, node);
                 }
                 continue;
             };
@@ -490,7 +509,8 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
                     });
                 }
                 if !text.is_empty() {
-                    self.left_empty |= set(out, &rule.to, Node::Str(text.into()));
+                    let node = self.doc.str(&text);
+                    self.left_empty |= set(&mut self.doc, out, &rule.to, node);
                 }
                 continue;
             }
@@ -500,11 +520,11 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
                 };
                 let node = match &rule.value {
                     // `from` + `value`: the constant, when the path is valued.
-                    Some(constant) => Some(constant.clone()),
+                    Some(constant) => Some(self.doc.import(constant)),
                     None => self.convert(rule, v, here, &src.0[i])?,
                 };
                 if let Some(node) = node {
-                    self.left_empty |= set(out, &rule.to, node);
+                    self.left_empty |= set(&mut self.doc, out, &rule.to, node);
                 }
                 continue;
             }
@@ -525,18 +545,19 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
         values: &[Value<'a>],
         here: Here<'_, 'm, 'a>,
         path: &SrcPath,
-        out: &mut Node,
+        out: Id,
     ) -> Result<(), MapError> {
         if values.is_empty() {
             return Ok(());
         }
         if let Some(constant) = &rule.value {
-            self.left_empty |= set(out, &rule.to, constant.clone());
+            let node = self.doc.import(constant);
+            self.left_empty |= set(&mut self.doc, out, &rule.to, node);
             return Ok(());
         }
         for &v in values {
             if let Some(node) = self.convert(rule, v, here, path)? {
-                self.left_empty |= set(out, &rule.to, node);
+                self.left_empty |= set(&mut self.doc, out, &rule.to, node);
             }
         }
         Ok(())
@@ -548,7 +569,7 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
         v: Value<'a>,
         here: Here<'_, 'm, 'a>,
         path: &SrcPath,
-    ) -> Result<Option<Node>, MapError> {
+    ) -> Result<Option<Id>, MapError> {
         match &rule.convert {
             Convert::Primitive(f) => self
                 .primitive(*f, v)
@@ -559,14 +580,12 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
                 if code.is_empty() {
                     return Ok(None);
                 }
-                match vocab.map.get(code.as_str()) {
-                    Some(c) => Ok(Some(Node::Str(c.as_str().into()))),
+                match vocab.map.get(&*code) {
+                    Some(c) => Ok(Some(self.doc.str(c))),
                     None => match vocab.unknown {
-                        Unknown::Default => {
-                            Ok(vocab.default.as_deref().map(|d| Node::Str(d.into())))
-                        }
+                        Unknown::Default => Ok(vocab.default.as_deref().map(|d| self.doc.str(d))),
                         Unknown::Omit => Ok(None),
-                        Unknown::Pass => Ok(Some(Node::Str(code))),
+                        Unknown::Pass => Ok(Some(self.doc.str(&code))),
                         Unknown::Error => Err(self.error(
                             MapErrorKind::UnknownCode {
                                 vocabulary: vocab.name.clone(),
@@ -585,26 +604,24 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
                     && dt.resource.is_some()
                     && let Some(&idx) = self.built.get(&(*n, v.raw()))
                 {
-                    return Ok(Some(reference(&self.resources[idx].id)));
+                    return Ok(Some(reference(&mut self.doc, &self.resources[idx].id)));
                 }
                 let index = v.index_children();
                 let inner = Here {
                     seg: here.seg,
                     value: Some(&index),
                 };
-                let mut node = match &dt.resource {
-                    Some(spec) => resource_body(&spec.resource_type),
-                    None => Node::obj(),
+                let node = match &dt.resource {
+                    Some(spec) => resource_body(&mut self.doc, &spec.resource_type),
+                    None => self.doc.obj(),
                 };
-                self.apply(&dt.rules, inner, &mut node)?;
+                self.apply(&dt.rules, inner, node)?;
                 if self.left_empty {
-                    node.prune();
+                    self.doc.prune(node);
                 }
                 match &dt.resource {
-                    Some(spec) if node.get("resourceType").is_some() => {
-                        if let Node::Obj(o) = &node
-                            && o.len() == 1
-                        {
+                    Some(spec) if self.doc.get(node, "resourceType").is_some() => {
+                        if self.doc.len(node) == 1 {
                             return Ok(None);
                         }
                         let inst = self.tree.of_segment[here.seg.index()];
@@ -612,7 +629,7 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
                         if dt.pure {
                             self.built.insert((*n, v.raw()), idx);
                         }
-                        Ok(Some(reference(&self.resources[idx].id)))
+                        Ok(Some(reference(&mut self.doc, &self.resources[idx].id)))
                     }
                     _ => Ok(Some(node)),
                 }
@@ -620,24 +637,24 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
         }
     }
 
-    fn primitive(&self, f: Func, v: Value<'a>) -> Result<Option<Node>, MapErrorKind> {
+    fn primitive(&mut self, f: Func, v: Value<'a>) -> Result<Option<Id>, MapErrorKind> {
         let conversion = |what: &str| MapErrorKind::Conversion { what: what.into() };
         if f == Func::Raw {
             let text = self.text.text(v);
             let t = text.trim();
-            return Ok((!t.is_empty()).then(|| Node::Str(t.into())));
+            return Ok((!t.is_empty()).then(|| self.doc.str(t)));
         }
         let text = self.text.leaf_text(v);
         if text.is_empty() {
             return Ok(None);
         }
+        let doc = &mut self.doc;
         Ok(Some(match f {
-            Func::Text | Func::Raw => Node::Str(text),
-            Func::Date => Node::Str(
-                DateTime::parse(&text)
+            Func::Text | Func::Raw => doc.str(&text),
+            Func::Date => doc.str(
+                &DateTime::parse(&text)
                     .map_err(|_| conversion("date (DTM)"))?
-                    .to_fhir_date()
-                    .into(),
+                    .to_fhir_date(),
             ),
             Func::DateTime | Func::Instant => {
                 let dt = DateTime::parse(&text).map_err(|_| conversion("date/time (DTM)"))?;
@@ -648,13 +665,13 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
                     match self.pack.settings.naive_timestamps {
                         NaiveTimestamps::Reject => return Err(MapErrorKind::NoOffset),
                         NaiveTimestamps::DateOnly if f == Func::DateTime => {
-                            return Ok(Some(Node::Str(dt.to_fhir_date().into())));
+                            return Ok(Some(doc.str(&dt.to_fhir_date())));
                         }
                         _ => {}
                     }
                 }
                 if !dt.has_time() {
-                    Node::Str(dt.to_fhir_date().into())
+                    doc.str(&dt.to_fhir_date())
                 } else {
                     let offset = match dt.offset_minutes {
                         Some(o) => o,
@@ -663,33 +680,30 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
                             crate::tz::offset_at(&dt, standard, self.pack.settings.summer_time)
                         }
                     };
-                    Node::Str(dt.to_fhir_datetime_at(offset).into())
+                    doc.str(&dt.to_fhir_datetime_at(offset))
                 }
             }
-            Func::Decimal => Node::Num(
+            Func::Decimal => doc.num(
                 Number::parse(&text)
                     .map_err(|_| conversion("number (NM)"))?
-                    .as_str()
-                    .into(),
+                    .as_str(),
             ),
-            Func::Integer => Node::Num(
-                text.parse::<i64>()
+            Func::Integer => doc.num(
+                &text
+                    .parse::<i64>()
                     .map_err(|_| conversion("integer"))?
-                    .to_string()
-                    .into(),
+                    .to_string(),
             ),
             Func::PositiveInt => match text.parse::<u64>() {
-                Ok(n) if n > 0 => Node::Num(n.to_string().into()),
+                Ok(n) if n > 0 => doc.num(&n.to_string()),
                 _ => return Err(conversion("positive integer")),
             },
-            Func::Boolean => match text.as_str() {
-                "Y" | "y" | "true" | "1" => Node::Bool(true),
-                "N" | "n" | "false" | "0" => Node::Bool(false),
+            Func::Boolean => match &*text {
+                "Y" | "y" | "true" | "1" => doc.bool(true),
+                "N" | "n" | "false" | "0" => doc.bool(false),
                 _ => return Err(conversion("boolean (Y/N)")),
             },
-            Func::SystemUri => {
-                Node::Str(system_uri(&text, &self.pack.settings.local_system_base).into())
-            }
+            Func::SystemUri => doc.str(&system_uri(&text, &self.pack.settings.local_system_base)),
             Func::Base64 => {
                 let b: String = text.chars().filter(|c| !c.is_whitespace()).collect();
                 if !b
@@ -698,13 +712,13 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
                 {
                     return Err(conversion("base64 text"));
                 }
-                Node::Str(b.into())
+                doc.str(&b)
             }
             Func::RangeLow | Func::RangeHigh => {
                 let (low, high) = range(&text);
                 let bound = if f == Func::RangeLow { low } else { high };
                 match bound.and_then(|b| Number::parse(b).ok()) {
-                    Some(n) => Node::Num(n.as_str().into()),
+                    Some(n) => doc.num(n.as_str()),
                     None => return Ok(None),
                 }
             }
@@ -892,8 +906,8 @@ fn path_name(p: &SrcPath, here: Here<'_, '_, '_>) -> String {
 /// written before `[1]`, or a path that met a member of another shape): the executor
 /// prunes empties only then, so a bundle that never had any is not walked for them.
 #[must_use]
-pub(crate) fn set(out: &mut Node, target: &Target, node: Node) -> bool {
-    if node.is_empty() {
+pub(crate) fn set(doc: &mut Doc, out: Id, target: &Target, node: Id) -> bool {
+    if doc.is_empty(node) {
         return false;
     }
     let steps = &target.0;
@@ -905,43 +919,53 @@ pub(crate) fn set(out: &mut Node, target: &Target, node: Node) -> bool {
             Index::None => {
                 if last {
                     // Not an object (another rule wrote a value here): nothing to add to.
-                    if let Node::Obj(members) = cur {
-                        match members.iter_mut().find(|(k, _)| *k == step.key) {
-                            Some((_, existing)) => existing.merge(node),
-                            None => members.push((step.key, node)),
+                    if doc.is_obj(cur) {
+                        match doc.member(cur, step.key) {
+                            Some(existing) => doc.merge(existing, node),
+                            None => doc.push_member(cur, step.key, node),
                         }
                     }
                     return left_empty;
                 }
-                cur = cur.entry(&step.key, Node::obj);
+                cur = doc.entry(cur, step.key, Doc::obj);
             }
             Index::Append => {
-                let arr = cur.entry(&step.key, || Node::Arr(Vec::new()));
-                let Node::Arr(a) = arr else { return true };
+                let arr = doc.entry(cur, step.key, Doc::arr);
+                if !doc.is_arr(arr) {
+                    return true;
+                }
                 if last {
-                    a.push(node);
+                    doc.push_item(arr, node);
                     return left_empty;
                 }
-                a.push(Node::obj());
-                let n = a.len() - 1;
-                cur = &mut a[n];
+                let element = doc.obj();
+                doc.push_item(arr, element);
+                cur = element;
             }
             Index::At(n) => {
-                let arr = cur.entry(&step.key, || Node::Arr(Vec::new()));
-                let Node::Arr(a) = arr else { return true };
-                left_empty |= a.len() < n;
-                while a.len() <= n {
-                    a.push(Node::obj());
+                let arr = doc.entry(cur, step.key, Doc::arr);
+                if !doc.is_arr(arr) {
+                    return true;
                 }
+                let mut len = doc.len(arr);
+                left_empty |= len < n;
+                while len <= n {
+                    let element = doc.obj();
+                    doc.push_item(arr, element);
+                    len += 1;
+                }
+                let Some(element) = doc.nth(arr, n) else {
+                    return left_empty;
+                };
                 if last {
-                    if a[n].is_empty() {
-                        a[n] = node;
+                    if doc.is_empty(element) {
+                        doc.replace(element, node);
                     } else {
-                        a[n].merge(node);
+                        doc.merge(element, node);
                     }
                     return left_empty;
                 }
-                cur = &mut a[n];
+                cur = element;
             }
         }
     }

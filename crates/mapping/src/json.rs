@@ -1,6 +1,8 @@
-//! The output tree: an ordered JSON value, so that the same rules applied to the same
-//! message always serialize to the same bytes (keys keep the order in which the rules
-//! wrote them), and decimals keep the digits the sender sent.
+//! An owned, ordered JSON tree ([`Node`]): the constants of a pack, and a bundle's
+//! content when a caller inspects it ([`crate::Bundle::as_node`]). Objects keep the order
+//! in which their members were written and decimals keep the digits the sender sent, as
+//! in the document the executor builds (`doc.rs`), whose JSON writer shares [`write_str`]
+//! with this one.
 
 use std::fmt;
 
@@ -123,21 +125,6 @@ pub enum Node {
 }
 
 impl Node {
-    pub(crate) fn obj() -> Node {
-        // Most elements built here have a few members: room for them up front.
-        Node::Obj(Vec::with_capacity(4))
-    }
-
-    /// Empty strings, objects and arrays (after pruning their children) carry nothing.
-    pub(crate) fn is_empty(&self) -> bool {
-        match self {
-            Node::Str(s) => s.is_empty(),
-            Node::Num(_) | Node::Bool(_) => false,
-            Node::Obj(o) => o.is_empty(),
-            Node::Arr(a) => a.is_empty(),
-        }
-    }
-
     /// The member `key` of an object.
     pub fn get(&self, key: &str) -> Option<&Node> {
         match self {
@@ -159,86 +146,6 @@ impl Node {
         match self {
             Node::Arr(a) => a,
             _ => &[],
-        }
-    }
-
-    /// Sets `key` on an object when absent (the first rule to write a value wins); returns
-    /// the value now at `key`.
-    pub(crate) fn entry(&mut self, key: &Key, default: impl FnOnce() -> Node) -> &mut Node {
-        let Node::Obj(o) = self else {
-            // Only objects are ever walked into; the compiler makes sure of that.
-            *self = Node::obj();
-            return self.entry(key, default);
-        };
-        let pos = match o.iter().position(|(k, _)| k == key) {
-            Some(p) => p,
-            None => {
-                o.push((*key, default()));
-                o.len() - 1
-            }
-        };
-        &mut o[pos].1
-    }
-
-    /// Inserts or replaces `key`.
-    pub(crate) fn insert(&mut self, key: impl Into<Key>, value: Node) {
-        let key = key.into();
-        if let Node::Obj(o) = self {
-            match o.iter_mut().find(|(k, _)| *k == key) {
-                Some((_, v)) => *v = value,
-                None => o.push((key, value)),
-            }
-        }
-    }
-
-    pub(crate) fn remove(&mut self, key: &str) -> Option<Node> {
-        if let Node::Obj(o) = self {
-            let pos = o.iter().position(|(k, _)| k.as_str() == key)?;
-            return Some(o.remove(pos).1);
-        }
-        None
-    }
-
-    /// Removes empty strings, objects and arrays, depth first.
-    pub(crate) fn prune(&mut self) {
-        match self {
-            Node::Obj(o) => {
-                for (_, v) in o.iter_mut() {
-                    v.prune();
-                }
-                o.retain(|(_, v)| !v.is_empty());
-            }
-            Node::Arr(a) => {
-                for v in a.iter_mut() {
-                    v.prune();
-                }
-                a.retain(|v| !v.is_empty());
-            }
-            _ => {}
-        }
-    }
-
-    /// Merges another fragment of the same resource into this one: members this one lacks
-    /// are added, objects are merged member by member, array elements not already present
-    /// are appended; scalars already set are kept.
-    pub(crate) fn merge(&mut self, other: Node) {
-        match (self, other) {
-            (Node::Obj(mine), Node::Obj(theirs)) => {
-                for (k, v) in theirs {
-                    match mine.iter_mut().find(|(mk, _)| *mk == k) {
-                        Some((_, existing)) => existing.merge(v),
-                        None => mine.push((k, v)),
-                    }
-                }
-            }
-            (Node::Arr(mine), Node::Arr(theirs)) => {
-                for v in theirs {
-                    if !mine.contains(&v) {
-                        mine.push(v);
-                    }
-                }
-            }
-            _ => {}
         }
     }
 
@@ -301,7 +208,7 @@ impl Node {
 
 /// A JSON string, escaped as serde_json escapes it. Runs of characters that need no
 /// escape are copied whole (a character is never split: every byte escaped is ASCII).
-fn write_str(out: &mut String, s: &str) {
+pub(crate) fn write_str(out: &mut String, s: &str) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     /// The bytes that need an escape: controls, `"` and `\\`.
     const NEEDS_ESCAPE: [bool; 256] = {
@@ -378,10 +285,17 @@ mod tests {
 
     #[test]
     fn writes_like_serde_json() {
-        let mut n = Node::obj();
-        n.insert("b", Node::Str("x\"\n\u{1}\u{8}\u{c}\u{1f}é\\\t\r".into()));
-        n.insert("a", Node::Num("1.50".into()));
-        n.insert("c", Node::Arr(vec![Node::Bool(true), Node::obj()]));
+        let n = Node::Obj(vec![
+            (
+                "b".into(),
+                Node::Str("x\"\n\u{1}\u{8}\u{c}\u{1f}é\\\t\r".into()),
+            ),
+            ("a".into(), Node::Num("1.50".into())),
+            (
+                "c".into(),
+                Node::Arr(vec![Node::Bool(true), Node::Obj(Vec::new())]),
+            ),
+        ]);
         let mine = n.to_json(false);
         assert_eq!(
             mine,
@@ -394,11 +308,6 @@ mod tests {
         assert_eq!(
             serde_json::to_string_pretty(&n).ok().as_deref(),
             Some(n.to_json(true).as_str())
-        );
-        n.prune();
-        assert_eq!(
-            n.to_json(false),
-            r#"{"b":"x\"\n\u0001\b\f\u001fé\\\t\r","a":1.50,"c":[true]}"#
         );
     }
 
@@ -413,23 +322,5 @@ mod tests {
         assert!(made.iter().all(|k| *k == made[0] && *k == "family"));
         assert!(Key::from("given") != made[0]);
         assert!(names().resource_type == Key::from("resourceType"));
-    }
-
-    #[test]
-    fn merges_fragments() {
-        let mut a = Node::Obj(vec![
-            ("x".into(), Node::Str("1".into())),
-            ("l".into(), Node::Arr(vec![Node::Str("p".into())])),
-        ]);
-        let b = Node::Obj(vec![
-            ("x".into(), Node::Str("2".into())),
-            ("y".into(), Node::Str("3".into())),
-            (
-                "l".into(),
-                Node::Arr(vec![Node::Str("p".into()), Node::Str("q".into())]),
-            ),
-        ]);
-        a.merge(b);
-        assert_eq!(a.to_json(false), r#"{"x":"1","l":["p","q"],"y":"3"}"#);
     }
 }

@@ -92,6 +92,7 @@
 //! - **No patient data in errors.** A [`MapError`] names the segment, the path and the
 //!   rule, never a value.
 
+mod doc;
 mod error;
 mod exec;
 mod expr;
@@ -121,25 +122,46 @@ pub struct MapOptions {
 }
 
 /// A FHIR R4 transaction Bundle.
-#[derive(Debug, Clone, PartialEq)]
+///
+/// It holds the document the mapping built (flat buffers of nodes and text, see
+/// `doc.rs`), which [`Bundle::to_json`] and serde write directly. The owned [`Node`]
+/// tree that [`Bundle::as_node`] and [`Bundle::resources`] return is built on first
+/// use only, for inspection.
+#[derive(Debug, Clone)]
 pub struct Bundle {
-    node: Node,
+    doc: doc::Doc,
+    root: doc::Id,
+    tree: std::sync::OnceLock<Node>,
 }
 
 impl Bundle {
+    pub(crate) fn new(doc: doc::Doc, root: doc::Id) -> Bundle {
+        Bundle {
+            doc,
+            root,
+            tree: std::sync::OnceLock::new(),
+        }
+    }
+
+    pub(crate) fn overflowed(&self) -> bool {
+        self.doc.overflowed()
+    }
+
     /// Compact JSON (or indented with `pretty`); keys in a fixed order.
     pub fn to_json(&self, pretty: bool) -> String {
-        self.node.to_json(pretty)
+        let mut out = String::with_capacity(4096);
+        self.doc.write(self.root, &mut out, pretty, 0);
+        out
     }
 
     /// The bundle as a tree, for inspection.
     pub fn as_node(&self) -> &Node {
-        &self.node
+        self.tree.get_or_init(|| self.doc.to_node(self.root))
     }
 
     /// The entries' resources.
     pub fn resources(&self) -> impl Iterator<Item = &Node> {
-        self.node
+        self.as_node()
             .get("entry")
             .map(|e| e.items())
             .unwrap_or(&[])
@@ -148,9 +170,16 @@ impl Bundle {
     }
 }
 
+/// Two bundles are equal when they write the same JSON.
+impl PartialEq for Bundle {
+    fn eq(&self, other: &Bundle) -> bool {
+        self.to_json(false) == other.to_json(false)
+    }
+}
+
 impl serde::Serialize for Bundle {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        self.node.serialize(serializer)
+        self.doc.view(self.root).serialize(serializer)
     }
 }
 
