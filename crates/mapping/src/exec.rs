@@ -86,9 +86,7 @@ pub(crate) fn map(
         pack,
         msg,
         tree,
-        // Room for a typical bundle's nodes and its text (about the message's size); a
-        // larger one grows the buffers a few times.
-        doc: Doc::with_capacity(512, 1024 + msg.bytes().len()),
+        doc: Doc::for_message(msg.bytes().len()),
         scratch: String::new(),
         offset: options.site_offset.or(pack.settings.site_offset),
         resources: Vec::new(),

@@ -149,7 +149,7 @@ impl Bundle {
 
     /// Compact JSON (or indented with `pretty`); keys in a fixed order.
     pub fn to_json(&self, pretty: bool) -> String {
-        let mut out = String::with_capacity(4096);
+        let mut out = String::with_capacity(self.doc.json_len_hint());
         self.doc.write(self.root, &mut out, pretty, 0);
         out
     }
