@@ -73,13 +73,13 @@ impl fmt::Debug for Doc {
 
 impl Doc {
     /// A document with room for the bundle of a message of `len` bytes. The fixtures'
-    /// bundles hold about 0.3 nodes and 3 to 4.5 bytes of text (system URIs, urn:uuid
+    /// bundles hold about 0.3 nodes and up to 4.5 bytes of text (system URIs, urn:uuid
     /// references…) per message byte; a large message is mostly one long value (a base64
     /// document), so beyond a few kilobytes only the text grows with it.
     pub(crate) fn for_message(len: usize) -> Doc {
         Doc {
             slots: Vec::with_capacity(64 + (len / 2).min(8192)),
-            text: String::with_capacity(1024 + len + (3 * len).min(64 * 1024)),
+            text: String::with_capacity(1024 + len + (4 * len).min(64 * 1024)),
             overflow: false,
         }
     }

@@ -33,7 +33,8 @@ struct Res<'p> {
     conditional: bool,
     /// Group instance of the segment the resource comes from.
     instance: usize,
-    label: Option<&'p str>,
+    /// The message map row that labels it (see [`Ref::row`]), if any.
+    row: Option<usize>,
 }
 
 struct Exec<'p, 'm, 'a> {
@@ -229,7 +230,7 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
         let msg = self.msg;
         // (resource, row) pairs whose references are resolved once everything exists.
         let mut pending: Vec<(usize, &Row)> = Vec::new();
-        for row in &mm.rows {
+        for (row_index, row) in mm.rows.iter().enumerate() {
             let map = &self.pack.segments[row.map];
             for seg in msg.segments() {
                 if seg.id_bytes().as_slice() != row.segment.as_bytes() {
@@ -250,10 +251,10 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
                     None => self.doc.obj(),
                 };
                 self.apply(&map.rules, here, body)?;
-                if let (Some(label), Some(spec)) = (&row.label, &map.spec) {
-                    let idx = self.create(spec, body, here, inst, Some(label))?;
+                if let (Some(_), Some(spec)) = (&row.label, &map.spec) {
+                    let idx = self.create(spec, body, here, inst, Some(row_index))?;
                     pending.push((idx, row));
-                } else if let Some(into) = &row.into
+                } else if let Some(into) = row.into_row
                     && let Some(target) = self.nearest(into, inst)
                 {
                     self.doc.remove(body, "resourceType");
@@ -261,12 +262,13 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
                 }
             }
         }
+        let mut targets = Vec::new();
         for (idx, row) in pending {
             let inst = self.resources[idx].instance;
             for r in &row.refs {
-                let targets = self.resolve(&r.label, &r.within, inst, idx);
+                self.resolve(r.row, &r.within, inst, idx, &mut targets);
                 let take = if r.to.appends() { targets.len() } else { 1 };
-                for t in targets.into_iter().take(take) {
+                for &t in targets.iter().take(take) {
                     let mut node = reference(&mut self.doc, &self.resources[t].id);
                     if let Some(at) = &r.at {
                         let wrapper = self.doc.obj();
@@ -348,7 +350,7 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
         body: Id,
         here: Here<'_, 'm, 'a>,
         instance: usize,
-        label: Option<&'p str>,
+        row: Option<usize>,
     ) -> Result<usize, MapError> {
         // The id hashes "type␟key1␟key2…" (or "type␟…␞content" when no key is sent),
         // fed piece by piece.
@@ -374,8 +376,8 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
             if spec.merge {
                 self.doc.remove(body, "resourceType");
                 self.doc.merge(self.resources[existing].body, body);
-                if self.resources[existing].label.is_none() {
-                    self.resources[existing].label = label;
+                if self.resources[existing].row.is_none() {
+                    self.resources[existing].row = row;
                 }
                 return Ok(existing);
             }
@@ -397,19 +399,19 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
             body,
             conditional: spec.conditional,
             instance,
-            label,
+            row,
         });
         Ok(self.resources.len() - 1)
     }
 
-    /// The first resource labelled `label` in `inst` or the nearest enclosing instance.
-    fn nearest(&self, label: &str, inst: usize) -> Option<usize> {
+    /// The first resource labelled by `row` in `inst` or the nearest enclosing instance.
+    fn nearest(&self, row: usize, inst: usize) -> Option<usize> {
         let mut cur = Some(inst);
         while let Some(i) = cur {
             if let Some(r) = self
                 .resources
                 .iter()
-                .position(|r| r.instance == i && r.label == Some(label))
+                .position(|r| r.instance == i && r.row == Some(row))
             {
                 return Some(r);
             }
@@ -418,45 +420,41 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
         None
     }
 
-    fn resolve(&self, label: &str, within: &Within, inst: usize, me: usize) -> Vec<usize> {
-        let labelled = |r: &Res<'_>| r.label == Some(label);
+    /// The resources a reference to the label of `row` points to from resource `me` (of
+    /// group instance `inst`), into `out`.
+    fn resolve(&self, row: usize, within: &Within, inst: usize, me: usize, out: &mut Vec<usize>) {
+        out.clear();
+        let labelled =
+            (0..self.resources.len()).filter(|&r| r != me && self.resources[r].row == Some(row));
         match within {
             Within::Nearest => {
                 let mut cur = Some(inst);
                 while let Some(i) = cur {
-                    let found: Vec<usize> = (0..self.resources.len())
-                        .filter(|&r| {
-                            r != me
-                                && self.resources[r].instance == i
-                                && labelled(&self.resources[r])
-                        })
-                        .collect();
-                    if !found.is_empty() {
-                        return found;
+                    out.extend(
+                        labelled
+                            .clone()
+                            .filter(|&r| self.resources[r].instance == i),
+                    );
+                    if !out.is_empty() {
+                        return;
                     }
                     cur = self.tree.instances[i].parent;
                 }
-                Vec::new()
             }
             Within::Group(g) => {
                 let mut cur = Some(inst);
                 while let Some(i) = cur {
                     if self.tree.instances[i].group == Some(*g) {
-                        return (0..self.resources.len())
-                            .filter(|&r| {
-                                r != me
-                                    && labelled(&self.resources[r])
-                                    && self.tree.is_within(self.resources[r].instance, i)
-                            })
-                            .collect();
+                        out.extend(
+                            labelled
+                                .filter(|&r| self.tree.is_within(self.resources[r].instance, i)),
+                        );
+                        return;
                     }
                     cur = self.tree.instances[i].parent;
                 }
-                Vec::new()
             }
-            Within::All => (0..self.resources.len())
-                .filter(|&r| r != me && labelled(&self.resources[r]))
-                .collect(),
+            Within::All => out.extend(labelled),
         }
     }
 

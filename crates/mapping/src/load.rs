@@ -604,6 +604,9 @@ fn compile(loader: &mut Loader, sources: &[FileText]) -> Result<Pack, LoadErrors
         !refers_to_unreadable
     });
     if loader.errors.is_empty() {
+        for m in &mut messages {
+            m.link_labels();
+        }
         Ok(Pack {
             settings,
             messages,
@@ -1182,6 +1185,7 @@ fn compile_rows(
             refs.push(Ref {
                 to,
                 label: label.clone(),
+                row: usize::MAX,
                 within,
                 at: x.at.as_ref().map(|a| a.get_ref().clone().into()),
                 with: x
@@ -1194,6 +1198,7 @@ fn compile_rows(
         out.push(Row {
             label: r.label.as_ref().map(|l| l.get_ref().clone()),
             into: r.into.as_ref().map(|l| l.get_ref().clone()),
+            into_row: None,
             group,
             segment: segment.to_owned(),
             map,

@@ -199,6 +199,9 @@ pub(crate) enum Within {
 pub(crate) struct Ref {
     pub(crate) to: Target,
     pub(crate) label: String,
+    /// The row that declares `label` (labels are unique within a message map), set once
+    /// the map's rows are all loaded: resources are matched by this number, not by text.
+    pub(crate) row: usize,
     pub(crate) within: Within,
     pub(crate) at: Option<crate::json::Key>,
     pub(crate) with: Vec<(crate::json::Key, Node)>,
@@ -210,6 +213,8 @@ pub(crate) struct Ref {
 pub(crate) struct Row {
     pub(crate) label: Option<String>,
     pub(crate) into: Option<String>,
+    /// The row that declares `into`'s label (see [`Ref::row`]).
+    pub(crate) into_row: Option<usize>,
     pub(crate) group: Option<usize>,
     pub(crate) segment: String,
     pub(crate) map: usize,
@@ -223,6 +228,26 @@ pub(crate) struct MessageMap {
     pub(crate) events: Vec<String>,
     pub(crate) structure: usize,
     pub(crate) rows: Vec<Row>,
+}
+
+impl MessageMap {
+    /// Resolves every `into` and reference label to the row that declares it, once the
+    /// rows (extensions included) are all loaded and checked.
+    pub(crate) fn link_labels(&mut self) {
+        let declared: Vec<Option<String>> = self.rows.iter().map(|r| r.label.clone()).collect();
+        let row_of = |label: &str| {
+            declared
+                .iter()
+                .position(|l| l.as_deref() == Some(label))
+                .unwrap_or(usize::MAX)
+        };
+        for row in &mut self.rows {
+            row.into_row = row.into.as_deref().map(row_of);
+            for r in &mut row.refs {
+                r.row = row_of(&r.label);
+            }
+        }
+    }
 }
 
 /// What to do with a time of day sent without a UTC offset.
