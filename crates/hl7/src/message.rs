@@ -504,6 +504,7 @@ impl<'a> Message<'a> {
     }
 
     /// The segment at 0-based position `index`.
+    #[inline]
     pub fn segment(&self, index: usize) -> Option<Segment<'_, 'a>> {
         (index < self.segments.len()).then_some(Segment {
             message: self,
@@ -535,6 +536,7 @@ impl<'a> Message<'a> {
 }
 
 impl<'m, 'a> Segment<'m, 'a> {
+    #[inline]
     fn entry(&self) -> &'m SegmentEntry {
         &self.message.segments[self.index]
     }
@@ -545,6 +547,7 @@ impl<'m, 'a> Segment<'m, 'a> {
         std::str::from_utf8(&self.entry().id).unwrap_or("???")
     }
 
+    #[inline]
     pub fn id_bytes(&self) -> &'m [u8; 3] {
         &self.entry().id
     }
@@ -555,6 +558,7 @@ impl<'m, 'a> Segment<'m, 'a> {
     }
 
     /// 0-based position in the message.
+    #[inline]
     pub fn index(&self) -> usize {
         self.index
     }
@@ -577,6 +581,7 @@ impl<'m, 'a> Segment<'m, 'a> {
 
     /// Field `n` (1-based, as in the spec), or `None` if the segment has fewer fields.
     /// MSH-1 and MSH-2 are returned literally.
+    #[inline]
     pub fn field(&self, n: usize) -> Option<Value<'a>> {
         let e = self.entry();
         if n == 0 || n > e.field_count as usize {

@@ -166,6 +166,7 @@ impl Path {
         std::str::from_utf8(&self.segment).unwrap_or("???")
     }
 
+    #[inline]
     pub fn field(&self) -> Option<u32> {
         self.field
     }
@@ -178,15 +179,18 @@ impl Path {
         self.subcomponent
     }
 
+    #[inline]
     pub fn occurrence(&self) -> Selector {
         self.occurrence.unwrap_or(Selector::Nth(1))
     }
 
+    #[inline]
     pub fn repetition(&self) -> Selector {
         self.repetition.unwrap_or(Selector::Nth(1))
     }
 
     /// Whether the path can match more than one value.
+    #[inline]
     pub fn is_multiple(&self) -> bool {
         self.occurrence == Some(Selector::All) || self.repetition == Some(Selector::All)
     }
@@ -210,6 +214,7 @@ impl Path {
     /// The one value this path selects in one segment when it names a single repetition
     /// (`PID-5.1`, `PID-3[2].4`): what [`Path::values_in`] yields, found without building
     /// an iterator. `None` when the path selects every repetition or names no field.
+    #[inline]
     pub fn single_value_in<'a>(&self, segment: Segment<'_, 'a>) -> Option<Option<Value<'a>>> {
         let (Some(field), Selector::Nth(rep)) = (self.field, self.repetition()) else {
             return None;
@@ -224,6 +229,7 @@ impl Path {
 
     /// The component (and subcomponent) this path names inside one repetition, or the
     /// repetition itself when the path names none.
+    #[inline]
     fn within_repetition<'a>(&self, rep: Value<'a>) -> Option<Value<'a>> {
         match self.component {
             None => Some(rep),

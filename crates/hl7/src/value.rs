@@ -58,6 +58,7 @@ impl fmt::Debug for Value<'_> {
 }
 
 impl<'a> Value<'a> {
+    #[inline]
     pub(crate) fn new(raw: &'a [u8], level: Level, encoding: Encoding) -> Self {
         Value {
             raw,
@@ -67,29 +68,35 @@ impl<'a> Value<'a> {
     }
 
     /// The bytes as they are in the message: still escaped, in the message's character set.
+    #[inline]
     pub fn raw(&self) -> &'a [u8] {
         self.raw
     }
 
+    #[inline]
     pub fn level(&self) -> Level {
         self.level
     }
 
+    #[inline]
     pub fn encoding(&self) -> Encoding {
         self.encoding
     }
 
     /// Empty: nothing was sent (the receiver keeps what it had).
+    #[inline]
     pub fn is_empty(&self) -> bool {
         self.raw.is_empty()
     }
 
     /// The explicit null `""`: the sender says "delete what you have".
+    #[inline]
     pub fn is_null(&self) -> bool {
         self.raw == b"\"\""
     }
 
     /// Neither empty nor the explicit null.
+    #[inline]
     pub fn is_valued(&self) -> bool {
         !self.is_empty() && !self.is_null()
     }
@@ -109,6 +116,7 @@ impl<'a> Value<'a> {
 
     /// The pieces one level down (repetitions of a field, components of a repetition,
     /// subcomponents of a component). A leaf yields itself.
+    #[inline]
     pub fn children(&self) -> Children<'a> {
         Children {
             rest: Some(self.raw),
@@ -120,6 +128,7 @@ impl<'a> Value<'a> {
 
     /// The `n`-th child (1-based), or `None` when there are fewer. An empty child is
     /// returned as an empty value, not `None`, so that its position is kept.
+    #[inline]
     pub fn child(&self, n: usize) -> Option<Value<'a>> {
         if n == 0 {
             return None;
@@ -161,6 +170,7 @@ impl<'a> Value<'a> {
     /// The first leaf: the first subcomponent of the first component of the first
     /// repetition (as many levels as this value has), found in one pass. A subcomponent
     /// or a literal value is its own first leaf.
+    #[inline]
     pub fn first_leaf(&self) -> Value<'a> {
         let s = &self.encoding.separators;
         let stops = match self.level {
@@ -177,6 +187,7 @@ impl<'a> Value<'a> {
         Value::new(&self.raw[..end], Level::Subcomponent, self.encoding)
     }
 
+    #[inline]
     fn delimiter(&self) -> Option<u8> {
         match self.level {
             Level::Field => Some(self.encoding.separators.repetition),
@@ -187,6 +198,7 @@ impl<'a> Value<'a> {
     }
 
     /// Repetitions of a field (a non-field value yields itself).
+    #[inline]
     pub fn repetitions(&self) -> Children<'a> {
         match self.level {
             Level::Field => self.children(),
@@ -247,11 +259,13 @@ const CHILD_INDEX_ROOM: usize = 24;
 
 impl<'a> ChildIndex<'a> {
     /// The value the index splits.
+    #[inline]
     pub fn value(&self) -> Value<'a> {
         self.value
     }
 
     /// The `n`-th child (1-based), as [`Value::child`] returns it.
+    #[inline]
     pub fn child(&self, n: usize) -> Option<Value<'a>> {
         if n == 0 {
             return None;
@@ -294,6 +308,7 @@ pub struct Children<'a> {
 impl<'a> Iterator for Children<'a> {
     type Item = Value<'a>;
 
+    #[inline]
     fn next(&mut self) -> Option<Value<'a>> {
         let rest = self.rest?;
         let piece = match self.delimiter.and_then(|d| find_byte(d, rest)) {
@@ -311,6 +326,7 @@ impl<'a> Iterator for Children<'a> {
 
     /// Skips `n` pieces by their delimiters alone, without making a value of each
     /// (`child(n)` and `component(n)` are `nth`, on every field a mapping reads).
+    #[inline]
     fn nth(&mut self, n: usize) -> Option<Value<'a>> {
         for _ in 0..n {
             let rest = self.rest?;
@@ -329,6 +345,7 @@ impl<'a> Iterator for Children<'a> {
 /// The first `needle` in `haystack`. Components and subcomponents are mostly a few bytes
 /// long, where a plain loop beats `memchr`'s vectorised search and its set-up; long
 /// pieces (text, encapsulated data) still get `memchr`.
+#[inline]
 pub(crate) fn find_byte(needle: u8, haystack: &[u8]) -> Option<usize> {
     if haystack.len() < 32 {
         haystack.iter().position(|&b| b == needle)
