@@ -33,6 +33,13 @@ fn bench(c: &mut Criterion) {
         group.bench_function("serialize (serde_json)", |b| {
             b.iter(|| serde_json::to_vec(black_box(&bundle)).unwrap())
         });
+        // The same JSON from the owned tree the bundle builds for inspection: the
+        // executor's document is a linked structure, this a plain `Vec`-backed tree, so
+        // the comparison can be made against either.
+        let tree = bundle.as_node().clone();
+        group.bench_function("serialize tree (serde_json)", |b| {
+            b.iter(|| serde_json::to_vec(black_box(&tree)).unwrap())
+        });
         group.bench_function("map", |b| {
             b.iter(|| pack.map(black_box(&message), &options).unwrap())
         });

@@ -1,6 +1,6 @@
 //! Runs one stage of the mapping bench N times, for instruction counts that a loaded
 //! machine does not skew: `perf stat -e instructions:u target/release/examples/map_loop
-//! oru_r01_chemistry.hl7 map 10000` (stages: `serialize`, `to_json`, `map`, `both`).
+//! oru_r01_chemistry.hl7 map 10000` (stages: `serialize`, `serialize_tree`, `to_json`, `map`, `both`).
 
 #![allow(clippy::unwrap_used)]
 
@@ -26,6 +26,11 @@ fn main() {
         match stage.as_str() {
             "serialize" => {
                 black_box(serde_json::to_vec(black_box(&bundle)).unwrap());
+            }
+            // The same JSON from the owned tree (`Bundle::as_node`), a conventional
+            // `Vec`-backed tree: the other baseline.
+            "serialize_tree" => {
+                black_box(serde_json::to_vec(black_box(bundle.as_node())).unwrap());
             }
             // The writer the engine uses (`Bundle::to_json`).
             "to_json" => {
