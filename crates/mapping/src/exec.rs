@@ -49,8 +49,10 @@ struct Exec<'p, 'm, 'a> {
     resources: Vec<Res<'p>>,
     /// Resources by the digest their id is written from.
     by_id: HashMap<[u8; 16], usize, FastHash>,
-    /// Resources made by pure datatype maps, by (map, input bytes).
-    built: HashMap<(usize, &'a [u8]), usize, FastHash>,
+    /// Resources made by pure datatype maps, by (map, input bytes). Keyed by what the
+    /// sender wrote, so hashed with std's keyed hasher: a message crafted for collisions
+    /// must not make the mapper's one thread quadratic.
+    built: HashMap<(usize, &'a [u8]), usize>,
     /// Emptied value lists, reused by appending rules (rules nest through datatype maps,
     /// so one list per level) instead of allocating one per rule.
     spare_lists: Vec<Vec<Value<'a>>>,
@@ -92,7 +94,7 @@ pub(crate) fn map(
         offset: options.site_offset.or(pack.settings.site_offset),
         resources: Vec::new(),
         by_id: HashMap::with_capacity_and_hasher(32, FastHash::default()),
-        built: HashMap::with_capacity_and_hasher(16, FastHash::default()),
+        built: HashMap::with_capacity(16),
         spare_lists: Vec::new(),
         left_empty: false,
         text: TextReader::new(msg),
@@ -300,17 +302,19 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
             url.clear();
             url.push_str(res.resource_type);
             let identifier = if res.conditional {
-                doc.get(body, "identifier").and_then(|ids| {
-                    doc.children(ids).find_map(|i| {
-                        let system = doc.as_str(doc.get(i, "system")?)?;
-                        let value = doc.as_str(doc.get(i, "value")?)?;
-                        url.push_str("?identifier=");
-                        url_encode_into(&mut url, system);
-                        url.push('|');
-                        url_encode_into(&mut url, value);
-                        Some(())
+                doc.get(body, "identifier")
+                    .filter(|&ids| doc.is_arr(ids))
+                    .and_then(|ids| {
+                        doc.children(ids).find_map(|i| {
+                            let system = doc.as_str(doc.get(i, "system")?)?;
+                            let value = doc.as_str(doc.get(i, "value")?)?;
+                            url.push_str("?identifier=");
+                            url_encode_into(&mut url, system);
+                            url.push('|');
+                            url_encode_into(&mut url, value);
+                            Some(())
+                        })
                     })
-                })
             } else {
                 None
             };

@@ -8,11 +8,11 @@ use std::sync::Arc;
 use crate::expr::{Cond, Source, SrcPath, Target};
 use crate::json::Node;
 
-/// A word-at-a-time multiplicative hash (the scheme of rustc's `FxHasher`), for the short
-/// keys of the executor's per-message maps and of vocabularies: a few instructions per
-/// 8 bytes, where FNV-1a took a multiplication per byte. It does not resist hash
-/// flooding; its maps hold what one message and the pack produce (bounded by the
-/// message's size), never keys gathered across messages.
+/// A word-at-a-time multiplicative hash (the scheme of rustc's `FxHasher`): a few
+/// instructions per 8 bytes, where FNV-1a took a multiplication per byte. It does not
+/// resist hash flooding, so it only keys what a sender cannot choose: vocabularies (fixed
+/// when the pack loads; a sender's code is only looked up in them) and resources by the
+/// SHA-256 digest of their id.
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct WordHash(u64);
 
