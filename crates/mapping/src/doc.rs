@@ -21,7 +21,7 @@ use std::fmt;
 
 use serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
 
-use crate::json::{Key, Node, write_str};
+use crate::json::{Key, Node};
 
 /// A node: its index in the document.
 pub(crate) type Id = u32;
@@ -527,6 +527,52 @@ impl Doc {
     pub(crate) fn view(&self, id: Id) -> View<'_> {
         View { doc: self, id }
     }
+}
+
+/// A JSON string, escaped as serde_json escapes it. Runs of characters that need no
+/// escape are copied whole (a character is never split: every byte escaped is ASCII).
+fn write_str(out: &mut String, s: &str) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    /// The bytes that need an escape: controls, `"` and `\\`.
+    const NEEDS_ESCAPE: [bool; 256] = {
+        let mut table = [false; 256];
+        let mut b = 0;
+        while b < 0x20 {
+            table[b] = true;
+            b += 1;
+        }
+        table[b'"' as usize] = true;
+        table[b'\\' as usize] = true;
+        table
+    };
+    out.push('"');
+    let mut start = 0;
+    for (i, &b) in s.as_bytes().iter().enumerate() {
+        if !NEEDS_ESCAPE[usize::from(b)] {
+            continue;
+        }
+        let escaped = match b {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            b'\t' => "\\t",
+            0x08 => "\\b",
+            0x0c => "\\f",
+            _ => "",
+        };
+        out.push_str(&s[start..i]);
+        if escaped.is_empty() {
+            out.push_str("\\u00");
+            out.push(char::from(HEX[usize::from(b >> 4)]));
+            out.push(char::from(HEX[usize::from(b & 0x0f)]));
+        } else {
+            out.push_str(escaped);
+        }
+        start = i + 1;
+    }
+    out.push_str(&s[start..]);
+    out.push('"');
 }
 
 /// The children of a node, in order.

@@ -1,12 +1,13 @@
 //! An owned, ordered JSON tree ([`Node`]): the constants of a pack, and a bundle's
 //! content when a caller inspects it ([`crate::Bundle::as_node`]). Objects keep the order
 //! in which their members were written and decimals keep the digits the sender sent, as
-//! in the document the executor builds (`doc.rs`), whose JSON writer shares [`write_str`]
-//! with this one.
+//! in the document the executor builds (`doc.rs`), which also writes a `Node`'s JSON.
 
 use std::fmt;
 
 use serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
+
+use crate::doc::Doc;
 
 /// Text in the output tree. Short values (codes, names, dates, most identifiers) are
 /// stored inline, so that most leaves of a bundle cost no allocation of their own.
@@ -149,109 +150,18 @@ impl Node {
         }
     }
 
-    /// Compact or indented JSON.
+    /// Compact or indented JSON, as a bundle's document writes it (the same writer).
     pub fn to_json(&self, pretty: bool) -> String {
-        let mut out = String::with_capacity(4096);
-        self.write(&mut out, pretty, 0);
+        let mut doc = Doc::default();
+        let root = doc.import(self);
+        let mut out = String::with_capacity(doc.json_len_hint());
+        doc.write(root, &mut out, pretty, 0);
         out
     }
-
-    fn write(&self, out: &mut String, pretty: bool, depth: usize) {
-        let newline = |out: &mut String, depth: usize| {
-            if pretty {
-                out.push('\n');
-                for _ in 0..depth {
-                    out.push_str("  ");
-                }
-            }
-        };
-        match self {
-            Node::Str(s) => write_str(out, s),
-            Node::Num(n) => out.push_str(n),
-            Node::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
-            Node::Obj(o) => {
-                out.push('{');
-                for (i, (k, v)) in o.iter().enumerate() {
-                    if i > 0 {
-                        out.push(',');
-                    }
-                    newline(out, depth + 1);
-                    write_str(out, k.as_str());
-                    out.push(':');
-                    if pretty {
-                        out.push(' ');
-                    }
-                    v.write(out, pretty, depth + 1);
-                }
-                if !o.is_empty() {
-                    newline(out, depth);
-                }
-                out.push('}');
-            }
-            Node::Arr(a) => {
-                out.push('[');
-                for (i, v) in a.iter().enumerate() {
-                    if i > 0 {
-                        out.push(',');
-                    }
-                    newline(out, depth + 1);
-                    v.write(out, pretty, depth + 1);
-                }
-                if !a.is_empty() {
-                    newline(out, depth);
-                }
-                out.push(']');
-            }
-        }
-    }
 }
 
-/// A JSON string, escaped as serde_json escapes it. Runs of characters that need no
-/// escape are copied whole (a character is never split: every byte escaped is ASCII).
-pub(crate) fn write_str(out: &mut String, s: &str) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    /// The bytes that need an escape: controls, `"` and `\\`.
-    const NEEDS_ESCAPE: [bool; 256] = {
-        let mut table = [false; 256];
-        let mut b = 0;
-        while b < 0x20 {
-            table[b] = true;
-            b += 1;
-        }
-        table[b'"' as usize] = true;
-        table[b'\\' as usize] = true;
-        table
-    };
-    out.push('"');
-    let mut start = 0;
-    for (i, &b) in s.as_bytes().iter().enumerate() {
-        if !NEEDS_ESCAPE[usize::from(b)] {
-            continue;
-        }
-        let escaped = match b {
-            b'"' => "\\\"",
-            b'\\' => "\\\\",
-            b'\n' => "\\n",
-            b'\r' => "\\r",
-            b'\t' => "\\t",
-            0x08 => "\\b",
-            0x0c => "\\f",
-            _ => "",
-        };
-        out.push_str(&s[start..i]);
-        if escaped.is_empty() {
-            out.push_str("\\u00");
-            out.push(char::from(HEX[usize::from(b >> 4)]));
-            out.push(char::from(HEX[usize::from(b & 0x0f)]));
-        } else {
-            out.push_str(escaped);
-        }
-        start = i + 1;
-    }
-    out.push_str(&s[start..]);
-    out.push('"');
-}
-
+/// Written straight from the tree (not through a document): the mapping bench's
+/// "serialize tree" baseline is this.
 impl Serialize for Node {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         match self {
