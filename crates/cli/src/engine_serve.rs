@@ -143,9 +143,7 @@ async fn serve<S: Store>(
             check_every: None,
         },
         recheck: Recheck::default(),
-        duplicates: Duplicates {
-            window: Duration::from_secs(config.defaults.duplicate_window_s),
-        },
+        duplicates: Duplicates::of(&config),
     };
     let pipeline = match Pipeline::start(Arc::clone(&store), pipeline_config).await {
         Ok(p) => p,

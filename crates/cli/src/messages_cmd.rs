@@ -601,7 +601,11 @@ impl<S: Store> Backend<S> {
     /// Journals (or, for a dry run, checks) a corrected copy of a message.
     async fn resubmit(&self, request: &ops::Resubmission) -> Result<ops::ResubmitResult, String> {
         match self {
-            Backend::Local { store, routing, .. } => {
+            Backend::Local {
+                store,
+                config,
+                routing,
+            } => {
                 let remap_with = |raw: &[u8], listener: &str| match routing {
                     Some(loaded) => route_and_map(loaded, raw, listener),
                     None => Err("the routes were not loaded".to_owned()),
@@ -610,7 +614,9 @@ impl<S: Store> Backend<S> {
                     Some(_) => Some(&remap_with),
                     None => None,
                 };
-                let mut result = ops::resubmit(store.as_ref(), remap, request)
+                // The engine's duplicate check, as `serve` sets it from the same file.
+                let duplicates = passerelle_engine::duplicates::Duplicates::of(config);
+                let mut result = ops::resubmit(store.as_ref(), remap, &duplicates, request)
                     .await
                     .map_err(|refusal| refusal.to_string())?;
                 // Left received: the engine routes it at its start (a running node of a

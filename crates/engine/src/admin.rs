@@ -48,15 +48,9 @@ use passerelle_store::{DeliveryState, MessageState, Store};
 use serde::Deserialize;
 
 use crate::metrics::label;
+use crate::now_ms;
 use crate::ops::{self, ListFilter};
 use crate::pipeline::Pipeline;
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
 
 /// Reads the listeners' counters: (listener name, stats).
 pub type ListenerStats = Arc<dyn Fn() -> Vec<(String, Stats)> + Send + Sync>;
@@ -508,7 +502,8 @@ async fn resubmit<S: Store>(
     let pipeline = &admin.pipeline;
     let remap = |raw: &[u8], listener: &str| pipeline.remap(raw, listener);
     let store = pipeline.store().as_ref();
-    let mut result = match ops::resubmit(store, Some(&remap), &resubmission).await {
+    let duplicates = pipeline.duplicates();
+    let mut result = match ops::resubmit(store, Some(&remap), duplicates, &resubmission).await {
         Ok(result) => result,
         Err(refusal) => {
             let status = match &refusal {

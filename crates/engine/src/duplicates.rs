@@ -50,6 +50,15 @@ pub struct Duplicates {
     pub window: Duration,
 }
 
+impl Duplicates {
+    /// The setting in a configuration (`[defaults] duplicate_window_s`).
+    pub fn of(config: &crate::config::EngineConfig) -> Duplicates {
+        Duplicates {
+            window: Duration::from_secs(config.defaults.duplicate_window_s),
+        }
+    }
+}
+
 impl Default for Duplicates {
     fn default() -> Self {
         Duplicates {
@@ -111,6 +120,30 @@ pub(crate) async fn earlier_copy<S: Store>(
         }
     }
     Ok(None)
+}
+
+/// Resubmissions followed back from a corrected copy, at most, for its duplicate check.
+const CHAIN_MAX: usize = 32;
+
+/// The messages an operator's corrected copy of `from` corrects: `from`, its original,
+/// and so on (at most [`CHAIN_MAX`], against a loop in damaged records). A purged or
+/// unreadable link ends the chain.
+pub(crate) async fn corrected_chain<S: Store>(
+    store: &S,
+    mut from: Option<MessageId>,
+) -> Vec<MessageId> {
+    let mut chain = Vec::new();
+    while let Some(id) = from {
+        if chain.len() >= CHAIN_MAX || chain.contains(&id) {
+            break;
+        }
+        chain.push(id);
+        from = match store.get(id).await {
+            Ok(Some(r)) => r.links.resubmitted_from,
+            _ => None,
+        };
+    }
+    chain
 }
 
 /// Whether two frames are the same message: the same bytes, MSH-7 aside.

@@ -30,6 +30,14 @@ pub mod routes;
 
 pub use location::{ConfigError, ConfigErrors};
 
+/// The wall clock in milliseconds since the Unix epoch, as the store records times.
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
 /// The mapping packs in `mappings_dir`: its folders that hold a `pack.toml`, by name.
 pub fn known_packs(mappings_dir: &std::path::Path) -> Vec<String> {
     passerelle_mapping::packs_in(mappings_dir)

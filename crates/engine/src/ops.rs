@@ -27,6 +27,8 @@ use passerelle_store::{
     ReplaySelection, Store,
 };
 use serde::{Deserialize, Serialize};
+
+use crate::duplicates::{Duplicates, corrected_chain, earlier_copy};
 use serde_json::{Value, json};
 
 /// Routes and maps a stored frame with the current configuration (raw bytes, listener).
@@ -540,13 +542,16 @@ impl std::fmt::Display for ResubmitRefusal {
 /// Checks a corrected frame and, unless it is a dry run, journals it as a copy of its
 /// original, linked both ways ([`Store::resubmit`]). The copy is then `received`: the caller
 /// routes it (a running engine, [`crate::pipeline::Pipeline::route_journaled`]) or leaves
-/// it to the engine's next start. A dry run routes and maps it with `remap_with` when
-/// given. Refused, with nothing stored: an empty frame, one that does not parse (with the
+/// it to the engine's next start. A dry run tells what the engine would do with it: a
+/// duplicate of an earlier message (the engine's check, with `duplicates`, the engine's
+/// setting, and the same exemption for the messages it corrects), or else its routing and
+/// mapping with `remap_with` when given. Refused, with nothing stored: an empty frame, one that does not parse (with the
 /// parser's located error), the original's own bytes (that is a replay), an original that
 /// does not exist. Logs ids and sizes, never the frame.
 pub async fn resubmit<S: Store>(
     store: &S,
     remap_with: Option<Remap<'_>>,
+    duplicates: &Duplicates,
     request: &Resubmission,
 ) -> Result<ResubmitResult, ResubmitRefusal> {
     let Resubmission {
@@ -598,6 +603,33 @@ pub async fn resubmit<S: Store>(
         )
     });
     if *dry_run {
+        // What the engine checks first, before routing: is the copy a sender's earlier
+        // message (journaled before it, on its way), other than those it corrects?
+        let corrects = corrected_chain(store, Some(original)).await;
+        let earlier = earlier_copy(
+            store,
+            duplicates,
+            MessageId::MAX,
+            crate::now_ms(),
+            &header,
+            frame,
+            &corrects,
+        )
+        .await
+        .map_err(store_error)?;
+        if let Some(of) = earlier {
+            return Ok(ResubmitResult {
+                original,
+                id: None,
+                state: None,
+                ok: false,
+                warning,
+                message: format!(
+                    "would be journaled as a new {} message, resubmitted from {original}, and                      kept as a duplicate of message {of} (the same message, already on its                      way), not routed (dry run)",
+                    header.kind()
+                ),
+            });
+        }
         let (ok, would) = match remap_with {
             None => (true, String::new()),
             Some(remap) => {

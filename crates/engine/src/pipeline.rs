@@ -45,8 +45,9 @@ use passerelle_store::{
 use tokio::sync::{Notify, mpsc};
 use tracing::{debug, error, info, warn};
 
-use crate::duplicates::{Duplicates, earlier_copy};
+use crate::duplicates::{Duplicates, corrected_chain, earlier_copy};
 use crate::metrics::{AttemptOutcome, Metrics, QueueMetrics};
+use crate::now_ms;
 use crate::routes::{Destination, Route, RouteTable};
 
 /// What to answer for a message no route wants.
@@ -169,9 +170,6 @@ const MAPPER_FRAME_MAX: usize = 16 * 1024;
 const LEASE_CHUNK: usize = 16;
 /// Jobs waiting for the mapper; when it is full, ACKs wait (backpressure).
 const MAPPER_QUEUE: usize = 1024;
-
-/// Resubmissions followed back from a corrected copy, at most, for its duplicate check.
-const CHAIN_MAX: usize = 32;
 
 /// Messages a recheck looks at, at most (the oldest received).
 const RECHECK_BATCH: usize = 256;
@@ -369,6 +367,11 @@ impl<S: Store> Pipeline<S> {
     /// The store the pipeline journals into.
     pub fn store(&self) -> &Arc<S> {
         &self.inner.store
+    }
+
+    /// The duplicate check's setting.
+    pub fn duplicates(&self) -> &Duplicates {
+        &self.inner.config.duplicates
     }
 
     /// The pipeline's counters and histograms.
@@ -577,24 +580,6 @@ impl<S: Store> Pipeline<S> {
         matches!(tokio::time::timeout(wait, finished).await, Ok(Ok(())))
     }
 
-    /// The messages an operator's corrected copy corrects: its original, the original's
-    /// original, and so on (at most [`CHAIN_MAX`], against a loop in damaged records).
-    async fn corrected_chain(&self, mut from: Option<MessageId>) -> Vec<MessageId> {
-        let mut chain = Vec::new();
-        while let Some(id) = from {
-            if chain.len() >= CHAIN_MAX || chain.contains(&id) {
-                break;
-            }
-            chain.push(id);
-            from = match self.inner.store.get(id).await {
-                Ok(Some(r)) => r.links.resubmitted_from,
-                // Purged, or unreadable: the chain stops there.
-                _ => None,
-            };
-        }
-        chain
-    }
-
     /// Starts the mapper on a thread of its own, driven by the runtime's I/O and timers.
     ///
     /// Why not a task: mapping is CPU work and the store's calls block on its locks. As a
@@ -763,7 +748,8 @@ impl<S: Store> Pipeline<S> {
                     Some(l) => (l, now_ms(), Vec::new()),
                     None => match store.get(id).await.ok().flatten() {
                         Some(r) => {
-                            let corrects = self.corrected_chain(r.links.resubmitted_from).await;
+                            let corrects =
+                                corrected_chain(store.as_ref(), r.links.resubmitted_from).await;
                             let listener = Arc::from(r.routing_listener());
                             (listener, r.received_at_ms, corrects)
                         }
@@ -1068,13 +1054,6 @@ fn route_and_map_with(
             error: e.to_string(),
         },
     }
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 impl<S: Store> Handler for Pipeline<S> {

@@ -393,6 +393,78 @@ async fn a_copy_is_not_a_duplicate_of_its_original_but_a_resend_still_is() {
     assert_eq!(state_of(&store, resend).await, MessageState::Duplicate);
 }
 
+/// A correction that is, apart from MSH-7, a message the sender already sent (and the
+/// engine routed) is a duplicate of it: the dry run says so, as the engine then records it,
+/// instead of promising a delivery that will not happen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dry_run_tells_a_copy_that_the_sender_already_sent() {
+    let engine = Harness::new(ROUTE);
+    let store = Arc::clone(&engine.store);
+    let (listener, pipeline) = engine
+        .start_with(UnroutedAnswer::Accept, Default::default())
+        .await;
+    let base = serve_admin(pipeline).await;
+    let mut client = Client::new(ClientConfig::new(listener.local_addr().to_string())).unwrap();
+
+    // The sender's message fails its mapping; the sender then sends it fixed itself.
+    assert!(accepted(
+        &client
+            .send(&with_birth_date("19781399"))
+            .await
+            .unwrap()
+            .code
+    ));
+    let original = store.list(&all()).await.unwrap().items[0].id;
+    let fixed_by_sender = fixture("adt_a01_admit.hl7");
+    assert!(accepted(&client.send(&fixed_by_sender).await.unwrap().code));
+    let sent_again = store.list(&all()).await.unwrap().items[1].id;
+    wait_delivered(&store, sent_again).await;
+    assert_eq!(
+        state_of(&store, original).await,
+        MessageState::MappingFailed
+    );
+
+    // The operator, unaware, resubmits the same correction (stamped anew).
+    let correction = restamped(&fixed_by_sender);
+    let (status, text) = post(
+        &base,
+        Some(TOKEN),
+        &resubmission(original, &correction, true),
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    let answer: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(answer["ok"], false, "{answer}");
+    let message = answer["message"].as_str().unwrap();
+    assert!(
+        message.contains(&format!("duplicate of message {sent_again}"))
+            && message.contains("dry run"),
+        "{message}"
+    );
+    assert_eq!(
+        total_messages(&store).await,
+        2,
+        "a dry run journals nothing"
+    );
+
+    // Done for real, the engine records what the dry run said.
+    let (status, text) = post(
+        &base,
+        Some(TOKEN),
+        &resubmission(original, &correction, false),
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    let answer: Value = serde_json::from_str(&text).unwrap();
+    let copy = answer["id"].as_u64().unwrap();
+    wait_until("the copy to be routed", || {
+        let store = Arc::clone(&store);
+        async move { state_of(&store, copy).await != MessageState::Received }
+    })
+    .await;
+    assert_eq!(state_of(&store, copy).await, MessageState::Duplicate);
+}
+
 /// Resubmitted on the store while no engine runs (`passerelle messages resubmit` without a
 /// server): the copy waits as received, and the engine's start routes it, as its
 /// original's listener, and delivers it.
@@ -483,7 +555,9 @@ async fn the_dead_deliveries_of_the_original_stay_dead_and_are_named() {
         origin: "operator".into(),
         dry_run: false,
     };
-    let result = ops::resubmit(store.as_ref(), None, &request).await.unwrap();
+    let result = ops::resubmit(store.as_ref(), None, &Default::default(), &request)
+        .await
+        .unwrap();
     let warning = result.warning.unwrap();
     assert!(
         warning.contains(&format!(
