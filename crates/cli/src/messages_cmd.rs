@@ -61,15 +61,21 @@ pub(crate) struct MessagesArgs {
 
 #[derive(Debug, Subcommand)]
 enum MessagesCommand {
-    /// List messages, oldest first, filtered.
+    /// List messages, oldest first (or newest first), filtered.
     List {
         #[command(flatten)]
         filter: FilterArgs,
         #[arg(long, default_value_t = 50)]
         limit: usize,
-        /// Page after this id.
-        #[arg(long)]
+        /// Page after this id (oldest first).
+        #[arg(long, conflicts_with = "newest_first")]
         after: Option<MessageId>,
+        /// The last journaled first: what just failed, at the top.
+        #[arg(long)]
+        newest_first: bool,
+        /// Page below this id (with --newest-first).
+        #[arg(long, requires = "newest_first")]
+        before: Option<MessageId>,
         #[arg(long)]
         json: bool,
     },
@@ -186,6 +192,8 @@ impl FilterArgs {
             control_id: self.control_id.clone(),
             key: self.key.clone(),
             after: None,
+            before: None,
+            newest_first: false,
             limit: None,
         })
     }
@@ -541,6 +549,7 @@ impl<S: Store> Backend<S> {
             Backend::Remote(_) => {
                 let mut filter = filter.clone();
                 filter.limit = Some(ops::MAX_PAGE);
+                filter.newest_first = false;
                 let mut ids = Vec::new();
                 loop {
                     let page = self.list(&filter).await?;
@@ -720,11 +729,15 @@ async fn execute<S: Store>(
             filter,
             limit,
             after,
+            newest_first,
+            before,
             json,
         } => {
             let mut filter = filter.to_filter(site_offset)?;
             filter.limit = Some(*limit);
             filter.after = *after;
+            filter.newest_first = *newest_first;
+            filter.before = *before;
             filter.query()?;
             let page = backend.list(&filter).await?;
             if *json {
@@ -738,7 +751,11 @@ async fn execute<S: Store>(
                     outln!(out, "{}", summary_line(r, site_offset));
                 }
                 if let Some(next) = page["next"].as_u64() {
-                    outln!(out, "… more: --after {next}");
+                    if *newest_first {
+                        outln!(out, "… more: --newest-first --before {next}");
+                    } else {
+                        outln!(out, "… more: --after {next}");
+                    }
                 }
             }
             Ok(ExitCode::SUCCESS)

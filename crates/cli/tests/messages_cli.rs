@@ -183,6 +183,9 @@ fn on_a_stopped_engine_store() {
     assert_eq!(listed(&["--since", printed]), 2, "--since {printed}");
     assert_eq!(listed(&["--until", printed]), 0, "--until {printed}");
 
+    // Newest first, a page at a time: the next page is below the last id shown.
+    newest_first_pages(&local);
+
     // Nobody reading: no panic, and the replay is done and flushed.
     for args in [vec!["list"], vec!["show", &adt]] {
         let (code, stderr) =
@@ -253,6 +256,48 @@ fn recording_relay(upstream: String) -> (String, Arc<Mutex<Vec<u8>>>) {
     (addr, seen)
 }
 
+/// A command's exit code, stdout and stderr.
+type Outcome = (Option<i32>, String, String);
+
+/// `list --newest-first` pages down from the newest of the two messages (the ORU, sent
+/// last) with `--before`, and says how to get the next page.
+fn newest_first_pages(list: &dyn Fn(&[&str]) -> Outcome) {
+    let ids = |stdout: &str| -> Vec<u64> {
+        let doc: serde_json::Value = serde_json::from_str(stdout).unwrap();
+        doc["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["id"].as_u64().unwrap())
+            .collect()
+    };
+    let (code, stdout, stderr) = list(&["list", "--json"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let oldest_first = ids(&stdout);
+    assert_eq!(oldest_first.len(), 2, "{stdout}");
+    let (newer, older) = (oldest_first[1], oldest_first[0]);
+    let (code, stdout, stderr) = list(&["list", "--newest-first", "--limit", "1"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(
+        lines[1].split_whitespace().next(),
+        Some(newer.to_string().as_str()),
+        "{stdout}"
+    );
+    assert_eq!(
+        lines.last().copied(),
+        Some(format!("… more: --newest-first --before {newer}").as_str()),
+        "{stdout}"
+    );
+    let before = newer.to_string();
+    let (code, stdout, stderr) = list(&["list", "--newest-first", "--before", &before, "--json"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(ids(&stdout), [older], "{stdout}");
+    // --before pages newest first only.
+    let (code, _, stderr) = list(&["list", "--before", &before]);
+    assert_eq!(code, Some(2), "{stderr}");
+}
+
 #[test]
 fn through_the_running_engine() {
     let dir = tempfile::tempdir().unwrap();
@@ -284,6 +329,9 @@ fn through_the_running_engine() {
             && !stderr.contains("WouldBlock"),
         "{stderr}"
     );
+
+    // The same lists through the engine's API.
+    newest_first_pages(&|args: &[&str]| run(messages(&config, Some("t0k")).args(args)));
 
     // Replays through the API count like local ones.
     let (code, stdout, stderr) = run(messages(&config, Some("t0k")).args(["replay", &oru]));

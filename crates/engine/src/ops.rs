@@ -52,8 +52,16 @@ pub struct ListFilter {
     pub until: Option<String>,
     pub control_id: Option<String>,
     pub key: Option<String>,
-    /// Page after this id.
+    /// Page after this id (oldest first).
     pub after: Option<MessageId>,
+    /// Page below this id (newest first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub before: Option<MessageId>,
+    /// The last journaled first; the next page is `before` = the page's `next`. Left out
+    /// when false, so that an older engine, which refuses fields it does not know, still
+    /// takes the usual lists.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub newest_first: bool,
     pub limit: Option<usize>,
 }
 
@@ -69,6 +77,8 @@ impl ListFilter {
             control_id: self.control_id.clone(),
             ordering_key: self.key.clone(),
             after: self.after,
+            before: self.before,
+            newest_first: self.newest_first,
             limit: self.limit.unwrap_or(50).clamp(1, MAX_PAGE),
             ..Query::default()
         };
@@ -115,6 +125,8 @@ impl ListFilter {
             control_id,
             key,
             after: _,
+            before: _,
+            newest_first: _,
             limit: _,
         } = self;
         [state, route, dest, since, until, control_id, key]
@@ -175,13 +187,15 @@ pub async fn list<S: Store>(store: &S, filter: &ListFilter) -> Result<Value, Str
     }))
 }
 
-/// Every id a filter selects, oldest first, page by page.
+/// Every id a filter selects, oldest first (whatever the filter's order: a replay keeps
+/// the journal's order), page by page.
 pub async fn select_ids<S: Store>(
     store: &S,
     filter: &ListFilter,
 ) -> Result<Vec<MessageId>, String> {
     let mut query = filter.query()?;
     query.limit = MAX_PAGE;
+    query.newest_first = false;
     let mut ids = Vec::new();
     loop {
         let page = store.list(&query).await.map_err(|e| e.to_string())?;

@@ -88,6 +88,7 @@ pub async fn run_all<S: Store, F: Future<Output = S>>(mut make: impl FnMut(Arc<M
     expired_leases_return_and_stale_completions_are_refused(make_with(&mut make).await).await;
     counts_follow_states(make(clock()).await).await;
     list_filters_and_pages(make(clock()).await).await;
+    list_newest_first_pages_down(make(clock()).await).await;
     unprocessed_and_outcomes(make(clock()).await).await;
     purge_and_retention(make_with(&mut make).await).await;
     oldest_unfinished_follows_the_queue(make_with(&mut make).await).await;
@@ -598,6 +599,58 @@ pub async fn list_filters_and_pages<S: Store>(store: S) {
         .await
         .unwrap();
     assert_eq!(by_dest.items.len(), 5);
+}
+
+/// Newest first: pages go down from the last id, `before` = the previous page's `next`;
+/// the index look-ups (control id, ordering key) and the `after` bound hold too.
+pub async fn list_newest_first_pages_down<S: Store>(store: S) {
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let key = if i % 2 == 0 { "EVEN" } else { "ODD" };
+        ids.push(journal_mapped(&store, &format!("N{i}"), &[("fhir", key)]).await);
+    }
+    let newest = |before: Option<MessageId>, after: Option<MessageId>, limit: usize| Query {
+        newest_first: true,
+        before,
+        after,
+        limit,
+        ..Query::default()
+    };
+    let ids_of = |page: &Page| page.items.iter().map(|r| r.id).collect::<Vec<_>>();
+    let page1 = store.list(&newest(None, None, 2)).await.unwrap();
+    assert_eq!(ids_of(&page1), [ids[4], ids[3]]);
+    assert_eq!(page1.next, Some(ids[3]));
+    let page2 = store.list(&newest(page1.next, None, 2)).await.unwrap();
+    assert_eq!(ids_of(&page2), [ids[2], ids[1]]);
+    let page3 = store.list(&newest(page2.next, None, 2)).await.unwrap();
+    assert_eq!(ids_of(&page3), [ids[0]]);
+    assert_eq!(page3.next, None);
+    let above = store.list(&newest(None, Some(ids[1]), 10)).await.unwrap();
+    assert_eq!(ids_of(&above), [ids[4], ids[3], ids[2]]);
+    let by_key = store
+        .list(&Query {
+            ordering_key: Some("ODD".into()),
+            ..newest(None, None, 10)
+        })
+        .await
+        .unwrap();
+    assert_eq!(ids_of(&by_key), [ids[3], ids[1]]);
+    let by_key_below = store
+        .list(&Query {
+            ordering_key: Some("EVEN".into()),
+            ..newest(Some(ids[4]), None, 10)
+        })
+        .await
+        .unwrap();
+    assert_eq!(ids_of(&by_key_below), [ids[2], ids[0]]);
+    let by_control = store
+        .list(&Query {
+            control_id: Some("N3".into()),
+            ..newest(None, None, 10)
+        })
+        .await
+        .unwrap();
+    assert_eq!(ids_of(&by_control), [ids[3]]);
 }
 
 pub async fn unprocessed_and_outcomes<S: Store>(store: S) {

@@ -1752,13 +1752,14 @@ impl Store for PgStore {
         }
         let fetch = bind(Box::new(big(limit as u64).saturating_add(1)));
         let sql = format!(
-            "SELECT {} FROM passerelle_messages m WHERE {} ORDER BY m.id LIMIT {fetch}",
+            "SELECT {} FROM passerelle_messages m WHERE {} ORDER BY m.id {} LIMIT {fetch}",
             MESSAGE_COLUMNS
                 .split(", ")
                 .map(|c| format!("m.{c}"))
                 .collect::<Vec<_>>()
                 .join(", "),
-            conditions.join(" AND ")
+            conditions.join(" AND "),
+            if q.newest_first { "DESC" } else { "ASC" }
         );
         on_connection!(self, "list", |c| async {
             let tx = c.transaction().await?;

@@ -1561,22 +1561,32 @@ impl Store for SledStore {
     async fn list(&self, query: &Query) -> Result<Page, StoreError> {
         let limit = if query.limit == 0 { 100 } else { query.limit };
         let start = query.after.map_or(0, |a| a.saturating_add(1));
+        let backward = query.newest_first;
+        let id_of = |e: Result<(Vec<u8>, sled::IVec), sled::Error>| {
+            e.map_err(StoreError::from)
+                .and_then(|(k, _)| read_be(&k).ok_or(StoreError::NotFound(0)))
+        };
         // Index look-ups narrow the scan when a control id or ordering key is given.
         let candidates: Box<dyn Iterator<Item = Result<MessageId, StoreError>>> =
             match (&query.control_id, &query.ordering_key) {
-                (Some(c), _) => Box::new(self.index_ids(b'c', c, start)),
-                (None, Some(k)) => Box::new(self.index_ids(b'k', k, start)),
-                (None, None) => Box::new(self.messages.range_from(be(start)).map(|e| {
-                    e.map_err(StoreError::from)
-                        .and_then(|(k, _)| read_be(&k).ok_or(StoreError::NotFound(0)))
-                })),
+                (Some(c), _) => Box::new(self.index_ids(b'c', c, start, backward)),
+                (None, Some(k)) => Box::new(self.index_ids(b'k', k, start, backward)),
+                (None, None) if backward => {
+                    let end = query.before.unwrap_or(MessageId::MAX);
+                    Box::new(self.messages.range_backward(be(start), be(end)).map(id_of))
+                }
+                (None, None) => Box::new(self.messages.range_from(be(start)).map(id_of)),
             };
         let mut items = Vec::new();
         let mut next = None;
         for id in candidates {
             let id = id?;
-            // Candidates come in id order.
-            if query.before.is_some_and(|before| id >= before) {
+            // Candidates come in id order, decreasing when backward.
+            let beyond_before = query.before.is_some_and(|before| id >= before);
+            if backward && beyond_before {
+                continue;
+            }
+            if beyond_before || id < start {
                 break;
             }
             let record = match self.read_message(id) {
@@ -1625,11 +1635,14 @@ impl Store for SledStore {
 }
 
 impl SledStore {
+    /// The ids an index entry names, from `start` on, in id order (decreasing when
+    /// `backward`).
     fn index_ids(
         &self,
         kind: u8,
         value: &str,
         start: MessageId,
+        backward: bool,
     ) -> impl Iterator<Item = Result<MessageId, StoreError>> + '_ {
         let mut prefix = vec![kind];
         prefix.extend_from_slice(value.as_bytes());
@@ -1646,6 +1659,9 @@ impl SledStore {
             .collect();
         // A message queued for several destinations with one key is indexed once per delivery.
         ids.dedup_by(|a, b| matches!((a, b), (Ok(x), Ok(y)) if x == y));
+        if backward {
+            ids.reverse();
+        }
         ids.into_iter()
     }
 }

@@ -372,10 +372,14 @@ pub struct Query {
     pub until_ms: Option<Millis>,
     pub control_id: Option<String>,
     pub ordering_key: Option<String>,
-    /// Page after this id (exclusive); pages go by increasing id.
+    /// Only ids above this one (exclusive). Pages go by increasing id: the next page is
+    /// `after` = [`Page::next`].
     pub after: Option<MessageId>,
     /// Only ids below this one (exclusive): messages journaled before it.
     pub before: Option<MessageId>,
+    /// Pages go by decreasing id, the last journaled first: the next page is `before` =
+    /// [`Page::next`].
+    pub newest_first: bool,
     pub limit: usize,
 }
 

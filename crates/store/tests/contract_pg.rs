@@ -62,7 +62,7 @@ async fn postgres_passes_the_store_contract() {
     .await;
     assert_eq!(
         databases.load(Ordering::SeqCst),
-        13,
+        14,
         "every check ran on a store of its own"
     );
 }
