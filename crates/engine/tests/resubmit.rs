@@ -10,7 +10,7 @@ use std::sync::atomic::AtomicBool;
 use base64::Engine as _;
 use passerelle_engine::admin::{Admin, router};
 use passerelle_engine::pipeline::{Pipeline, UnroutedAnswer};
-use passerelle_mllp::{Client, ClientConfig};
+use passerelle_mllp::{Client, ClientConfig, RunningListener};
 use passerelle_store::{
     DeliveryState, JournalMeta, MessageId, MessageState, Query, SledStore, Store,
 };
@@ -40,6 +40,37 @@ async fn serve_admin(pipeline: Pipeline<SledStore>) -> String {
     format!("http://{addr}")
 }
 
+/// An engine on [`ROUTE`] with its admin API served, and a sender connected to it.
+struct Running {
+    /// The engine's files (the NDJSON output under `out`).
+    engine: Harness,
+    store: Arc<SledStore>,
+    /// Kept: dropping it closes the listener.
+    _listener: RunningListener,
+    /// The admin API's base URL.
+    base: String,
+    client: Client,
+}
+
+impl Running {
+    async fn start() -> Running {
+        let engine = Harness::new(ROUTE);
+        let store = Arc::clone(&engine.store);
+        let (listener, pipeline) = engine
+            .start_with(UnroutedAnswer::Accept, Default::default())
+            .await;
+        let base = serve_admin(pipeline).await;
+        let client = Client::new(ClientConfig::new(listener.local_addr().to_string())).unwrap();
+        Running {
+            engine,
+            store,
+            _listener: listener,
+            base,
+            client,
+        }
+    }
+}
+
 /// `POST /api/messages/resubmit` with `body`; the status and the answer's text.
 async fn post(base: &str, token: Option<&str>, body: &Value) -> (u16, String) {
     let mut request = reqwest::Client::new()
@@ -51,6 +82,18 @@ async fn post(base: &str, token: Option<&str>, body: &Value) -> (u16, String) {
     let response = request.send().await.unwrap();
     let status = response.status().as_u16();
     (status, response.text().await.unwrap())
+}
+
+/// A resubmission the admin API takes (200): its JSON answer.
+async fn accepted_resubmission(
+    base: &str,
+    original: MessageId,
+    frame: &[u8],
+    dry_run: bool,
+) -> Value {
+    let (status, text) = post(base, Some(TOKEN), &resubmission(original, frame, dry_run)).await;
+    assert_eq!(status, 200, "{text}");
+    serde_json::from_str(&text).unwrap()
 }
 
 fn resubmission(original: MessageId, frame: &[u8], dry_run: bool) -> Value {
@@ -97,14 +140,14 @@ async fn state_of(store: &SledStore, id: MessageId) -> MessageState {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrected_copy_is_routed_as_its_original_and_delivered() {
-    let engine = Harness::new(ROUTE);
-    let store = Arc::clone(&engine.store);
+    let Running {
+        engine,
+        store,
+        base,
+        mut client,
+        ..
+    } = Running::start().await;
     let patients = engine.work.path().join("out/Patient.ndjson");
-    let (listener, pipeline) = engine
-        .start_with(UnroutedAnswer::Accept, Default::default())
-        .await;
-    let base = serve_admin(pipeline).await;
-    let mut client = Client::new(ClientConfig::new(listener.local_addr().to_string())).unwrap();
 
     let ack = client.send(&with_birth_date("19781399")).await.unwrap();
     assert!(
@@ -125,9 +168,7 @@ async fn a_corrected_copy_is_routed_as_its_original_and_delivered() {
     assert_eq!(status, 401);
 
     // A dry run says what would happen, with the running configuration, and stores nothing.
-    let (status, text) = post(&base, Some(TOKEN), &resubmission(original, &fixed, true)).await;
-    assert_eq!(status, 200, "{text}");
-    let answer: Value = serde_json::from_str(&text).unwrap();
+    let answer = accepted_resubmission(&base, original, &fixed, true).await;
     assert_eq!(answer["ok"], true, "{answer}");
     assert!(answer["id"].is_null(), "{answer}");
     let message = answer["message"].as_str().unwrap();
@@ -138,9 +179,7 @@ async fn a_corrected_copy_is_routed_as_its_original_and_delivered() {
     );
     assert_eq!(total_messages(&store).await, 1);
 
-    let (status, text) = post(&base, Some(TOKEN), &resubmission(original, &fixed, false)).await;
-    assert_eq!(status, 200, "{text}");
-    let answer: Value = serde_json::from_str(&text).unwrap();
+    let answer = accepted_resubmission(&base, original, &fixed, false).await;
     assert_eq!(answer["ok"], true, "{answer}");
     assert_eq!(
         answer["state"], "mapped",
@@ -222,14 +261,7 @@ async fn a_replayed_copy_is_routed_as_its_original() {
 
     // Corrected, but wrongly again (month 13): the copy fails its mapping too.
     let still_wrong = with_birth_date("19781332");
-    let (status, text) = post(
-        &base,
-        Some(TOKEN),
-        &resubmission(original, &still_wrong, false),
-    )
-    .await;
-    assert_eq!(status, 200, "{text}");
-    let answer: Value = serde_json::from_str(&text).unwrap();
+    let answer = accepted_resubmission(&base, original, &still_wrong, false).await;
     assert_eq!(answer["state"], "mapping_failed", "{answer}");
     let copy = answer["id"].as_u64().unwrap();
 
@@ -348,13 +380,12 @@ async fn bad_resubmissions_are_refused_and_store_nothing() {
 /// way; a sender's resend of the copy is still a duplicate.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_copy_is_not_a_duplicate_of_its_original_but_a_resend_still_is() {
-    let engine = Harness::new(ROUTE);
-    let store = Arc::clone(&engine.store);
-    let (listener, pipeline) = engine
-        .start_with(UnroutedAnswer::Accept, Default::default())
-        .await;
-    let base = serve_admin(pipeline).await;
-    let mut client = Client::new(ClientConfig::new(listener.local_addr().to_string())).unwrap();
+    let Running {
+        store,
+        base,
+        mut client,
+        ..
+    } = Running::start().await;
 
     let frame = fixture("adt_a01_admit.hl7");
     assert!(accepted(&client.send(&frame).await.unwrap().code));
@@ -362,14 +393,7 @@ async fn a_copy_is_not_a_duplicate_of_its_original_but_a_resend_still_is() {
     wait_delivered(&store, original).await;
 
     let copy_frame = restamped(&frame);
-    let (status, text) = post(
-        &base,
-        Some(TOKEN),
-        &resubmission(original, &copy_frame, false),
-    )
-    .await;
-    assert_eq!(status, 200, "{text}");
-    let answer: Value = serde_json::from_str(&text).unwrap();
+    let answer = accepted_resubmission(&base, original, &copy_frame, false).await;
     let copy = answer["id"].as_u64().unwrap();
     assert_eq!(answer["state"], "mapped", "{answer}");
     assert_eq!(state_of(&store, copy).await, MessageState::Mapped);
@@ -398,13 +422,12 @@ async fn a_copy_is_not_a_duplicate_of_its_original_but_a_resend_still_is() {
 /// instead of promising a delivery that will not happen.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dry_run_tells_a_copy_that_the_sender_already_sent() {
-    let engine = Harness::new(ROUTE);
-    let store = Arc::clone(&engine.store);
-    let (listener, pipeline) = engine
-        .start_with(UnroutedAnswer::Accept, Default::default())
-        .await;
-    let base = serve_admin(pipeline).await;
-    let mut client = Client::new(ClientConfig::new(listener.local_addr().to_string())).unwrap();
+    let Running {
+        store,
+        base,
+        mut client,
+        ..
+    } = Running::start().await;
 
     // The sender's message fails its mapping; the sender then sends it fixed itself.
     assert!(accepted(
@@ -426,14 +449,7 @@ async fn a_dry_run_tells_a_copy_that_the_sender_already_sent() {
 
     // The operator, unaware, resubmits the same correction (stamped anew).
     let correction = restamped(&fixed_by_sender);
-    let (status, text) = post(
-        &base,
-        Some(TOKEN),
-        &resubmission(original, &correction, true),
-    )
-    .await;
-    assert_eq!(status, 200, "{text}");
-    let answer: Value = serde_json::from_str(&text).unwrap();
+    let answer = accepted_resubmission(&base, original, &correction, true).await;
     assert_eq!(answer["ok"], false, "{answer}");
     let message = answer["message"].as_str().unwrap();
     assert!(
@@ -448,14 +464,7 @@ async fn a_dry_run_tells_a_copy_that_the_sender_already_sent() {
     );
 
     // Done for real, the engine records what the dry run said.
-    let (status, text) = post(
-        &base,
-        Some(TOKEN),
-        &resubmission(original, &correction, false),
-    )
-    .await;
-    assert_eq!(status, 200, "{text}");
-    let answer: Value = serde_json::from_str(&text).unwrap();
+    let answer = accepted_resubmission(&base, original, &correction, false).await;
     let copy = answer["id"].as_u64().unwrap();
     wait_until("the copy to be routed", || {
         let store = Arc::clone(&store);
