@@ -152,7 +152,8 @@ impl DateTime {
         out
     }
 
-    fn write_fhir_date(&self, out: &mut String) {
+    /// [`DateTime::to_fhir_date`], appended to `out`.
+    pub fn write_fhir_date(&self, out: &mut String) {
         push_digits(out, u32::from(self.year), 4);
         if self.precision >= Precision::Month {
             out.push('-');
@@ -184,22 +185,27 @@ impl DateTime {
     /// applies the site's summer time).
     pub fn to_fhir_datetime_at(&self, offset: i16) -> String {
         let mut out = String::with_capacity(32);
-        self.write_fhir_date(&mut out);
+        self.write_fhir_datetime_at(offset, &mut out);
+        out
+    }
+
+    /// [`DateTime::to_fhir_datetime_at`], appended to `out`.
+    pub fn write_fhir_datetime_at(&self, offset: i16, out: &mut String) {
+        self.write_fhir_date(out);
         if !self.has_time() {
-            return out;
+            return;
         }
         out.push('T');
-        push_digits(&mut out, u32::from(self.hour), 2);
+        push_digits(out, u32::from(self.hour), 2);
         out.push(':');
-        push_digits(&mut out, u32::from(self.minute), 2);
+        push_digits(out, u32::from(self.minute), 2);
         out.push(':');
-        push_digits(&mut out, u32::from(self.second), 2);
+        push_digits(out, u32::from(self.second), 2);
         if let Precision::Fraction(n) = self.precision {
             out.push('.');
-            push_digits(&mut out, self.fraction, usize::from(n));
+            push_digits(out, self.fraction, usize::from(n));
         }
-        push_offset(&mut out, offset, true);
-        out
+        push_offset(out, offset, true);
     }
 
     /// Milliseconds since 1970-01-01 UTC, reading a missing offset as `default_offset`

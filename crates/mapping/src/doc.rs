@@ -148,6 +148,14 @@ impl Doc {
         self.text_node(Kind::Str, start)
     }
 
+    /// A string that `write` appends to the text buffer itself (a date formatted in
+    /// place, without a string of its own).
+    pub(crate) fn str_written(&mut self, write: impl FnOnce(&mut String)) -> Id {
+        let start = self.text.len();
+        write(&mut self.text);
+        self.text_node(Kind::Str, start)
+    }
+
     /// A number, from its canonical decimal text.
     pub(crate) fn num(&mut self, text: &str) -> Id {
         let start = self.text.len();

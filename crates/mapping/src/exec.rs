@@ -651,11 +651,10 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
         let doc = &mut self.doc;
         Ok(Some(match f {
             Func::Text | Func::Raw => doc.str(&text),
-            Func::Date => doc.str(
-                &DateTime::parse(&text)
-                    .map_err(|_| conversion("date (DTM)"))?
-                    .to_fhir_date(),
-            ),
+            Func::Date => {
+                let dt = DateTime::parse(&text).map_err(|_| conversion("date (DTM)"))?;
+                doc.str_written(|out| dt.write_fhir_date(out))
+            }
             Func::DateTime | Func::Instant => {
                 let dt = DateTime::parse(&text).map_err(|_| conversion("date/time (DTM)"))?;
                 if f == Func::Instant && !dt.has_time() {
@@ -665,13 +664,13 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
                     match self.pack.settings.naive_timestamps {
                         NaiveTimestamps::Reject => return Err(MapErrorKind::NoOffset),
                         NaiveTimestamps::DateOnly if f == Func::DateTime => {
-                            return Ok(Some(doc.str(&dt.to_fhir_date())));
+                            return Ok(Some(doc.str_written(|out| dt.write_fhir_date(out))));
                         }
                         _ => {}
                     }
                 }
                 if !dt.has_time() {
-                    doc.str(&dt.to_fhir_date())
+                    doc.str_written(|out| dt.write_fhir_date(out))
                 } else {
                     let offset = match dt.offset_minutes {
                         Some(o) => o,
@@ -680,7 +679,7 @@ impl<'p, 'm, 'a> Exec<'p, 'm, 'a> {
                             crate::tz::offset_at(&dt, standard, self.pack.settings.summer_time)
                         }
                     };
-                    doc.str(&dt.to_fhir_datetime_at(offset))
+                    doc.str_written(|out| dt.write_fhir_datetime_at(offset, out))
                 }
             }
             Func::Decimal => doc.num(
