@@ -38,9 +38,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
 use axum::extract::Path as UrlPath;
+use axum::extract::Request;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Query as UrlQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use passerelle_mllp::Stats;
@@ -110,9 +112,9 @@ pub fn metric_names() -> impl Iterator<Item = &'static str> {
 
 /// The router, to serve with `axum::serve`.
 pub fn router<S: Store>(admin: Admin<S>) -> Router {
-    Router::new()
-        .route("/health", get(|| async { "ok\n" }))
-        .route("/ready", get(ready::<S>))
+    // Everything but the two probes wants the token, checked by one layer: an endpoint
+    // added here cannot forget it.
+    let guarded = Router::new()
         .route("/metrics", get(metrics::<S>))
         .route("/api/messages", get(messages::<S>))
         .route("/api/messages/query", post(query::<S>))
@@ -120,7 +122,29 @@ pub fn router<S: Store>(admin: Admin<S>) -> Router {
         .route("/api/messages/replay", post(replay::<S>))
         .route("/api/messages/purge", post(purge::<S>))
         .route("/api/messages/resubmit", post(resubmit::<S>))
+        .route_layer(middleware::from_fn_with_state(
+            admin.clone(),
+            require_token::<S>,
+        ));
+    Router::new()
+        .route("/health", get(|| async { "ok\n" }))
+        .route("/ready", get(ready::<S>))
+        .merge(guarded)
         .with_state(admin)
+}
+
+/// 401 unless the request carries the admin token (`Authorization: Bearer …`), when one
+/// is configured.
+async fn require_token<S: Store>(
+    State(admin): State<Admin<S>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if authorised(&admin, request.headers()) {
+        next.run(request).await
+    } else {
+        StatusCode::UNAUTHORIZED.into_response()
+    }
 }
 
 async fn ready<S: Store>(State(admin): State<Admin<S>>) -> Response {
@@ -142,10 +166,7 @@ fn authorised<S>(admin: &Admin<S>, headers: &HeaderMap) -> bool {
         .is_some_and(|given| given.as_bytes() == token.as_bytes())
 }
 
-async fn metrics<S: Store>(State(admin): State<Admin<S>>, headers: HeaderMap) -> Response {
-    if !authorised(&admin, &headers) {
-        return StatusCode::UNAUTHORIZED.into_response();
-    }
+async fn metrics<S: Store>(State(admin): State<Admin<S>>) -> Response {
     let counts = match admin.pipeline.store().counts().await {
         Ok(c) => c,
         Err(e) => {
@@ -283,12 +304,8 @@ fn json_body<T>(body: Result<axum::Json<T>, JsonRejection>) -> Result<T, (Status
 
 async fn messages<S: Store>(
     State(admin): State<Admin<S>>,
-    headers: HeaderMap,
     filter: Result<UrlQuery<ListFilter>, QueryRejection>,
 ) -> Response {
-    if !authorised(&admin, &headers) {
-        return StatusCode::UNAUTHORIZED.into_response();
-    }
     match filter {
         Ok(UrlQuery(filter)) => list(&admin, &filter).await,
         Err(rejection) => (
@@ -302,12 +319,8 @@ async fn messages<S: Store>(
 /// `GET /api/messages` with the filters in the body, out of URLs and their logs.
 async fn query<S: Store>(
     State(admin): State<Admin<S>>,
-    headers: HeaderMap,
     filter: Result<axum::Json<ListFilter>, JsonRejection>,
 ) -> Response {
-    if !authorised(&admin, &headers) {
-        return StatusCode::UNAUTHORIZED.into_response();
-    }
     match json_body(filter) {
         Ok(filter) => list(&admin, &filter).await,
         Err(refused) => refused.into_response(),
@@ -324,14 +337,7 @@ async fn list<S: Store>(admin: &Admin<S>, filter: &ListFilter) -> Response {
     }
 }
 
-async fn show<S: Store>(
-    State(admin): State<Admin<S>>,
-    headers: HeaderMap,
-    UrlPath(id): UrlPath<u64>,
-) -> Response {
-    if !authorised(&admin, &headers) {
-        return StatusCode::UNAUTHORIZED.into_response();
-    }
+async fn show<S: Store>(State(admin): State<Admin<S>>, UrlPath(id): UrlPath<u64>) -> Response {
     match ops::show(admin.pipeline.store().as_ref(), id).await {
         Ok(Some(doc)) => axum::Json(doc).into_response(),
         Ok(None) => (StatusCode::NOT_FOUND, format!("no message {id}\n")).into_response(),
@@ -358,12 +364,8 @@ struct ReplayRequest {
 
 async fn replay<S: Store>(
     State(admin): State<Admin<S>>,
-    headers: HeaderMap,
     request: Result<axum::Json<ReplayRequest>, JsonRejection>,
 ) -> Response {
-    if !authorised(&admin, &headers) {
-        return StatusCode::UNAUTHORIZED.into_response();
-    }
     let request = match json_body(request) {
         Ok(r) => r,
         Err(refused) => return refused.into_response(),
@@ -434,12 +436,8 @@ struct PurgeRequest {
 
 async fn purge<S: Store>(
     State(admin): State<Admin<S>>,
-    headers: HeaderMap,
     request: Result<axum::Json<PurgeRequest>, JsonRejection>,
 ) -> Response {
-    if !authorised(&admin, &headers) {
-        return StatusCode::UNAUTHORIZED.into_response();
-    }
     let request = match json_body(request) {
         Ok(r) => r,
         Err(refused) => return refused.into_response(),
@@ -476,13 +474,9 @@ const RESUBMIT_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 async fn resubmit<S: Store>(
     State(admin): State<Admin<S>>,
-    headers: HeaderMap,
     request: Result<axum::Json<ResubmitRequest>, JsonRejection>,
 ) -> Response {
     use base64::Engine as _;
-    if !authorised(&admin, &headers) {
-        return StatusCode::UNAUTHORIZED.into_response();
-    }
     let request = match json_body(request) {
         Ok(r) => r,
         Err(refused) => return refused.into_response(),

@@ -5,11 +5,9 @@
 #![allow(clippy::unwrap_used)] // tests: a panic is a failure with its message
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 
 use base64::Engine as _;
-use passerelle_engine::admin::{Admin, router};
-use passerelle_engine::pipeline::{Pipeline, UnroutedAnswer};
+use passerelle_engine::pipeline::UnroutedAnswer;
 use passerelle_mllp::{Client, ClientConfig, RunningListener};
 use passerelle_store::{
     DeliveryState, JournalMeta, MessageId, MessageState, Query, SledStore, Store,
@@ -17,7 +15,7 @@ use passerelle_store::{
 use serde_json::{Value, json};
 
 mod common;
-use common::{Harness, fixture, wait_delivered, wait_until};
+use common::{Harness, fixture, serve_admin, wait_delivered, wait_until};
 
 /// ADT messages from the `mllp` listener only, to NDJSON files under `out`: a corrected
 /// copy (journaled under the listener `resubmit`) is taken only if it is routed as its
@@ -25,20 +23,6 @@ use common::{Harness, fixture, wait_delivered, wait_until};
 const ROUTE: &str = "name = \"adt\"\nmapping = \"v2-to-fhir\"\nlisteners = [\"mllp\"]\n[match]\nmessage_type = \"ADT\"\n[[destinations]]\nname = \"files\"\ntype = \"ndjson\"\ndir = \"out\"\n";
 
 const TOKEN: &str = "s3cret";
-
-/// The admin API of `pipeline` on a free loopback port; its base URL.
-async fn serve_admin(pipeline: Pipeline<SledStore>) -> String {
-    let admin = Admin {
-        pipeline,
-        listeners: Arc::new(Vec::new),
-        ready: Arc::new(AtomicBool::new(true)),
-        token: Some(TOKEN.to_owned()),
-    };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, router(admin)).await });
-    format!("http://{addr}")
-}
 
 /// An engine on [`ROUTE`] with its admin API served, and a sender connected to it.
 struct Running {
@@ -59,7 +43,7 @@ impl Running {
         let (listener, pipeline) = engine
             .start_with(UnroutedAnswer::Accept, Default::default())
             .await;
-        let base = serve_admin(pipeline).await;
+        let base = serve_admin(pipeline, TOKEN).await;
         let client = Client::new(ClientConfig::new(listener.local_addr().to_string())).unwrap();
         Running {
             engine,
@@ -248,7 +232,7 @@ async fn a_replayed_copy_is_routed_as_its_original() {
     let (listener, pipeline) = engine
         .start_with(UnroutedAnswer::Accept, Default::default())
         .await;
-    let base = serve_admin(pipeline.clone()).await;
+    let base = serve_admin(pipeline.clone(), TOKEN).await;
     let mut client = Client::new(ClientConfig::new(listener.local_addr().to_string())).unwrap();
     let ack = client.send(&with_birth_date("19781399")).await.unwrap();
     assert!(accepted(&ack.code), "{}", ack.code);
@@ -298,7 +282,7 @@ async fn bad_resubmissions_are_refused_and_store_nothing() {
     let (_listener, pipeline) = engine
         .start_with(UnroutedAnswer::Accept, Default::default())
         .await;
-    let base = serve_admin(pipeline).await;
+    let base = serve_admin(pipeline, TOKEN).await;
     let original = store
         .journal(
             b"MSH|^~\\&|A|B\rPID|1\r",

@@ -126,3 +126,18 @@ pub(crate) async fn wait_delivered<S: Store>(store: &Arc<S>, id: MessageId) {
     })
     .await;
 }
+
+/// The admin API of `pipeline` on a free loopback port, wanting `token`; its base URL.
+pub(crate) async fn serve_admin(pipeline: Pipeline<SledStore>, token: &str) -> String {
+    let admin = passerelle_engine::admin::Admin {
+        pipeline,
+        listeners: Arc::new(Vec::new),
+        ready: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+        token: Some(token.to_owned()),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = passerelle_engine::admin::router(admin);
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{addr}")
+}
