@@ -27,9 +27,9 @@ use passerelle_store::{
     ReplaySelection, Store,
 };
 use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
 
 use crate::duplicates::{Duplicates, corrected_chain, earlier_copy};
-use serde_json::{Value, json};
 
 /// Routes and maps a stored frame with the current configuration (raw bytes, listener).
 pub type Remap<'a> = &'a (dyn Fn(&[u8], &str) -> Result<Outcome, String> + Sync);
@@ -559,9 +559,9 @@ impl std::fmt::Display for ResubmitRefusal {
 /// it to the engine's next start. A dry run tells what the engine would do with it: a
 /// duplicate of an earlier message (the engine's check, with `duplicates`, the engine's
 /// setting, and the same exemption for the messages it corrects), or else its routing and
-/// mapping with `remap_with` when given. Refused, with nothing stored: an empty frame, one that does not parse (with the
-/// parser's located error), the original's own bytes (that is a replay), an original that
-/// does not exist. Logs ids and sizes, never the frame.
+/// mapping with `remap_with` when given. Refused, with nothing stored: an empty frame, one
+/// that does not parse (with the parser's located error), the original's own bytes (that
+/// is a replay), an original that does not exist. Logs ids and sizes, never the frame.
 pub async fn resubmit<S: Store>(
     store: &S,
     remap_with: Option<Remap<'_>>,
@@ -639,7 +639,9 @@ pub async fn resubmit<S: Store>(
                 ok: false,
                 warning,
                 message: format!(
-                    "would be journaled as a new {} message, resubmitted from {original}, and                      kept as a duplicate of message {of} (the same message, already on its                      way), not routed (dry run)",
+                    "would be journaled as a new {} message, resubmitted from {original}, and \
+                     kept as a duplicate of message {of} (the same message, already on its \
+                     way), not routed (dry run)",
                     header.kind()
                 ),
             });

@@ -435,11 +435,14 @@ async fn a_dry_run_tells_a_copy_that_the_sender_already_sent() {
     let correction = restamped(&fixed_by_sender);
     let answer = accepted_resubmission(&base, original, &correction, true).await;
     assert_eq!(answer["ok"], false, "{answer}");
-    let message = answer["message"].as_str().unwrap();
-    assert!(
-        message.contains(&format!("duplicate of message {sent_again}"))
-            && message.contains("dry run"),
-        "{message}"
+    assert_eq!(
+        answer["message"],
+        format!(
+            "would be journaled as a new ADT^A01 message, resubmitted from {original}, and \
+             kept as a duplicate of message {sent_again} (the same message, already on its \
+             way), not routed (dry run)"
+        ),
+        "{answer}"
     );
     assert_eq!(
         total_messages(&store).await,
