@@ -1581,12 +1581,12 @@ impl Store for SledStore {
         let mut next = None;
         for id in candidates {
             let id = id?;
-            // Candidates come in id order, decreasing when backward.
-            let beyond_before = query.before.is_some_and(|before| id >= before);
-            if backward && beyond_before {
-                continue;
-            }
-            if beyond_before || id < start {
+            // Every candidate is at or above `start`. Going up, the first at or above
+            // `before` ends the page; going down (an index's ids), those come first.
+            if query.before.is_some_and(|before| id >= before) {
+                if backward {
+                    continue;
+                }
                 break;
             }
             let record = match self.read_message(id) {
