@@ -10,8 +10,8 @@
 //! written, since writing walks from the root.
 //!
 //! Invariants:
-//! - links only point to nodes created earlier or later in the same document, never form
-//!   a cycle: a node is linked into at most one parent, and only a detached node is linked;
+//! - links never form a cycle: a node is linked into at most one parent, and only a
+//!   detached node (or a child of a detached fragment being merged) is linked;
 //! - objects keep their members in the order they were first written, so the JSON is
 //!   byte-identical for the same rules and message (see the crate's invariants);
 //! - indexes are `u32`. A document whose text or node count would pass `u32::MAX` stops
@@ -103,14 +103,13 @@ impl Doc {
     }
 
     fn push(&mut self, kind: Kind, a: u32, b: u32) -> Id {
-        let Ok(id) = u32::try_from(self.slots.len()) else {
-            self.overflow = true;
-            return 0;
+        let id = match u32::try_from(self.slots.len()) {
+            Ok(id) if id != NIL => id,
+            _ => {
+                self.overflow = true;
+                return 0;
+            }
         };
-        if id == NIL {
-            self.overflow = true;
-            return 0;
-        }
         self.slots.push(Slot {
             key: None,
             kind,
@@ -121,8 +120,10 @@ impl Doc {
         id
     }
 
-    /// The text appended since `start` as a node of this kind.
-    fn text_node(&mut self, kind: Kind, start: usize) -> Id {
+    /// A string or number node whose text `write` appends to the text buffer.
+    fn text_node(&mut self, kind: Kind, write: impl FnOnce(&mut String)) -> Id {
+        let start = self.text.len();
+        write(&mut self.text);
         match (u32::try_from(start), u32::try_from(self.text.len())) {
             (Ok(a), Ok(b)) => self.push(kind, a, b),
             _ => {
@@ -134,33 +135,23 @@ impl Doc {
     }
 
     pub(crate) fn str(&mut self, text: &str) -> Id {
-        let start = self.text.len();
-        self.text.push_str(text);
-        self.text_node(Kind::Str, start)
+        self.text_node(Kind::Str, |t| t.push_str(text))
     }
 
     /// A string made of several pieces, written once into the text buffer.
     pub(crate) fn str_of(&mut self, pieces: &[&str]) -> Id {
-        let start = self.text.len();
-        for p in pieces {
-            self.text.push_str(p);
-        }
-        self.text_node(Kind::Str, start)
+        self.text_node(Kind::Str, |t| pieces.iter().for_each(|p| t.push_str(p)))
     }
 
     /// A string that `write` appends to the text buffer itself (a date formatted in
     /// place, without a string of its own).
     pub(crate) fn str_written(&mut self, write: impl FnOnce(&mut String)) -> Id {
-        let start = self.text.len();
-        write(&mut self.text);
-        self.text_node(Kind::Str, start)
+        self.text_node(Kind::Str, write)
     }
 
     /// A number, from its canonical decimal text.
     pub(crate) fn num(&mut self, text: &str) -> Id {
-        let start = self.text.len();
-        self.text.push_str(text);
-        self.text_node(Kind::Num, start)
+        self.text_node(Kind::Num, |t| t.push_str(text))
     }
 
     pub(crate) fn bool(&mut self, value: bool) -> Id {
@@ -222,7 +213,7 @@ impl Doc {
     /// The text of a string node.
     pub(crate) fn as_str(&self, id: Id) -> Option<&str> {
         let s = self.slot(id);
-        (s.kind == Kind::Str).then(|| &self.text[s.a as usize..s.b as usize])
+        (s.kind == Kind::Str).then(|| self.text_of(s))
     }
 
     fn text_of(&self, s: &Slot) -> &str {
