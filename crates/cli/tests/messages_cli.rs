@@ -30,7 +30,10 @@ fn messages(config: &Path, token: Option<&str>) -> Command {
     command
 }
 
-fn run(command: &mut Command) -> (Option<i32>, String, String) {
+/// A command's exit code, stdout and stderr.
+type Outcome = (Option<i32>, String, String);
+
+fn run(command: &mut Command) -> Outcome {
     let Output {
         status,
         stdout,
@@ -255,9 +258,6 @@ fn recording_relay(upstream: String) -> (String, Arc<Mutex<Vec<u8>>>) {
     });
     (addr, seen)
 }
-
-/// A command's exit code, stdout and stderr.
-type Outcome = (Option<i32>, String, String);
 
 /// `list --newest-first` pages down from the newest of the two messages (the ORU, sent
 /// last) with `--before`, and says how to get the next page.
